@@ -1,0 +1,258 @@
+//! `shoald run` configuration: flags, `SHOAL_*` environment variables and a
+//! TOML file (`--config`), merged in that order of precedence over the
+//! documented defaults. Every problem is one clear line naming the field.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use shoal_proto::reference::valid_host;
+
+/// Flags of `shoald run`. Each is optional here so that the file and the
+/// defaults can fill what the command line and environment left out.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML config file with the same keys as the flags (e.g. `data-dir = "/var/lib/shoal"`).
+    #[arg(long, env = "SHOAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Store and metadata directory [default: /var/lib/shoal].
+    #[arg(long, env = "SHOAL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// OCI registry endpoint for the node's runtime [default: 127.0.0.1:4900].
+    #[arg(long, env = "SHOAL_REGISTRY_LISTEN", value_name = "ADDR")]
+    pub registry_listen: Option<SocketAddr>,
+    /// Read-only /metrics and /healthz [default: 0.0.0.0:4903].
+    #[arg(long, env = "SHOAL_OPS_LISTEN", value_name = "ADDR")]
+    pub ops_listen: Option<SocketAddr>,
+    /// Origins this node may fetch from (repeatable; comma-separated in the
+    /// environment) [default: any, logged at start].
+    #[arg(long, env = "SHOAL_UPSTREAM", value_name = "HOST[:PORT]", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+    /// Origins spoken to over plain HTTP; implies --upstream (repeatable).
+    #[arg(long, env = "SHOAL_INSECURE_UPSTREAM", value_name = "HOST[:PORT]", value_delimiter = ',')]
+    pub insecure_upstream: Vec<String>,
+    /// Origin for requests that name none (the Docker engine's mirror requests) [default: docker.io].
+    #[arg(long, env = "SHOAL_DEFAULT_UPSTREAM", value_name = "HOST[:PORT]")]
+    pub default_upstream: Option<String>,
+    /// Store quota in bytes (suffixes K, M, G, T and KiB, MiB, GiB, TiB accepted)
+    /// [default: 80% of free space plus the store's own bytes, computed at start].
+    #[arg(long, env = "SHOAL_CACHE_MAX_BYTES", value_name = "N")]
+    pub cache_max_bytes: Option<String>,
+    /// Docker config.json with credentials for origins
+    /// [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json if present].
+    #[arg(long, env = "SHOAL_DOCKER_CONFIG", value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// How long an origin's confirmation that a repository holds a blob is
+    /// trusted, in seconds [default: 300].
+    #[arg(long, env = "SHOAL_AUTHORITY_TTL", value_name = "SECS")]
+    pub authority_ttl: Option<u64>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The `--config` file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    registry_listen: Option<String>,
+    ops_listen: Option<String>,
+    #[serde(default)]
+    upstream: Vec<String>,
+    #[serde(default)]
+    insecure_upstream: Vec<String>,
+    default_upstream: Option<String>,
+    cache_max_bytes: Option<toml::Value>,
+    docker_config: Option<PathBuf>,
+    authority_ttl: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Store directory.
+    pub data_dir: PathBuf,
+    /// Registry endpoint address.
+    pub registry_listen: SocketAddr,
+    /// Ops endpoint address.
+    pub ops_listen: SocketAddr,
+    /// Allowed origins (`None` = any).
+    pub upstreams: Option<HashSet<String>>,
+    /// Origins spoken to over HTTP.
+    pub insecure_upstreams: HashSet<String>,
+    /// Default origin.
+    pub default_upstream: String,
+    /// Quota; `None` = computed at start from free space.
+    pub cache_max_bytes: Option<u64>,
+    /// Credentials file.
+    pub docker_config: Option<PathBuf>,
+    /// Authority confirmation lifetime.
+    pub authority_ttl: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// Merges flags/env over the file over defaults and validates the result.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let addr = |flag: Option<SocketAddr>, file: Option<String>, name: &str, default: &str| -> anyhow::Result<SocketAddr> {
+            match (flag, file) {
+                (Some(a), _) => Ok(a),
+                (None, Some(s)) => s
+                    .parse()
+                    .with_context(|| format!("config field `{name}`: {s:?} is not an address like 127.0.0.1:4900")),
+                (None, None) => Ok(default.parse().expect("valid default")),
+            }
+        };
+        let registry_listen = addr(self.registry_listen, file.registry_listen, "registry-listen", "127.0.0.1:4900")?;
+        let ops_listen = addr(self.ops_listen, file.ops_listen, "ops-listen", "0.0.0.0:4903")?;
+        let pick_list = |flag: Vec<String>, file: Vec<String>| if flag.is_empty() { file } else { flag };
+        let upstream = pick_list(self.upstream, file.upstream);
+        let insecure = pick_list(self.insecure_upstream, file.insecure_upstream);
+        for (name, list) in [("upstream", &upstream), ("insecure-upstream", &insecure)] {
+            for h in list {
+                if !valid_host(h) {
+                    bail!("`{name}`: {h:?} is not a registry host[:port] (no scheme, no path)");
+                }
+            }
+        }
+        let default_upstream = self
+            .default_upstream
+            .or(file.default_upstream)
+            .unwrap_or_else(|| shoal_proto::DOCKER_HUB.to_owned());
+        if !valid_host(&default_upstream) {
+            bail!("`default-upstream`: {default_upstream:?} is not a registry host[:port] (no scheme, no path)");
+        }
+        let insecure_upstreams: HashSet<String> = insecure.into_iter().collect();
+        let upstreams = if upstream.is_empty() && insecure_upstreams.is_empty() {
+            None
+        } else {
+            let mut all: HashSet<String> = upstream.into_iter().collect();
+            all.extend(insecure_upstreams.iter().cloned());
+            Some(all)
+        };
+        let cache_max_bytes = match (self.cache_max_bytes, file.cache_max_bytes) {
+            (Some(s), _) => Some(parse_size(&s).context("`cache-max-bytes`")?),
+            (None, Some(toml::Value::Integer(n))) if n > 0 => Some(n as u64),
+            (None, Some(toml::Value::String(s))) => Some(parse_size(&s).context("config field `cache-max-bytes`")?),
+            (None, Some(other)) => bail!("config field `cache-max-bytes`: {other} is not a positive size"),
+            (None, None) => None,
+        };
+        let log_format = match self.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("`log-format`: {other:?} is not one of text, json"),
+        };
+        let authority_ttl = Duration::from_secs(self.authority_ttl.or(file.authority_ttl).unwrap_or(300));
+        Ok(Config {
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/shoal")),
+            registry_listen,
+            ops_listen,
+            upstreams,
+            insecure_upstreams,
+            default_upstream,
+            cache_max_bytes,
+            docker_config: self.docker_config.or(file.docker_config),
+            authority_ttl,
+            log_format,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_owned();
+        anyhow::anyhow!("config file {}: {}", path.display(), msg)
+    })
+}
+
+/// Parses `1073741824`, `10G`, `512MiB`, `1.5T`.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a size (e.g. 10737418240, 10G, 512MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => bail!("{s:?}: unknown size unit {other:?} (use K, M, G, T, KiB, MiB, GiB, TiB)"),
+    };
+    let v = n * mult as f64;
+    if !(v >= 1.0 && v < 1.8e19) {
+        bail!("{s:?} is out of range");
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("10G").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn file_merges_under_flags_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shoal.toml");
+        std::fs::write(&p, "data-dir = \"/tmp/x\"\nregistry-listen = \"127.0.0.1:1\"\ncache-max-bytes = \"1GiB\"\n").unwrap();
+        let args = RunArgs {
+            config: Some(p.clone()),
+            registry_listen: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.registry_listen.port(), 2);
+        assert_eq!(c.cache_max_bytes, Some(1 << 30));
+        assert!(c.upstreams.is_none());
+
+        std::fs::write(&p, "data-dri = \"/tmp/x\"\n").unwrap();
+        let err = RunArgs { config: Some(p.clone()), ..Default::default() }.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("data-dri"), "{err:#}");
+        std::fs::write(&p, "ops-listen = \"nope\"\n").unwrap();
+        let err = RunArgs { config: Some(p), ..Default::default() }.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("ops-listen"), "{err:#}");
+        let err = RunArgs { upstream: vec!["https://x".into()], ..Default::default() }.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("upstream"), "{err:#}");
+    }
+}

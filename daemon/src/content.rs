@@ -1,0 +1,280 @@
+//! What the registry endpoint serves: the daemon's implementation of the
+//! shim's `Content` trait — manifests resolved at the origin, blobs from the
+//! store or from a single-flight transfer, and the Authority rule (a cached
+//! blob is served for a repository only after the origin confirmed that
+//! repository holds it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use shoal_proto::{ByteRange, Digest, ErrorCode, OciError, Reference};
+use shoal_registry_shim::client::{OriginClient, OriginError};
+use shoal_registry_shim::serve::{BlobSource, ByteStream, Content, ManifestBody, RouteKind, Target};
+
+use crate::metrics::{self, KindLabel, OutcomeLabel};
+use crate::store::{now_secs, Kind, Store, TagRecord};
+use crate::transfer::{file_stream, Transfers};
+
+/// How long a confirmation may be used, past its TTL, while the origin is
+/// unreachable (never when the origin answers).
+const STALE_CONFIRMATION_MAX: Duration = Duration::from_secs(24 * 3600);
+/// How old a tag resolution may be to answer with it while the origin is down.
+const STALE_TAG_MAX_SECS: u64 = 24 * 3600;
+
+/// The daemon's content: store, origin, transfers, confirmations.
+#[derive(Debug, Clone)]
+pub struct NodeContent {
+    store: Store,
+    origin: OriginClient,
+    transfers: Transfers,
+    authority_ttl: Duration,
+    confirmed: Arc<Mutex<HashMap<(String, String, Digest), Instant>>>,
+}
+
+fn outcome(r: &Result<impl Sized, OriginError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(OriginError::NotFound { .. }) => "not_found",
+        Err(OriginError::Unauthorized { .. } | OriginError::Denied { .. } | OriginError::Credentials(..)) => "denied",
+        Err(OriginError::Unavailable { .. } | OriginError::TooManyRequests { .. }) => "unavailable",
+        Err(_) => "error",
+    }
+}
+
+fn count<T>(r: Result<T, OriginError>) -> Result<T, OriginError> {
+    metrics::global()
+        .origin_requests
+        .get_or_create(&OutcomeLabel { outcome: outcome(&r) })
+        .inc();
+    r
+}
+
+impl NodeContent {
+    /// Content over a store and an origin client.
+    pub fn new(store: Store, origin: OriginClient, authority_ttl: Duration) -> Self {
+        NodeContent {
+            transfers: Transfers::new(store.clone(), origin.clone()),
+            store,
+            origin,
+            authority_ttl,
+            confirmed: Arc::default(),
+        }
+    }
+
+    fn key(target: &Target, d: &Digest) -> (String, String, Digest) {
+        (target.upstream.clone(), target.repo.as_str().to_owned(), *d)
+    }
+
+    fn note_confirmed(&self, target: &Target, d: &Digest) {
+        self.confirmed.lock().expect("lock").insert(Self::key(target, d), Instant::now());
+    }
+
+    /// Makes sure the origin says `target` holds `d` (cached for the TTL).
+    async fn confirm(&self, target: &Target, d: &Digest, kind: Kind) -> Result<(), OciError> {
+        let last = self.confirmed.lock().expect("lock").get(&Self::key(target, d)).copied();
+        if last.is_some_and(|t| t.elapsed() < self.authority_ttl) {
+            return Ok(());
+        }
+        let r = match kind {
+            Kind::Blob => count(self.origin.head_blob(&target.upstream, &target.repo, d).await).map(|_| ()),
+            Kind::Manifest => count(
+                self.origin
+                    .head_manifest(&target.upstream, &target.repo, &Reference::Digest(*d))
+                    .await,
+            )
+            .map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
+                self.note_confirmed(target, d);
+                Ok(())
+            }
+            Err(e @ OriginError::Unavailable { .. }) => match last {
+                Some(t) if t.elapsed() < STALE_CONFIRMATION_MAX => {
+                    tracing::warn!(digest = %d, repo = %target.repo, error = %e,
+                        "origin unreachable; serving on an earlier confirmation");
+                    Ok(())
+                }
+                _ => Err(e.to_oci()),
+            },
+            Err(e) => Err(e.to_oci()),
+        }
+    }
+
+    fn tag_key(target: &Target, tag: &str) -> String {
+        format!("{}/{}:{}", target.upstream, target.repo, tag)
+    }
+
+    async fn manifest_by_digest(&self, target: &Target, d: &Digest, head: bool) -> Result<ManifestBody, OciError> {
+        let kind = KindLabel { kind: "manifest" };
+        if let Some(blob) = self.store.open_complete(d) {
+            self.confirm(target, d, Kind::Manifest).await?;
+            metrics::global().cache_hits.get_or_create(&kind).inc();
+            let media_type = blob.meta.media_type.clone().unwrap_or_else(|| shoal_proto::media::OCI_MANIFEST.to_owned());
+            let size = blob.size;
+            let bytes = if head {
+                None
+            } else {
+                let path = self.store.blob_path(d);
+                let data = tokio::fs::read(&path).await.map_err(|e| {
+                    OciError::new(ErrorCode::Unavailable, format!("reading a cached manifest: {e}"))
+                })?;
+                // Stored bytes were verified on the way in; check again since
+                // they are small and go straight to a client.
+                if Digest::of(&data) != *d {
+                    tracing::error!(digest = %d, "cached manifest is corrupt; dropping it");
+                    let _ = self.store.remove(d);
+                    return Err(OciError::new(ErrorCode::Unavailable, "cached manifest was corrupt; retry"));
+                }
+                Some(Bytes::from(data))
+            };
+            return Ok(ManifestBody { digest: *d, media_type, size, bytes });
+        }
+        metrics::global().cache_misses.get_or_create(&kind).inc();
+        let m = count(
+            self.origin
+                .get_manifest(&target.upstream, &target.repo, &Reference::Digest(*d))
+                .await,
+        )
+        .map_err(|e| e.to_oci())?;
+        metrics::global().origin_bytes.get_or_create(&kind).inc_by(m.bytes.len() as u64);
+        self.note_confirmed(target, d);
+        let (store, bytes, mt) = (self.store.clone(), m.bytes.clone(), m.media_type.clone());
+        let dd = *d;
+        let stored = tokio::task::spawn_blocking(move || store.put_small(&dd, Kind::Manifest, &bytes, Some(mt))).await;
+        if let Ok(Err(e)) = stored {
+            tracing::warn!(digest = %d, error = %e, "could not cache manifest; serving it anyway");
+        }
+        Ok(ManifestBody {
+            digest: m.digest,
+            media_type: m.media_type,
+            size: m.bytes.len() as u64,
+            bytes: (!head).then_some(m.bytes),
+        })
+    }
+}
+
+impl Content for NodeContent {
+    async fn manifest(&self, target: &Target, reference: &Reference, head: bool) -> Result<ManifestBody, OciError> {
+        let tag = match reference {
+            Reference::Digest(d) => return self.manifest_by_digest(target, d, head).await,
+            Reference::Tag(t) => t,
+        };
+        // Tags are always resolved at the origin, with a HEAD (which Docker
+        // Hub does not count against pull limits); the bytes then come from
+        // the store when they are there.
+        let key = Self::tag_key(target, tag.as_str());
+        let info = match count(self.origin.head_manifest(&target.upstream, &target.repo, reference).await) {
+            Ok(info) => {
+                let rec = TagRecord {
+                    digest: info.digest,
+                    media_type: info.media_type.clone(),
+                    size: info.size,
+                    resolved_at: now_secs(),
+                };
+                if let Err(e) = self.store.put_tag(&key, &rec) {
+                    tracing::debug!(error = %e, "could not record tag resolution");
+                }
+                self.note_confirmed(target, &info.digest);
+                rec
+            }
+            Err(e @ OriginError::Unavailable { .. }) => {
+                let fallback = self.store.get_tag(&key).ok().flatten();
+                match fallback {
+                    Some(rec) if now_secs().saturating_sub(rec.resolved_at) < STALE_TAG_MAX_SECS => {
+                        tracing::warn!(tag = %key, digest = %rec.digest, age_s = now_secs().saturating_sub(rec.resolved_at),
+                            error = %e, "origin unreachable; answering with this node's last origin resolution");
+                        rec
+                    }
+                    _ => return Err(e.to_oci()),
+                }
+            }
+            Err(e) => return Err(e.to_oci()),
+        };
+        if head {
+            return Ok(ManifestBody {
+                digest: info.digest,
+                media_type: info.media_type,
+                size: info.size,
+                bytes: None,
+            });
+        }
+        let mut body = self.manifest_by_digest(target, &info.digest, false).await?;
+        body.media_type = info.media_type;
+        Ok(body)
+    }
+
+    async fn blob(&self, target: &Target, digest: &Digest) -> Result<Box<dyn BlobSource>, OciError> {
+        let kind = KindLabel { kind: "blob" };
+        if let Some(blob) = self.store.open_complete(digest) {
+            self.confirm(target, digest, Kind::Blob).await?;
+            metrics::global().cache_hits.get_or_create(&kind).inc();
+            return Ok(Box::new(StoredBlob {
+                file: Arc::new(blob.file),
+                size: blob.size,
+                guard: blob.guard,
+            }));
+        }
+        metrics::global().cache_misses.get_or_create(&kind).inc();
+        let (transfer, _started) = self.transfers.get_or_start(target, digest);
+        if transfer.started_for != *target {
+            // Someone else's request started it: this repository still needs
+            // the origin's word.
+            self.confirm(target, digest, Kind::Blob).await?;
+        }
+        let (size, file) = transfer.started().await?;
+        if transfer.started_for == *target {
+            self.note_confirmed(target, digest);
+        }
+        Ok(Box::new(ArrivingBlob {
+            file,
+            size,
+            progress: transfer.reader(),
+            guard: self.store.guard(digest),
+        }))
+    }
+
+    fn observe(&self, kind: RouteKind, method: &Method, status: StatusCode, elapsed: Duration) {
+        metrics::global().observe_request(kind.as_str(), method, status.as_u16(), elapsed);
+    }
+
+    fn served_bytes(&self, n: u64) {
+        metrics::global().client_bytes_served.inc_by(n);
+    }
+}
+
+struct StoredBlob {
+    file: Arc<std::fs::File>,
+    size: u64,
+    guard: crate::store::ReadGuard,
+}
+
+impl BlobSource for StoredBlob {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
+        file_stream(self.file, self.size, r.start, r.end, None, Some(self.guard))
+    }
+}
+
+struct ArrivingBlob {
+    file: Arc<std::fs::File>,
+    size: u64,
+    progress: tokio::sync::watch::Receiver<crate::transfer::Progress>,
+    guard: Option<crate::store::ReadGuard>,
+}
+
+impl BlobSource for ArrivingBlob {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
+        file_stream(self.file, self.size, r.start, r.end, Some(self.progress), self.guard)
+    }
+}

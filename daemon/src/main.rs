@@ -1,0 +1,210 @@
+//! `shoald`: the per-node Shoal daemon — the node's registry mirror.
+//!
+//! `shoald run` serves the OCI pull API on `--registry-listen` for the
+//! node's container runtime, fetches from origins with verification and
+//! single-flight, keeps verified blobs in a crash-safe store, and exports
+//! `/metrics` and `/healthz` on `--ops-listen`.
+
+mod config;
+mod content;
+mod metrics;
+mod ops;
+mod store;
+mod transfer;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_registry_shim::client::{ClientConfig, Credentials, OriginClient};
+use shoal_registry_shim::serve::{self, ServerConfig, UpstreamPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, LogFormat, RunArgs};
+use crate::content::NodeContent;
+use crate::store::Store;
+
+/// Shoal's per-node daemon: a verifying, streaming, single-flight registry mirror.
+#[derive(Debug, Parser)]
+#[command(name = "shoald", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the daemon (flags may also come from SHOAL_* variables and --config).
+    Run(RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let cfg = match args.resolve() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoald: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("shoald")
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("shoald: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// Bytes of files under `dir` (the store's own usage before it is opened).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn quota(cfg: &Config) -> anyhow::Result<u64> {
+    if let Some(q) = cfg.cache_max_bytes {
+        return Ok(q);
+    }
+    let free = fs4::available_space(&cfg.data_dir)
+        .with_context(|| format!("reading free space of --data-dir {}", cfg.data_dir.display()))?;
+    let own = dir_bytes(&cfg.data_dir.join("blobs")) + dir_bytes(&cfg.data_dir.join("partial"));
+    Ok((free + own) / 5 * 4)
+}
+
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding --{flag} {addr}"))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating --data-dir {}", cfg.data_dir.display()))?;
+    let quota = quota(&cfg)?;
+    let data_dir = cfg.data_dir.clone();
+    let (store, rec) = tokio::task::spawn_blocking(move || Store::open(&data_dir, quota))
+        .await?
+        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    let (used, blobs) = store.usage();
+    tracing::info!(data_dir = %cfg.data_dir.display(), quota, used, blobs, partial = rec.partial,
+        dropped = rec.dropped, adopted = rec.adopted, "store ready");
+
+    let credentials = match &cfg.docker_config {
+        Some(p) => Credentials::from_docker_config(p).with_context(|| format!("--docker-config {}", p.display()))?,
+        None => match Credentials::default_path().filter(|p| p.exists()) {
+            Some(p) => Credentials::from_docker_config(&p).unwrap_or_else(|e| {
+                tracing::warn!(path = %p.display(), error = %e, "ignoring unreadable docker config");
+                Credentials::none()
+            }),
+            None => Credentials::none(),
+        },
+    };
+    let origin = OriginClient::new(ClientConfig {
+        insecure_hosts: cfg.insecure_upstreams.clone(),
+        credentials,
+        ..ClientConfig::default()
+    })
+    .context("setting up the origin client")?;
+    match &cfg.upstreams {
+        None => tracing::warn!("no --upstream given: this node fetches from any registry a client names"),
+        Some(u) => tracing::info!(upstreams = ?u, "origins allowed"),
+    }
+    let policy = Arc::new(UpstreamPolicy {
+        default: cfg.default_upstream.clone(),
+        allowed: cfg.upstreams.clone(),
+    });
+    let content = Arc::new(NodeContent::new(store.clone(), origin, cfg.authority_ttl));
+
+    let registry_listener = bind(cfg.registry_listen, "registry-listen").await?;
+    let ops_listener = bind(cfg.ops_listen, "ops-listen").await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let registry = tokio::spawn({
+        let (content, policy) = (content.clone(), policy.clone());
+        serve::serve_http(
+            registry_listener,
+            ServerConfig::default(),
+            move |req| serve::handle(content.clone(), policy.clone(), req),
+            stopped(stop_rx.clone()),
+        )
+    });
+    let ops = tokio::spawn({
+        let store = store.clone();
+        serve::serve_http(
+            ops_listener,
+            ServerConfig {
+                max_connections: 64,
+                drain_timeout: Duration::from_secs(1),
+                ..ServerConfig::default()
+            },
+            move |req| ops::handle(store.clone(), req),
+            stopped(stop_rx.clone()),
+        )
+    });
+    let housekeeping = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let s = store.clone();
+                let _ = tokio::task::spawn_blocking(move || s.flush_access_times()).await;
+            }
+        }
+    });
+    tracing::info!(registry = %cfg.registry_listen, ops = %cfg.ops_listen, default_upstream = %cfg.default_upstream,
+        "shoald serving");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; draining");
+    let _ = stop_tx.send(true);
+    let _ = registry.await;
+    let _ = ops.await;
+    housekeeping.abort();
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.flush_access_times()).await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics. Names and labels are part of Shoal's interface
+//! (DESIGN.md): benchmarks and operators read them.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `kind="blob|manifest"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// blob or manifest.
+    pub kind: &'static str,
+}
+
+/// `source="peer|origin"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// peer or origin.
+    pub source: &'static str,
+}
+
+/// Labels of the request-latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// base, manifest, blob, other.
+    pub route: &'static str,
+    /// HTTP method.
+    pub method: &'static str,
+    /// Status class: 2xx, 3xx, 4xx, 5xx.
+    pub status: &'static str,
+}
+
+/// Every metric the daemon exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Response-body bytes received from origins.
+    pub origin_bytes: Family<KindLabel, Counter>,
+    /// Bytes received from peers (the swarm).
+    pub peer_bytes_received: Counter,
+    /// Bytes sent to peers (the swarm).
+    pub peer_bytes_sent: Counter,
+    /// Body bytes handed to clients on the registry endpoint.
+    pub client_bytes_served: Counter,
+    /// Chunks (or whole blobs) that failed verification.
+    pub chunks_rejected: Family<SourceLabel, Counter>,
+    /// Transfers in progress.
+    pub transfers_active: Gauge,
+    /// Registry-endpoint request latency until the response head.
+    pub request_duration: Family<RequestLabels, Histogram>,
+    /// Requests served from the local store without moving blob bytes.
+    pub cache_hits: Family<KindLabel, Counter>,
+    /// Requests that had to fetch.
+    pub cache_misses: Family<KindLabel, Counter>,
+    /// Blobs evicted by the quota.
+    pub evictions: Counter,
+    /// Bytes in the store (complete + partial).
+    pub store_bytes: Gauge,
+    /// The quota.
+    pub store_quota_bytes: Gauge,
+    /// Requests made to origins, by outcome.
+    pub origin_requests: Family<OutcomeLabel, Counter>,
+    registry: Registry,
+}
+
+/// `outcome="ok|not_found|denied|unavailable|error"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut m = Metrics {
+            origin_bytes: Family::default(),
+            peer_bytes_received: Counter::default(),
+            peer_bytes_sent: Counter::default(),
+            client_bytes_served: Counter::default(),
+            chunks_rejected: Family::default(),
+            transfers_active: Gauge::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.5, 14))
+            }),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            evictions: Counter::default(),
+            store_bytes: Gauge::default(),
+            store_quota_bytes: Gauge::default(),
+            origin_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut m.registry;
+        r.register("shoal_origin_bytes", "Response-body bytes received from origin registries", m.origin_bytes.clone());
+        r.register("shoal_peer_bytes_received", "Bytes received from peers", m.peer_bytes_received.clone());
+        r.register("shoal_peer_bytes_sent", "Bytes sent to peers", m.peer_bytes_sent.clone());
+        r.register("shoal_client_bytes_served", "Body bytes served to clients", m.client_bytes_served.clone());
+        r.register("shoal_chunks_rejected", "Chunks or blobs that failed SHA-256 verification", m.chunks_rejected.clone());
+        r.register("shoal_transfers_active", "Blob transfers in progress", m.transfers_active.clone());
+        r.register(
+            "shoal_request_duration_seconds",
+            "Registry endpoint latency until the response head is ready",
+            m.request_duration.clone(),
+        );
+        r.register("shoal_cache_hits", "Requests answered from the local store", m.cache_hits.clone());
+        r.register("shoal_cache_misses", "Requests that needed a fetch", m.cache_misses.clone());
+        r.register("shoal_evictions", "Blobs evicted to stay under the quota", m.evictions.clone());
+        r.register("shoal_store_bytes", "Bytes held in the store", m.store_bytes.clone());
+        r.register("shoal_store_quota_bytes", "Store quota (--cache-max-bytes)", m.store_quota_bytes.clone());
+        r.register("shoal_origin_requests", "Requests sent to origins, by outcome", m.origin_requests.clone());
+        for kind in ["blob", "manifest"] {
+            let _ = m.origin_bytes.get_or_create(&KindLabel { kind });
+        }
+        for source in ["peer", "origin"] {
+            let _ = m.chunks_rejected.get_or_create(&SourceLabel { source });
+        }
+        m
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    /// Records one registry-endpoint request.
+    pub fn observe_request(&self, route: &'static str, method: &http::Method, status: u16, elapsed: Duration) {
+        let method = match *method {
+            http::Method::GET => "GET",
+            http::Method::HEAD => "HEAD",
+            _ => "other",
+        };
+        let status = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.request_duration
+            .get_or_create(&RequestLabels { route, method, status })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}

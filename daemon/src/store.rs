@@ -1,0 +1,784 @@
+//! The blob store: verified bytes in plain files named by digest, and an
+//! index in redb (state, size, kind, last access, pins, schema version).
+//!
+//! Layout under `--data-dir`:
+//! * `blobs/sha256/<2 hex>/<64 hex>`: complete blobs, verified against their
+//!   digest, fsynced (file and directory) before the index says complete;
+//! * `partial/<64 hex>`: bytes of blobs still arriving, a contiguous prefix;
+//!   the index records how much of it was fsynced (`durable_len`);
+//! * `index.redb`: the index.
+//!
+//! On open the store reconciles files and index so that after a crash it
+//! holds only verified complete blobs plus partial prefixes that are re-hashed
+//! before use. In memory it keeps the index mirrored for fast lookups, LRU
+//! order and reader counts (a blob being read is never evicted).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use shoal_proto::{Digest, Sha256Verifier};
+
+/// Version of the on-disk layout and index encoding.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("store I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The redb index failed.
+    #[error("store index: {0}")]
+    Index(#[from] redb::Error),
+    /// The index was written by an incompatible version.
+    #[error("store schema version {found} is not supported (this shoald uses {SCHEMA_VERSION}); use a new --data-dir")]
+    Schema {
+        /// What the index says.
+        found: u64,
+    },
+    /// The quota cannot fit this blob even after evicting everything evictable.
+    #[error("store is full: need {need} bytes, quota {quota}, {pinned_or_busy} bytes pinned or in use")]
+    Full {
+        /// Bytes asked for.
+        need: u64,
+        /// The quota.
+        quota: u64,
+        /// Bytes that could not be evicted.
+        pinned_or_busy: u64,
+    },
+}
+
+fn db<T, E: Into<redb::Error>>(r: Result<T, E>) -> Result<T, StoreError> {
+    r.map_err(|e| StoreError::Index(e.into()))
+}
+
+/// What a stored blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A layer or config blob.
+    Blob,
+    /// A manifest or index.
+    Manifest,
+}
+
+/// One index record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Complete (verified) or still arriving.
+    pub complete: bool,
+    /// Size in bytes (0 while unknown).
+    pub size: u64,
+    /// For partials: bytes known to be on disk (fsynced).
+    pub durable_len: u64,
+    /// Blob or manifest.
+    pub kind: Kind,
+    /// For manifests: the media type the origin gave.
+    pub media_type: Option<String>,
+    /// Seconds since the epoch of the last use.
+    pub last_access: u64,
+    /// Pinned blobs are never evicted.
+    pub pinned: bool,
+}
+
+/// A tag's last resolution at the origin, for answering while it is down.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// The digest the origin gave.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size.
+    pub size: u64,
+    /// When (seconds since the epoch).
+    pub resolved_at: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    meta: BlobMeta,
+    readers: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    entries: HashMap<Digest, Entry>,
+    /// Bytes on disk counted against the quota (complete sizes + partial sizes).
+    used: u64,
+}
+
+/// The blob store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    root: PathBuf,
+    db: Database,
+    quota: u64,
+    inner: Mutex<Inner>,
+}
+
+/// Keeps a blob from eviction while it is read.
+#[derive(Debug)]
+pub struct ReadGuard {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut inner = self.store.shared.inner.lock().expect("store lock");
+        if let Some(e) = inner.entries.get_mut(&self.digest) {
+            e.readers = e.readers.saturating_sub(1);
+        }
+    }
+}
+
+/// A complete blob opened for reading.
+#[derive(Debug)]
+pub struct CompleteBlob {
+    /// The open file.
+    pub file: File,
+    /// Its size.
+    pub size: u64,
+    /// Its index record.
+    pub meta: BlobMeta,
+    /// Holds off eviction until dropped.
+    pub guard: ReadGuard,
+}
+
+/// What recovery found, for the start-up log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Recovery {
+    /// Complete blobs kept.
+    pub complete: usize,
+    /// Partial prefixes kept for resuming.
+    pub partial: usize,
+    /// Index records or files dropped because they disagreed.
+    pub dropped: usize,
+    /// Verified files adopted that the index had not recorded yet.
+    pub adopted: usize,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Opens (or creates) the store under `root` with a quota in bytes,
+    /// reconciling index and files.
+    pub fn open(root: &Path, quota: u64) -> Result<(Store, Recovery), StoreError> {
+        for d in ["blobs/sha256", "partial"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        let index = db(Database::create(root.join("index.redb")))?;
+        {
+            let tx = db(index.begin_write())?;
+            {
+                let mut meta = db(tx.open_table(META))?;
+                let found = db(meta.get("schema_version"))?.map(|v| v.value());
+                match found {
+                    None => {
+                        db(meta.insert("schema_version", SCHEMA_VERSION))?;
+                    }
+                    Some(SCHEMA_VERSION) => {}
+                    Some(found) => return Err(StoreError::Schema { found }),
+                }
+                db(tx.open_table(BLOBS))?;
+                db(tx.open_table(TAGS))?;
+            }
+            db(tx.commit())?;
+        }
+        let store = Store {
+            shared: Arc::new(Shared {
+                root: root.to_owned(),
+                db: index,
+                quota,
+                inner: Mutex::new(Inner {
+                    entries: HashMap::new(),
+                    used: 0,
+                }),
+            }),
+        };
+        let rec = store.recover()?;
+        Ok((store, rec))
+    }
+
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        let mut rec = Recovery::default();
+        let mut records: Vec<(Digest, BlobMeta)> = Vec::new();
+        {
+            let tx = db(self.shared.db.begin_read())?;
+            let table = db(tx.open_table(BLOBS))?;
+            for item in db(table.iter())? {
+                let (k, v) = db(item)?;
+                let key: [u8; 32] = match k.value().try_into() {
+                    Ok(k) => k,
+                    Err(_) => continue,
+                };
+                if let Ok(meta) = serde_json::from_slice::<BlobMeta>(v.value()) {
+                    records.push((Digest::from_bytes(key), meta));
+                }
+            }
+        }
+        let mut keep = HashMap::new();
+        let mut drop_keys = Vec::new();
+        let mut fix = Vec::new();
+        for (digest, mut meta) in records {
+            if meta.complete {
+                let ok = fs::metadata(self.blob_path(&digest)).is_ok_and(|m| m.len() == meta.size);
+                if ok {
+                    rec.complete += 1;
+                    keep.insert(digest, meta);
+                } else {
+                    drop_keys.push(digest);
+                    let _ = fs::remove_file(self.blob_path(&digest));
+                    rec.dropped += 1;
+                }
+            } else {
+                let path = self.partial_path(&digest);
+                match fs::metadata(&path) {
+                    Ok(m) => {
+                        // Bytes past the last fsync may be garbage after a
+                        // power loss: cut them; they will be fetched again.
+                        let keep_len = meta.durable_len.min(m.len());
+                        if m.len() != keep_len {
+                            OpenOptions::new().write(true).open(&path)?.set_len(keep_len)?;
+                        }
+                        if keep_len != meta.durable_len {
+                            meta.durable_len = keep_len;
+                            fix.push((digest, meta.clone()));
+                        }
+                        rec.partial += 1;
+                        keep.insert(digest, meta);
+                    }
+                    Err(_) => {
+                        drop_keys.push(digest);
+                        rec.dropped += 1;
+                    }
+                }
+            }
+        }
+        // Files the index does not know: partials are dropped; complete files
+        // (renamed just before a crash, before the index commit) are adopted
+        // if they hash to their name.
+        for entry in fs::read_dir(self.shared.root.join("partial"))? {
+            let entry = entry?;
+            let known = parse_hex_name(&entry.file_name()).is_some_and(|d| keep.contains_key(&d));
+            if !known {
+                let _ = fs::remove_file(entry.path());
+                rec.dropped += 1;
+            }
+        }
+        let mut adopt = Vec::new();
+        for fan in fs::read_dir(self.shared.root.join("blobs/sha256"))? {
+            let fan = fan?;
+            if !fan.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(fan.path())? {
+                let entry = entry?;
+                let Some(d) = parse_hex_name(&entry.file_name()) else {
+                    let _ = fs::remove_file(entry.path());
+                    continue;
+                };
+                if keep.get(&d).is_some_and(|m| m.complete) {
+                    continue;
+                }
+                if hash_file(&entry.path())? == d {
+                    let size = entry.metadata()?.len();
+                    let meta = BlobMeta {
+                        complete: true,
+                        size,
+                        durable_len: size,
+                        kind: Kind::Blob,
+                        media_type: None,
+                        last_access: now_secs(),
+                        pinned: false,
+                    };
+                    adopt.push((d, meta.clone()));
+                    keep.insert(d, meta);
+                    rec.adopted += 1;
+                } else {
+                    let _ = fs::remove_file(entry.path());
+                    rec.dropped += 1;
+                }
+            }
+        }
+        {
+            let tx = db(self.shared.db.begin_write())?;
+            {
+                let mut t = db(tx.open_table(BLOBS))?;
+                for d in &drop_keys {
+                    db(t.remove(d.as_bytes().as_slice()))?;
+                }
+                for (d, m) in fix.iter().chain(adopt.iter()) {
+                    db(t.insert(d.as_bytes().as_slice(), encode(m).as_slice()))?;
+                }
+            }
+            db(tx.commit())?;
+        }
+        let mut inner = self.shared.inner.lock().expect("store lock");
+        inner.used = keep
+            .values()
+            .map(|m| if m.complete { m.size } else { m.size.max(m.durable_len) })
+            .sum();
+        inner.entries = keep
+            .into_iter()
+            .map(|(d, meta)| (d, Entry { meta, readers: 0 }))
+            .collect();
+        Ok(rec)
+    }
+
+    /// Where a complete blob lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.shared.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Where a partial blob lives.
+    pub fn partial_path(&self, d: &Digest) -> PathBuf {
+        self.shared.root.join("partial").join(d.hex())
+    }
+
+    /// The quota in bytes.
+    pub fn quota(&self) -> u64 {
+        self.shared.quota
+    }
+
+    /// Bytes counted against the quota, and the number of complete blobs.
+    pub fn usage(&self) -> (u64, usize) {
+        let inner = self.shared.inner.lock().expect("store lock");
+        (inner.used, inner.entries.values().filter(|e| e.meta.complete).count())
+    }
+
+    /// Opens a complete blob for reading and marks it used.
+    pub fn open_complete(&self, d: &Digest) -> Option<CompleteBlob> {
+        let meta = {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            let e = inner.entries.get_mut(d)?;
+            if !e.meta.complete {
+                return None;
+            }
+            e.meta.last_access = now_secs();
+            e.readers += 1;
+            e.meta.clone()
+        };
+        let guard = ReadGuard {
+            store: self.clone(),
+            digest: *d,
+        };
+        match File::open(self.blob_path(d)) {
+            Ok(file) => Some(CompleteBlob {
+                file,
+                size: meta.size,
+                meta,
+                guard,
+            }),
+            Err(e) => {
+                tracing::error!(digest = %d, error = %e, "indexed blob file is missing; dropping it from the index");
+                drop(guard);
+                let _ = self.remove(d);
+                None
+            }
+        }
+    }
+
+    /// Holds a blob (partial or complete) from eviction while it is read.
+    pub fn guard(&self, d: &Digest) -> Option<ReadGuard> {
+        let mut inner = self.shared.inner.lock().expect("store lock");
+        let e = inner.entries.get_mut(d)?;
+        e.readers += 1;
+        Some(ReadGuard {
+            store: self.clone(),
+            digest: *d,
+        })
+    }
+
+    /// Whether a complete blob is present.
+    pub fn has_complete(&self, d: &Digest) -> bool {
+        let inner = self.shared.inner.lock().expect("store lock");
+        inner.entries.get(d).is_some_and(|e| e.meta.complete)
+    }
+
+    /// Starts (or resumes) a partial blob: returns the file opened for
+    /// read+write and the length of the prefix already on disk, re-hashed
+    /// into `verifier`. Reserves `size` bytes of quota, evicting if needed.
+    pub fn begin_partial(
+        &self,
+        d: &Digest,
+        kind: Kind,
+        size: u64,
+        verifier: &mut Sha256Verifier,
+    ) -> Result<(File, u64), StoreError> {
+        let path = self.partial_path(d);
+        let existing = {
+            let inner = self.shared.inner.lock().expect("store lock");
+            inner.entries.get(d).filter(|e| !e.meta.complete).map(|e| e.meta.clone())
+        };
+        let old_size = existing.as_ref().map_or(0, |m| m.size.max(m.durable_len));
+        self.reserve(size.saturating_sub(old_size), d)?;
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let mut have = existing.as_ref().map_or(0, |m| m.durable_len).min(file.metadata()?.len());
+        if existing.as_ref().is_some_and(|m| m.size != 0 && m.size != size) || have > size {
+            have = 0;
+        }
+        file.set_len(have)?;
+        // Re-hash what is there: it is resumed, not trusted.
+        if have > 0 {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = have;
+            while left > 0 {
+                let take = left.min(buf.len() as u64) as usize;
+                let n = file.read(&mut buf[..take])?;
+                if n == 0 {
+                    break;
+                }
+                verifier.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        let meta = BlobMeta {
+            complete: false,
+            size,
+            durable_len: have,
+            kind,
+            media_type: None,
+            last_access: now_secs(),
+            pinned: false,
+        };
+        self.put(d, &meta)?;
+        let mut inner = self.shared.inner.lock().expect("store lock");
+        let e = inner.entries.entry(*d).or_insert(Entry { meta: meta.clone(), readers: 0 });
+        e.meta = meta;
+        drop(inner);
+        Ok((file, have))
+    }
+
+    /// Records that the first `len` bytes of a partial are fsynced.
+    pub fn checkpoint(&self, d: &Digest, len: u64) -> Result<(), StoreError> {
+        let meta = {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            let Some(e) = inner.entries.get_mut(d) else {
+                return Ok(());
+            };
+            if e.meta.complete {
+                return Ok(());
+            }
+            e.meta.durable_len = len;
+            e.meta.clone()
+        };
+        self.put(d, &meta)
+    }
+
+    /// Makes a verified partial complete: fsync file, rename into place,
+    /// fsync the directory, then mark it complete in the index.
+    pub fn complete(&self, d: &Digest, file: &File, media_type: Option<String>) -> Result<(), StoreError> {
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        let dst = self.blob_path(d);
+        let dir = dst.parent().expect("fan-out dir");
+        fs::create_dir_all(dir)?;
+        fs::rename(self.partial_path(d), &dst)?;
+        File::open(dir)?.sync_all()?;
+        let meta = {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            let kind = inner.entries.get(d).map_or(Kind::Blob, |e| e.meta.kind);
+            let meta = BlobMeta {
+                complete: true,
+                size,
+                durable_len: size,
+                kind,
+                media_type,
+                last_access: now_secs(),
+                pinned: false,
+            };
+            let e = inner.entries.entry(*d).or_insert(Entry { meta: meta.clone(), readers: 0 });
+            e.meta = meta.clone();
+            meta
+        };
+        self.put(d, &meta)
+    }
+
+    /// Stores a small verified blob (a manifest) in one go.
+    pub fn put_small(&self, d: &Digest, kind: Kind, bytes: &[u8], media_type: Option<String>) -> Result<(), StoreError> {
+        if self.has_complete(d) {
+            return Ok(());
+        }
+        let mut v = Sha256Verifier::new(*d);
+        let (file, _) = self.begin_partial(d, kind, bytes.len() as u64, &mut v)?;
+        file.set_len(0)?;
+        std::io::Write::write_all(&mut &file, bytes)?;
+        self.complete(d, &file, media_type)
+    }
+
+    /// Drops a blob (partial or complete) from index and disk.
+    pub fn remove(&self, d: &Digest) -> Result<(), StoreError> {
+        {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            if let Some(e) = inner.entries.remove(d) {
+                inner.used = inner.used.saturating_sub(e.meta.size.max(e.meta.durable_len));
+            }
+        }
+        let tx = db(self.shared.db.begin_write())?;
+        {
+            let mut t = db(tx.open_table(BLOBS))?;
+            db(t.remove(d.as_bytes().as_slice()))?;
+        }
+        db(tx.commit())?;
+        let _ = fs::remove_file(self.partial_path(d));
+        let _ = fs::remove_file(self.blob_path(d));
+        Ok(())
+    }
+
+    /// Reserves `need` bytes for `for_digest`, evicting least recently used,
+    /// unpinned, unread complete blobs until the quota holds them.
+    fn reserve(&self, need: u64, for_digest: &Digest) -> Result<(), StoreError> {
+        let victims = {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            let quota = self.shared.quota;
+            if inner.used + need <= quota {
+                inner.used += need;
+                return Ok(());
+            }
+            let mut candidates: Vec<(u64, Digest, u64)> = inner
+                .entries
+                .iter()
+                .filter(|(d, e)| e.meta.complete && !e.meta.pinned && e.readers == 0 && *d != for_digest)
+                .map(|(d, e)| (e.meta.last_access, *d, e.meta.size))
+                .collect();
+            candidates.sort();
+            let mut freed = 0;
+            let mut victims = Vec::new();
+            for (_, d, size) in candidates {
+                if inner.used - freed + need <= quota {
+                    break;
+                }
+                freed += size;
+                victims.push(d);
+            }
+            if inner.used - freed + need > quota {
+                return Err(StoreError::Full {
+                    need,
+                    quota,
+                    pinned_or_busy: inner.used - freed,
+                });
+            }
+            for d in &victims {
+                inner.entries.remove(d);
+            }
+            inner.used = inner.used - freed + need;
+            victims
+        };
+        let tx = db(self.shared.db.begin_write())?;
+        {
+            let mut t = db(tx.open_table(BLOBS))?;
+            for d in &victims {
+                db(t.remove(d.as_bytes().as_slice()))?;
+            }
+        }
+        db(tx.commit())?;
+        for d in &victims {
+            tracing::info!(digest = %d, "evicted (least recently used)");
+            let _ = fs::remove_file(self.blob_path(d));
+        }
+        crate::metrics::global().evictions.inc_by(victims.len() as u64);
+        Ok(())
+    }
+
+    /// Gives back quota reserved for a partial that was abandoned.
+    pub fn release(&self, d: &Digest) -> Result<(), StoreError> {
+        self.remove(d)
+    }
+
+    fn put(&self, d: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+        let tx = db(self.shared.db.begin_write())?;
+        {
+            let mut t = db(tx.open_table(BLOBS))?;
+            db(t.insert(d.as_bytes().as_slice(), encode(meta).as_slice()))?;
+        }
+        db(tx.commit())
+    }
+
+    /// Records a tag's resolution at the origin.
+    pub fn put_tag(&self, key: &str, rec: &TagRecord) -> Result<(), StoreError> {
+        let mut tx = db(self.shared.db.begin_write())?;
+        // Losing a tag record in a crash costs nothing but an origin round trip.
+        let _ = tx.set_durability(redb::Durability::None);
+        {
+            let mut t = db(tx.open_table(TAGS))?;
+            let v = serde_json::to_vec(rec).expect("serializable");
+            db(t.insert(key, v.as_slice()))?;
+        }
+        db(tx.commit())
+    }
+
+    /// The last recorded resolution of a tag.
+    pub fn get_tag(&self, key: &str) -> Result<Option<TagRecord>, StoreError> {
+        let tx = db(self.shared.db.begin_read())?;
+        let t = db(tx.open_table(TAGS))?;
+        Ok(db(t.get(key))?.and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
+    /// Writes access times kept in memory to the index (called periodically
+    /// and at shutdown; losing them only perturbs LRU order).
+    pub fn flush_access_times(&self) -> Result<(), StoreError> {
+        let snapshot: Vec<(Digest, BlobMeta)> = {
+            let inner = self.shared.inner.lock().expect("store lock");
+            inner.entries.iter().filter(|(_, e)| e.meta.complete).map(|(d, e)| (*d, e.meta.clone())).collect()
+        };
+        let tx = db(self.shared.db.begin_write())?;
+        {
+            let mut t = db(tx.open_table(BLOBS))?;
+            for (d, m) in &snapshot {
+                db(t.insert(d.as_bytes().as_slice(), encode(m).as_slice()))?;
+            }
+        }
+        db(tx.commit())
+    }
+
+    /// The record of a blob, if any.
+    pub fn meta(&self, d: &Digest) -> Option<BlobMeta> {
+        let inner = self.shared.inner.lock().expect("store lock");
+        inner.entries.get(d).map(|e| e.meta.clone())
+    }
+}
+
+fn encode(meta: &BlobMeta) -> Vec<u8> {
+    serde_json::to_vec(meta).expect("serializable")
+}
+
+fn parse_hex_name(name: &std::ffi::OsStr) -> Option<Digest> {
+    format!("sha256:{}", name.to_str()?).parse().ok()
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    use sha2::Digest as _;
+    let mut f = File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_bytes(h.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn put(store: &Store, data: &[u8]) -> Digest {
+        let d = Digest::of(data);
+        store.put_small(&d, Kind::Blob, data, None).unwrap();
+        d
+    }
+
+    #[test]
+    fn complete_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+        let d = put(&store, b"hello");
+        drop(store);
+        let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(rec.complete, 1);
+        let mut b = store.open_complete(&d).unwrap();
+        let mut s = String::new();
+        b.file.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+    }
+
+    #[test]
+    fn partial_resumes_from_durable_prefix_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 10_000];
+        let d = Digest::of(&data);
+        {
+            let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut v = Sha256Verifier::new(d);
+            let (mut f, have) = store.begin_partial(&d, Kind::Blob, 10_000, &mut v).unwrap();
+            assert_eq!(have, 0);
+            f.write_all(&data[..6000]).unwrap();
+            f.sync_data().unwrap();
+            store.checkpoint(&d, 4000).unwrap();
+        }
+        let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(rec.partial, 1);
+        let mut v = Sha256Verifier::new(d);
+        let (mut f, have) = store.begin_partial(&d, Kind::Blob, 10_000, &mut v).unwrap();
+        assert_eq!(have, 4000);
+        assert_eq!(v.len(), 4000);
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(have)).unwrap();
+        f.write_all(&data[4000..]).unwrap();
+        v.update(&data[4000..]);
+        assert!(v.finish().is_ok());
+        store.complete(&d, &f, None).unwrap();
+        assert!(store.has_complete(&d));
+        assert!(!store.partial_path(&d).exists());
+    }
+
+    #[test]
+    fn orphans_are_dropped_or_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = b"adopt me";
+        let gd = Digest::of(good);
+        {
+            let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+            let p = store.blob_path(&gd);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, good).unwrap();
+            let bad = Digest::of(b"x");
+            let p = store.blob_path(&bad);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, b"not x").unwrap();
+            fs::write(store.partial_path(&bad), b"junk").unwrap();
+        }
+        let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(rec.adopted, 1);
+        assert_eq!(rec.dropped, 2);
+        assert!(store.has_complete(&gd));
+        assert!(!store.has_complete(&Digest::of(b"x")));
+    }
+
+    #[test]
+    fn evicts_lru_but_not_read_or_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 3000).unwrap();
+        let a = put(&store, &[1u8; 1000]);
+        let b = put(&store, &[2u8; 1000]);
+        let c = put(&store, &[3u8; 1000]);
+        let reading = store.open_complete(&a).unwrap();
+        store.shared.inner.lock().unwrap().entries.get_mut(&b).unwrap().meta.pinned = true;
+        let d = put(&store, &[4u8; 1000]);
+        assert!(store.has_complete(&a) && store.has_complete(&b) && store.has_complete(&d));
+        assert!(!store.has_complete(&c));
+        assert!(store.usage().0 <= 3000);
+        // Everything else is busy or pinned: a fifth blob cannot fit.
+        assert!(matches!(
+            store.put_small(&Digest::of(&[5u8; 1000]), Kind::Blob, &[5u8; 1000], None),
+            Err(StoreError::Full { .. })
+        ));
+        drop(reading);
+        put(&store, &[6u8; 1000]);
+        assert!(!store.has_complete(&a));
+    }
+}

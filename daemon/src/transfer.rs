@@ -1,0 +1,345 @@
+//! Single-flight blob transfers from the origin, streamed to any number of
+//! readers while they arrive.
+//!
+//! One [`Transfer`] per digest at a time: the first request starts it, later
+//! ones join it and read what has arrived from the same partial file. Bytes
+//! are hashed as they come; the whole blob is checked against its digest
+//! before it is complete, and readers are held back from the last byte until
+//! then — so a client never receives a complete wrong blob. A mismatch cuts
+//! every reader's response short and stores nothing.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_proto::{Digest, ErrorCode, OciError, Sha256Verifier};
+use shoal_registry_shim::client::{BlobStream, OriginClient, OriginError};
+use shoal_registry_shim::serve::{ByteStream, Target};
+use tokio::sync::watch;
+
+use crate::metrics::{self, KindLabel, SourceLabel};
+use crate::store::{Kind, ReadGuard, Store, StoreError};
+
+/// Bytes between index checkpoints of a partial blob (after an fsync), so a
+/// crash loses at most this much of a transfer.
+const CHECKPOINT_BYTES: u64 = 8 << 20;
+/// Times a broken origin stream is resumed with `Range` before giving up.
+const MAX_RESUMES: u32 = 5;
+/// Bytes read from disk per body chunk handed to a client.
+const READ_CHUNK: u64 = 1 << 20;
+
+/// Where a transfer stands.
+#[derive(Debug, Clone)]
+pub enum Phase {
+    /// Waiting for the origin's answer.
+    Starting,
+    /// Bytes are arriving.
+    Running,
+    /// Verified and stored.
+    Done,
+    /// Failed; nothing was stored.
+    Failed(OciError),
+}
+
+/// What readers watch.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Phase.
+    pub phase: Phase,
+    /// Size of the blob once known.
+    pub size: u64,
+    /// Bytes written to the file (readable).
+    pub written: u64,
+    /// The file the bytes are in (stays valid across the rename to complete).
+    pub file: Option<Arc<File>>,
+}
+
+/// One blob being fetched.
+#[derive(Debug)]
+pub struct Transfer {
+    /// The repository whose request started it (the origin GET confirms it).
+    pub started_for: Target,
+    progress: watch::Receiver<Progress>,
+}
+
+/// The set of running transfers.
+#[derive(Debug, Clone)]
+pub struct Transfers {
+    running: Arc<Mutex<HashMap<Digest, Arc<Transfer>>>>,
+    store: Store,
+    origin: OriginClient,
+}
+
+impl Transfers {
+    /// A new, empty set.
+    pub fn new(store: Store, origin: OriginClient) -> Self {
+        Transfers {
+            running: Arc::default(),
+            store,
+            origin,
+        }
+    }
+
+    /// The running transfer of `digest`, or a new one started for `target`.
+    /// Returns whether this call started it.
+    pub fn get_or_start(&self, target: &Target, digest: &Digest) -> (Arc<Transfer>, bool) {
+        let mut running = self.running.lock().expect("transfers lock");
+        if let Some(t) = running.get(digest) {
+            return (t.clone(), false);
+        }
+        let (tx, rx) = watch::channel(Progress {
+            phase: Phase::Starting,
+            size: 0,
+            written: 0,
+            file: None,
+        });
+        let t = Arc::new(Transfer {
+            started_for: target.clone(),
+            progress: rx,
+        });
+        running.insert(*digest, t.clone());
+        let this = self.clone();
+        let (target, digest) = (target.clone(), *digest);
+        metrics::global().transfers_active.inc();
+        tokio::spawn(async move {
+            let result = this.fetch(&target, &digest, &tx).await;
+            if let Err(e) = result {
+                tracing::warn!(digest = %digest, upstream = %target.upstream, repo = %target.repo, error = %e, "transfer failed");
+                tx.send_modify(|p| p.phase = Phase::Failed(e));
+            }
+            this.running.lock().expect("transfers lock").remove(&digest);
+            metrics::global().transfers_active.dec();
+        });
+        (t, true)
+    }
+
+    async fn open_origin(&self, target: &Target, digest: &Digest, from: u64) -> Result<BlobStream, OciError> {
+        let r = match self.origin.get_blob(&target.upstream, &target.repo, digest, from).await {
+            Err(OriginError::RangeIgnored) if from > 0 => {
+                self.origin.get_blob(&target.upstream, &target.repo, digest, 0).await
+            }
+            other => other,
+        };
+        r.map_err(|e| e.to_oci())
+    }
+
+    async fn fetch(&self, target: &Target, digest: &Digest, tx: &watch::Sender<Progress>) -> Result<(), OciError> {
+        let store_err = |e: StoreError| {
+            tracing::error!(error = %e, "store failed");
+            OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
+        };
+        let from = self.store.meta(digest).filter(|m| !m.complete).map_or(0, |m| m.durable_len);
+        let mut stream = self.open_origin(target, digest, from).await?;
+        let size = stream.total_size().ok_or_else(|| {
+            OciError::new(ErrorCode::Unavailable, "origin did not say how large the blob is")
+        })?;
+        let (store, d) = (self.store.clone(), *digest);
+        let (begun, mut verifier) = tokio::task::spawn_blocking(move || {
+            let mut v = Sha256Verifier::new(d);
+            (store.begin_partial(&d, Kind::Blob, size, &mut v), v)
+        })
+        .await
+        .expect("store task");
+        let (file, have) = begun.map_err(store_err)?;
+        if have != stream.offset() {
+            drop(stream);
+            stream = self.open_origin(target, digest, have).await?;
+            if stream.offset() != have {
+                let _ = self.store.release(digest);
+                return Err(OciError::new(ErrorCode::Unavailable, "origin did not honour a Range request"));
+            }
+        }
+        if have > 0 {
+            tracing::info!(digest = %digest, resumed_at = have, size, "resuming a partial blob");
+        }
+        let file = Arc::new(file);
+        let mut written = have;
+        tx.send_modify(|p| {
+            p.phase = Phase::Running;
+            p.size = size;
+            p.written = written;
+            p.file = Some(file.clone());
+        });
+        let m = metrics::global();
+        let origin_bytes = m.origin_bytes.get_or_create(&KindLabel { kind: "blob" }).clone();
+        let mut resumes = 0;
+        let mut last_checkpoint = written;
+        let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
+        while written < size {
+            match stream.next_chunk().await {
+                Some(Ok(bytes)) => {
+                    origin_bytes.inc_by(bytes.len() as u64);
+                    if written + bytes.len() as u64 > size {
+                        let _ = self.store.release(digest);
+                        return Err(OciError::new(ErrorCode::Unavailable, "origin sent more bytes than the blob's size"));
+                    }
+                    verifier.update(&bytes);
+                    if let Err(e) = file.write_all_at(&bytes, written) {
+                        let _ = self.store.release(digest);
+                        return Err(store_err(e.into()));
+                    }
+                    written += bytes.len() as u64;
+                    tx.send_modify(|p| p.written = written);
+                    let idle = checkpoint.as_ref().is_none_or(|h| h.is_finished());
+                    if written - last_checkpoint >= CHECKPOINT_BYTES && idle {
+                        last_checkpoint = written;
+                        let (f, store, d) = (file.clone(), self.store.clone(), *digest);
+                        checkpoint = Some(tokio::task::spawn_blocking(move || {
+                            if f.sync_data().is_ok() {
+                                let _ = store.checkpoint(&d, written);
+                            }
+                        }));
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "origin closed the body early".to_owned(),
+                    };
+                    resumes += 1;
+                    if resumes > MAX_RESUMES {
+                        return Err(OciError::new(ErrorCode::Unavailable, format!("origin transfer kept breaking: {why}")));
+                    }
+                    tracing::info!(digest = %digest, at = written, why, "origin stream broke; resuming with Range");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
+                    stream = self.open_origin(target, digest, written).await?;
+                    if stream.offset() != written {
+                        return Err(OciError::new(ErrorCode::Unavailable, "origin did not honour a Range request"));
+                    }
+                }
+            }
+        }
+        if let Some(h) = checkpoint {
+            let _ = h.await;
+        }
+        if let Err(got) = verifier.finish() {
+            m.chunks_rejected.get_or_create(&SourceLabel { source: "origin" }).inc();
+            tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
+                "origin served bytes that do not match the digest; discarded, nothing stored");
+            let _ = self.store.release(digest);
+            return Err(OciError::new(ErrorCode::DigestInvalid, "the origin served bytes that do not match the digest")
+                .with_detail(format!("expected {digest}, got {got}")));
+        }
+        let (store, d, f) = (self.store.clone(), *digest, file.clone());
+        tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
+            .await
+            .expect("store task")
+            .map_err(store_err)?;
+        tracing::debug!(digest = %digest, size, "blob complete");
+        tx.send_modify(|p| p.phase = Phase::Done);
+        Ok(())
+    }
+}
+
+impl Transfer {
+    /// Waits until the origin answered: the blob's size and file, or the error.
+    pub async fn started(&self) -> Result<(u64, Arc<File>), OciError> {
+        let mut rx = self.progress.clone();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match &p.phase {
+                    Phase::Starting => {}
+                    Phase::Failed(e) => return Err(e.clone()),
+                    Phase::Running | Phase::Done => {
+                        return Ok((p.size, p.file.clone().expect("file set when running")));
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(OciError::new(ErrorCode::Unavailable, "transfer ended unexpectedly"));
+            }
+        }
+    }
+
+    /// A reader of this transfer.
+    pub fn reader(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+}
+
+/// Streams `range` (inclusive) of `file`. With `progress`, only bytes the
+/// transfer has written are read, and the very last byte of the blob waits
+/// for verification; a failed transfer ends the stream with an error.
+pub fn file_stream(
+    file: Arc<File>,
+    size: u64,
+    start: u64,
+    end: u64,
+    progress: Option<watch::Receiver<Progress>>,
+    guard: Option<ReadGuard>,
+) -> ByteStream {
+    struct St {
+        file: Arc<File>,
+        pos: u64,
+        end: u64,
+        size: u64,
+        progress: Option<watch::Receiver<Progress>>,
+        _guard: Option<ReadGuard>,
+    }
+    let st = St {
+        file,
+        pos: start,
+        end,
+        size,
+        progress,
+        _guard: guard,
+    };
+    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
+        if st.pos > st.end {
+            return None;
+        }
+        // How far may we read?
+        let avail = match st.progress.take() {
+            None => st.size,
+            Some(mut rx) => match wait_available(&mut rx, st.pos, st.size).await {
+                Ok(avail) => {
+                    st.progress = Some(rx);
+                    avail
+                }
+                Err(err) => return Some((Err(err), St { pos: u64::MAX, end: 0, ..st })),
+            },
+        };
+        let want = (avail.min(st.end + 1) - st.pos).min(READ_CHUNK);
+        let (file, pos) = (st.file.clone(), st.pos);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want as usize];
+            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match read {
+            Ok(b) => {
+                st.pos += b.len() as u64;
+                Some((Ok(b), st))
+            }
+            Err(e) => Some((Err(e), St { pos: u64::MAX, end: 0, ..st })),
+        }
+    }))
+}
+
+/// Waits until the transfer has bytes past `pos` that a reader may see, and
+/// returns how far it may read. The last byte of the blob is held back until
+/// the digest is verified.
+async fn wait_available(rx: &mut watch::Receiver<Progress>, pos: u64, size: u64) -> std::io::Result<u64> {
+    loop {
+        let avail = {
+            let p = rx.borrow_and_update();
+            match &p.phase {
+                Phase::Done => size,
+                Phase::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+                Phase::Starting => 0,
+                Phase::Running => p.written.min(size.saturating_sub(1)),
+            }
+        };
+        if avail > pos {
+            return Ok(avail);
+        }
+        if rx.changed().await.is_err() {
+            return Err(std::io::Error::other("transfer ended without completing"));
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Shoal's sans-IO core: the types and parsers every part of Shoal shares.
+//!
+//! Nothing here does I/O or depends on an async runtime, so the daemon, the
+//! tests and (later) the simulator all use the very same code. See
+//! `docs/ARCHITECTURE.md` for how the crates fit together.
+
+pub mod digest;
+pub mod error;
+pub mod media;
+pub mod range;
+pub mod reference;
+
+pub use digest::{Digest, DigestError, Sha256Verifier};
+pub use error::{ErrorCode, OciError};
+pub use range::{parse_range, ByteRange, RangeError};
+pub use reference::{ImageRef, NameError, Reference, RepoName, Tag, DOCKER_HUB, DOCKER_HUB_API};
