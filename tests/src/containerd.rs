@@ -13,7 +13,7 @@ use crate::util;
 
 /// The containerd namespace the harness uses.
 pub const NAMESPACE: &str = "test";
-const PULL_TIMEOUT: Duration = Duration::from_secs(90);
+const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running containerd; killed on drop (its log is printed if the test panics).
 pub struct Containerd {
@@ -217,7 +217,7 @@ disabled_plugins = [
 impl Drop for Containerd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            util::terminate_child(&mut c, Duration::from_secs(3));
+            util::kill_child(&mut c);
         }
         if std::thread::panicking() {
             eprintln!("--- containerd log ---\n{}", self.log());

@@ -83,6 +83,19 @@ impl Shoald {
     /// Starts the daemon and waits until `GET /healthz` on the ops port answers 200.
     pub async fn start(opts: ShoaldOpts) -> Result<Shoald> {
         let bin = shoald_binary()?;
+        // Ports picked as free can be taken before shoald binds them: retry on that only.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(&opts, &bin).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("in use") => continue,
+                r => return r,
+            }
+        }
+    }
+
+    async fn try_start(opts: &ShoaldOpts, bin: &Path) -> Result<Shoald> {
+        let bin = bin.to_path_buf();
         let dir = tempfile::Builder::new().prefix("shoald-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("data"))?;
         let registry_port = util::free_port()?;
@@ -95,8 +108,6 @@ impl Shoald {
             format!("127.0.0.1:{registry_port}"),
             "--ops-listen".into(),
             format!("127.0.0.1:{ops_port}"),
-            "--peer-listen".into(),
-            "127.0.0.1:0".into(),
         ];
         for u in &opts.upstreams {
             args.extend(["--upstream".into(), u.clone()]);
@@ -123,7 +134,7 @@ impl Shoald {
             registry_port,
             ops_port,
             args,
-            env: opts.env,
+            env: opts.env.clone(),
             bin,
             starts: 0,
         };
@@ -316,7 +327,7 @@ impl Shoald {
 impl Drop for Shoald {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            util::terminate_child(&mut c, Duration::from_secs(2));
+            util::kill_child(&mut c);
         }
         if std::thread::panicking() {
             eprintln!("{}", self.logs());

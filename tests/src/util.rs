@@ -62,8 +62,8 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Polls `f` every `every` until it returns `Ok(Some(v))`, failing after `timeout`
-/// with the last error (or "timed out") in the message.
+/// Polls `f` every `every` until it returns `Ok(Some(v))`. `Ok(None)` means "not yet";
+/// `Err` is fatal and returned at once. Fails after `timeout`.
 pub async fn wait_for<T, F, Fut>(
     what: &str,
     timeout: Duration,
@@ -75,18 +75,14 @@ where
     Fut: Future<Output = Result<Option<T>>>,
 {
     let deadline = Instant::now() + timeout;
-    let mut last_err: Option<anyhow::Error> = None;
     loop {
         match f().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) => last_err = Some(e),
+            Err(e) => return Err(e.context(format!("while waiting for {what}"))),
         }
         if Instant::now() >= deadline {
-            return Err(match last_err {
-                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
-                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
-            });
+            bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(every).await;
     }
@@ -148,28 +144,6 @@ pub async fn run_command(mut cmd: tokio::process::Command, timeout: Duration) ->
 pub fn kill_child(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Sends SIGTERM, waits up to `grace`, then SIGKILLs; always reaps.
-pub fn terminate_child(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SIGTERM through the `kill` utility keeps this crate free of unsafe code and libc.
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    kill_child(child);
 }
 
 /// Sum of the sizes of all regular files below `dir` (0 if it does not exist).

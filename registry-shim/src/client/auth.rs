@@ -164,8 +164,8 @@ pub(crate) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// A token and its lifetime from a realm's answer: `token` wins over
 /// `access_token`; a missing or non-positive `expires_in` means 60 s.
 pub(crate) fn parse_token_response(body: &[u8]) -> Result<(String, Duration), String> {
-    let b: TokenBody =
-        serde_json::from_slice(body).map_err(|e| format!("token response is not the expected JSON: {e}"))?;
+    let b: TokenBody = serde_json::from_slice(body)
+        .map_err(|e| format!("token response is not the expected JSON: {e}"))?;
     let token = b
         .token
         .filter(|t| !t.is_empty())
@@ -205,7 +205,14 @@ impl TokenCache {
     }
 
     /// Caches `value` until `now + ttl`.
-    pub(crate) fn put(&self, registry: &str, scope: &str, value: HeaderValue, ttl: Duration, now: Instant) {
+    pub(crate) fn put(
+        &self,
+        registry: &str,
+        scope: &str,
+        value: HeaderValue,
+        ttl: Duration,
+        now: Instant,
+    ) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_CACHED {
             map.retain(|_, (_, until)| now < *until);
@@ -238,7 +245,10 @@ mod tests {
         assert_eq!(c[0].scheme, "bearer");
         assert_eq!(c[0].param("realm"), Some("https://auth.docker.io/token"));
         assert_eq!(c[0].param("service"), Some("registry.docker.io"));
-        assert_eq!(c[0].param("scope"), Some("repository:library/alpine:pull,push"));
+        assert_eq!(
+            c[0].param("scope"),
+            Some("repository:library/alpine:pull,push")
+        );
     }
 
     #[test]
@@ -261,10 +271,21 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert!(c[0].params.is_empty());
         let c = parse_challenges("BASIC REALM=x");
-        assert_eq!((c[0].scheme.as_str(), c[0].param("realm")), ("basic", Some("x")));
+        assert_eq!(
+            (c[0].scheme.as_str(), c[0].param("realm")),
+            ("basic", Some("x"))
+        );
         let c = parse_challenges("Negotiate abc==, Bearer realm=\"r\"");
         assert_eq!(c.last().unwrap().param("realm"), Some("r"));
-        for junk in ["", ",,,", "=", "\"", "Bearer realm=\"unterminated", "Bearer ,=,\"", "@@ Bearer"] {
+        for junk in [
+            "",
+            ",,,",
+            "=",
+            "\"",
+            "Bearer realm=\"unterminated",
+            "Bearer ,=,\"",
+            "@@ Bearer",
+        ] {
             let _ = parse_challenges(junk);
         }
         assert!(parse_challenges("  ").is_empty());
@@ -276,12 +297,16 @@ mod tests {
         assert_eq!((t.as_str(), l), ("abc", Duration::from_secs(300)));
         let (t, l) = parse_token_response(br#"{"access_token":"xyz"}"#).unwrap();
         assert_eq!((t.as_str(), l), ("xyz", DEFAULT_TOKEN_LIFETIME));
-        let (t, _) = parse_token_response(br#"{"token":"","access_token":"z","expires_in":-5}"#).unwrap();
+        let (t, _) =
+            parse_token_response(br#"{"token":"","access_token":"z","expires_in":-5}"#).unwrap();
         assert_eq!(t, "z");
         assert!(parse_token_response(br#"{"expires_in":1}"#).is_err());
         assert!(parse_token_response(b"<html>").is_err());
         assert_eq!(cache_ttl(Duration::from_secs(60)), Duration::from_secs(54));
-        assert_eq!(cache_ttl(Duration::from_secs(3600)), Duration::from_secs(3590));
+        assert_eq!(
+            cache_ttl(Duration::from_secs(3600)),
+            Duration::from_secs(3590)
+        );
     }
 
     #[test]

@@ -102,9 +102,10 @@ impl BlobStream {
                 }
                 Ok(Some(Err(e))) => {
                     self.body = None;
-                    return Some(Err(
-                        self.unavailable(format!("blob body failed after {} bytes: {e}", self.received))
-                    ));
+                    return Some(Err(self.unavailable(format!(
+                        "blob body failed after {} bytes: {e}",
+                        self.received
+                    ))));
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -150,7 +151,10 @@ mod tests {
 
     #[test]
     fn content_ranges() {
-        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, 199, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, 199, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, 0, None)));
         assert_eq!(parse_content_range("bytes 5-4/10"), None);
         assert_eq!(parse_content_range("bytes 5-10/10"), None);

@@ -256,7 +256,10 @@ impl Credentials {
             Some(Value::Object(helpers)) => {
                 for (key, helper) in helpers {
                     let Value::String(h) = helper else {
-                        return Err(field_err(format!("credHelpers.{key:?}"), "expected a string"));
+                        return Err(field_err(
+                            format!("credHelpers.{key:?}"),
+                            "expected a string",
+                        ));
                     };
                     if !h.is_empty() {
                         creds.helpers.insert(registry_key(key), h.clone());
@@ -299,10 +302,9 @@ impl Credentials {
         let key = registry_key(registry);
         if let Some(e) = self.auths.get(&key) {
             return match e {
-                AuthEntry::Basic { username, password } => CredentialLookup::Basic {
-                    username,
-                    password,
-                },
+                AuthEntry::Basic { username, password } => {
+                    CredentialLookup::Basic { username, password }
+                }
                 AuthEntry::IdentityToken => CredentialLookup::IdentityToken,
             };
         }
@@ -349,10 +351,11 @@ fn decode_auth(auth: &str) -> Result<(String, String), String> {
         .decode(&cleaned)
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&cleaned))
         .map_err(|e| format!("not valid base64 ({e})"))?;
-    let text = String::from_utf8(raw).map_err(|_| "decodes to bytes that are not UTF-8".to_owned())?;
-    let (u, p) = text
-        .split_once(':')
-        .ok_or_else(|| "decodes to text without ':' (expected base64 of user:password)".to_owned())?;
+    let text =
+        String::from_utf8(raw).map_err(|_| "decodes to bytes that are not UTF-8".to_owned())?;
+    let (u, p) = text.split_once(':').ok_or_else(|| {
+        "decodes to text without ':' (expected base64 of user:password)".to_owned()
+    })?;
     if u.is_empty() {
         return Err("decodes to an empty user name".to_owned());
     }
@@ -424,7 +427,10 @@ mod tests {
         );
         assert_eq!(c.lookup("acr.example.com"), CredentialLookup::IdentityToken);
         assert_eq!(c.lookup("gcr.io"), CredentialLookup::Helper("gcloud"));
-        assert_eq!(c.lookup("ecr.example.com"), CredentialLookup::Helper("ecr-login"));
+        assert_eq!(
+            c.lookup("ecr.example.com"),
+            CredentialLookup::Helper("ecr-login")
+        );
         assert_eq!(c.lookup("desktop.example.com"), CredentialLookup::None);
         assert_eq!(c.lookup("127.0.0.1:5001"), CredentialLookup::None);
         assert_eq!(
@@ -442,23 +448,49 @@ mod tests {
             .unwrap();
         assert_eq!(c.lookup("docker.io"), CredentialLookup::Helper("desktop"));
         assert_eq!(c.lookup("quay.io"), CredentialLookup::Helper("desktop"));
-        assert_eq!(parse("{}").unwrap().lookup("docker.io"), CredentialLookup::None);
+        assert_eq!(
+            parse("{}").unwrap().lookup("docker.io"),
+            CredentialLookup::None
+        );
     }
 
     #[test]
     fn errors_name_file_and_field() {
         let cases = [
-            (r#"{"auths": {"quay.io": {"auth": "!!!"}}}"#, r#"auths."quay.io".auth"#, "base64"),
             (
-                &format!(r#"{{"auths": {{"quay.io": {{"auth": "{}"}}}}}}"#, b64("nocolon")),
+                r#"{"auths": {"quay.io": {"auth": "!!!"}}}"#,
+                r#"auths."quay.io".auth"#,
+                "base64",
+            ),
+            (
+                &format!(
+                    r#"{{"auths": {{"quay.io": {{"auth": "{}"}}}}}}"#,
+                    b64("nocolon")
+                ),
                 r#"auths."quay.io".auth"#,
                 "':'",
             ),
-            (r#"{"auths": {"quay.io": {"username": "u"}}}"#, r#"auths."quay.io".password"#, "missing"),
-            (r#"{"auths": {"quay.io": {"auth": 5}}}"#, r#"auths."quay.io".auth"#, "string"),
-            (r#"{"auths": {"quay.io": "x"}}"#, r#"auths."quay.io""#, "object"),
+            (
+                r#"{"auths": {"quay.io": {"username": "u"}}}"#,
+                r#"auths."quay.io".password"#,
+                "missing",
+            ),
+            (
+                r#"{"auths": {"quay.io": {"auth": 5}}}"#,
+                r#"auths."quay.io".auth"#,
+                "string",
+            ),
+            (
+                r#"{"auths": {"quay.io": "x"}}"#,
+                r#"auths."quay.io""#,
+                "object",
+            ),
             (r#"{"auths": []}"#, "auths", "object"),
-            (r#"{"credHelpers": {"a.io": 1}}"#, r#"credHelpers."a.io""#, "string"),
+            (
+                r#"{"credHelpers": {"a.io": 1}}"#,
+                r#"credHelpers."a.io""#,
+                "string",
+            ),
             (r#"{"credsStore": 1}"#, "credsStore", "string"),
             ("[]", "(top level)", "object"),
         ];
@@ -469,11 +501,17 @@ mod tests {
             assert!(msg.contains(why), "{msg} lacks {why}");
         }
         let msg = parse("{not json").unwrap_err().to_string();
-        assert!(msg.contains("/etc/shoal/config.json") && msg.contains("line 1"), "{msg}");
+        assert!(
+            msg.contains("/etc/shoal/config.json") && msg.contains("line 1"),
+            "{msg}"
+        );
         let missing = Credentials::from_docker_config(Path::new("/nonexistent/shoal/config.json"))
             .unwrap_err()
             .to_string();
-        assert!(missing.contains("/nonexistent/shoal/config.json"), "{missing}");
+        assert!(
+            missing.contains("/nonexistent/shoal/config.json"),
+            "{missing}"
+        );
     }
 
     #[test]

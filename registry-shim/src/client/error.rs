@@ -130,18 +130,30 @@ impl OriginError {
             )
             .with_detail(message.clone()),
             OriginError::Denied { message } => {
-                OciError::new(C::Denied, "the origin registry denied access").with_detail(message.clone())
+                OciError::new(C::Denied, "the origin registry denied access")
+                    .with_detail(message.clone())
             }
-            OriginError::TooManyRequests { .. } => OciError::new(C::TooManyRequests, self.to_string()),
+            OriginError::TooManyRequests { .. } => {
+                OciError::new(C::TooManyRequests, self.to_string())
+            }
             OriginError::Credentials(msg) => OciError::new(C::Unauthorized, msg.clone()),
             OriginError::TooLarge { .. } => OciError::new(C::ManifestInvalid, self.to_string()),
             OriginError::InvalidRegistry(_) => OciError::new(C::NameInvalid, self.to_string()),
-            OriginError::Status { status, code, message } => {
-                let c = code
-                    .as_deref()
-                    .and_then(ErrorCode::from_code)
-                    .unwrap_or(if *status == 416 { C::RangeInvalid } else { C::Unavailable });
-                OciError::new(c, format!("the origin registry answered {status}")).with_detail(message.clone())
+            OriginError::Status {
+                status,
+                code,
+                message,
+            } => {
+                let c =
+                    code.as_deref()
+                        .and_then(ErrorCode::from_code)
+                        .unwrap_or(if *status == 416 {
+                            C::RangeInvalid
+                        } else {
+                            C::Unavailable
+                        });
+                OciError::new(c, format!("the origin registry answered {status}"))
+                    .with_detail(message.clone())
             }
             OriginError::Unavailable { .. }
             | OriginError::Protocol { .. }
@@ -175,7 +187,11 @@ pub(crate) fn parse_error_body(body: &[u8]) -> (Option<String>, String) {
                     other => other.to_string(),
                 };
                 if !d.is_empty() {
-                    message = if message.is_empty() { d } else { format!("{message} ({d})") };
+                    message = if message.is_empty() {
+                        d
+                    } else {
+                        format!("{message} ({d})")
+                    };
                 }
             }
             return (first.code, clip(&message));
@@ -208,8 +224,13 @@ mod tests {
         );
         assert_eq!(c.as_deref(), Some("BLOB_UNKNOWN"));
         assert_eq!(m, "blob unknown to registry (sha256:ab)");
-        let (c, m) = parse_error_body(br#"{"errors":[{"code":"DENIED","message":"no","detail":[{"a":1}]}]}"#);
-        assert_eq!((c.as_deref(), m.as_str()), (Some("DENIED"), r#"no ([{"a":1}])"#));
+        let (c, m) = parse_error_body(
+            br#"{"errors":[{"code":"DENIED","message":"no","detail":[{"a":1}]}]}"#,
+        );
+        assert_eq!(
+            (c.as_deref(), m.as_str()),
+            (Some("DENIED"), r#"no ([{"a":1}])"#)
+        );
         let (c, m) = parse_error_body(b"  <html>bad gateway</html>\n");
         assert_eq!((c, m.as_str()), (None, "<html>bad gateway</html>"));
         let (_, m) = parse_error_body(&[b'x'; 5000]);
@@ -246,6 +267,9 @@ mod tests {
         }
         .to_oci();
         assert_eq!(s.code, ErrorCode::RangeInvalid);
-        assert_eq!(OriginError::TooLarge { limit: 1 }.to_oci().code, ErrorCode::ManifestInvalid);
+        assert_eq!(
+            OriginError::TooLarge { limit: 1 }.to_oci().code,
+            ErrorCode::ManifestInvalid
+        );
     }
 }

@@ -47,8 +47,8 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
-    RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
+    HeaderName, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION,
+    RANGE, RETRY_AFTER, USER_AGENT, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
@@ -199,13 +199,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn basic_header(username: &str, password: &str) -> HeaderValue {
     let enc = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
-    let mut v = HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is a valid header value");
+    let mut v =
+        HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is a valid header value");
     v.set_sensitive(true);
     v
 }
 
-fn header_str<'a>(resp: &'a Response<Incoming>, name: impl http::header::AsHeaderName) -> Option<&'a str> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+fn header_str(resp: &Response<Incoming>, name: impl http::header::AsHeaderName) -> Option<&str> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 fn content_length(resp: &Response<Incoming>) -> Option<u64> {
@@ -220,7 +224,11 @@ fn content_type(resp: &Response<Incoming>) -> Option<String> {
 }
 
 /// Reads a body up to `limit` bytes; `true` when there was more.
-async fn collect_limited(mut body: Incoming, limit: usize, idle: Duration) -> Result<(Bytes, bool), String> {
+async fn collect_limited(
+    mut body: Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<(Bytes, bool), String> {
     let mut buf = BytesMut::new();
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
@@ -255,11 +263,13 @@ impl OriginClient {
         let (added, ignored) = roots.add_parsable_certificates(native.certs);
         tracing::debug!(added, ignored, "system root certificates");
 
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| OriginError::Setup(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| OriginError::Setup(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
 
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
@@ -329,7 +339,8 @@ impl OriginClient {
                     limit: MAX_MANIFEST_BYTES,
                 });
             }
-            let digest = header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok());
+            let digest =
+                header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok());
             match (digest, size, content_type(&resp)) {
                 (Some(digest), Some(size), Some(media_type)) => Some(ManifestInfo {
                     digest,
@@ -393,22 +404,29 @@ impl OriginClient {
             let header_type = content_type(&resp);
             let announced = header_str(&resp, DOCKER_CONTENT_DIGEST).map(str::to_owned);
             let limit = MAX_MANIFEST_BYTES as usize;
-            let bytes = match collect_limited(resp.into_body(), limit, self.inner.cfg.chunk_idle_timeout).await {
-                Ok((_, true)) => return Err(OriginError::TooLarge { limit: limit as u64 }),
-                Ok((bytes, false)) => bytes,
-                Err(reason) if attempt < attempts => {
-                    tracing::debug!(%reason, attempt, "manifest body failed; retrying");
-                    tokio::time::sleep(self.inner.cfg.retry.delay(attempt, None)).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(reason) => {
-                    return Err(OriginError::Unavailable {
-                        origin: host_port(&url),
-                        reason,
-                    })
-                }
-            };
+            let bytes =
+                match collect_limited(resp.into_body(), limit, self.inner.cfg.chunk_idle_timeout)
+                    .await
+                {
+                    Ok((_, true)) => {
+                        return Err(OriginError::TooLarge {
+                            limit: limit as u64,
+                        })
+                    }
+                    Ok((bytes, false)) => bytes,
+                    Err(reason) if attempt < attempts => {
+                        tracing::debug!(%reason, attempt, "manifest body failed; retrying");
+                        tokio::time::sleep(self.inner.cfg.retry.delay(attempt, None)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(reason) => {
+                        return Err(OriginError::Unavailable {
+                            origin: host_port(&url),
+                            reason,
+                        })
+                    }
+                };
             let digest = Digest::of(&bytes);
             if let Reference::Digest(want) = reference {
                 if digest != *want {
@@ -418,21 +436,29 @@ impl OriginClient {
                     });
                 }
             }
-            if announced.as_deref().is_some_and(|a| a != digest.to_string()) {
+            if announced
+                .as_deref()
+                .is_some_and(|a| a != digest.to_string())
+            {
                 tracing::debug!(announced = ?announced, computed = %digest, "Docker-Content-Digest differs from the body's hash; using the hash");
             }
             let generic = |t: &str| {
                 matches!(
                     t,
-                    "application/json" | "text/plain" | "application/octet-stream" | "binary/octet-stream"
+                    "application/json"
+                        | "text/plain"
+                        | "application/octet-stream"
+                        | "binary/octet-stream"
                 )
             };
             let media_type = match header_type {
                 Some(h) if !generic(&h) => h,
-                h => declared_media_type(&bytes).or(h).ok_or_else(|| OriginError::Protocol {
-                    origin: host_port(&url),
-                    message: "manifest has neither a Content-Type nor a mediaType".into(),
-                })?,
+                h => declared_media_type(&bytes)
+                    .or(h)
+                    .ok_or_else(|| OriginError::Protocol {
+                        origin: host_port(&url),
+                        message: "manifest has neither a Content-Type nor a mediaType".into(),
+                    })?,
             };
             tracing::debug!(%digest, size = bytes.len(), %media_type, "manifest fetched");
             return Ok(Manifest {
@@ -445,14 +471,21 @@ impl OriginClient {
 
     /// The size of a blob, from a HEAD.
     #[tracing::instrument(level = "debug", skip_all, fields(registry = %registry, repo = %repo, digest = %digest))]
-    pub async fn head_blob(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Result<u64, OriginError> {
+    pub async fn head_blob(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<u64, OriginError> {
         let t = self.target(registry, repo, &format!("blobs/{digest}"))?;
         let _permit = self.permit(&t).await?;
         let (resp, url) = self.execute(&t, Method::HEAD, &HeaderMap::new()).await?;
         if !resp.status().is_success() {
             return Err(self.status_error(resp, &t, &url, Kind::Blob).await);
         }
-        if let Some(announced) = header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok()) {
+        if let Some(announced) =
+            header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok())
+        {
             if announced != *digest {
                 return Err(OriginError::DigestMismatch {
                     expected: *digest,
@@ -473,7 +506,7 @@ impl OriginClient {
     /// answering `200` (the whole blob) yields [`OriginError::RangeIgnored`]
     /// so the caller can restart from 0. The stream holds a concurrency
     /// permit of the origin until dropped. The caller verifies the digest.
-    #[tracing::instrument(level = "debug", skip_all, fields(registry = %registry, repo = %repo, digest = %digest, from))]
+    #[tracing::instrument(level = "debug", skip_all, fields(registry = %registry, repo = %repo, digest = %digest, from = from))]
     pub async fn get_blob(
         &self,
         registry: &str,
@@ -487,7 +520,8 @@ impl OriginClient {
         if from > 0 {
             headers.insert(
                 RANGE,
-                HeaderValue::from_str(&format!("bytes={from}-")).expect("digits are a valid header"),
+                HeaderValue::from_str(&format!("bytes={from}-"))
+                    .expect("digits are a valid header"),
             );
         }
         let (resp, url) = self.execute(&t, Method::GET, &headers).await?;
@@ -501,7 +535,15 @@ impl OriginClient {
             StatusCode::OK => {
                 let len = content_length(&resp);
                 tracing::debug!(len = ?len, "blob download started");
-                Ok(BlobStream::new(resp.into_body(), 0, len, len, idle, origin, permit))
+                Ok(BlobStream::new(
+                    resp.into_body(),
+                    0,
+                    len,
+                    len,
+                    idle,
+                    origin,
+                    permit,
+                ))
             }
             StatusCode::PARTIAL_CONTENT => {
                 let cr = header_str(&resp, CONTENT_RANGE)
@@ -514,13 +556,23 @@ impl OriginClient {
                 if start != from {
                     return Err(OriginError::Protocol {
                         origin,
-                        message: format!("asked for bytes from {from}, got a range starting at {start}"),
+                        message: format!(
+                            "asked for bytes from {from}, got a range starting at {start}"
+                        ),
                     });
                 }
                 let len = end - start + 1;
                 let total = total.or(Some(end + 1));
                 tracing::debug!(from, len, total = ?total, "ranged blob download started");
-                Ok(BlobStream::new(resp.into_body(), from, total, Some(len), idle, origin, permit))
+                Ok(BlobStream::new(
+                    resp.into_body(),
+                    from,
+                    total,
+                    Some(len),
+                    idle,
+                    origin,
+                    permit,
+                ))
             }
             s if s.is_success() => Err(OriginError::Protocol {
                 origin,
@@ -582,10 +634,12 @@ impl OriginClient {
                 .or_insert_with(|| Arc::new(Semaphore::new(n)))
                 .clone()
         };
-        sem.acquire_owned().await.map_err(|_| OriginError::Unavailable {
-            origin: t.host.clone(),
-            reason: "client shut down".into(),
-        })
+        sem.acquire_owned()
+            .await
+            .map_err(|_| OriginError::Unavailable {
+                origin: t.host.clone(),
+                reason: "client shut down".into(),
+            })
     }
 
     /// One attempt, following redirects. `Authorization` goes only to the
@@ -603,7 +657,11 @@ impl OriginClient {
             match url.scheme() {
                 "https" => {}
                 "http" if self.plain_http_allowed(&url) => {}
-                "http" => return Err(OriginError::PlainHttpRefused { host: host_port(&url) }),
+                "http" => {
+                    return Err(OriginError::PlainHttpRefused {
+                        host: host_port(&url),
+                    })
+                }
                 other => {
                     return Err(OriginError::Protocol {
                         origin: host_port(start),
@@ -620,7 +678,8 @@ impl OriginClient {
                     message: format!("cannot request {}: {e}", redacted(&url)),
                 })?;
             *req.headers_mut() = headers.clone();
-            req.headers_mut().insert(USER_AGENT, self.inner.user_agent.clone());
+            req.headers_mut()
+                .insert(USER_AGENT, self.inner.user_agent.clone());
             let with_auth = auth.is_some() && same_origin(start, &url);
             if let (true, Some(a)) = (with_auth, auth) {
                 req.headers_mut().insert(AUTHORIZATION, a.clone());
@@ -648,7 +707,10 @@ impl OriginClient {
             }
             let next = header_str(&resp, LOCATION)
                 .ok_or_else(|| "a redirect without Location".to_owned())
-                .and_then(|l| resolve_location(&url, l).map_err(|e| format!("a redirect to a bad Location ({e})")))
+                .and_then(|l| {
+                    resolve_location(&url, l)
+                        .map_err(|e| format!("a redirect to a bad Location ({e})"))
+                })
                 .map_err(|message| OriginError::Protocol {
                     origin: host_port(&url),
                     message,
@@ -684,7 +746,8 @@ impl OriginClient {
                     if !retryable || attempt >= attempts {
                         return Ok((resp, url));
                     }
-                    let ra = header_str(&resp, RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    let ra = header_str(&resp, RETRY_AFTER)
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
                     tracing::debug!(status = s.as_u16(), attempt, retry_after = ?ra, url = %redacted(&url), "retrying");
                     ra
                 }
@@ -703,7 +766,11 @@ impl OriginClient {
     /// else a cached token.
     fn initial_auth(&self, t: &Target, creds: CredentialLookup<'_>) -> Option<HeaderValue> {
         if let CredentialLookup::Basic { username, password } = creds {
-            let basic = self.inner.basic_hosts.lock().unwrap_or_else(|e| e.into_inner());
+            let basic = self
+                .inner
+                .basic_hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if basic.contains(&t.host) {
                 return Some(basic_header(username, password));
             }
@@ -722,7 +789,9 @@ impl OriginClient {
         let mut auth = self.initial_auth(t, creds);
         let mut answered = false;
         loop {
-            let (resp, url) = self.send_retrying(&method, &t.url, headers, auth.as_ref()).await?;
+            let (resp, url) = self
+                .send_retrying(&method, &t.url, headers, auth.as_ref())
+                .await?;
             // A 401 from a redirect target (object storage) is no registry
             // challenge; the caller maps it.
             if resp.status() != StatusCode::UNAUTHORIZED || !same_origin(&t.url, &url) {
@@ -823,7 +892,8 @@ impl OriginClient {
             .param("realm")
             .filter(|r| !r.is_empty())
             .ok_or_else(|| protocol("Bearer challenge without a realm".into()))?;
-        let mut url = Url::parse(realm).map_err(|e| protocol(format!("token realm {realm:?} is not a URL: {e}")))?;
+        let mut url = Url::parse(realm)
+            .map_err(|e| protocol(format!("token realm {realm:?} is not a URL: {e}")))?;
         let service = challenge.param("service");
         {
             let mut q = url.query_pairs_mut();
@@ -839,7 +909,9 @@ impl OriginClient {
             }
         }
         let basic = match creds {
-            CredentialLookup::Basic { username, password } => Some(basic_header(username, password)),
+            CredentialLookup::Basic { username, password } => {
+                Some(basic_header(username, password))
+            }
             _ => None,
         };
         tracing::debug!(
@@ -857,30 +929,39 @@ impl OriginClient {
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             let (_, message) = self.error_body(resp, status).await;
-            let message = format!("token service {} answered {status}: {message}", host_port(&url));
+            let message = format!(
+                "token service {} answered {status}: {message}",
+                host_port(&url)
+            );
             return Err(self.refused(t, creds, message));
         }
         if !status.is_success() {
             let (_, message) = self.error_body(resp, status).await;
             let origin = host_port(&final_url);
-            return Err(if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                OriginError::Unavailable {
-                    origin,
-                    reason: format!("token service answered {status}: {message}"),
-                }
-            } else {
-                OriginError::Protocol {
-                    origin,
-                    message: format!("token service answered {status}: {message}"),
-                }
-            });
+            return Err(
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    OriginError::Unavailable {
+                        origin,
+                        reason: format!("token service answered {status}: {message}"),
+                    }
+                } else {
+                    OriginError::Protocol {
+                        origin,
+                        message: format!("token service answered {status}: {message}"),
+                    }
+                },
+            );
         }
-        let (body, _) = collect_limited(resp.into_body(), MAX_TOKEN_BODY, self.inner.cfg.chunk_idle_timeout)
-            .await
-            .map_err(|reason| OriginError::Unavailable {
-                origin: host_port(&final_url),
-                reason: format!("token response: {reason}"),
-            })?;
+        let (body, _) = collect_limited(
+            resp.into_body(),
+            MAX_TOKEN_BODY,
+            self.inner.cfg.chunk_idle_timeout,
+        )
+        .await
+        .map_err(|reason| OriginError::Unavailable {
+            origin: host_port(&final_url),
+            reason: format!("token response: {reason}"),
+        })?;
         let (token, lifetime) = parse_token_response(&body).map_err(|m| OriginError::Protocol {
             origin: host_port(&final_url),
             message: m,
@@ -889,31 +970,53 @@ impl OriginClient {
             .map_err(|_| protocol("the token has characters not allowed in a header".into()))?;
         value.set_sensitive(true);
         tracing::debug!(lifetime = ?lifetime, "token received");
-        self.inner
-            .tokens
-            .put(&t.host, &t.scope, value.clone(), cache_ttl(lifetime), Instant::now());
+        self.inner.tokens.put(
+            &t.host,
+            &t.scope,
+            value.clone(),
+            cache_ttl(lifetime),
+            Instant::now(),
+        );
         Ok(value)
     }
 
     /// Code and message of an error answer (body read bounded; empty for
     /// HEAD, then the status's reason).
-    async fn error_body(&self, resp: Response<Incoming>, status: StatusCode) -> (Option<String>, String) {
-        let body = collect_limited(resp.into_body(), MAX_ERROR_BODY, self.inner.cfg.chunk_idle_timeout)
-            .await
-            .map(|(b, _)| b)
-            .unwrap_or_default();
+    async fn error_body(
+        &self,
+        resp: Response<Incoming>,
+        status: StatusCode,
+    ) -> (Option<String>, String) {
+        let body = collect_limited(
+            resp.into_body(),
+            MAX_ERROR_BODY,
+            self.inner.cfg.chunk_idle_timeout,
+        )
+        .await
+        .map(|(b, _)| b)
+        .unwrap_or_default();
         let (code, message) = parse_error_body(&body);
         if message.is_empty() {
-            let reason = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+            let reason = status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_ascii_lowercase();
             return (code, reason);
         }
         (code, message)
     }
 
     /// Maps a non-success answer to an error.
-    async fn status_error(&self, resp: Response<Incoming>, t: &Target, url: &Url, kind: Kind) -> OriginError {
+    async fn status_error(
+        &self,
+        resp: Response<Incoming>,
+        t: &Target,
+        url: &Url,
+        kind: Kind,
+    ) -> OriginError {
         let status = resp.status();
-        let retry_after = header_str(&resp, RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after =
+            header_str(&resp, RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
         let (code, message) = self.error_body(resp, status).await;
         tracing::debug!(status = status.as_u16(), code = ?code, %message, "origin error");
         match status.as_u16() {
@@ -924,7 +1027,9 @@ impl OriginClient {
                     .filter(|c| {
                         matches!(
                             c,
-                            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown
+                            ErrorCode::BlobUnknown
+                                | ErrorCode::ManifestUnknown
+                                | ErrorCode::NameUnknown
                         )
                     })
                     .unwrap_or(match kind {
@@ -952,6 +1057,59 @@ impl OriginClient {
                 code,
                 message,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_map_hosts_names_and_schemes() {
+        let cfg = ClientConfig {
+            insecure_hosts: HashSet::from(["127.0.0.1:5000".to_owned(), "LocalHost".to_owned()]),
+            ..ClientConfig::default()
+        };
+        let c = OriginClient::new(cfg).unwrap();
+        let name = |s: &str| s.parse::<RepoName>().unwrap();
+
+        let t = c
+            .target("docker.io", &name("alpine"), "manifests/latest")
+            .unwrap();
+        assert_eq!(
+            t.url.as_str(),
+            "https://registry-1.docker.io/v2/library/alpine/manifests/latest"
+        );
+        assert_eq!(
+            (t.registry.as_str(), t.host.as_str()),
+            ("docker.io", "registry-1.docker.io")
+        );
+        assert_eq!(t.scope, "repository:library/alpine:pull");
+
+        let t = c.target("quay.io", &name("org/app"), "blobs/x").unwrap();
+        assert_eq!(t.url.as_str(), "https://quay.io/v2/org/app/blobs/x");
+        assert_eq!(t.scope, "repository:org/app:pull");
+
+        let t = c.target("127.0.0.1:5000", &name("app"), "blobs/x").unwrap();
+        assert_eq!(t.url.as_str(), "http://127.0.0.1:5000/v2/app/blobs/x");
+        let t = c.target("127.0.0.1:5001", &name("app"), "blobs/x").unwrap();
+        assert_eq!(
+            t.url.scheme(),
+            "https",
+            "only the configured port is insecure"
+        );
+        let t = c.target("localhost:9", &name("app"), "blobs/x").unwrap();
+        assert_eq!(t.url.scheme(), "http", "a bare host covers every port");
+
+        for bad in ["", "a b", "host:0", "https://quay.io"] {
+            assert!(
+                matches!(
+                    c.target(bad, &name("app"), "x"),
+                    Err(OriginError::InvalidRegistry(_))
+                ),
+                "{bad}"
+            );
         }
     }
 }

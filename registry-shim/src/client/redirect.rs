@@ -43,12 +43,7 @@ pub(crate) fn host_port(url: &Url) -> String {
 /// A URL fit for logs: no query (presigned URLs carry signatures there), no
 /// user info.
 pub(crate) fn redacted(url: &Url) -> String {
-    format!(
-        "{}://{}{}",
-        url.scheme(),
-        host_port(url),
-        url.path()
-    )
+    format!("{}://{}{}", url.scheme(), host_port(url), url.path())
 }
 
 #[cfg(test)]
@@ -61,13 +56,25 @@ mod tests {
 
     #[test]
     fn origins() {
-        assert!(same_origin(&u("https://r.io/v2/a"), &u("https://R.io:443/other?x")));
-        assert!(same_origin(&u("http://127.0.0.1:5000/a"), &u("http://127.0.0.1:5000/b")));
+        assert!(same_origin(
+            &u("https://r.io/v2/a"),
+            &u("https://R.io:443/other?x")
+        ));
+        assert!(same_origin(
+            &u("http://127.0.0.1:5000/a"),
+            &u("http://127.0.0.1:5000/b")
+        ));
         assert!(!same_origin(&u("https://r.io/"), &u("http://r.io/")));
         assert!(!same_origin(&u("https://r.io/"), &u("https://r.io:8443/")));
         assert!(!same_origin(&u("https://r.io/"), &u("https://s3.r.io/")));
-        assert!(!same_origin(&u("http://127.0.0.1:5000/"), &u("http://localhost:5000/")));
-        assert!(same_origin(&u("http://[::1]:5000/"), &u("http://[::1]:5000/x")));
+        assert!(!same_origin(
+            &u("http://127.0.0.1:5000/"),
+            &u("http://localhost:5000/")
+        ));
+        assert!(same_origin(
+            &u("http://[::1]:5000/"),
+            &u("http://[::1]:5000/x")
+        ));
     }
 
     #[test]
@@ -82,11 +89,15 @@ mod tests {
             "https://r.io/v2/a/blobs/other"
         );
         assert_eq!(
-            resolve_location(&base, "https://s3.example.com/b?X-Amz-Signature=s").unwrap().host_str(),
+            resolve_location(&base, "https://s3.example.com/b?X-Amz-Signature=s")
+                .unwrap()
+                .host_str(),
             Some("s3.example.com")
         );
         assert_eq!(
-            resolve_location(&base, "//cdn.example.com/p").unwrap().as_str(),
+            resolve_location(&base, "//cdn.example.com/p")
+                .unwrap()
+                .as_str(),
             "https://cdn.example.com/p"
         );
         assert!(resolve_location(&base, "http://[bad").is_err());
@@ -95,7 +106,9 @@ mod tests {
         }
         assert!(!is_redirect(StatusCode::NOT_MODIFIED));
         assert_eq!(
-            redacted(&u("https://user:pw@s3.example.com:9000/b/k?X-Amz-Signature=s")),
+            redacted(&u(
+                "https://user:pw@s3.example.com:9000/b/k?X-Amz-Signature=s"
+            )),
             "https://s3.example.com:9000/b/k"
         );
     }

@@ -83,7 +83,10 @@ mod tests {
             Some(Duration::from_secs(u64::MAX))
         );
         let later = httpdate::fmt_http_date(now + Duration::from_secs(42));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(42)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(42))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(42));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         for bad in ["", "-1", "1.5", "soon", "Tue, 99 Foo 2020"] {
@@ -102,8 +105,21 @@ mod tests {
             let d = p.delay(attempt, None);
             assert!(d >= c / 2 && d <= c, "{d:?} vs {c:?}");
         }
-        assert_eq!(p.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(3600))), Duration::from_secs(10));
-        assert_eq!(RetryPolicy { max_attempts: 0, ..p }.attempts(), 1);
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            RetryPolicy {
+                max_attempts: 0,
+                ..p
+            }
+            .attempts(),
+            1
+        );
     }
 }

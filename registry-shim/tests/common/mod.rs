@@ -170,7 +170,9 @@ pub async fn bounded<T>(secs: u64, fut: impl Future<Output = T>) -> T {
 }
 
 /// Reads a blob stream to the end.
-pub async fn read_all(s: &mut shoal_registry_shim::client::BlobStream) -> Result<Vec<u8>, shoal_registry_shim::client::OriginError> {
+pub async fn read_all(
+    s: &mut shoal_registry_shim::client::BlobStream,
+) -> Result<Vec<u8>, shoal_registry_shim::client::OriginError> {
     let mut out = Vec::new();
     while let Some(c) = s.next_chunk().await {
         out.extend_from_slice(&c?);

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Small stdlib-only helpers for bench/single-node.sh.
+
+Subcommands:
+  free-ports N                    print N distinct free 127.0.0.1 TCP ports
+  manifest OUTDIR LAYER_DIGEST LAYER_SIZE
+                                  write config.json and manifest.json for a
+                                  one-layer OCI image; print the config digest
+  iperf-gbps FILE                 receiver throughput of an `iperf3 -J` run, GB/s
+  wrk FILE                        parse wrk --latency output into JSON
+                                  {rps, p50_ms, p99_ms, requests, errors}
+  metric FILE NAME [LABELS]       value of one sample in a Prometheus text dump
+  median V...                     median of the numbers
+  record OUT KEY=VALUE...         append one JSON line (numbers stay numbers,
+                                  VALUE may be a JSON list like [1,2])
+  table OUT [RUN_ID]              print the markdown summary of one run of a
+                                  results file (default: its last run)
+"""
+
+import hashlib
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+
+
+def free_ports(n):
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    print(" ".join(str(p) for p in ports))
+
+
+def manifest(outdir, layer_digest, layer_size):
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    }
+    cbytes = json.dumps(config, separators=(",", ":")).encode()
+    cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+    with open(os.path.join(outdir, "config.json"), "wb") as f:
+        f.write(cbytes)
+    m = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cdigest,
+            "size": len(cbytes),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest,
+                "size": int(layer_size),
+            }
+        ],
+    }
+    with open(os.path.join(outdir, "manifest.json"), "wb") as f:
+        f.write(json.dumps(m, separators=(",", ":")).encode())
+    print(cdigest)
+
+
+def iperf_gbps(path):
+    with open(path) as f:
+        d = json.load(f)
+    if "error" in d:
+        sys.exit("iperf3: " + d["error"])
+    bps = d["end"]["sum_received"]["bits_per_second"]
+    print(f"{bps / 8 / 1e9:.4f}")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(tok):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", tok)
+    if not m:
+        raise ValueError(f"unparsable wrk latency {tok!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(path):
+    text = open(path).read()
+    out = {"errors": 0}
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", text)
+    if not m:
+        sys.exit("wrk output has no Requests/sec line:\n" + text)
+    out["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
+        out[key] = round(_ms(m.group(1)), 4) if m else None
+    m = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["errors"] += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        out["errors"] += sum(int(x) for x in m.groups())
+    print(json.dumps(out))
+
+
+def metric(path, name, labels=""):
+    want = name + ("{" + labels + "}" if labels else "")
+    for line in open(path):
+        if line.startswith(want + " "):
+            print(line.split()[1])
+            return
+    print("0")
+
+
+def median(vals):
+    print(f"{statistics.median(float(v) for v in vals):.6g}")
+
+
+def record(out, pairs):
+    d = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            d[k] = json.loads(v)
+        except ValueError:
+            d[k] = v
+    with open(out, "a") as f:
+        f.write(json.dumps(d) + "\n")
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def table(out, run_id=None):
+    rows = [json.loads(l) for l in open(out) if l.strip()]
+    if run_id is None and rows:
+        run_id = rows[-1].get("run_id")
+    rows = [r for r in rows if r.get("run_id") == run_id]
+    by = {}
+    for r in rows:
+        by[(r["test"], r.get("target"))] = r
+
+    def g(test, target, key):
+        r = by.get((test, target))
+        return None if r is None else r.get(key)
+
+    def ratio(a, b):
+        return None if a in (None, 0) or b in (None, 0) else a / b
+
+    lines = []
+    meta = by.get(("meta", None), {})
+    lines.append(
+        f"Run {meta.get('date', '?')} on {meta.get('host', '?')} "
+        f"({meta.get('cpus', '?')} CPUs), blob {meta.get('blob_mib', '?')} MiB, "
+        f"shoald {meta.get('shoald_version', '?')}"
+    )
+    lines.append("")
+    lines.append("| measurement | shoald | baseline | ratio (shoald/baseline) | goal | met |")
+    lines.append("|---|---|---|---|---|---|")
+
+    # 1. Cache-hit blob GET.
+    s = g("blob_cache_hit", "shoald", "median_gbps")
+    reg = g("blob_cache_hit", "registry", "median_gbps")
+    ip = g("blob_cache_hit", "iperf3", "median_gbps")
+    r_ip, r_reg = ratio(s, ip), ratio(s, reg)
+    lines.append(
+        f"| cache-hit blob GET, GB/s (median of {g('blob_cache_hit', 'shoald', 'n')}) | {_fmt(s, 2)} | "
+        f"iperf3 1-stream {_fmt(ip, 2)} | {_fmt(r_ip, 2)} | ≥ 0.95 of iperf3 | "
+        f"{'yes' if r_ip is not None and r_ip >= 0.95 else 'no'} |"
+    )
+    lines.append(
+        f"| cache-hit blob GET, GB/s | {_fmt(s, 2)} | docker-registry {_fmt(reg, 2)} | {_fmt(r_reg, 2)} | – | – |"
+    )
+
+    sc, rc = g("blob_cache_hit", "shoald", "server_cpu_cores"), g("blob_cache_hit", "registry", "server_cpu_cores")
+    lines.append(
+        f"| cache-hit blob GET, server CPU (cores busy) | {_fmt(sc, 2)} | docker-registry {_fmt(rc, 2)} | "
+        f"{_fmt(ratio(sc, rc), 2)} | – | – |"
+    )
+
+    # 2. Manifest by digest.
+    for c in (1, 64):
+        t = f"manifest_digest_c{c}"
+        srps, rrps = g(t, "shoald", "rps"), g(t, "registry", "rps")
+        sp50, rp50 = g(t, "shoald", "p50_ms"), g(t, "registry", "p50_ms")
+        sp99, rp99 = g(t, "shoald", "p99_ms"), g(t, "registry", "p99_ms")
+        r = ratio(srps, rrps)
+        if c == 64:
+            goal, met = "≥ 20× registry req/s", (r is not None and r >= 20)
+        else:
+            goal, met = "–", None
+        lines.append(
+            f"| manifest by digest c={c}, req/s | {_fmt(srps, 0)} | docker-registry {_fmt(rrps, 0)} | "
+            f"{_fmt(r, 2)}× | {goal} | {'–' if met is None else ('yes' if met else 'no')} |"
+        )
+        lines.append(
+            f"| manifest by digest c={c}, server CPU (cores busy) | {_fmt(g(t, 'shoald', 'server_cpu_cores'), 2)} | "
+            f"{_fmt(g(t, 'registry', 'server_cpu_cores'), 2)} | – | – | – |"
+        )
+        lines.append(
+            f"| manifest by digest c={c}, p50 ms | {_fmt(sp50)} | {_fmt(rp50)} | {_fmt(ratio(sp50, rp50), 2)} | – | – |"
+        )
+        if c == 1:
+            goal, met = "p99 < 1 ms", (sp99 is not None and sp99 < 1.0)
+        else:
+            goal, met = "–", None
+        lines.append(
+            f"| manifest by digest c={c}, p99 ms | {_fmt(sp99)} | {_fmt(rp99)} | {_fmt(ratio(sp99, rp99), 2)} | "
+            f"{goal} | {'–' if met is None else ('yes' if met else 'no')} |"
+        )
+
+    # 3. Tag resolution.
+    t = "manifest_tag_c1"
+    srps, rrps = g(t, "shoald", "rps"), g(t, "registry", "rps")
+    lines.append(
+        f"| manifest by tag c=1, req/s | {_fmt(srps, 0)} | docker-registry {_fmt(rrps, 0)} | "
+        f"{_fmt(ratio(srps, rrps), 2)}× | – (origin asked each time) | – |"
+    )
+    lines.append(
+        f"| manifest by tag c=1, p50 / p99 ms | {_fmt(g(t, 'shoald', 'p50_ms'))} / {_fmt(g(t, 'shoald', 'p99_ms'))} | "
+        f"{_fmt(g(t, 'registry', 'p50_ms'))} / {_fmt(g(t, 'registry', 'p99_ms'))} | "
+        f"{_fmt(ratio(g(t, 'shoald', 'p50_ms'), g(t, 'registry', 'p50_ms')), 2)} (p50) | – | – |"
+    )
+
+    # 4. Cold pass-through.
+    st, dt = g("cold_blob", "shoald", "median_s"), g("cold_blob", "registry", "median_s")
+    r = ratio(st, dt)
+    ob = g("cold_blob", "shoald", "origin_bytes")
+    size = meta.get("blob_bytes")
+    ob_txt = "–"
+    if isinstance(ob, list) and ob:
+        ob_txt = ", ".join(f"{b / size:.3f}×" if size else str(b) for b in ob)
+    lines.append(
+        f"| cold blob GET, s (median of {g('cold_blob', 'shoald', 'n')}) | {_fmt(st)} | direct {_fmt(dt)} | "
+        f"{_fmt(r, 3)}× | ≤ 1.05× | {'yes' if r is not None and r <= 1.05 else 'no'} |"
+    )
+    lines.append(f"| cold: origin bytes / blob size per shoald run | {ob_txt} | – | – | 1.000× | "
+                 f"{'yes' if isinstance(ob, list) and ob and size and all(b == size for b in ob) else 'no'} |")
+    print("\n".join(lines))
+
+
+def main():
+    a = sys.argv[1:]
+    if not a:
+        sys.exit(__doc__)
+    cmd, rest = a[0], a[1:]
+    if cmd == "free-ports":
+        free_ports(int(rest[0]))
+    elif cmd == "manifest":
+        manifest(*rest)
+    elif cmd == "iperf-gbps":
+        iperf_gbps(rest[0])
+    elif cmd == "wrk":
+        wrk(rest[0])
+    elif cmd == "metric":
+        metric(*rest)
+    elif cmd == "median":
+        median(rest)
+    elif cmd == "record":
+        record(rest[0], rest[1:])
+    elif cmd == "table":
+        table(*rest)
+    else:
+        sys.exit(f"unknown subcommand {cmd}\n{__doc__}")
+
+
+if __name__ == "__main__":
+    main()

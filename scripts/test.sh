@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The project's one test command: installs the real components the black-box tests use,
+# builds the daemon, then runs every crate's unit tests and the integration tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+# Debian package -> a program it provides.
+declare -A NEEDED=(
+    [docker-registry]=docker-registry
+    [containerd]=containerd
+    [skopeo]=skopeo
+)
+missing=()
+for pkg in "${!NEEDED[@]}"; do
+    prog="${NEEDED[$pkg]}"
+    if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ] && [ ! -x "/usr/sbin/$prog" ]; then
+        missing+=("$pkg")
+    fi
+done
+# ctr comes with containerd.
+if ! command -v ctr >/dev/null 2>&1 && [[ ! " ${missing[*]} " =~ " containerd " ]]; then
+    missing+=(containerd)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "scripts/test.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $SUDO apt-get update; then
+        echo "scripts/test.sh: apt-get update failed" >&2
+        exit 1
+    fi
+    if ! $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; then
+        echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
+        exit 1
+    fi
+    for prog in docker-registry containerd ctr skopeo; do
+        if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ]; then
+            echo "scripts/test.sh: $prog is still missing after the install" >&2
+            exit 1
+        fi
+    done
+fi
+
+# The integration tests spawn target/debug/shoald.
+cargo build -p shoal-daemon
+cargo test --workspace
