@@ -30,10 +30,20 @@ pub struct RunArgs {
     pub ops_listen: Option<SocketAddr>,
     /// Origins this node may fetch from (repeatable; comma-separated in the
     /// environment) [default: any, logged at start].
-    #[arg(long, env = "SHOAL_UPSTREAM", value_name = "HOST[:PORT]", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SHOAL_UPSTREAM",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ','
+    )]
     pub upstream: Vec<String>,
     /// Origins spoken to over plain HTTP; implies --upstream (repeatable).
-    #[arg(long, env = "SHOAL_INSECURE_UPSTREAM", value_name = "HOST[:PORT]", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SHOAL_INSECURE_UPSTREAM",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ','
+    )]
     pub insecure_upstream: Vec<String>,
     /// Origin for requests that name none (the Docker engine's mirror requests) [default: docker.io].
     #[arg(long, env = "SHOAL_DEFAULT_UPSTREAM", value_name = "HOST[:PORT]")]
@@ -114,18 +124,33 @@ impl RunArgs {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
         };
-        let addr = |flag: Option<SocketAddr>, file: Option<String>, name: &str, default: &str| -> anyhow::Result<SocketAddr> {
+        let addr = |flag: Option<SocketAddr>,
+                    file: Option<String>,
+                    name: &str,
+                    default: &str|
+         -> anyhow::Result<SocketAddr> {
             match (flag, file) {
                 (Some(a), _) => Ok(a),
-                (None, Some(s)) => s
-                    .parse()
-                    .with_context(|| format!("config field `{name}`: {s:?} is not an address like 127.0.0.1:4900")),
+                (None, Some(s)) => s.parse().with_context(|| {
+                    format!("config field `{name}`: {s:?} is not an address like 127.0.0.1:4900")
+                }),
                 (None, None) => Ok(default.parse().expect("valid default")),
             }
         };
-        let registry_listen = addr(self.registry_listen, file.registry_listen, "registry-listen", "127.0.0.1:4900")?;
-        let ops_listen = addr(self.ops_listen, file.ops_listen, "ops-listen", "0.0.0.0:4903")?;
-        let pick_list = |flag: Vec<String>, file: Vec<String>| if flag.is_empty() { file } else { flag };
+        let registry_listen = addr(
+            self.registry_listen,
+            file.registry_listen,
+            "registry-listen",
+            "127.0.0.1:4900",
+        )?;
+        let ops_listen = addr(
+            self.ops_listen,
+            file.ops_listen,
+            "ops-listen",
+            "0.0.0.0:4903",
+        )?;
+        let pick_list =
+            |flag: Vec<String>, file: Vec<String>| if flag.is_empty() { file } else { flag };
         let upstream = pick_list(self.upstream, file.upstream);
         let insecure = pick_list(self.insecure_upstream, file.insecure_upstream);
         for (name, list) in [("upstream", &upstream), ("insecure-upstream", &insecure)] {
@@ -153,8 +178,12 @@ impl RunArgs {
         let cache_max_bytes = match (self.cache_max_bytes, file.cache_max_bytes) {
             (Some(s), _) => Some(parse_size(&s).context("`cache-max-bytes`")?),
             (None, Some(toml::Value::Integer(n))) if n > 0 => Some(n as u64),
-            (None, Some(toml::Value::String(s))) => Some(parse_size(&s).context("config field `cache-max-bytes`")?),
-            (None, Some(other)) => bail!("config field `cache-max-bytes`: {other} is not a positive size"),
+            (None, Some(toml::Value::String(s))) => {
+                Some(parse_size(&s).context("config field `cache-max-bytes`")?)
+            }
+            (None, Some(other)) => {
+                bail!("config field `cache-max-bytes`: {other} is not a positive size")
+            }
             (None, None) => None,
         };
         let log_format = match self.log_format.or(file.log_format).as_deref() {
@@ -162,7 +191,8 @@ impl RunArgs {
             Some("json") => LogFormat::Json,
             Some(other) => bail!("`log-format`: {other:?} is not one of text, json"),
         };
-        let authority_ttl = Duration::from_secs(self.authority_ttl.or(file.authority_ttl).unwrap_or(300));
+        let authority_ttl =
+            Duration::from_secs(self.authority_ttl.or(file.authority_ttl).unwrap_or(300));
         Ok(Config {
             data_dir: self
                 .data_dir
@@ -182,7 +212,8 @@ impl RunArgs {
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         let msg = e.message().to_owned();
         anyhow::anyhow!("config file {}: {}", path.display(), msg)
@@ -192,7 +223,9 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
 /// Parses `1073741824`, `10G`, `512MiB`, `1.5T`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
@@ -210,7 +243,7 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         other => bail!("{s:?}: unknown size unit {other:?} (use K, M, G, T, KiB, MiB, GiB, TiB)"),
     };
     let v = n * mult as f64;
-    if !(v >= 1.0 && v < 1.8e19) {
+    if !(1.0..1.8e19).contains(&v) {
         bail!("{s:?} is out of range");
     }
     Ok(v as u64)
@@ -247,12 +280,27 @@ mod tests {
         assert!(c.upstreams.is_none());
 
         std::fs::write(&p, "data-dri = \"/tmp/x\"\n").unwrap();
-        let err = RunArgs { config: Some(p.clone()), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("data-dri"), "{err:#}");
         std::fs::write(&p, "ops-listen = \"nope\"\n").unwrap();
-        let err = RunArgs { config: Some(p), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            config: Some(p),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("ops-listen"), "{err:#}");
-        let err = RunArgs { upstream: vec!["https://x".into()], ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            upstream: vec!["https://x".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("upstream"), "{err:#}");
     }
 }

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use shoal_proto::{ByteRange, Digest, ErrorCode, OciError, Reference};
 use shoal_registry_shim::client::{OriginClient, OriginError};
-use shoal_registry_shim::serve::{BlobSource, ByteStream, Content, ManifestBody, RouteKind, Target};
+use shoal_registry_shim::serve::{
+    BlobSource, ByteStream, Content, ManifestBody, RouteKind, Target,
+};
 
 use crate::metrics::{self, KindLabel, OutcomeLabel};
 use crate::store::{now_secs, Kind, Store, TagRecord};
@@ -31,14 +33,45 @@ pub struct NodeContent {
     origin: OriginClient,
     transfers: Transfers,
     authority_ttl: Duration,
-    confirmed: Arc<Mutex<HashMap<(String, String, Digest), Instant>>>,
+    confirmed: Arc<Mutex<Confirmations>>,
+}
+
+/// Longest the confirmation map may grow before old entries are pruned.
+const MAX_CONFIRMATIONS: usize = 100_000;
+
+/// When the origin last confirmed that `(upstream, repo)` holds a digest.
+#[derive(Debug, Default)]
+struct Confirmations(HashMap<(String, String, Digest), Instant>);
+
+impl Confirmations {
+    fn get(&self, key: &(String, String, Digest)) -> Option<Instant> {
+        self.0.get(key).copied()
+    }
+
+    fn insert(&mut self, key: (String, String, Digest)) {
+        if self.0.len() >= MAX_CONFIRMATIONS {
+            self.0.retain(|_, t| t.elapsed() < STALE_CONFIRMATION_MAX);
+            if self.0.len() >= MAX_CONFIRMATIONS {
+                // Still full of fresh entries: keep the newer half.
+                let mut ages: Vec<Instant> = self.0.values().copied().collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 2];
+                self.0.retain(|_, t| *t >= cut);
+            }
+        }
+        self.0.insert(key, Instant::now());
+    }
 }
 
 fn outcome(r: &Result<impl Sized, OriginError>) -> &'static str {
     match r {
         Ok(_) => "ok",
         Err(OriginError::NotFound { .. }) => "not_found",
-        Err(OriginError::Unauthorized { .. } | OriginError::Denied { .. } | OriginError::Credentials(..)) => "denied",
+        Err(
+            OriginError::Unauthorized { .. }
+            | OriginError::Denied { .. }
+            | OriginError::Credentials(..),
+        ) => "denied",
         Err(OriginError::Unavailable { .. } | OriginError::TooManyRequests { .. }) => "unavailable",
         Err(_) => "error",
     }
@@ -47,7 +80,9 @@ fn outcome(r: &Result<impl Sized, OriginError>) -> &'static str {
 fn count<T>(r: Result<T, OriginError>) -> Result<T, OriginError> {
     metrics::global()
         .origin_requests
-        .get_or_create(&OutcomeLabel { outcome: outcome(&r) })
+        .get_or_create(&OutcomeLabel {
+            outcome: outcome(&r),
+        })
         .inc();
     r
 }
@@ -69,17 +104,29 @@ impl NodeContent {
     }
 
     fn note_confirmed(&self, target: &Target, d: &Digest) {
-        self.confirmed.lock().expect("lock").insert(Self::key(target, d), Instant::now());
+        self.confirmed
+            .lock()
+            .expect("lock")
+            .insert(Self::key(target, d));
     }
 
     /// Makes sure the origin says `target` holds `d` (cached for the TTL).
     async fn confirm(&self, target: &Target, d: &Digest, kind: Kind) -> Result<(), OciError> {
-        let last = self.confirmed.lock().expect("lock").get(&Self::key(target, d)).copied();
+        let last = self
+            .confirmed
+            .lock()
+            .expect("lock")
+            .get(&Self::key(target, d));
         if last.is_some_and(|t| t.elapsed() < self.authority_ttl) {
             return Ok(());
         }
         let r = match kind {
-            Kind::Blob => count(self.origin.head_blob(&target.upstream, &target.repo, d).await).map(|_| ()),
+            Kind::Blob => count(
+                self.origin
+                    .head_blob(&target.upstream, &target.repo, d)
+                    .await,
+            )
+            .map(|_| ()),
             Kind::Manifest => count(
                 self.origin
                     .head_manifest(&target.upstream, &target.repo, &Reference::Digest(*d))
@@ -108,30 +155,50 @@ impl NodeContent {
         format!("{}/{}:{}", target.upstream, target.repo, tag)
     }
 
-    async fn manifest_by_digest(&self, target: &Target, d: &Digest, head: bool) -> Result<ManifestBody, OciError> {
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        d: &Digest,
+        head: bool,
+    ) -> Result<ManifestBody, OciError> {
         let kind = KindLabel { kind: "manifest" };
         if let Some(blob) = self.store.open_complete(d) {
             self.confirm(target, d, Kind::Manifest).await?;
             metrics::global().cache_hits.get_or_create(&kind).inc();
-            let media_type = blob.meta.media_type.clone().unwrap_or_else(|| shoal_proto::media::OCI_MANIFEST.to_owned());
+            let media_type = blob
+                .meta
+                .media_type
+                .clone()
+                .unwrap_or_else(|| shoal_proto::media::OCI_MANIFEST.to_owned());
             let size = blob.size;
             let bytes = if head {
                 None
             } else {
                 let path = self.store.blob_path(d);
                 let data = tokio::fs::read(&path).await.map_err(|e| {
-                    OciError::new(ErrorCode::Unavailable, format!("reading a cached manifest: {e}"))
+                    OciError::new(
+                        ErrorCode::Unavailable,
+                        format!("reading a cached manifest: {e}"),
+                    )
                 })?;
                 // Stored bytes were verified on the way in; check again since
                 // they are small and go straight to a client.
                 if Digest::of(&data) != *d {
                     tracing::error!(digest = %d, "cached manifest is corrupt; dropping it");
                     let _ = self.store.remove(d);
-                    return Err(OciError::new(ErrorCode::Unavailable, "cached manifest was corrupt; retry"));
+                    return Err(OciError::new(
+                        ErrorCode::Unavailable,
+                        "cached manifest was corrupt; retry",
+                    ));
                 }
                 Some(Bytes::from(data))
             };
-            return Ok(ManifestBody { digest: *d, media_type, size, bytes });
+            return Ok(ManifestBody {
+                digest: *d,
+                media_type,
+                size,
+                bytes,
+            });
         }
         metrics::global().cache_misses.get_or_create(&kind).inc();
         let m = count(
@@ -140,11 +207,17 @@ impl NodeContent {
                 .await,
         )
         .map_err(|e| e.to_oci())?;
-        metrics::global().origin_bytes.get_or_create(&kind).inc_by(m.bytes.len() as u64);
+        metrics::global()
+            .origin_bytes
+            .get_or_create(&kind)
+            .inc_by(m.bytes.len() as u64);
         self.note_confirmed(target, d);
         let (store, bytes, mt) = (self.store.clone(), m.bytes.clone(), m.media_type.clone());
         let dd = *d;
-        let stored = tokio::task::spawn_blocking(move || store.put_small(&dd, Kind::Manifest, &bytes, Some(mt))).await;
+        let stored = tokio::task::spawn_blocking(move || {
+            store.put_small(&dd, Kind::Manifest, &bytes, Some(mt))
+        })
+        .await;
         if let Ok(Err(e)) = stored {
             tracing::warn!(digest = %d, error = %e, "could not cache manifest; serving it anyway");
         }
@@ -158,7 +231,12 @@ impl NodeContent {
 }
 
 impl Content for NodeContent {
-    async fn manifest(&self, target: &Target, reference: &Reference, head: bool) -> Result<ManifestBody, OciError> {
+    async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<ManifestBody, OciError> {
         let tag = match reference {
             Reference::Digest(d) => return self.manifest_by_digest(target, d, head).await,
             Reference::Tag(t) => t,
@@ -167,7 +245,11 @@ impl Content for NodeContent {
         // Hub does not count against pull limits); the bytes then come from
         // the store when they are there.
         let key = Self::tag_key(target, tag.as_str());
-        let info = match count(self.origin.head_manifest(&target.upstream, &target.repo, reference).await) {
+        let info = match count(
+            self.origin
+                .head_manifest(&target.upstream, &target.repo, reference)
+                .await,
+        ) {
             Ok(info) => {
                 let rec = TagRecord {
                     digest: info.digest,
@@ -184,7 +266,9 @@ impl Content for NodeContent {
             Err(e @ OriginError::Unavailable { .. }) => {
                 let fallback = self.store.get_tag(&key).ok().flatten();
                 match fallback {
-                    Some(rec) if now_secs().saturating_sub(rec.resolved_at) < STALE_TAG_MAX_SECS => {
+                    Some(rec)
+                        if now_secs().saturating_sub(rec.resolved_at) < STALE_TAG_MAX_SECS =>
+                    {
                         tracing::warn!(tag = %key, digest = %rec.digest, age_s = now_secs().saturating_sub(rec.resolved_at),
                             error = %e, "origin unreachable; answering with this node's last origin resolution");
                         rec
@@ -207,7 +291,12 @@ impl Content for NodeContent {
         Ok(body)
     }
 
-    async fn blob(&self, target: &Target, digest: &Digest) -> Result<Box<dyn BlobSource>, OciError> {
+    async fn blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<Box<dyn BlobSource>, OciError> {
         let kind = KindLabel { kind: "blob" };
         if let Some(blob) = self.store.open_complete(digest) {
             self.confirm(target, digest, Kind::Blob).await?;
@@ -217,6 +306,17 @@ impl Content for NodeContent {
                 size: blob.size,
                 guard: blob.guard,
             }));
+        }
+        if head && !self.transfers.is_running(digest) {
+            // A HEAD of a cold blob asks the origin, and moves no bytes.
+            let size = count(
+                self.origin
+                    .head_blob(&target.upstream, &target.repo, digest)
+                    .await,
+            )
+            .map_err(|e| e.to_oci())?;
+            self.note_confirmed(target, digest);
+            return Ok(Box::new(SizeOnly(size)));
         }
         metrics::global().cache_misses.get_or_create(&kind).inc();
         let (transfer, _started) = self.transfers.get_or_start(target, digest);
@@ -275,6 +375,26 @@ impl BlobSource for ArrivingBlob {
     }
 
     fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
-        file_stream(self.file, self.size, r.start, r.end, Some(self.progress), self.guard)
+        file_stream(
+            self.file,
+            self.size,
+            r.start,
+            r.end,
+            Some(self.progress),
+            self.guard,
+        )
+    }
+}
+
+/// What a HEAD of a blob not held here needs: its size.
+struct SizeOnly(u64);
+
+impl BlobSource for SizeOnly {
+    fn size(&self) -> u64 {
+        self.0
+    }
+
+    fn open(self: Box<Self>, _r: ByteRange) -> ByteStream {
+        Box::pin(futures_util::stream::empty())
     }
 }

@@ -74,7 +74,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -83,7 +85,9 @@ fn init_tracing(format: LogFormat) {
 
 /// Bytes of files under `dir` (the store's own usage before it is opened).
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_bytes(&e.path()),
@@ -97,14 +101,20 @@ fn quota(cfg: &Config) -> anyhow::Result<u64> {
     if let Some(q) = cfg.cache_max_bytes {
         return Ok(q);
     }
-    let free = fs4::available_space(&cfg.data_dir)
-        .with_context(|| format!("reading free space of --data-dir {}", cfg.data_dir.display()))?;
+    let free = fs4::available_space(&cfg.data_dir).with_context(|| {
+        format!(
+            "reading free space of --data-dir {}",
+            cfg.data_dir.display()
+        )
+    })?;
     let own = dir_bytes(&cfg.data_dir.join("blobs")) + dir_bytes(&cfg.data_dir.join("partial"));
     Ok((free + own) / 5 * 4)
 }
 
 async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding --{flag} {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --{flag} {addr}"))
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -136,7 +146,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .context("setting up the origin client")?;
     match &cfg.upstreams {
-        None => tracing::warn!("no --upstream given: this node fetches from any registry a client names"),
+        None => tracing::warn!(
+            "no --upstream given: this node fetches from any registry a client names"
+        ),
         Some(u) => tracing::info!(upstreams = ?u, "origins allowed"),
     }
     let policy = Arc::new(UpstreamPolicy {

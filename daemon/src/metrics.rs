@@ -96,23 +96,71 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut m.registry;
-        r.register("shoal_origin_bytes", "Response-body bytes received from origin registries", m.origin_bytes.clone());
-        r.register("shoal_peer_bytes_received", "Bytes received from peers", m.peer_bytes_received.clone());
-        r.register("shoal_peer_bytes_sent", "Bytes sent to peers", m.peer_bytes_sent.clone());
-        r.register("shoal_client_bytes_served", "Body bytes served to clients", m.client_bytes_served.clone());
-        r.register("shoal_chunks_rejected", "Chunks or blobs that failed SHA-256 verification", m.chunks_rejected.clone());
-        r.register("shoal_transfers_active", "Blob transfers in progress", m.transfers_active.clone());
+        r.register(
+            "shoal_origin_bytes",
+            "Response-body bytes received from origin registries",
+            m.origin_bytes.clone(),
+        );
+        r.register(
+            "shoal_peer_bytes_received",
+            "Bytes received from peers",
+            m.peer_bytes_received.clone(),
+        );
+        r.register(
+            "shoal_peer_bytes_sent",
+            "Bytes sent to peers",
+            m.peer_bytes_sent.clone(),
+        );
+        r.register(
+            "shoal_client_bytes_served",
+            "Body bytes served to clients",
+            m.client_bytes_served.clone(),
+        );
+        r.register(
+            "shoal_chunks_rejected",
+            "Chunks or blobs that failed SHA-256 verification",
+            m.chunks_rejected.clone(),
+        );
+        r.register(
+            "shoal_transfers_active",
+            "Blob transfers in progress",
+            m.transfers_active.clone(),
+        );
         r.register(
             "shoal_request_duration_seconds",
             "Registry endpoint latency until the response head is ready",
             m.request_duration.clone(),
         );
-        r.register("shoal_cache_hits", "Requests answered from the local store", m.cache_hits.clone());
-        r.register("shoal_cache_misses", "Requests that needed a fetch", m.cache_misses.clone());
-        r.register("shoal_evictions", "Blobs evicted to stay under the quota", m.evictions.clone());
-        r.register("shoal_store_bytes", "Bytes held in the store", m.store_bytes.clone());
-        r.register("shoal_store_quota_bytes", "Store quota (--cache-max-bytes)", m.store_quota_bytes.clone());
-        r.register("shoal_origin_requests", "Requests sent to origins, by outcome", m.origin_requests.clone());
+        r.register(
+            "shoal_cache_hits",
+            "Requests answered from the local store",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "shoal_cache_misses",
+            "Requests that needed a fetch",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "shoal_evictions",
+            "Blobs evicted to stay under the quota",
+            m.evictions.clone(),
+        );
+        r.register(
+            "shoal_store_bytes",
+            "Bytes held in the store",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "shoal_store_quota_bytes",
+            "Store quota (--cache-max-bytes)",
+            m.store_quota_bytes.clone(),
+        );
+        r.register(
+            "shoal_origin_requests",
+            "Requests sent to origins, by outcome",
+            m.origin_requests.clone(),
+        );
         for kind in ["blob", "manifest"] {
             let _ = m.origin_bytes.get_or_create(&KindLabel { kind });
         }
@@ -125,12 +173,19 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 
     /// Records one registry-endpoint request.
-    pub fn observe_request(&self, route: &'static str, method: &http::Method, status: u16, elapsed: Duration) {
+    pub fn observe_request(
+        &self,
+        route: &'static str,
+        method: &http::Method,
+        status: u16,
+        elapsed: Duration,
+    ) {
         let method = match *method {
             http::Method::GET => "GET",
             http::Method::HEAD => "HEAD",
@@ -143,7 +198,11 @@ impl Metrics {
             _ => "5xx",
         };
         self.request_duration
-            .get_or_create(&RequestLabels { route, method, status })
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                status,
+            })
             .observe(elapsed.as_secs_f64());
     }
 }

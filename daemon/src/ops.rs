@@ -16,7 +16,11 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, body.len())
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync())
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
         .expect("valid response")
 }
 
@@ -31,7 +35,11 @@ pub fn sample(store: &Store) {
 /// Handles one ops request.
 pub async fn handle(store: Store, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "read-only endpoint\n".into()));
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "read-only endpoint\n".into(),
+        ));
     }
     Ok(match req.uri().path() {
         "/metrics" => {
@@ -43,6 +51,10 @@ pub async fn handle(store: Store, req: Request<Incoming>) -> Result<Response<Bod
             )
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /healthz\n".into(),
+        ),
     })
 }

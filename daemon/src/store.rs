@@ -47,7 +47,9 @@ pub enum StoreError {
         found: u64,
     },
     /// The quota cannot fit this blob even after evicting everything evictable.
-    #[error("store is full: need {need} bytes, quota {quota}, {pinned_or_busy} bytes pinned or in use")]
+    #[error(
+        "store is full: need {need} bytes, quota {quota}, {pinned_or_busy} bytes pinned or in use"
+    )]
     Full {
         /// Bytes asked for.
         need: u64,
@@ -107,6 +109,8 @@ pub struct TagRecord {
 struct Entry {
     meta: BlobMeta,
     readers: usize,
+    /// Position in least-recently-used order (higher = used later).
+    lru: u64,
 }
 
 #[derive(Debug)]
@@ -114,6 +118,23 @@ struct Inner {
     entries: HashMap<Digest, Entry>,
     /// Bytes on disk counted against the quota (complete sizes + partial sizes).
     used: u64,
+    /// Source of `Entry::lru` values.
+    clock: u64,
+}
+
+impl Inner {
+    /// Records `meta` for `d` and marks it most recently used.
+    fn upsert(&mut self, d: Digest, meta: BlobMeta) {
+        self.clock += 1;
+        let lru = self.clock;
+        let e = self.entries.entry(d).or_insert(Entry {
+            meta: meta.clone(),
+            readers: 0,
+            lru,
+        });
+        e.meta = meta;
+        e.lru = lru;
+    }
 }
 
 /// The blob store. Cheap to clone.
@@ -211,6 +232,7 @@ impl Store {
                 inner: Mutex::new(Inner {
                     entries: HashMap::new(),
                     used: 0,
+                    clock: 0,
                 }),
             }),
         };
@@ -257,7 +279,10 @@ impl Store {
                         // power loss: cut them; they will be fetched again.
                         let keep_len = meta.durable_len.min(m.len());
                         if m.len() != keep_len {
-                            OpenOptions::new().write(true).open(&path)?.set_len(keep_len)?;
+                            OpenOptions::new()
+                                .write(true)
+                                .open(&path)?
+                                .set_len(keep_len)?;
                         }
                         if keep_len != meta.durable_len {
                             meta.durable_len = keep_len;
@@ -335,19 +360,30 @@ impl Store {
         let mut inner = self.shared.inner.lock().expect("store lock");
         inner.used = keep
             .values()
-            .map(|m| if m.complete { m.size } else { m.size.max(m.durable_len) })
+            .map(|m| {
+                if m.complete {
+                    m.size
+                } else {
+                    m.size.max(m.durable_len)
+                }
+            })
             .sum();
-        inner.entries = keep
-            .into_iter()
-            .map(|(d, meta)| (d, Entry { meta, readers: 0 }))
-            .collect();
+        let mut by_age: Vec<(Digest, BlobMeta)> = keep.into_iter().collect();
+        by_age.sort_by_key(|(_, m)| m.last_access);
+        for (d, meta) in by_age {
+            inner.upsert(d, meta);
+        }
         Ok(rec)
     }
 
     /// Where a complete blob lives.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
-        self.shared.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+        self.shared
+            .root
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// Where a partial blob lives.
@@ -363,7 +399,10 @@ impl Store {
     /// Bytes counted against the quota, and the number of complete blobs.
     pub fn usage(&self) -> (u64, usize) {
         let inner = self.shared.inner.lock().expect("store lock");
-        (inner.used, inner.entries.values().filter(|e| e.meta.complete).count())
+        (
+            inner.used,
+            inner.entries.values().filter(|e| e.meta.complete).count(),
+        )
     }
 
     /// Opens a complete blob for reading and marks it used.
@@ -376,7 +415,11 @@ impl Store {
             }
             e.meta.last_access = now_secs();
             e.readers += 1;
-            e.meta.clone()
+            let meta = e.meta.clone();
+            inner.clock += 1;
+            let clock = inner.clock;
+            inner.entries.get_mut(d).expect("present").lru = clock;
+            meta
         };
         let guard = ReadGuard {
             store: self.clone(),
@@ -428,13 +471,29 @@ impl Store {
         let path = self.partial_path(d);
         let existing = {
             let inner = self.shared.inner.lock().expect("store lock");
-            inner.entries.get(d).filter(|e| !e.meta.complete).map(|e| e.meta.clone())
+            inner
+                .entries
+                .get(d)
+                .filter(|e| !e.meta.complete)
+                .map(|e| e.meta.clone())
         };
         let old_size = existing.as_ref().map_or(0, |m| m.size.max(m.durable_len));
         self.reserve(size.saturating_sub(old_size), d)?;
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let mut have = existing.as_ref().map_or(0, |m| m.durable_len).min(file.metadata()?.len());
-        if existing.as_ref().is_some_and(|m| m.size != 0 && m.size != size) || have > size {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut have = existing
+            .as_ref()
+            .map_or(0, |m| m.durable_len)
+            .min(file.metadata()?.len());
+        if existing
+            .as_ref()
+            .is_some_and(|m| m.size != 0 && m.size != size)
+            || have > size
+        {
             have = 0;
         }
         file.set_len(have)?;
@@ -462,10 +521,11 @@ impl Store {
             pinned: false,
         };
         self.put(d, &meta)?;
-        let mut inner = self.shared.inner.lock().expect("store lock");
-        let e = inner.entries.entry(*d).or_insert(Entry { meta: meta.clone(), readers: 0 });
-        e.meta = meta;
-        drop(inner);
+        self.shared
+            .inner
+            .lock()
+            .expect("store lock")
+            .upsert(*d, meta);
         Ok((file, have))
     }
 
@@ -487,7 +547,12 @@ impl Store {
 
     /// Makes a verified partial complete: fsync file, rename into place,
     /// fsync the directory, then mark it complete in the index.
-    pub fn complete(&self, d: &Digest, file: &File, media_type: Option<String>) -> Result<(), StoreError> {
+    pub fn complete(
+        &self,
+        d: &Digest,
+        file: &File,
+        media_type: Option<String>,
+    ) -> Result<(), StoreError> {
         file.sync_all()?;
         let size = file.metadata()?.len();
         let dst = self.blob_path(d);
@@ -507,15 +572,20 @@ impl Store {
                 last_access: now_secs(),
                 pinned: false,
             };
-            let e = inner.entries.entry(*d).or_insert(Entry { meta: meta.clone(), readers: 0 });
-            e.meta = meta.clone();
+            inner.upsert(*d, meta.clone());
             meta
         };
         self.put(d, &meta)
     }
 
     /// Stores a small verified blob (a manifest) in one go.
-    pub fn put_small(&self, d: &Digest, kind: Kind, bytes: &[u8], media_type: Option<String>) -> Result<(), StoreError> {
+    pub fn put_small(
+        &self,
+        d: &Digest,
+        kind: Kind,
+        bytes: &[u8],
+        media_type: Option<String>,
+    ) -> Result<(), StoreError> {
         if self.has_complete(d) {
             return Ok(());
         }
@@ -531,7 +601,9 @@ impl Store {
         {
             let mut inner = self.shared.inner.lock().expect("store lock");
             if let Some(e) = inner.entries.remove(d) {
-                inner.used = inner.used.saturating_sub(e.meta.size.max(e.meta.durable_len));
+                inner.used = inner
+                    .used
+                    .saturating_sub(e.meta.size.max(e.meta.durable_len));
             }
         }
         let tx = db(self.shared.db.begin_write())?;
@@ -558,8 +630,10 @@ impl Store {
             let mut candidates: Vec<(u64, Digest, u64)> = inner
                 .entries
                 .iter()
-                .filter(|(d, e)| e.meta.complete && !e.meta.pinned && e.readers == 0 && *d != for_digest)
-                .map(|(d, e)| (e.meta.last_access, *d, e.meta.size))
+                .filter(|(d, e)| {
+                    e.meta.complete && !e.meta.pinned && e.readers == 0 && *d != for_digest
+                })
+                .map(|(d, e)| (e.lru, *d, e.meta.size))
                 .collect();
             candidates.sort();
             let mut freed = 0;
@@ -596,7 +670,9 @@ impl Store {
             tracing::info!(digest = %d, "evicted (least recently used)");
             let _ = fs::remove_file(self.blob_path(d));
         }
-        crate::metrics::global().evictions.inc_by(victims.len() as u64);
+        crate::metrics::global()
+            .evictions
+            .inc_by(victims.len() as u64);
         Ok(())
     }
 
@@ -639,7 +715,12 @@ impl Store {
     pub fn flush_access_times(&self) -> Result<(), StoreError> {
         let snapshot: Vec<(Digest, BlobMeta)> = {
             let inner = self.shared.inner.lock().expect("store lock");
-            inner.entries.iter().filter(|(_, e)| e.meta.complete).map(|(d, e)| (*d, e.meta.clone())).collect()
+            inner
+                .entries
+                .iter()
+                .filter(|(_, e)| e.meta.complete)
+                .map(|(d, e)| (*d, e.meta.clone()))
+                .collect()
         };
         let tx = db(self.shared.db.begin_write())?;
         {
@@ -767,18 +848,31 @@ mod tests {
         let b = put(&store, &[2u8; 1000]);
         let c = put(&store, &[3u8; 1000]);
         let reading = store.open_complete(&a).unwrap();
-        store.shared.inner.lock().unwrap().entries.get_mut(&b).unwrap().meta.pinned = true;
+        store
+            .shared
+            .inner
+            .lock()
+            .unwrap()
+            .entries
+            .get_mut(&b)
+            .unwrap()
+            .meta
+            .pinned = true;
         let d = put(&store, &[4u8; 1000]);
         assert!(store.has_complete(&a) && store.has_complete(&b) && store.has_complete(&d));
         assert!(!store.has_complete(&c));
         assert!(store.usage().0 <= 3000);
+        let reading_d = store.open_complete(&d).unwrap();
         // Everything else is busy or pinned: a fifth blob cannot fit.
         assert!(matches!(
             store.put_small(&Digest::of(&[5u8; 1000]), Kind::Blob, &[5u8; 1000], None),
             Err(StoreError::Full { .. })
         ));
+        // Once read, `a` is older than `d`: it goes first.
         drop(reading);
+        drop(reading_d);
         put(&store, &[6u8; 1000]);
         assert!(!store.has_complete(&a));
+        assert!(store.has_complete(&d) && store.has_complete(&b));
     }
 }

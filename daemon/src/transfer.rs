@@ -83,6 +83,14 @@ impl Transfers {
         }
     }
 
+    /// Whether a transfer of `digest` is running.
+    pub fn is_running(&self, digest: &Digest) -> bool {
+        self.running
+            .lock()
+            .expect("transfers lock")
+            .contains_key(digest)
+    }
+
     /// The running transfer of `digest`, or a new one started for `target`.
     /// Returns whether this call started it.
     pub fn get_or_start(&self, target: &Target, digest: &Digest) -> (Arc<Transfer>, bool) {
@@ -116,25 +124,48 @@ impl Transfers {
         (t, true)
     }
 
-    async fn open_origin(&self, target: &Target, digest: &Digest, from: u64) -> Result<BlobStream, OciError> {
-        let r = match self.origin.get_blob(&target.upstream, &target.repo, digest, from).await {
+    async fn open_origin(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<BlobStream, OciError> {
+        let r = match self
+            .origin
+            .get_blob(&target.upstream, &target.repo, digest, from)
+            .await
+        {
             Err(OriginError::RangeIgnored) if from > 0 => {
-                self.origin.get_blob(&target.upstream, &target.repo, digest, 0).await
+                self.origin
+                    .get_blob(&target.upstream, &target.repo, digest, 0)
+                    .await
             }
             other => other,
         };
         r.map_err(|e| e.to_oci())
     }
 
-    async fn fetch(&self, target: &Target, digest: &Digest, tx: &watch::Sender<Progress>) -> Result<(), OciError> {
+    async fn fetch(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), OciError> {
         let store_err = |e: StoreError| {
             tracing::error!(error = %e, "store failed");
             OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
         };
-        let from = self.store.meta(digest).filter(|m| !m.complete).map_or(0, |m| m.durable_len);
+        let from = self
+            .store
+            .meta(digest)
+            .filter(|m| !m.complete)
+            .map_or(0, |m| m.durable_len);
         let mut stream = self.open_origin(target, digest, from).await?;
         let size = stream.total_size().ok_or_else(|| {
-            OciError::new(ErrorCode::Unavailable, "origin did not say how large the blob is")
+            OciError::new(
+                ErrorCode::Unavailable,
+                "origin did not say how large the blob is",
+            )
         })?;
         let (store, d) = (self.store.clone(), *digest);
         let (begun, mut verifier) = tokio::task::spawn_blocking(move || {
@@ -149,7 +180,10 @@ impl Transfers {
             stream = self.open_origin(target, digest, have).await?;
             if stream.offset() != have {
                 let _ = self.store.release(digest);
-                return Err(OciError::new(ErrorCode::Unavailable, "origin did not honour a Range request"));
+                return Err(OciError::new(
+                    ErrorCode::Unavailable,
+                    "origin did not honour a Range request",
+                ));
             }
         }
         if have > 0 {
@@ -164,7 +198,10 @@ impl Transfers {
             p.file = Some(file.clone());
         });
         let m = metrics::global();
-        let origin_bytes = m.origin_bytes.get_or_create(&KindLabel { kind: "blob" }).clone();
+        let origin_bytes = m
+            .origin_bytes
+            .get_or_create(&KindLabel { kind: "blob" })
+            .clone();
         let mut resumes = 0;
         let mut last_checkpoint = written;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
@@ -174,7 +211,10 @@ impl Transfers {
                     origin_bytes.inc_by(bytes.len() as u64);
                     if written + bytes.len() as u64 > size {
                         let _ = self.store.release(digest);
-                        return Err(OciError::new(ErrorCode::Unavailable, "origin sent more bytes than the blob's size"));
+                        return Err(OciError::new(
+                            ErrorCode::Unavailable,
+                            "origin sent more bytes than the blob's size",
+                        ));
                     }
                     verifier.update(&bytes);
                     if let Err(e) = file.write_all_at(&bytes, written) {
@@ -201,13 +241,19 @@ impl Transfers {
                     };
                     resumes += 1;
                     if resumes > MAX_RESUMES {
-                        return Err(OciError::new(ErrorCode::Unavailable, format!("origin transfer kept breaking: {why}")));
+                        return Err(OciError::new(
+                            ErrorCode::Unavailable,
+                            format!("origin transfer kept breaking: {why}"),
+                        ));
                     }
                     tracing::info!(digest = %digest, at = written, why, "origin stream broke; resuming with Range");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
                     stream = self.open_origin(target, digest, written).await?;
                     if stream.offset() != written {
-                        return Err(OciError::new(ErrorCode::Unavailable, "origin did not honour a Range request"));
+                        return Err(OciError::new(
+                            ErrorCode::Unavailable,
+                            "origin did not honour a Range request",
+                        ));
                     }
                 }
             }
@@ -216,12 +262,17 @@ impl Transfers {
             let _ = h.await;
         }
         if let Err(got) = verifier.finish() {
-            m.chunks_rejected.get_or_create(&SourceLabel { source: "origin" }).inc();
+            m.chunks_rejected
+                .get_or_create(&SourceLabel { source: "origin" })
+                .inc();
             tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
                 "origin served bytes that do not match the digest; discarded, nothing stored");
             let _ = self.store.release(digest);
-            return Err(OciError::new(ErrorCode::DigestInvalid, "the origin served bytes that do not match the digest")
-                .with_detail(format!("expected {digest}, got {got}")));
+            return Err(OciError::new(
+                ErrorCode::DigestInvalid,
+                "the origin served bytes that do not match the digest",
+            )
+            .with_detail(format!("expected {digest}, got {got}")));
         }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
         tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
@@ -250,7 +301,10 @@ impl Transfer {
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(OciError::new(ErrorCode::Unavailable, "transfer ended unexpectedly"));
+                return Err(OciError::new(
+                    ErrorCode::Unavailable,
+                    "transfer ended unexpectedly",
+                ));
             }
         }
     }
@@ -300,7 +354,16 @@ pub fn file_stream(
                     st.progress = Some(rx);
                     avail
                 }
-                Err(err) => return Some((Err(err), St { pos: u64::MAX, end: 0, ..st })),
+                Err(err) => {
+                    return Some((
+                        Err(err),
+                        St {
+                            pos: u64::MAX,
+                            end: 0,
+                            ..st
+                        },
+                    ))
+                }
             },
         };
         let want = (avail.min(st.end + 1) - st.pos).min(READ_CHUNK);
@@ -316,7 +379,14 @@ pub fn file_stream(
                 st.pos += b.len() as u64;
                 Some((Ok(b), st))
             }
-            Err(e) => Some((Err(e), St { pos: u64::MAX, end: 0, ..st })),
+            Err(e) => Some((
+                Err(e),
+                St {
+                    pos: u64::MAX,
+                    end: 0,
+                    ..st
+                },
+            )),
         }
     }))
 }
@@ -324,7 +394,11 @@ pub fn file_stream(
 /// Waits until the transfer has bytes past `pos` that a reader may see, and
 /// returns how far it may read. The last byte of the blob is held back until
 /// the digest is verified.
-async fn wait_available(rx: &mut watch::Receiver<Progress>, pos: u64, size: u64) -> std::io::Result<u64> {
+async fn wait_available(
+    rx: &mut watch::Receiver<Progress>,
+    pos: u64,
+    size: u64,
+) -> std::io::Result<u64> {
     loop {
         let avail = {
             let p = rx.borrow_and_update();

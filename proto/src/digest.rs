@@ -190,7 +190,10 @@ mod tests {
             "md5:abc".parse::<Digest>(),
             Err(DigestError::UnsupportedAlgorithm("md5".into()))
         );
-        assert_eq!("sha256:abc".parse::<Digest>(), Err(DigestError::BadLength(3)));
+        assert_eq!(
+            "sha256:abc".parse::<Digest>(),
+            Err(DigestError::BadLength(3))
+        );
         let upper = EMPTY.to_uppercase().replace("SHA256", "sha256");
         assert_eq!(upper.parse::<Digest>(), Err(DigestError::BadChar('E')));
     }

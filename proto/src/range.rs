@@ -30,7 +30,9 @@ impl ByteRange {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RangeError {
     /// The header does not follow `bytes=a-b`, `bytes=a-` or `bytes=-n`.
-    #[error("malformed Range header {0:?}: expected bytes=START-END, bytes=START- or bytes=-SUFFIX")]
+    #[error(
+        "malformed Range header {0:?}: expected bytes=START-END, bytes=START- or bytes=-SUFFIX"
+    )]
     Malformed(String),
     /// More than one range was asked for; Shoal serves single ranges only.
     #[error("multiple ranges are not supported")]
@@ -105,23 +107,70 @@ mod tests {
 
     #[test]
     fn forms() {
-        assert_eq!(parse_range("bytes=10-99", 1000).unwrap(), ByteRange { start: 10, end: 99 });
-        assert_eq!(parse_range("bytes=10-", 1000).unwrap(), ByteRange { start: 10, end: 999 });
-        assert_eq!(parse_range("bytes=-100", 1000).unwrap(), ByteRange { start: 900, end: 999 });
-        assert_eq!(parse_range("bytes=-5000", 1000).unwrap(), ByteRange { start: 0, end: 999 });
-        assert_eq!(parse_range("bytes=990-5000", 1000).unwrap(), ByteRange { start: 990, end: 999 });
-        assert_eq!(parse_range("bytes=10-99", 1000).unwrap().content_range(1000), "bytes 10-99/1000");
+        assert_eq!(
+            parse_range("bytes=10-99", 1000).unwrap(),
+            ByteRange { start: 10, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=10-", 1000).unwrap(),
+            ByteRange {
+                start: 10,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-100", 1000).unwrap(),
+            ByteRange {
+                start: 900,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-5000", 1000).unwrap(),
+            ByteRange { start: 0, end: 999 }
+        );
+        assert_eq!(
+            parse_range("bytes=990-5000", 1000).unwrap(),
+            ByteRange {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=10-99", 1000)
+                .unwrap()
+                .content_range(1000),
+            "bytes 10-99/1000"
+        );
     }
 
     #[test]
     fn errors() {
-        assert!(matches!(parse_range("items=1-2", 10), Err(RangeError::Malformed(_))));
-        assert!(matches!(parse_range("bytes=5-2", 10), Err(RangeError::Malformed(_))));
-        assert!(matches!(parse_range("bytes=a-2", 10), Err(RangeError::Malformed(_))));
+        assert!(matches!(
+            parse_range("items=1-2", 10),
+            Err(RangeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_range("bytes=5-2", 10),
+            Err(RangeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_range("bytes=a-2", 10),
+            Err(RangeError::Malformed(_))
+        ));
         assert_eq!(parse_range("bytes=1-2,4-5", 10), Err(RangeError::Multiple));
-        assert!(matches!(parse_range("bytes=10-", 10), Err(RangeError::Unsatisfiable(..))));
-        assert!(matches!(parse_range("bytes=-0", 10), Err(RangeError::Unsatisfiable(..))));
-        assert!(matches!(parse_range("bytes=99999999999999999999999-", 10), Err(RangeError::Malformed(_))));
+        assert!(matches!(
+            parse_range("bytes=10-", 10),
+            Err(RangeError::Unsatisfiable(..))
+        ));
+        assert!(matches!(
+            parse_range("bytes=-0", 10),
+            Err(RangeError::Unsatisfiable(..))
+        ));
+        assert!(matches!(
+            parse_range("bytes=99999999999999999999999-", 10),
+            Err(RangeError::Malformed(_))
+        ));
     }
 
     proptest::proptest! {

@@ -331,16 +331,40 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "library/alpine", "a.b/c__d/e--f-g", "x0/y_z", "a-----b"] {
+        for ok in [
+            "a",
+            "library/alpine",
+            "a.b/c__d/e--f-g",
+            "x0/y_z",
+            "a-----b",
+        ] {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok}");
         }
         assert_eq!("".parse::<RepoName>(), Err(NameError::Empty));
-        assert!(matches!("a//b".parse::<RepoName>(), Err(NameError::EmptyComponent(_))));
-        assert!(matches!("/a".parse::<RepoName>(), Err(NameError::EmptyComponent(_))));
-        assert!(matches!("Upper".parse::<RepoName>(), Err(NameError::BadComponent(_))));
-        assert!(matches!("a..b".parse::<RepoName>(), Err(NameError::BadComponent(_))));
-        assert!(matches!("a___b".parse::<RepoName>(), Err(NameError::BadComponent(_))));
-        assert!(matches!("-a".parse::<RepoName>(), Err(NameError::BadComponent(_))));
+        assert!(matches!(
+            "a//b".parse::<RepoName>(),
+            Err(NameError::EmptyComponent(_))
+        ));
+        assert!(matches!(
+            "/a".parse::<RepoName>(),
+            Err(NameError::EmptyComponent(_))
+        ));
+        assert!(matches!(
+            "Upper".parse::<RepoName>(),
+            Err(NameError::BadComponent(_))
+        ));
+        assert!(matches!(
+            "a..b".parse::<RepoName>(),
+            Err(NameError::BadComponent(_))
+        ));
+        assert!(matches!(
+            "a___b".parse::<RepoName>(),
+            Err(NameError::BadComponent(_))
+        ));
+        assert!(matches!(
+            "-a".parse::<RepoName>(),
+            Err(NameError::BadComponent(_))
+        ));
         let long = "a".repeat(256);
         assert_eq!(long.parse::<RepoName>(), Err(NameError::TooLong(256)));
     }
@@ -356,10 +380,18 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for ok in ["docker.io", "127.0.0.1:5000", "localhost", "[::1]:5000", "quay.io"] {
+        for ok in [
+            "docker.io",
+            "127.0.0.1:5000",
+            "localhost",
+            "[::1]:5000",
+            "quay.io",
+        ] {
             assert!(valid_host(ok), "{ok}");
         }
-        for bad in ["", "a:b", "a:0", "a..b", "-a.b", "a b", "[zz]:1", "a:123456"] {
+        for bad in [
+            "", "a:b", "a:0", "a..b", "-a.b", "a b", "[zz]:1", "a:123456",
+        ] {
             assert!(!valid_host(bad), "{bad}");
         }
         assert!(looks_like_host("localhost"));
@@ -373,7 +405,10 @@ mod tests {
         assert_eq!(r.repo.as_str(), "library/alpine");
         assert_eq!(r.reference().to_string(), "latest");
         let r: ImageRef = "127.0.0.1:5000/app/web:1.0".parse().unwrap();
-        assert_eq!((r.registry.as_str(), r.repo.as_str()), ("127.0.0.1:5000", "app/web"));
+        assert_eq!(
+            (r.registry.as_str(), r.repo.as_str()),
+            ("127.0.0.1:5000", "app/web")
+        );
         assert_eq!(r.tag.unwrap().as_str(), "1.0");
         let d = Digest::of(b"x");
         let r: ImageRef = format!("quay.io/org/app@{d}").parse().unwrap();

@@ -77,7 +77,7 @@ pub async fn serve_http<H, F>(
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(move |req| h(req)))
+            .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(h))
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

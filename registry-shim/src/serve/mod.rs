@@ -89,15 +89,18 @@ pub trait Content: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ManifestBody, OciError>> + Send;
 
     /// A blob of `target`'s repository, after the origin has confirmed the
-    /// repository holds it.
+    /// repository holds it. With `head`, only its size is needed: the
+    /// returned source is never opened.
     fn blob(
         &self,
         target: &Target,
         digest: &Digest,
+        head: bool,
     ) -> impl Future<Output = Result<Box<dyn BlobSource>, OciError>> + Send;
 
     /// Called once per request when the response head is ready.
-    fn observe(&self, _kind: RouteKind, _method: &Method, _status: StatusCode, _elapsed: Duration) {}
+    fn observe(&self, _kind: RouteKind, _method: &Method, _status: StatusCode, _elapsed: Duration) {
+    }
 
     /// Called with each body chunk handed to a client.
     fn served_bytes(&self, _n: u64) {}
@@ -127,8 +130,9 @@ pub async fn handle<C: Content>(
                 .headers()
                 .get(header::RANGE)
                 .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned());
-            let resp = match content.blob(&target, &digest).await {
-                Ok(src) => blob_response(&content, src, &digest, range.as_deref(), method == Method::HEAD),
+            let head = method == Method::HEAD;
+            let resp = match content.blob(&target, &digest, head).await {
+                Ok(src) => blob_response(&content, src, &digest, range.as_deref(), head),
                 Err(e) => error_response(&e),
             };
             (RouteKind::Blob, resp)
@@ -144,7 +148,9 @@ pub async fn handle<C: Content>(
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -204,7 +210,8 @@ fn blob_response<C: Content>(
             Ok(br) => (StatusCode::PARTIAL_CONTENT, Some(br)),
             Err(e) => {
                 let mut resp = error_response(
-                    &OciError::new(ErrorCode::RangeInvalid, e.to_string()).with_detail(digest.to_string()),
+                    &OciError::new(ErrorCode::RangeInvalid, e.to_string())
+                        .with_detail(digest.to_string()),
                 );
                 resp.headers_mut().insert(
                     header::CONTENT_RANGE,
@@ -228,7 +235,10 @@ fn blob_response<C: Content>(
     if head || len == 0 {
         return b.body(empty()).expect("valid blob response");
     }
-    let range = byte_range.unwrap_or(ByteRange { start: 0, end: size - 1 });
+    let range = byte_range.unwrap_or(ByteRange {
+        start: 0,
+        end: size - 1,
+    });
     let counter = content.clone();
     let stream = src.open(range).map(move |item| {
         if let Ok(chunk) = &item {
@@ -236,7 +246,8 @@ fn blob_response<C: Content>(
         }
         item.map(Frame::data)
     });
-    b.body(BodyExt::boxed_unsync(StreamBody::new(stream))).expect("valid blob response")
+    b.body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .expect("valid blob response")
 }
 
 /// Convenience for daemon errors that are not OCI-shaped.

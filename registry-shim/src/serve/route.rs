@@ -69,11 +69,17 @@ const MAX_PATH: usize = 2048;
 pub fn route(method: &Method, uri: &Uri, policy: &UpstreamPolicy) -> Result<Route, OciError> {
     let path = uri.path();
     if path.len() > MAX_PATH {
-        return Err(OciError::new(ErrorCode::NameInvalid, "request path too long"));
+        return Err(OciError::new(
+            ErrorCode::NameInvalid,
+            "request path too long",
+        ));
     }
     let read_only = *method == Method::GET || *method == Method::HEAD;
     let Some(rest) = path.strip_prefix("/v2") else {
-        return Err(OciError::new(ErrorCode::NameUnknown, "not a registry API path").with_detail(clip(path)));
+        return Err(
+            OciError::new(ErrorCode::NameUnknown, "not a registry API path")
+                .with_detail(clip(path)),
+        );
     };
     if rest.is_empty() || rest == "/" {
         return if read_only {
@@ -85,16 +91,25 @@ pub fn route(method: &Method, uri: &Uri, policy: &UpstreamPolicy) -> Result<Rout
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
-    if segs.contains(&"uploads") && n >= 3 && segs.iter().any(|s| *s == "blobs") {
-        return Err(OciError::new(ErrorCode::Unsupported, "Shoal is a pull-through mirror: push is not supported")
-            .with_detail("push to the origin registry instead"));
+    if segs.windows(2).any(|w| w == ["blobs", "uploads"]) {
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            "Shoal is a pull-through mirror: push is not supported",
+        )
+        .with_detail("push to the origin registry instead"));
     }
     if rest == "_catalog" || (n >= 3 && segs[n - 2] == "tags" && segs[n - 1] == "list") {
-        return Err(OciError::new(ErrorCode::Unsupported, "catalog and tag listing are not served by the mirror")
-            .with_detail("ask the origin registry"));
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            "catalog and tag listing are not served by the mirror",
+        )
+        .with_detail("ask the origin registry"));
     }
     if n < 3 || (segs[n - 2] != "manifests" && segs[n - 2] != "blobs") {
-        return Err(OciError::new(ErrorCode::NameUnknown, "unknown registry API path").with_detail(clip(path)));
+        return Err(
+            OciError::new(ErrorCode::NameUnknown, "unknown registry API path")
+                .with_detail(clip(path)),
+        );
     }
     if !read_only {
         return Err(unsupported(method));
@@ -103,7 +118,9 @@ pub fn route(method: &Method, uri: &Uri, policy: &UpstreamPolicy) -> Result<Rout
     let target = select_upstream(name, uri.query(), policy)?;
     let last = segs[n - 1];
     if segs[n - 2] == "manifests" {
-        let reference = last.parse::<Reference>().map_err(|e| oci_from_name_error(&e))?;
+        let reference = last
+            .parse::<Reference>()
+            .map_err(|e| oci_from_name_error(&e))?;
         Ok(Route::Manifest { target, reference })
     } else {
         let digest = last
@@ -131,16 +148,25 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
     })
 }
 
-fn select_upstream(name: &str, query: Option<&str>, policy: &UpstreamPolicy) -> Result<Target, OciError> {
+fn select_upstream(
+    name: &str,
+    query: Option<&str>,
+    policy: &UpstreamPolicy,
+) -> Result<Target, OciError> {
     let (upstream, repo) = if let Some(ns) = query_param(query, "ns") {
         let ns = ns.replace("%3A", ":").replace("%3a", ":");
         if !valid_host(&ns) {
-            return Err(OciError::new(ErrorCode::NameInvalid, format!("ns {:?} is not a registry host[:port]", clip(&ns))));
+            return Err(OciError::new(
+                ErrorCode::NameInvalid,
+                format!("ns {:?} is not a registry host[:port]", clip(&ns)),
+            ));
         }
         (ns, name)
     } else {
         match name.split_once('/') {
-            Some((first, rest)) if looks_like_host(first) && policy.allows(first) => (first.to_owned(), rest),
+            Some((first, rest)) if looks_like_host(first) && policy.allows(first) => {
+                (first.to_owned(), rest)
+            }
             Some((first, _)) if looks_like_host(first) && policy.allowed.is_some() => {
                 return Err(denied(first));
             }
@@ -184,21 +210,42 @@ mod tests {
     #[test]
     fn selects_upstream() {
         let any = policy(None);
-        let Route::Manifest { target, .. } = get("/v2/library/alpine/manifests/3?ns=docker.io", &any).unwrap() else {
+        let Route::Manifest { target, .. } =
+            get("/v2/library/alpine/manifests/3?ns=docker.io", &any).unwrap()
+        else {
             panic!()
         };
-        assert_eq!((target.upstream.as_str(), target.repo.as_str()), ("docker.io", "library/alpine"));
-        let Route::Blob { target, .. } = get(&format!("/v2/quay.io/org/app/blobs/{D}"), &any).unwrap() else {
+        assert_eq!(
+            (target.upstream.as_str(), target.repo.as_str()),
+            ("docker.io", "library/alpine")
+        );
+        let Route::Blob { target, .. } =
+            get(&format!("/v2/quay.io/org/app/blobs/{D}"), &any).unwrap()
+        else {
             panic!()
         };
-        assert_eq!((target.upstream.as_str(), target.repo.as_str()), ("quay.io", "org/app"));
-        let Route::Blob { target, .. } = get(&format!("/v2/org/app/blobs/{D}"), &any).unwrap() else { panic!() };
+        assert_eq!(
+            (target.upstream.as_str(), target.repo.as_str()),
+            ("quay.io", "org/app")
+        );
+        let Route::Blob { target, .. } = get(&format!("/v2/org/app/blobs/{D}"), &any).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(target.upstream, "docker.io");
         let only = policy(Some(&["127.0.0.1:5000", "docker.io"]));
         assert!(get("/v2/a/manifests/t?ns=registry-1.docker.io", &only).is_ok());
-        assert_eq!(get("/v2/a/manifests/t?ns=quay.io", &only).unwrap_err().code, ErrorCode::Denied);
-        assert_eq!(get("/v2/quay.io/a/manifests/t", &only).unwrap_err().code, ErrorCode::Denied);
-        let Route::Manifest { target, .. } = get("/v2/127.0.0.1:5000/a/manifests/t", &only).unwrap() else {
+        assert_eq!(
+            get("/v2/a/manifests/t?ns=quay.io", &only).unwrap_err().code,
+            ErrorCode::Denied
+        );
+        assert_eq!(
+            get("/v2/quay.io/a/manifests/t", &only).unwrap_err().code,
+            ErrorCode::Denied
+        );
+        let Route::Manifest { target, .. } =
+            get("/v2/127.0.0.1:5000/a/manifests/t", &only).unwrap()
+        else {
             panic!()
         };
         assert_eq!(target.upstream, "127.0.0.1:5000");
@@ -208,16 +255,39 @@ mod tests {
     fn errors() {
         let any = policy(None);
         assert_eq!(get("/v2/", &any).unwrap(), Route::Base);
-        assert_eq!(get("/v2/UP/blobs/x", &any).unwrap_err().code, ErrorCode::NameInvalid);
-        assert_eq!(get("/v2/a//b/manifests/x", &any).unwrap_err().code, ErrorCode::NameInvalid);
-        assert_eq!(get("/v2/a/blobs/sha256:xyz", &any).unwrap_err().code, ErrorCode::DigestInvalid);
-        assert_eq!(get("/v2/a/manifests/md5:abc", &any).unwrap_err().code, ErrorCode::DigestInvalid);
-        assert_eq!(get("/v2/a/manifests/.bad", &any).unwrap_err().code, ErrorCode::NameInvalid);
+        assert_eq!(
+            get("/v2/UP/blobs/x", &any).unwrap_err().code,
+            ErrorCode::NameInvalid
+        );
+        assert_eq!(
+            get("/v2/a//b/manifests/x", &any).unwrap_err().code,
+            ErrorCode::NameInvalid
+        );
+        assert_eq!(
+            get("/v2/a/blobs/sha256:xyz", &any).unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            get("/v2/a/manifests/md5:abc", &any).unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            get("/v2/a/manifests/.bad", &any).unwrap_err().code,
+            ErrorCode::NameInvalid
+        );
         let put = route(&Method::PUT, &"/v2/a/manifests/t".parse().unwrap(), &any).unwrap_err();
         assert_eq!(put.code, ErrorCode::Unsupported);
-        let post = route(&Method::POST, &"/v2/a/blobs/uploads/".parse().unwrap(), &any).unwrap_err();
+        let post = route(
+            &Method::POST,
+            &"/v2/a/blobs/uploads/".parse().unwrap(),
+            &any,
+        )
+        .unwrap_err();
         assert_eq!(post.code, ErrorCode::Unsupported);
         assert_eq!(get("/v3/x", &any).unwrap_err().code, ErrorCode::NameUnknown);
-        assert_eq!(get("/v2/a/manifests/t?ns=bad_host", &any).unwrap_err().code, ErrorCode::NameInvalid);
+        assert_eq!(
+            get("/v2/a/manifests/t?ns=bad_host", &any).unwrap_err().code,
+            ErrorCode::NameInvalid
+        );
     }
 }
