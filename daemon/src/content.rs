@@ -18,7 +18,7 @@ use shoal_registry_shim::serve::{
 
 use crate::metrics::{self, KindLabel, OutcomeLabel};
 use crate::store::{now_secs, Kind, Store, TagRecord};
-use crate::transfer::{file_stream, Transfers};
+use crate::transfer::{file_stream, Transfers, Unstarted};
 
 /// How long a confirmation may be used, past its TTL, while the origin is
 /// unreachable (never when the origin answers).
@@ -325,7 +325,26 @@ impl Content for NodeContent {
             // the origin's word.
             self.confirm(target, digest, Kind::Blob).await?;
         }
-        let (size, file) = transfer.started().await?;
+        let (size, file) = match transfer.started().await {
+            Ok(started) => started,
+            Err(Unstarted::Failed(e)) => return Err(e),
+            Err(Unstarted::NoRoom) => {
+                // Never worse than no Shoal: the client still gets the blob,
+                // verified on the way, just not kept.
+                let size = count(
+                    self.origin
+                        .head_blob(&target.upstream, &target.repo, digest)
+                        .await,
+                )
+                .map_err(|e| e.to_oci())?;
+                return Ok(Box::new(PassThrough {
+                    origin: self.origin.clone(),
+                    target: target.clone(),
+                    digest: *digest,
+                    size,
+                }));
+            }
+        };
         if transfer.started_for == *target {
             self.note_confirmed(target, digest);
         }
@@ -396,5 +415,105 @@ impl BlobSource for SizeOnly {
 
     fn open(self: Box<Self>, _r: ByteRange) -> ByteStream {
         Box::pin(futures_util::stream::empty())
+    }
+}
+
+/// A blob the store cannot hold, relayed from the origin for one client.
+///
+/// The whole blob is read from the origin and hashed, whatever range the
+/// client asked for; the last chunk handed to the client is held back until
+/// the digest checks, and the response is cut short if it does not.
+struct PassThrough {
+    origin: OriginClient,
+    target: Target,
+    digest: Digest,
+    size: u64,
+}
+
+impl BlobSource for PassThrough {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
+        use shoal_proto::Sha256Verifier;
+        struct St {
+            src: PassThrough,
+            stream: Option<shoal_registry_shim::client::BlobStream>,
+            verifier: Sha256Verifier,
+            pos: u64,
+            held: Option<Bytes>,
+            range: ByteRange,
+            finished: bool,
+        }
+        let st = St {
+            verifier: Sha256Verifier::new(self.digest),
+            src: *self,
+            stream: None,
+            pos: 0,
+            held: None,
+            range: r,
+            finished: false,
+        };
+        let err = |m: String| std::io::Error::other(m);
+        Box::pin(futures_util::stream::unfold(st, move |mut st| async move {
+            if st.finished {
+                return None;
+            }
+            loop {
+                if st.stream.is_none() {
+                    let s = &st.src;
+                    match s
+                        .origin
+                        .get_blob(&s.target.upstream, &s.target.repo, &s.digest, 0)
+                        .await
+                    {
+                        Ok(stream) => st.stream = Some(stream),
+                        Err(e) => {
+                            st.finished = true;
+                            return Some((Err(err(e.to_string())), st));
+                        }
+                    }
+                }
+                let next = st.stream.as_mut().expect("opened").next_chunk().await;
+                match next {
+                    Some(Ok(chunk)) => {
+                        metrics::global()
+                            .origin_bytes
+                            .get_or_create(&KindLabel { kind: "blob" })
+                            .inc_by(chunk.len() as u64);
+                        st.verifier.update(&chunk);
+                        let (start, end) = (st.pos, st.pos + chunk.len() as u64);
+                        st.pos = end;
+                        let lo = st.range.start.max(start);
+                        let hi = (st.range.end + 1).min(end);
+                        if lo < hi {
+                            let part = chunk.slice((lo - start) as usize..(hi - start) as usize);
+                            if let Some(prev) = st.held.replace(part) {
+                                return Some((Ok(prev), st));
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        st.finished = true;
+                        return Some((Err(err(e.to_string())), st));
+                    }
+                    None => {
+                        st.finished = true;
+                        let v =
+                            std::mem::replace(&mut st.verifier, Sha256Verifier::new(st.src.digest));
+                        if st.pos != st.src.size || v.finish().is_err() {
+                            metrics::global()
+                                .chunks_rejected
+                                .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
+                                .inc();
+                            tracing::error!(digest = %st.src.digest, "origin served bytes that do not match the digest (pass-through); response cut short");
+                            return Some((Err(err("digest mismatch".into())), st));
+                        }
+                        return st.held.take().map(|b| (Ok(b), st));
+                    }
+                }
+            }
+        }))
     }
 }

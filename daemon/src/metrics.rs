@@ -63,6 +63,8 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     /// The quota.
     pub store_quota_bytes: Gauge,
+    /// Blobs the store could not hold (served straight from the origin).
+    pub store_refusals: Counter,
     /// Requests made to origins, by outcome.
     pub origin_requests: Family<OutcomeLabel, Counter>,
     registry: Registry,
@@ -92,6 +94,7 @@ impl Metrics {
             evictions: Counter::default(),
             store_bytes: Gauge::default(),
             store_quota_bytes: Gauge::default(),
+            store_refusals: Counter::default(),
             origin_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -155,6 +158,11 @@ impl Metrics {
             "shoal_store_quota_bytes",
             "Store quota (--cache-max-bytes)",
             m.store_quota_bytes.clone(),
+        );
+        r.register(
+            "shoal_store_refusals",
+            "Blobs the store could not hold, passed through from the origin unstored",
+            m.store_refusals.clone(),
         );
         r.register(
             "shoal_origin_requests",

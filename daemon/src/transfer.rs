@@ -42,6 +42,18 @@ pub enum Phase {
     Done,
     /// Failed; nothing was stored.
     Failed(OciError),
+    /// The store cannot hold the blob (quota full of pinned or busy blobs,
+    /// or the disk refused): readers go to the origin directly.
+    NoRoom,
+}
+
+/// Why a transfer did not get going.
+#[derive(Debug, Clone)]
+pub enum Unstarted {
+    /// The origin or the store failed.
+    Failed(OciError),
+    /// The store has no room: serve it straight from the origin.
+    NoRoom,
 }
 
 /// What readers watch.
@@ -63,6 +75,18 @@ pub struct Transfer {
     /// The repository whose request started it (the origin GET confirms it).
     pub started_for: Target,
     progress: watch::Receiver<Progress>,
+}
+
+/// How a fetch ended badly.
+enum Fail {
+    Oci(OciError),
+    NoRoom(StoreError),
+}
+
+impl From<OciError> for Fail {
+    fn from(e: OciError) -> Self {
+        Fail::Oci(e)
+    }
 }
 
 /// The set of running transfers.
@@ -113,10 +137,17 @@ impl Transfers {
         let (target, digest) = (target.clone(), *digest);
         metrics::global().transfers_active.inc();
         tokio::spawn(async move {
-            let result = this.fetch(&target, &digest, &tx).await;
-            if let Err(e) = result {
-                tracing::warn!(digest = %digest, upstream = %target.upstream, repo = %target.repo, error = %e, "transfer failed");
-                tx.send_modify(|p| p.phase = Phase::Failed(e));
+            match this.fetch(&target, &digest, &tx).await {
+                Ok(()) => {}
+                Err(Fail::Oci(e)) => {
+                    tracing::warn!(digest = %digest, upstream = %target.upstream, repo = %target.repo, error = %e, "transfer failed");
+                    tx.send_modify(|p| p.phase = Phase::Failed(e));
+                }
+                Err(Fail::NoRoom(e)) => {
+                    tracing::warn!(digest = %digest, error = %e, "the store cannot hold this blob; passing it through from the origin");
+                    metrics::global().store_refusals.inc();
+                    tx.send_modify(|p| p.phase = Phase::NoRoom);
+                }
             }
             this.running.lock().expect("transfers lock").remove(&digest);
             metrics::global().transfers_active.dec();
@@ -150,7 +181,7 @@ impl Transfers {
         target: &Target,
         digest: &Digest,
         tx: &watch::Sender<Progress>,
-    ) -> Result<(), OciError> {
+    ) -> Result<(), Fail> {
         let store_err = |e: StoreError| {
             tracing::error!(error = %e, "store failed");
             OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
@@ -174,16 +205,16 @@ impl Transfers {
         })
         .await
         .expect("store task");
-        let (file, have) = begun.map_err(store_err)?;
+        let (file, have) = begun.map_err(Fail::NoRoom)?;
         if have != stream.offset() {
             drop(stream);
             stream = self.open_origin(target, digest, have).await?;
             if stream.offset() != have {
                 let _ = self.store.release(digest);
-                return Err(OciError::new(
+                return Err(Fail::from(OciError::new(
                     ErrorCode::Unavailable,
                     "origin did not honour a Range request",
-                ));
+                )));
             }
         }
         if have > 0 {
@@ -211,15 +242,15 @@ impl Transfers {
                     origin_bytes.inc_by(bytes.len() as u64);
                     if written + bytes.len() as u64 > size {
                         let _ = self.store.release(digest);
-                        return Err(OciError::new(
+                        return Err(Fail::from(OciError::new(
                             ErrorCode::Unavailable,
                             "origin sent more bytes than the blob's size",
-                        ));
+                        )));
                     }
                     verifier.update(&bytes);
                     if let Err(e) = file.write_all_at(&bytes, written) {
                         let _ = self.store.release(digest);
-                        return Err(store_err(e.into()));
+                        return Err(Fail::from(store_err(e.into())));
                     }
                     written += bytes.len() as u64;
                     tx.send_modify(|p| p.written = written);
@@ -241,19 +272,19 @@ impl Transfers {
                     };
                     resumes += 1;
                     if resumes > MAX_RESUMES {
-                        return Err(OciError::new(
+                        return Err(Fail::from(OciError::new(
                             ErrorCode::Unavailable,
                             format!("origin transfer kept breaking: {why}"),
-                        ));
+                        )));
                     }
                     tracing::info!(digest = %digest, at = written, why, "origin stream broke; resuming with Range");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
                     stream = self.open_origin(target, digest, written).await?;
                     if stream.offset() != written {
-                        return Err(OciError::new(
+                        return Err(Fail::from(OciError::new(
                             ErrorCode::Unavailable,
                             "origin did not honour a Range request",
-                        ));
+                        )));
                     }
                 }
             }
@@ -268,11 +299,13 @@ impl Transfers {
             tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
                 "origin served bytes that do not match the digest; discarded, nothing stored");
             let _ = self.store.release(digest);
-            return Err(OciError::new(
-                ErrorCode::DigestInvalid,
-                "the origin served bytes that do not match the digest",
-            )
-            .with_detail(format!("expected {digest}, got {got}")));
+            return Err(Fail::from(
+                OciError::new(
+                    ErrorCode::DigestInvalid,
+                    "the origin served bytes that do not match the digest",
+                )
+                .with_detail(format!("expected {digest}, got {got}")),
+            ));
         }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
         tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
@@ -287,24 +320,25 @@ impl Transfers {
 
 impl Transfer {
     /// Waits until the origin answered: the blob's size and file, or the error.
-    pub async fn started(&self) -> Result<(u64, Arc<File>), OciError> {
+    pub async fn started(&self) -> Result<(u64, Arc<File>), Unstarted> {
         let mut rx = self.progress.clone();
         loop {
             {
                 let p = rx.borrow_and_update();
                 match &p.phase {
                     Phase::Starting => {}
-                    Phase::Failed(e) => return Err(e.clone()),
+                    Phase::Failed(e) => return Err(Unstarted::Failed(e.clone())),
+                    Phase::NoRoom => return Err(Unstarted::NoRoom),
                     Phase::Running | Phase::Done => {
                         return Ok((p.size, p.file.clone().expect("file set when running")));
                     }
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(OciError::new(
+                return Err(Unstarted::Failed(OciError::new(
                     ErrorCode::Unavailable,
                     "transfer ended unexpectedly",
-                ));
+                )));
             }
         }
     }
@@ -405,6 +439,9 @@ async fn wait_available(
             match &p.phase {
                 Phase::Done => size,
                 Phase::Failed(e) => return Err(std::io::Error::other(e.to_string())),
+                Phase::NoRoom => {
+                    return Err(std::io::Error::other("the store had no room for this blob"))
+                }
                 Phase::Starting => 0,
                 Phase::Running => p.written.min(size.saturating_sub(1)),
             }

@@ -303,6 +303,31 @@ impl Shoald {
         self.spawn_and_wait().await
     }
 
+    /// Sends SIGTERM and waits up to `within` for the process to exit.
+    pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("shoald is not running")?;
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .context("running kill -TERM")?;
+        if !sent.success() {
+            util::kill_child(&mut c);
+            bail!("kill -TERM failed: {sent}");
+        }
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                util::kill_child(&mut c);
+                bail!("shoald did not exit within {within:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
