@@ -13,6 +13,7 @@ Subcommands:
   median V...                     median of the numbers
   record OUT KEY=VALUE...         append one JSON line (numbers stay numbers,
                                   VALUE may be a JSON list like [1,2])
+  aggregate-wrk RUNS OUT RUN_ID   medians per (test, target) of wrk runs -> OUT
   table OUT [RUN_ID]              print the markdown summary of one run of a
                                   results file (default: its last run)
 """
@@ -137,6 +138,26 @@ def record(out, pairs):
         f.write(json.dumps(d) + "\n")
 
 
+def aggregate_wrk(runs_file, out, run_id):
+    """One record per (test, target): medians over its wrk runs, runs kept."""
+    groups = {}
+    for line in open(runs_file):
+        if line.strip():
+            r = json.loads(line)
+            groups.setdefault((r["test"], r["target"]), []).append(r)
+    with open(out, "a") as f:
+        for (test, target), rs in groups.items():
+            d = {"run_id": run_id, "test": test, "target": target, "n": len(rs)}
+            for k in ("connections", "threads", "seconds"):
+                d[k] = rs[0][k]
+            for k in ("rps", "p50_ms", "p99_ms", "server_cpu_cores"):
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                d[k] = round(statistics.median(vals), 4) if vals else None
+                d[k + "_runs"] = [r.get(k) for r in rs]
+            d["errors"] = sum(r.get("errors") or 0 for r in rs)
+            f.write(json.dumps(d) + "\n")
+
+
 def _fmt(v, nd=3):
     if v is None:
         return "–"
@@ -169,6 +190,10 @@ def table(out, run_id=None):
         f"shoald {meta.get('shoald_version', '?')}"
     )
     lines.append("")
+    errs = sum(r.get("errors") or 0 for r in rows if "errors" in r)
+    if errs:
+        lines.append(f"**{errs} wrk requests failed (non-2xx or socket errors): see the JSON lines.**")
+        lines.append("")
     lines.append("| measurement | shoald | baseline | ratio (shoald/baseline) | goal | met |")
     lines.append("|---|---|---|---|---|---|")
 
@@ -203,8 +228,10 @@ def table(out, run_id=None):
             goal, met = "≥ 20× registry req/s", (r is not None and r >= 20)
         else:
             goal, met = "–", None
+        nn = g(t, "shoald", "n")
+        secs = g(t, "shoald", "seconds")
         lines.append(
-            f"| manifest by digest c={c}, req/s | {_fmt(srps, 0)} | docker-registry {_fmt(rrps, 0)} | "
+            f"| manifest by digest c={c}, req/s (median of {nn} × {secs} s) | {_fmt(srps, 0)} | docker-registry {_fmt(rrps, 0)} | "
             f"{_fmt(r, 2)}× | {goal} | {'–' if met is None else ('yes' if met else 'no')} |"
         )
         lines.append(
@@ -222,6 +249,14 @@ def table(out, run_id=None):
             f"| manifest by digest c={c}, p99 ms | {_fmt(sp99)} | {_fmt(rp99)} | {_fmt(ratio(sp99, rp99), 2)} | "
             f"{goal} | {'–' if met is None else ('yes' if met else 'no')} |"
         )
+
+    # Floor: the same server loop with no content work, same run.
+    t = "floor_base_c1"
+    fp99, mp99 = g(t, "shoald", "p99_ms"), g("manifest_digest_c1", "shoald", "p99_ms")
+    lines.append(
+        f"| floor: shoald `GET /v2/` c=1, req/s · p50 · p99 ms | {_fmt(g(t, 'shoald', 'rps'), 0)} · "
+        f"{_fmt(g(t, 'shoald', 'p50_ms'))} · {_fmt(fp99)} | – | manifest p99 / floor p99 = {_fmt(ratio(mp99, fp99), 2)} | – | – |"
+    )
 
     # 3. Tag resolution.
     t = "manifest_tag_c1"
@@ -272,6 +307,8 @@ def main():
         median(rest)
     elif cmd == "record":
         record(rest[0], rest[1:])
+    elif cmd == "aggregate-wrk":
+        aggregate_wrk(*rest)
     elif cmd == "table":
         table(*rest)
     else:

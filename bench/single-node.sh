@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Single-node benchmark of shoald against same-run baselines, all on loopback:
 #   1. cache-hit blob GET throughput: shoald vs docker-registry vs iperf3 (one TCP stream)
-#   2. manifest GET by digest (cache hit) with wrk at c=1 and c=64: shoald vs docker-registry
-#      and manifest GET by tag at c=1 (shoald resolves tags at the origin every time)
+#   2. manifest GET by digest (cache hit) with wrk at c=1 and c=64: shoald vs docker-registry,
+#      shoald's `GET /v2/` at c=1 (the server loop's floor: no content work), and manifest
+#      GET by tag at c=1 (shoald resolves tags at the origin every time)
 #   3. cold pass-through of one large blob: fresh shoald vs a direct GET from the registry
 # Prints a markdown table and appends one JSON line per measurement to --out.
 #
 # Usage: bash bench/single-node.sh [--out FILE] [--runs N] [--cold-runs N]
-#                                  [--blob-mib N] [--wrk-seconds N] [--no-build]
+#                                  [--blob-mib N] [--wrk-seconds N] [--wrk-rounds N] [--no-build]
 # Everything listens on 127.0.0.1 ports picked free at start; every loop is bounded;
 # temp dirs and the processes this script started are removed on exit and on Ctrl-C.
 set -euo pipefail
@@ -20,6 +21,7 @@ RUNS=5
 COLD_RUNS=3
 BLOB_MIB=256
 WRK_SECONDS=10
+WRK_ROUNDS=3
 IPERF_SECONDS=5
 BUILD=1
 while [ $# -gt 0 ]; do
@@ -29,8 +31,9 @@ while [ $# -gt 0 ]; do
         --cold-runs) COLD_RUNS="$2"; shift 2 ;;
         --blob-mib) BLOB_MIB="$2"; shift 2 ;;
         --wrk-seconds) WRK_SECONDS="$2"; shift 2 ;;
+        --wrk-rounds) WRK_ROUNDS="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "single-node.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -65,7 +68,8 @@ fi
 SHOALD="$ROOT/target/release/shoald"
 if [ "$BUILD" = 1 ]; then
     log "cargo build --release -p shoal-daemon"
-    (cd "$ROOT" && cargo build --release -q -p shoal-daemon)
+    (cd "$ROOT" && cargo build --release -q -p shoal-daemon) \
+        || die "the release build failed (--no-build benchmarks the existing target/release/shoald)"
 fi
 [ -x "$SHOALD" ] || die "$SHOALD missing (build with cargo build --release -p shoal-daemon)"
 
@@ -210,7 +214,7 @@ origin_blob_bytes() {
 
 rec test=meta "date=$DATE" "host=$(hostname)" "cpus=$(nproc)" "kernel=$(uname -r)" \
     "blob_bytes=$BLOB_BYTES" "blob_mib=$BLOB_MIB" "shoald_version=$("$SHOALD" --version | awk '{print $2}')" \
-    "runs=$RUNS" "cold_runs=$COLD_RUNS" "wrk_seconds=$WRK_SECONDS"
+    "runs=$RUNS" "cold_runs=$COLD_RUNS" "wrk_seconds=$WRK_SECONDS" "wrk_rounds=$WRK_ROUNDS"
 
 get_blob() { # url -> "speed_bytes_per_s time_s"; checks the size
     local out speed size t
@@ -285,7 +289,8 @@ for base in "$SHOAL" "$REG"; do
     [ "sha256:$got" = "$MANIFEST_DIGEST" ] || die "manifest from $base has the wrong digest"
     curl -fsS -o /dev/null -H "$ACCEPT" "$base/v2/$REPO/manifests/v1" || die "manifest by tag from $base failed"
 done
-run_wrk() { # test target url conns threads
+WRK_RUNS="$WORK/wrk-runs.jsonl"
+run_wrk() { # test target url conns threads: one wrk run, appended to $WRK_RUNS
     local test=$1 target=$2 url=$3 c=$4 t=$5 pid c0 c1 parsed
     case "$target" in shoald) pid=$SHOALD_PID ;; registry) pid=$REG_PID ;; esac
     c0="$(cpu_s "$pid")"
@@ -294,30 +299,41 @@ run_wrk() { # test target url conns threads
     c1="$(cpu_s "$pid")"
     parsed="$(python3 "$HELP" wrk "$WORK/wrk.txt")"
     log "  $test $target c=$c: $parsed"
-    python3 - "$OUT" "$RUN_ID" "$test" "$target" "$c" "$t" "$WRK_SECONDS" "$(fsub "$c1" "$c0")" "$parsed" <<'PY'
+    python3 - "$WRK_RUNS" "$test" "$target" "$c" "$t" "$WRK_SECONDS" "$(fsub "$c1" "$c0")" "$parsed" <<'PY'
 import json, sys
-out, run_id, test, target, c, t, secs, cpu, parsed = sys.argv[1:]
-d = {"run_id": run_id, "test": test, "target": target, "connections": int(c), "threads": int(t),
+out, test, target, c, t, secs, cpu, parsed = sys.argv[1:]
+d = {"test": test, "target": target, "connections": int(c), "threads": int(t),
      "seconds": int(secs), "server_cpu_cores": round(float(cpu) / int(secs), 3)}
 d.update(json.loads(parsed))
 open(out, "a").write(json.dumps(d) + "\n")
 PY
 }
-log "manifest GET by digest with wrk (${WRK_SECONDS}s each)"
-for c in 1 64; do
-    t=1; [ "$c" -gt 1 ] && t=2
-    # Alternate which goes first.
-    if [ "$c" = 1 ]; then order="shoald registry"; else order="registry shoald"; fi
-    for target in $order; do
-        case "$target" in shoald) base=$SHOAL ;; registry) base=$REG ;; esac
-        run_wrk "manifest_digest_c$c" "$target" "$base/v2/$REPO/manifests/$MANIFEST_DIGEST" "$c" "$t"
+# Every configuration runs WRK_ROUNDS times; each round visits all of them in a
+# rotated order, so a burst of noise from elsewhere lands on one run of several
+# configurations rather than on every run of one. The medians are reported.
+# The floor (shoald's `GET /v2/`: the same server loop with no content work)
+# shows what this machine's scheduling noise alone does to p99 in this run.
+CONFIGS=(
+    "manifest_digest_c1 shoald $SHOAL/v2/$REPO/manifests/$MANIFEST_DIGEST 1 1"
+    "manifest_digest_c1 registry $REG/v2/$REPO/manifests/$MANIFEST_DIGEST 1 1"
+    "floor_base_c1 shoald $SHOAL/v2/ 1 1"
+    "manifest_digest_c64 shoald $SHOAL/v2/$REPO/manifests/$MANIFEST_DIGEST 64 2"
+    "manifest_digest_c64 registry $REG/v2/$REPO/manifests/$MANIFEST_DIGEST 64 2"
+    "manifest_tag_c1 shoald $SHOAL/v2/$REPO/manifests/v1 1 1"
+    "manifest_tag_c1 registry $REG/v2/$REPO/manifests/v1 1 1"
+)
+log "manifests with wrk: ${#CONFIGS[@]} configurations x $WRK_ROUNDS rounds x ${WRK_SECONDS}s"
+n=${#CONFIGS[@]}
+for r in $(seq "$WRK_ROUNDS"); do
+    for k in $(seq 0 $((n - 1))); do
+        # Round r starts at a different configuration and walks them in the
+        # opposite direction on even rounds.
+        if [ $((r % 2)) = 1 ]; then j=$(((k + (r - 1) * 3) % n)); else j=$(((n - 1 - k + (r - 1) * 3) % n)); fi
+        # shellcheck disable=SC2086
+        run_wrk ${CONFIGS[$j]}
     done
 done
-log "manifest GET by tag with wrk, c=1"
-for target in shoald registry; do
-    case "$target" in shoald) base=$SHOAL ;; registry) base=$REG ;; esac
-    run_wrk manifest_tag_c1 "$target" "$base/v2/$REPO/manifests/v1" 1 1
-done
+python3 "$HELP" aggregate-wrk "$WRK_RUNS" "$OUT" "$RUN_ID"
 stop_pid "$SHOALD_PID"
 rm -rf "$WORK/shoald-warm"
 

@@ -18,7 +18,7 @@ use shoal_registry_shim::serve::{
 
 use crate::metrics::{self, KindLabel, OutcomeLabel};
 use crate::store::{now_secs, Kind, Store, TagRecord};
-use crate::transfer::{file_stream, Transfers, Unstarted};
+use crate::transfer::{blob_stream, Transfers, Unstarted};
 
 /// How long a confirmation may be used, past its TTL, while the origin is
 /// unreachable (never when the origin answers).
@@ -298,28 +298,33 @@ impl Content for NodeContent {
         head: bool,
     ) -> Result<Box<dyn BlobSource>, OciError> {
         let kind = KindLabel { kind: "blob" };
-        if let Some(blob) = self.store.open_complete(digest) {
-            self.confirm(target, digest, Kind::Blob).await?;
-            metrics::global().cache_hits.get_or_create(&kind).inc();
-            return Ok(Box::new(StoredBlob {
-                file: Arc::new(blob.file),
-                size: blob.size,
-                guard: blob.guard,
-            }));
-        }
-        if head && !self.transfers.is_running(digest) {
-            // A HEAD of a cold blob asks the origin, and moves no bytes.
-            let size = count(
-                self.origin
-                    .head_blob(&target.upstream, &target.repo, digest)
-                    .await,
-            )
-            .map_err(|e| e.to_oci())?;
-            self.note_confirmed(target, digest);
-            return Ok(Box::new(SizeOnly(size)));
-        }
+        let transfer = loop {
+            if let Some(blob) = self.store.open_complete(digest) {
+                self.confirm(target, digest, Kind::Blob).await?;
+                metrics::global().cache_hits.get_or_create(&kind).inc();
+                return Ok(Box::new(StoredBlob {
+                    file: Arc::new(blob.file),
+                    size: blob.size,
+                    guard: blob.guard,
+                }));
+            }
+            if head && !self.transfers.is_running(digest) {
+                // A HEAD of a cold blob asks the origin, and moves no bytes.
+                let size = count(
+                    self.origin
+                        .head_blob(&target.upstream, &target.repo, digest)
+                        .await,
+                )
+                .map_err(|e| e.to_oci())?;
+                self.note_confirmed(target, digest);
+                return Ok(Box::new(SizeOnly(size)));
+            }
+            // `None`: it completed since we looked; go round once more.
+            if let Some(t) = self.transfers.get_or_start(target, digest) {
+                break t;
+            }
+        };
         metrics::global().cache_misses.get_or_create(&kind).inc();
-        let (transfer, _started) = self.transfers.get_or_start(target, digest);
         if transfer.started_for != *target {
             // Someone else's request started it: this repository still needs
             // the origin's word.
@@ -377,7 +382,7 @@ impl BlobSource for StoredBlob {
     }
 
     fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
-        file_stream(self.file, self.size, r.start, r.end, None, Some(self.guard))
+        blob_stream(self.file, self.size, r.start, r.end, None, Some(self.guard))
     }
 }
 
@@ -394,7 +399,7 @@ impl BlobSource for ArrivingBlob {
     }
 
     fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
-        file_stream(
+        blob_stream(
             self.file,
             self.size,
             r.start,

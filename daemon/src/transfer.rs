@@ -38,7 +38,8 @@ pub enum Phase {
     Starting,
     /// Bytes are arriving.
     Running,
-    /// Verified and stored.
+    /// Every byte is present and matches the digest (storing it durably
+    /// may still be under way).
     Done,
     /// Failed; nothing was stored.
     Failed(OciError),
@@ -116,11 +117,17 @@ impl Transfers {
     }
 
     /// The running transfer of `digest`, or a new one started for `target`.
-    /// Returns whether this call started it.
-    pub fn get_or_start(&self, target: &Target, digest: &Digest) -> (Arc<Transfer>, bool) {
+    /// `None` when the blob became complete in the meantime: read the store.
+    pub fn get_or_start(&self, target: &Target, digest: &Digest) -> Option<Arc<Transfer>> {
         let mut running = self.running.lock().expect("transfers lock");
         if let Some(t) = running.get(digest) {
-            return (t.clone(), false);
+            return Some(t.clone());
+        }
+        // A transfer is marked complete in the store before it leaves
+        // `running`, so under this lock "not running" and "not complete"
+        // means nobody has it.
+        if self.store.has_complete(digest) {
+            return None;
         }
         let (tx, rx) = watch::channel(Progress {
             phase: Phase::Starting,
@@ -152,7 +159,7 @@ impl Transfers {
             this.running.lock().expect("transfers lock").remove(&digest);
             metrics::global().transfers_active.dec();
         });
-        (t, true)
+        Some(t)
     }
 
     async fn open_origin(
@@ -307,13 +314,23 @@ impl Transfers {
                 .with_detail(format!("expected {digest}, got {got}")),
             ));
         }
-        let (store, d, f) = (self.store.clone(), *digest, file.clone());
-        tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
-            .await
-            .expect("store task")
-            .map_err(store_err)?;
-        tracing::debug!(digest = %digest, size, "blob complete");
+        // Verified: readers may have the last byte now. Making the blob
+        // durable (fsync, rename, index) follows without holding them up;
+        // until it is done the transfer stays registered, so new requests
+        // read the same verified file.
         tx.send_modify(|p| p.phase = Phase::Done);
+        let (store, d, f) = (self.store.clone(), *digest, file.clone());
+        let stored = tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
+            .await
+            .expect("store task");
+        match stored {
+            Ok(()) => tracing::debug!(digest = %digest, size, "blob complete"),
+            Err(e) => {
+                // The clients got their verified bytes; the store just keeps nothing.
+                tracing::error!(digest = %digest, error = %e, "could not store a verified blob");
+                let _ = self.store.release(digest);
+            }
+        }
         Ok(())
     }
 }
@@ -349,79 +366,61 @@ impl Transfer {
     }
 }
 
-/// Streams `range` (inclusive) of `file`. With `progress`, only bytes the
-/// transfer has written are read, and the very last byte of the blob waits
-/// for verification; a failed transfer ends the stream with an error.
-pub fn file_stream(
+/// Streams `start..=end` of a blob's file to a client, with read-ahead: a
+/// task reads the next chunks from disk while earlier ones are still on their
+/// way, so the socket never waits on the disk. The read-ahead is bounded and
+/// stops when the client goes away.
+///
+/// With `progress` (a blob still arriving), only bytes the transfer has
+/// written are read, the very last byte of the blob waits for the digest
+/// check, and a failed transfer ends the stream with an error — the client's
+/// response is cut short.
+pub fn blob_stream(
     file: Arc<File>,
     size: u64,
     start: u64,
     end: u64,
-    progress: Option<watch::Receiver<Progress>>,
+    mut progress: Option<watch::Receiver<Progress>>,
     guard: Option<ReadGuard>,
 ) -> ByteStream {
-    struct St {
-        file: Arc<File>,
-        pos: u64,
-        end: u64,
-        size: u64,
-        progress: Option<watch::Receiver<Progress>>,
-        _guard: Option<ReadGuard>,
-    }
-    let st = St {
-        file,
-        pos: start,
-        end,
-        size,
-        progress,
-        _guard: guard,
-    };
-    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
-        if st.pos > st.end {
-            return None;
-        }
-        // How far may we read?
-        let avail = match st.progress.take() {
-            None => st.size,
-            Some(mut rx) => match wait_available(&mut rx, st.pos, st.size).await {
-                Ok(avail) => {
-                    st.progress = Some(rx);
-                    avail
-                }
-                Err(err) => {
-                    return Some((
-                        Err(err),
-                        St {
-                            pos: u64::MAX,
-                            end: 0,
-                            ..st
-                        },
-                    ))
-                }
-            },
-        };
-        let want = (avail.min(st.end + 1) - st.pos).min(READ_CHUNK);
-        let (file, pos) = (st.file.clone(), st.pos);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; want as usize];
-            file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match read {
-            Ok(b) => {
-                st.pos += b.len() as u64;
-                Some((Ok(b), st))
-            }
-            Err(e) => Some((
-                Err(e),
-                St {
-                    pos: u64::MAX,
-                    end: 0,
-                    ..st
+    const AHEAD: usize = 4;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(AHEAD);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut pos = start;
+        while pos <= end {
+            let avail = match progress.as_mut() {
+                None => size,
+                Some(rx) => match wait_available(rx, pos, size).await {
+                    Ok(avail) => avail,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
                 },
-            )),
+            };
+            let want = (avail.min(end + 1) - pos).min(READ_CHUNK);
+            // Wait for room before reading, so at most AHEAD chunks are held.
+            let Ok(permit) = tx.reserve().await else {
+                return;
+            };
+            let f = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want as usize];
+                f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let failed = read.is_err();
+            permit.send(read);
+            if failed {
+                return;
+            }
+            pos += want;
         }
+    });
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
     }))
 }
 
