@@ -618,7 +618,8 @@ impl Store {
     }
 
     /// Reserves `need` bytes for `for_digest`, evicting least recently used,
-    /// unpinned, unread complete blobs until the quota holds them.
+    /// unpinned blobs nobody reads (and partials nobody fetches) until the
+    /// quota holds them.
     fn reserve(&self, need: u64, for_digest: &Digest) -> Result<(), StoreError> {
         let victims = {
             let mut inner = self.shared.inner.lock().expect("store lock");
@@ -631,9 +632,11 @@ impl Store {
                 .entries
                 .iter()
                 .filter(|(d, e)| {
-                    e.meta.complete && !e.meta.pinned && e.readers == 0 && *d != for_digest
+                    // Partials nobody is fetching or reading (abandoned
+                    // transfers) go too.
+                    !e.meta.pinned && e.readers == 0 && *d != for_digest
                 })
-                .map(|(d, e)| (e.lru, *d, e.meta.size))
+                .map(|(d, e)| (e.lru, *d, e.meta.size.max(e.meta.durable_len)))
                 .collect();
             candidates.sort();
             let mut freed = 0;
@@ -669,6 +672,7 @@ impl Store {
         for d in &victims {
             tracing::info!(digest = %d, "evicted (least recently used)");
             let _ = fs::remove_file(self.blob_path(d));
+            let _ = fs::remove_file(self.partial_path(d));
         }
         crate::metrics::global()
             .evictions
@@ -874,5 +878,22 @@ mod tests {
         put(&store, &[6u8; 1000]);
         assert!(!store.has_complete(&a));
         assert!(store.has_complete(&d) && store.has_complete(&b));
+    }
+
+    #[test]
+    fn abandoned_partials_are_evicted_active_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 2500).unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let mut v = Sha256Verifier::new(a);
+        store.begin_partial(&a, Kind::Blob, 1000, &mut v).unwrap();
+        let mut v = Sha256Verifier::new(b);
+        store.begin_partial(&b, Kind::Blob, 1000, &mut v).unwrap();
+        let active = store.guard(&b).unwrap();
+        // Room for a third only if the abandoned partial `a` goes.
+        put(&store, &[9u8; 1000]);
+        assert!(store.meta(&a).is_none() && !store.partial_path(&a).exists());
+        assert!(store.meta(&b).is_some() && store.partial_path(&b).exists());
+        drop(active);
     }
 }

@@ -227,6 +227,8 @@ impl Transfers {
         if have > 0 {
             tracing::info!(digest = %digest, resumed_at = have, size, "resuming a partial blob");
         }
+        // While this transfer runs its partial is in use: never evicted.
+        let _in_use = self.store.guard(digest);
         let file = Arc::new(file);
         let mut written = have;
         tx.send_modify(|p| {
