@@ -4,13 +4,19 @@
 //! tests and (later) the simulator all use the very same code. See
 //! `docs/ARCHITECTURE.md` for how the crates fit together.
 
+pub mod chunk;
 pub mod digest;
 pub mod error;
 pub mod media;
 pub mod range;
 pub mod reference;
+pub mod sched;
+pub mod wire;
+pub mod tracker_api;
 
+pub use chunk::{Bitfield, ChunkError, ChunkHasher, ChunkHashes, ChunkLayout};
 pub use digest::{Digest, DigestError, Sha256Verifier};
 pub use error::{ErrorCode, OciError};
 pub use range::{parse_range, ByteRange, RangeError};
 pub use reference::{ImageRef, NameError, Reference, RepoName, Tag, DOCKER_HUB, DOCKER_HUB_API};
+pub use wire::WireError;

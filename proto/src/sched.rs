@@ -1,0 +1,1114 @@
+//! The swarm scheduler of one blob download: which chunk to fetch next, from
+//! which peer, when to give up on a peer, and when to go to the origin.
+//!
+//! A pure state machine in the manner of rust-libp2p's Kademlia queries:
+//! the driver feeds it [`Event`]s (with the current time), and asks it for
+//! the next [`Action`] with [`Scheduler::poll`] until it returns `None`, then
+//! sleeps until [`Scheduler::next_deadline`] or the next event. No I/O, no
+//! clocks, no randomness: the same events give the same actions, so the same
+//! code runs in the daemon, in unit tests with simulated time, and in the
+//! swarm simulator.
+//!
+//! Policy:
+//! * **What the client waits for first**: chunks in a small window after the
+//!   position the client is reading ([`Event::Want`]) go before anything
+//!   else, in order, so streaming to the runtime never waits on rare chunks.
+//! * **Rarest first** otherwise: among chunks a peer can give, the one the
+//!   fewest known peers hold, so copies spread and no chunk stays scarce.
+//! * **Only verifiable chunks from peers**: a chunk is asked of a peer only
+//!   once its hash is known (published by whoever fetched it from the
+//!   origin), so every byte can be checked before it is stored or forwarded.
+//! * **Load spread**: at most `peer_depth` chunks in flight per peer, and the
+//!   least loaded peers are served first.
+//! * **Stalls move**: a request unanswered for `stall_ms` is cancelled and
+//!   its chunk asked elsewhere; repeated stalls exclude the peer.
+//! * **Lacks data vs bad data**: a peer that lacks a chunk loses that bit; a
+//!   peer that sent bytes failing verification is excluded for this blob.
+//! * **Endgame**: when every missing chunk is already in flight and few are
+//!   left, they are also asked of a second peer; the loser is cancelled.
+//! * **Origin under lease**: chunks no peer holds are leased from the tracker
+//!   ([`Action::Lease`]); leased chunks are fetched from the origin with at
+//!   most `origin_depth` in flight. With the tracker down, chunks no known
+//!   peer holds go to the origin directly, with the same bound.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+
+use crate::chunk::{Bitfield, ChunkLayout};
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedConfig {
+    /// Chunks in flight per peer (pipelining depth).
+    pub peer_depth: u32,
+    /// Chunks in flight from peers, all peers together.
+    pub max_inflight: u32,
+    /// Chunks in flight from the origin.
+    pub origin_depth: u32,
+    /// A request unanswered this long is moved to another source.
+    pub stall_ms: u64,
+    /// Stalls after which a peer is excluded for this blob.
+    pub max_stalls: u32,
+    /// Chunks after the client's position that are fetched in order first.
+    pub urgent_window: u32,
+    /// Missing chunks at or below which in-flight chunks are duplicated.
+    pub endgame_chunks: u32,
+    /// How long a request must have been outstanding before the endgame
+    /// duplicates it (so small blobs are not fetched twice by default).
+    pub endgame_after_ms: u64,
+    /// Chunks asked for in one lease request.
+    pub lease_batch: u32,
+    /// How often to refresh holders and hashes while waiting for chunks.
+    pub lookup_interval_ms: u64,
+    /// Origin failures (after the origin client's own retries) before the
+    /// download gives up.
+    pub max_origin_failures: u32,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            peer_depth: 4,
+            max_inflight: 32,
+            origin_depth: 4,
+            stall_ms: 5_000,
+            max_stalls: 2,
+            urgent_window: 4,
+            endgame_chunks: 4,
+            endgame_after_ms: 300,
+            lease_batch: 16,
+            lookup_interval_ms: 500,
+            max_origin_failures: 3,
+        }
+    }
+}
+
+/// Where a chunk comes from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source<P> {
+    /// A peer of the swarm.
+    Peer(P),
+    /// The origin registry (under a lease, or with the tracker down).
+    Origin,
+}
+
+/// How a chunk request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The bytes arrived and were verified (from a peer: against the chunk
+    /// hash; from the origin: hashed by this node) and stored.
+    Verified,
+    /// A peer sent bytes that failed verification.
+    Bad,
+    /// The peer does not have the chunk.
+    DontHave,
+    /// The request failed (connection lost, timeout, refused).
+    Failed,
+}
+
+/// What the driver tells the scheduler.
+#[derive(Debug, Clone)]
+pub enum Event<P> {
+    /// A peer holds these chunks (from a tracker lookup or the peer itself);
+    /// replaces what was known of it.
+    PeerHas {
+        /// The peer.
+        peer: P,
+        /// Its chunks.
+        have: Bitfield,
+    },
+    /// A peer left or is unreachable.
+    PeerGone {
+        /// The peer.
+        peer: P,
+    },
+    /// These chunk hashes are known (cumulative).
+    HashesKnown(Bitfield),
+    /// A request ended.
+    Chunk {
+        /// Who was asked.
+        source: Source<P>,
+        /// Which chunk.
+        chunk: u32,
+        /// How it went.
+        outcome: Outcome,
+    },
+    /// The tracker granted origin leases on these chunks (maybe none).
+    LeaseGranted(Vec<u32>),
+    /// A lookup answered (holders and hashes were fed as events).
+    LookedUp,
+    /// The tracker became unreachable (`true`) or reachable again.
+    TrackerDown(bool),
+    /// The client is reading from this chunk on.
+    Want(u32),
+}
+
+/// What the scheduler asks the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask a peer for these chunks (one request, in this order).
+    FetchPeer {
+        /// The peer.
+        peer: P,
+        /// The chunks.
+        chunks: Vec<u32>,
+    },
+    /// Fetch these contiguous chunks from the origin with one Range request.
+    FetchOrigin {
+        /// The chunks, ascending and contiguous.
+        chunks: Vec<u32>,
+    },
+    /// Ask the tracker for origin leases, preferring `from` onward.
+    Lease {
+        /// Preferred first chunk.
+        from: u32,
+        /// How many at most.
+        max: u32,
+    },
+    /// Refresh holders and chunk hashes from the tracker.
+    Lookup,
+    /// Stop waiting for a request (the chunk is asked elsewhere or arrived).
+    Cancel {
+        /// Who was asked.
+        source: Source<P>,
+        /// Which chunk.
+        chunk: u32,
+    },
+    /// Every chunk is here: check the whole digest.
+    Complete,
+    /// The origin keeps failing: give up this download.
+    GiveUp,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    have: Bitfield,
+    inflight: u32,
+    stalls: u32,
+    excluded: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Request<P> {
+    source: Source<P>,
+    started: u64,
+    deadline: u64,
+}
+
+/// The scheduler of one blob download. `P` identifies peers.
+#[derive(Debug)]
+pub struct Scheduler<P> {
+    cfg: SchedConfig,
+    layout: ChunkLayout,
+    have: Bitfield,
+    known: Bitfield,
+    /// Live, non-excluded peers holding each chunk.
+    avail: Vec<u32>,
+    peers: BTreeMap<P, PeerState>,
+    inflight: BTreeMap<u32, Vec<Request<P>>>,
+    peer_inflight: u32,
+    leased: Bitfield,
+    origin_inflight: u32,
+    origin_failures: u32,
+    lease_pending: bool,
+    /// After a grant that left chunks without any source, when to ask again.
+    lease_retry_at: u64,
+    lookup_pending: bool,
+    last_lookup: Option<u64>,
+    want: u32,
+    tracker_down: bool,
+    queue: VecDeque<Action<P>>,
+    finished: bool,
+}
+
+impl<P: Ord + Clone + Debug> Scheduler<P> {
+    /// A download of a blob with this layout, starting with the chunks in
+    /// `have` (resumed from the store).
+    pub fn new(cfg: SchedConfig, layout: ChunkLayout, have: Bitfield) -> Self {
+        let n = layout.count();
+        let mut have = have;
+        if have.len() != n {
+            have = Bitfield::for_layout(&layout);
+        }
+        Scheduler {
+            cfg,
+            layout,
+            have,
+            known: Bitfield::for_layout(&layout),
+            avail: vec![0; n as usize],
+            peers: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            peer_inflight: 0,
+            leased: Bitfield::for_layout(&layout),
+            origin_inflight: 0,
+            origin_failures: 0,
+            lease_pending: false,
+            lease_retry_at: 0,
+            lookup_pending: false,
+            last_lookup: None,
+            want: 0,
+            tracker_down: false,
+            queue: VecDeque::new(),
+            finished: false,
+        }
+    }
+
+    /// Chunks verified and stored so far.
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// The blob's layout.
+    pub fn layout(&self) -> &ChunkLayout {
+        &self.layout
+    }
+
+    /// Whether a peer was excluded for this blob.
+    pub fn is_excluded(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.excluded)
+    }
+
+    /// Feeds an event.
+    pub fn handle(&mut self, now: u64, event: Event<P>) {
+        match event {
+            Event::PeerHas { peer, have } => {
+                if have.len() != self.layout.count() {
+                    return;
+                }
+                let state = self.peers.entry(peer).or_insert_with(|| PeerState {
+                    have: Bitfield::for_layout(&self.layout),
+                    inflight: 0,
+                    stalls: 0,
+                    excluded: false,
+                });
+                if state.excluded {
+                    return;
+                }
+                for i in state.have.iter_ones() {
+                    self.avail[i as usize] -= 1;
+                }
+                for i in have.iter_ones() {
+                    self.avail[i as usize] += 1;
+                }
+                state.have = have;
+            }
+            Event::PeerGone { peer } => self.drop_peer(&peer, true),
+            Event::HashesKnown(bits) => {
+                if bits.len() == self.known.len() {
+                    self.known.union_with(&bits);
+                }
+            }
+            Event::Chunk {
+                source,
+                chunk,
+                outcome,
+            } => self.on_chunk(source, chunk, outcome),
+            Event::LeaseGranted(chunks) => {
+                self.lease_pending = false;
+                let granted = chunks.len();
+                for c in chunks {
+                    if c < self.layout.count() && !self.have.get(c) {
+                        let _ = self.leased.set(c);
+                    }
+                }
+                // Nothing granted: the rest is someone else's lease; ask
+                // again only after a lookup interval.
+                if granted == 0 {
+                    self.lease_retry_at = now + self.cfg.lookup_interval_ms;
+                }
+            }
+            Event::LookedUp => {
+                self.lookup_pending = false;
+                self.last_lookup = Some(now);
+            }
+            Event::TrackerDown(down) => {
+                self.tracker_down = down;
+                if down {
+                    self.lease_pending = false;
+                    self.lookup_pending = false;
+                }
+            }
+            Event::Want(chunk) => self.want = chunk.min(self.layout.count().saturating_sub(1)),
+        }
+    }
+
+    fn on_chunk(&mut self, source: Source<P>, chunk: u32, outcome: Outcome) {
+        if chunk >= self.layout.count() {
+            return;
+        }
+        // Was this request still outstanding?
+        let Some(reqs) = self.inflight.get_mut(&chunk) else {
+            return;
+        };
+        let Some(pos) = reqs.iter().position(|r| r.source == source) else {
+            return;
+        };
+        reqs.remove(pos);
+        self.release(&source);
+        match (&source, outcome) {
+            (_, Outcome::Verified) => {
+                let _ = self.have.set(chunk);
+                let _ = self.leased.clear(chunk);
+                // Duplicates of an endgame request are no longer needed.
+                for other in self.inflight.remove(&chunk).unwrap_or_default() {
+                    self.release(&other.source);
+                    self.queue.push_back(Action::Cancel {
+                        source: other.source,
+                        chunk,
+                    });
+                }
+            }
+            (Source::Peer(p), Outcome::Bad) => {
+                // Bad data: this peer is out for this blob.
+                let p = p.clone();
+                self.exclude(&p);
+            }
+            (Source::Peer(p), Outcome::DontHave) => {
+                if let Some(state) = self.peers.get_mut(p) {
+                    if !state.excluded && state.have.get(chunk) {
+                        let _ = state.have.clear(chunk);
+                        self.avail[chunk as usize] -= 1;
+                    }
+                }
+            }
+            (Source::Peer(p), Outcome::Failed) => {
+                let p = p.clone();
+                self.stalled(&p);
+            }
+            (Source::Origin, _) => {
+                self.origin_failures += 1;
+            }
+        }
+        if self.inflight.get(&chunk).is_some_and(|r| r.is_empty()) {
+            self.inflight.remove(&chunk);
+        }
+    }
+
+    fn release(&mut self, source: &Source<P>) {
+        match source {
+            Source::Origin => self.origin_inflight -= 1,
+            Source::Peer(p) => {
+                self.peer_inflight -= 1;
+                if let Some(state) = self.peers.get_mut(p) {
+                    state.inflight -= 1;
+                }
+            }
+        }
+    }
+
+    fn stalled(&mut self, peer: &P) {
+        let exclude = match self.peers.get_mut(peer) {
+            Some(state) => {
+                state.stalls += 1;
+                state.stalls >= self.cfg.max_stalls
+            }
+            None => false,
+        };
+        if exclude {
+            self.exclude(peer);
+        }
+    }
+
+    fn exclude(&mut self, peer: &P) {
+        self.drop_peer(peer, false);
+    }
+
+    /// Forgets what `peer` holds and cancels what it was asked for. With
+    /// `forget`, it may come back with a new `PeerHas`; otherwise it stays
+    /// excluded for this blob.
+    fn drop_peer(&mut self, peer: &P, forget: bool) {
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !state.excluded {
+            for i in state.have.iter_ones() {
+                self.avail[i as usize] -= 1;
+            }
+        }
+        state.excluded = true;
+        state.have = Bitfield::for_layout(&self.layout);
+        let source = Source::Peer(peer.clone());
+        let chunks: Vec<u32> = self
+            .inflight
+            .iter()
+            .filter(|(_, reqs)| reqs.iter().any(|r| r.source == source))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in chunks {
+            let reqs = self.inflight.get_mut(&c).expect("listed");
+            reqs.retain(|r| r.source != source);
+            if reqs.is_empty() {
+                self.inflight.remove(&c);
+            }
+            self.release(&source);
+            self.queue.push_back(Action::Cancel {
+                source: source.clone(),
+                chunk: c,
+            });
+        }
+        if forget {
+            self.peers.remove(peer);
+        }
+    }
+
+    /// The earliest time at which [`poll`](Self::poll) has something new to
+    /// do without a new event (a stall deadline or a lookup refresh).
+    pub fn next_deadline(&self) -> Option<u64> {
+        if self.finished {
+            return None;
+        }
+        let missing = self.layout.count() - self.have.count();
+        let endgame = missing <= self.cfg.endgame_chunks;
+        let stall = self
+            .inflight
+            .values()
+            .flat_map(|reqs| {
+                reqs.iter().map(move |r| {
+                    let dup = r.started + self.cfg.endgame_after_ms;
+                    if endgame && reqs.len() < 2 && matches!(r.source, Source::Peer(_)) {
+                        r.deadline.min(dup)
+                    } else {
+                        r.deadline
+                    }
+                })
+            })
+            .min();
+        let waiting = !self.tracker_down && self.waiting_on_others();
+        let lookup = (waiting && !self.lookup_pending)
+            .then(|| self.last_lookup.map(|t| t + self.cfg.lookup_interval_ms))
+            .flatten();
+        let lease = (waiting && !self.lease_pending && self.lease_retry_at > 0)
+            .then_some(self.lease_retry_at);
+        let lookup = match (lookup, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (stall, lookup) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next thing to do now, if any. Call until `None`.
+    pub fn poll(&mut self, now: u64) -> Option<Action<P>> {
+        if let Some(a) = self.queue.pop_front() {
+            return Some(a);
+        }
+        if self.finished {
+            return None;
+        }
+        if self.have.is_full() {
+            self.finished = true;
+            return Some(Action::Complete);
+        }
+        if self.origin_failures >= self.cfg.max_origin_failures {
+            self.finished = true;
+            return Some(Action::GiveUp);
+        }
+        self.expire_stalls(now);
+        if let Some(a) = self.queue.pop_front() {
+            return Some(a);
+        }
+        if let Some(a) = self.next_peer_request(now) {
+            return Some(a);
+        }
+        if let Some(a) = self.next_origin_fetch(now) {
+            return Some(a);
+        }
+        if let Some(a) = self.next_endgame(now) {
+            return Some(a);
+        }
+        if !self.tracker_down {
+            // Lease just in time: only when the chunks leased so far are
+            // all fetched or in flight, so no node hoards leases it cannot
+            // serve soon.
+            let idle_leases = self.leased.iter_ones().any(|c| self.idle_missing(c));
+            if !self.lease_pending && !idle_leases && now >= self.lease_retry_at {
+                if let Some(from) = self.first_orphan() {
+                    self.lease_pending = true;
+                    return Some(Action::Lease {
+                        from,
+                        max: self.cfg.lease_batch,
+                    });
+                }
+            }
+            let due = self
+                .last_lookup
+                .is_none_or(|t| now >= t + self.cfg.lookup_interval_ms);
+            if !self.lookup_pending && due && self.waiting_on_others() {
+                self.lookup_pending = true;
+                return Some(Action::Lookup);
+            }
+        }
+        None
+    }
+
+    fn expire_stalls(&mut self, now: u64) {
+        let expired: Vec<(u32, Source<P>)> = self
+            .inflight
+            .iter()
+            .flat_map(|(c, reqs)| {
+                reqs.iter()
+                    .filter(|r| r.deadline <= now)
+                    .map(move |r| (*c, r.source.clone()))
+            })
+            .collect();
+        for (chunk, source) in expired {
+            self.queue.push_back(Action::Cancel {
+                source: source.clone(),
+                chunk,
+            });
+            self.on_chunk(source, chunk, Outcome::Failed);
+        }
+    }
+
+    /// Chunks still needed and not being fetched: missing, not in flight.
+    fn idle_missing(&self, c: u32) -> bool {
+        !self.have.get(c) && !self.inflight.contains_key(&c)
+    }
+
+    /// Order in which missing chunks are considered: the urgent window after
+    /// the client's position first, in order; then by rarity, then index.
+    fn priority(&self, c: u32) -> (u8, u32, u32) {
+        let urgent = c >= self.want && c < self.want.saturating_add(self.cfg.urgent_window);
+        if urgent {
+            (0, 0, c)
+        } else {
+            (1, self.avail[c as usize], c)
+        }
+    }
+
+    fn next_peer_request(&mut self, now: u64) -> Option<Action<P>> {
+        if self.peer_inflight >= self.cfg.max_inflight {
+            return None;
+        }
+        // Least loaded peers first; ties by id, deterministically.
+        let mut order: Vec<(u32, P)> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| !s.excluded && s.inflight < self.cfg.peer_depth)
+            .map(|(p, s)| (s.inflight, p.clone()))
+            .collect();
+        order.sort();
+        for (_, peer) in order {
+            let state = &self.peers[&peer];
+            let room = (self.cfg.peer_depth - state.inflight)
+                .min(self.cfg.max_inflight - self.peer_inflight);
+            let mut candidates: Vec<(u8, u32, u32)> = state
+                .have
+                .iter_ones()
+                .filter(|&c| self.known.get(c) && self.idle_missing(c))
+                .map(|c| self.priority(c))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            candidates.sort_unstable();
+            let chunks: Vec<u32> = candidates
+                .into_iter()
+                .take(room as usize)
+                .map(|(_, _, c)| c)
+                .collect();
+            for &c in &chunks {
+                self.start(c, Source::Peer(peer.clone()), now);
+            }
+            return Some(Action::FetchPeer { peer, chunks });
+        }
+        None
+    }
+
+    fn start(&mut self, chunk: u32, source: Source<P>, now: u64) {
+        match &source {
+            Source::Origin => self.origin_inflight += 1,
+            Source::Peer(p) => {
+                self.peer_inflight += 1;
+                if let Some(s) = self.peers.get_mut(p) {
+                    s.inflight += 1;
+                }
+            }
+        }
+        self.inflight.entry(chunk).or_default().push(Request {
+            source,
+            started: now,
+            deadline: now + self.cfg.stall_ms,
+        });
+    }
+
+    /// Whether the origin may serve chunk `c` now: leased to this node, or
+    /// (tracker down) held by no known peer.
+    fn origin_ok(&self, c: u32) -> bool {
+        self.idle_missing(c)
+            && (self.leased.get(c) || (self.tracker_down && self.avail[c as usize] == 0))
+    }
+
+    fn next_origin_fetch(&mut self, now: u64) -> Option<Action<P>> {
+        if self.origin_inflight >= self.cfg.origin_depth {
+            return None;
+        }
+        let n = self.layout.count();
+        // Start at the most urgent fetchable chunk, then extend contiguously.
+        let first = (0..n)
+            .filter(|&c| self.origin_ok(c))
+            .min_by_key(|&c| self.priority(c))?;
+        let room = self.cfg.origin_depth - self.origin_inflight;
+        let mut chunks = vec![first];
+        let mut next = first + 1;
+        while (chunks.len() as u32) < room && next < n && self.origin_ok(next) {
+            chunks.push(next);
+            next += 1;
+        }
+        for &c in &chunks {
+            self.start(c, Source::Origin, now);
+        }
+        Some(Action::FetchOrigin { chunks })
+    }
+
+    /// With few chunks left and all of them in flight, ask a second peer.
+    fn next_endgame(&mut self, now: u64) -> Option<Action<P>> {
+        let missing = self.layout.count() - self.have.count();
+        if missing == 0 || missing > self.cfg.endgame_chunks {
+            return None;
+        }
+        if self.peer_inflight >= self.cfg.max_inflight {
+            return None;
+        }
+        let inflight: Vec<u32> = self.inflight.keys().copied().collect();
+        for c in inflight {
+            let reqs = &self.inflight[&c];
+            let young = reqs
+                .iter()
+                .any(|r| now < r.started + self.cfg.endgame_after_ms);
+            if !self.known.get(c) || reqs.len() >= 2 || young {
+                continue;
+            }
+            let asked: Vec<Source<P>> =
+                self.inflight[&c].iter().map(|r| r.source.clone()).collect();
+            let peer = self
+                .peers
+                .iter()
+                .filter(|(p, s)| {
+                    !s.excluded
+                        && s.inflight < self.cfg.peer_depth
+                        && s.have.get(c)
+                        && !asked.contains(&Source::Peer((*p).clone()))
+                })
+                .min_by_key(|(p, s)| (s.inflight, (*p).clone()))
+                .map(|(p, _)| p.clone());
+            if let Some(peer) = peer {
+                self.start(c, Source::Peer(peer.clone()), now);
+                return Some(Action::FetchPeer {
+                    peer,
+                    chunks: vec![c],
+                });
+            }
+        }
+        None
+    }
+
+    /// The first chunk (from the client's position, wrapping) that nobody
+    /// offers, that is not leased to this node and not in flight.
+    fn first_orphan(&self) -> Option<u32> {
+        let n = self.layout.count();
+        (self.want..n)
+            .chain(0..self.want)
+            .find(|&c| self.idle_missing(c) && !self.leased.get(c) && self.avail[c as usize] == 0)
+    }
+
+    /// Whether progress depends on news from the tracker: chunks are missing
+    /// that no source is fetching.
+    fn waiting_on_others(&self) -> bool {
+        (0..self.layout.count()).any(|c| self.idle_missing(c) && !self.leased.get(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u32 = 1 << 20;
+
+    fn layout(chunks: u32) -> ChunkLayout {
+        ChunkLayout::new(u64::from(chunks) * u64::from(MIB), MIB).unwrap()
+    }
+
+    fn bits(n: u32, ones: impl IntoIterator<Item = u32>) -> Bitfield {
+        let mut b = Bitfield::new(n).unwrap();
+        for i in ones {
+            b.set(i).unwrap();
+        }
+        b
+    }
+
+    fn sched(n: u32) -> Scheduler<u32> {
+        let mut s = Scheduler::new(SchedConfig::default(), layout(n), Bitfield::new(n).unwrap());
+        s.handle(0, Event::HashesKnown(Bitfield::full(n).unwrap()));
+        // The driver looks the blob up before it starts a download.
+        s.handle(0, Event::LookedUp);
+        s
+    }
+
+    fn drain(s: &mut Scheduler<u32>, now: u64) -> Vec<Action<u32>> {
+        let mut out = Vec::new();
+        while let Some(a) = s.poll(now) {
+            out.push(a);
+            assert!(out.len() < 10_000, "poll never settles");
+        }
+        out
+    }
+
+    fn peer_fetches(actions: &[Action<u32>]) -> Vec<(u32, Vec<u32>)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::FetchPeer { peer, chunks } => Some((*peer, chunks.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rarest_first_and_depth() {
+        let mut s = sched(8);
+        // Chunk 5 is held by one peer, the rest by both.
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(8).unwrap(),
+            },
+        );
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 2,
+                have: bits(8, [0, 1, 2, 3, 4, 6, 7]),
+            },
+        );
+        s.handle(0, Event::Want(7)); // urgent window 7.. covers only chunk 7
+        let acts = drain(&mut s, 0);
+        let f = peer_fetches(&acts);
+        // Peer 1 first (tie on load, lower id): urgent 7, then the rarest (5).
+        assert_eq!(f[0], (1, vec![7, 5, 0, 1]));
+        assert_eq!(f[1], (2, vec![2, 3, 4, 6]));
+        assert!(f.iter().all(|(_, c)| c.len() <= 4));
+    }
+
+    #[test]
+    fn only_verifiable_chunks_come_from_peers() {
+        let mut s = Scheduler::new(SchedConfig::default(), layout(4), Bitfield::new(4).unwrap());
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(4).unwrap(),
+            },
+        );
+        s.handle(0, Event::HashesKnown(bits(4, [2])));
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f, vec![(1, vec![2])]);
+    }
+
+    #[test]
+    fn stalled_request_moves_elsewhere_and_repeat_staller_is_excluded() {
+        let mut s = sched(2);
+        s.cfg.endgame_chunks = 0;
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f, vec![(1, vec![0, 1])]);
+        s.handle(
+            10,
+            Event::PeerHas {
+                peer: 2,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        assert!(
+            peer_fetches(&drain(&mut s, 10)).is_empty(),
+            "nothing idle to ask peer 2 for"
+        );
+        assert_eq!(s.next_deadline(), Some(5_000));
+        let acts = drain(&mut s, 5_000);
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(1),
+            chunk: 0
+        }));
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(1),
+            chunk: 1
+        }));
+        // Two stalls: peer 1 is excluded; everything goes to peer 2.
+        assert!(s.is_excluded(&1));
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![0, 1])]);
+    }
+
+    #[test]
+    fn bad_data_excludes_lacking_data_does_not() {
+        let mut s = sched(4);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(4).unwrap(),
+            },
+        );
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 2,
+                have: Bitfield::full(4).unwrap(),
+            },
+        );
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f, vec![(1, vec![0, 1, 2, 3])]);
+        s.handle(
+            1,
+            Event::Chunk {
+                source: Source::Peer(1),
+                chunk: 0,
+                outcome: Outcome::DontHave,
+            },
+        );
+        assert!(!s.is_excluded(&1));
+        let acts = drain(&mut s, 1);
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![0])]);
+        s.handle(
+            2,
+            Event::Chunk {
+                source: Source::Peer(1),
+                chunk: 1,
+                outcome: Outcome::Bad,
+            },
+        );
+        assert!(s.is_excluded(&1));
+        let acts = drain(&mut s, 2);
+        // Its other requests are cancelled and move to peer 2.
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(1),
+            chunk: 2
+        }));
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![1, 2, 3])]);
+        // A late answer from the excluded peer changes nothing.
+        s.handle(
+            3,
+            Event::Chunk {
+                source: Source::Peer(1),
+                chunk: 2,
+                outcome: Outcome::Verified,
+            },
+        );
+        assert!(!s.have().get(2));
+    }
+
+    #[test]
+    fn cold_blob_goes_to_origin_under_lease_then_completes() {
+        let mut s = sched(6);
+        let acts = drain(&mut s, 0);
+        assert_eq!(acts, vec![Action::Lease { from: 0, max: 16 }]);
+        s.handle(1, Event::LeaseGranted(vec![0, 1, 2, 3, 4]));
+        // At most origin_depth chunks at once, contiguous from the start;
+        // no new lease while leased chunks wait.
+        assert_eq!(
+            drain(&mut s, 1),
+            vec![Action::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            }]
+        );
+        for c in 0..4 {
+            let (source, outcome) = (Source::Origin, Outcome::Verified);
+            s.handle(
+                3,
+                Event::Chunk {
+                    source,
+                    chunk: c,
+                    outcome,
+                },
+            );
+        }
+        assert_eq!(
+            drain(&mut s, 3),
+            vec![
+                Action::FetchOrigin { chunks: vec![4] },
+                Action::Lease { from: 5, max: 16 },
+            ]
+        );
+        // Chunk 5 is someone else's lease: look again once the interval passed.
+        s.handle(4, Event::LeaseGranted(vec![]));
+        assert_eq!(drain(&mut s, 4), vec![]);
+        assert_eq!(s.next_deadline(), Some(500));
+        assert_eq!(drain(&mut s, 500), vec![Action::Lookup]);
+        // The lease holder of chunk 5 published it and holds it.
+        s.handle(
+            501,
+            Event::PeerHas {
+                peer: 9,
+                have: bits(6, [5]),
+            },
+        );
+        s.handle(501, Event::LookedUp);
+        assert_eq!(peer_fetches(&drain(&mut s, 501)), vec![(9, vec![5])]);
+        let (source, outcome) = (Source::Origin, Outcome::Verified);
+        s.handle(
+            502,
+            Event::Chunk {
+                source,
+                chunk: 4,
+                outcome,
+            },
+        );
+        let (source, outcome) = (Source::Peer(9), Outcome::Verified);
+        s.handle(
+            502,
+            Event::Chunk {
+                source,
+                chunk: 5,
+                outcome,
+            },
+        );
+        assert_eq!(drain(&mut s, 502), vec![Action::Complete]);
+        assert_eq!(s.poll(503), None);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn endgame_duplicates_then_cancels_the_loser() {
+        let mut s = sched(2);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1])]);
+        s.handle(
+            1,
+            Event::PeerHas {
+                peer: 2,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        // Not yet: the requests are young.
+        assert!(peer_fetches(&drain(&mut s, 1)).is_empty());
+        assert_eq!(s.next_deadline(), Some(300));
+        let f = peer_fetches(&drain(&mut s, 300));
+        assert_eq!(f, vec![(2, vec![0]), (2, vec![1])]);
+        s.handle(
+            301,
+            Event::Chunk {
+                source: Source::Peer(2),
+                chunk: 0,
+                outcome: Outcome::Verified,
+            },
+        );
+        let acts = drain(&mut s, 301);
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(1),
+            chunk: 0
+        }));
+    }
+
+    #[test]
+    fn tracker_down_goes_to_origin_for_what_no_known_peer_has() {
+        let mut s = sched(6);
+        s.handle(0, Event::TrackerDown(true));
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: bits(6, [0, 1]),
+            },
+        );
+        let acts = drain(&mut s, 0);
+        assert_eq!(
+            acts,
+            vec![
+                Action::FetchPeer {
+                    peer: 1,
+                    chunks: vec![0, 1]
+                },
+                Action::FetchOrigin {
+                    chunks: vec![2, 3, 4, 5]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn origin_failures_give_up() {
+        let mut s = sched(1);
+        s.handle(0, Event::TrackerDown(true));
+        for t in 0..3 {
+            assert_eq!(
+                drain(&mut s, t),
+                vec![Action::FetchOrigin { chunks: vec![0] }]
+            );
+            s.handle(
+                t,
+                Event::Chunk {
+                    source: Source::Origin,
+                    chunk: 0,
+                    outcome: Outcome::Failed,
+                },
+            );
+        }
+        assert_eq!(drain(&mut s, 9), vec![Action::GiveUp]);
+    }
+
+    proptest::proptest! {
+        /// Random event sequences never break the invariants: no request for
+        /// a chunk already held, never above the depths, never a peer request
+        /// for an unverifiable chunk or to an excluded peer, and the same
+        /// events always give the same actions.
+        #[test]
+        fn invariants_hold(ops in proptest::collection::vec((0u8..8, 0u32..4, 0u32..12, 0u64..3000), 1..200)) {
+            let n = 12;
+            let run = || {
+                let mut s: Scheduler<u32> = Scheduler::new(SchedConfig::default(), layout(n), Bitfield::new(n).unwrap());
+                let mut now = 0;
+                let mut log = Vec::new();
+                for &(kind, peer, chunk, dt) in &ops {
+                    now += dt;
+                    let ev = match kind {
+                        0 => Event::PeerHas { peer, have: bits(n, (0..n).filter(|c| (c + peer) % 3 != 0)) },
+                        1 => Event::HashesKnown(bits(n, 0..=chunk)),
+                        2 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Verified },
+                        3 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Bad },
+                        4 => Event::Chunk { source: Source::Origin, chunk, outcome: Outcome::Verified },
+                        5 => Event::LeaseGranted(vec![chunk, (chunk + 1) % n]),
+                        6 => Event::PeerGone { peer },
+                        _ => Event::Want(chunk),
+                    };
+                    s.handle(now, ev);
+                    while let Some(a) = s.poll(now) {
+                        match &a {
+                            Action::FetchPeer { peer, chunks } => {
+                                assert!(!s.is_excluded(peer));
+                                for c in chunks {
+                                    assert!(!s.have().get(*c));
+                                    assert!(s.known.get(*c));
+                                }
+                            }
+                            Action::FetchOrigin { chunks } => {
+                                assert!(chunks.windows(2).all(|w| w[1] == w[0] + 1));
+                            }
+                            _ => {}
+                        }
+                        assert!(s.origin_inflight <= s.cfg.origin_depth);
+                        assert!(s.peer_inflight <= s.cfg.max_inflight);
+                        assert!(s.peers.values().all(|p| p.inflight <= s.cfg.peer_depth));
+                        log.push(format!("{a:?}"));
+                        assert!(log.len() < 100_000);
+                    }
+                }
+                log
+            };
+            proptest::prop_assert_eq!(run(), run());
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Tracker API v1 types (work in progress).
