@@ -13,6 +13,10 @@ Subcommands:
   median V...                     median of the numbers
   record OUT KEY=VALUE...         append one JSON line (numbers stay numbers,
                                   VALUE may be a JSON list like [1,2])
+  throttle-proxy LISTEN_PORT TARGET_PORT RATE LIFETIME
+                                  TCP proxy on 127.0.0.1 pacing responses to
+                                  RATE bytes/s per connection (a WAN-like
+                                  origin); exits after LIFETIME seconds
   aggregate-wrk RUNS OUT RUN_ID   medians per (test, target) of wrk runs -> OUT
   table OUT [RUN_ID]              print the markdown summary of one run of a
                                   results file (default: its last run)
@@ -25,6 +29,8 @@ import re
 import socket
 import statistics
 import sys
+import threading
+import time
 
 
 def free_ports(n):
@@ -158,6 +164,65 @@ def aggregate_wrk(runs_file, out, run_id):
             f.write(json.dumps(d) + "\n")
 
 
+def throttle_proxy(listen_port, target_port, rate, lifetime):
+    """A TCP proxy on 127.0.0.1:listen_port to 127.0.0.1:target_port whose
+    responses (target -> client) are paced to `rate` bytes/s per connection:
+    an origin behind a WAN-like link. Exits by itself after `lifetime` s."""
+    listen_port, target_port, rate, lifetime = int(listen_port), int(target_port), float(rate), float(lifetime)
+    chunk = 256 * 1024
+
+    def pipe(src, dst, paced):
+        start, sent = time.monotonic(), 0
+        try:
+            while True:
+                data = src.recv(chunk)
+                if not data:
+                    break
+                dst.sendall(data)
+                if paced:
+                    sent += len(data)
+                    ahead = sent / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        except OSError:
+            pass
+        finally:
+            for s_ in (src, dst):
+                try:
+                    s_.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def handle(client):
+        try:
+            upstream = socket.create_connection(("127.0.0.1", target_port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        for s_ in (client, upstream):
+            s_.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = threading.Thread(target=pipe, args=(client, upstream, False), daemon=True)
+        t.start()
+        pipe(upstream, client, True)
+        t.join(timeout=5)
+        client.close()
+        upstream.close()
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", listen_port))
+    srv.listen(64)
+    srv.settimeout(1.0)
+    deadline = time.monotonic() + lifetime
+    while time.monotonic() < deadline:
+        try:
+            c, _ = srv.accept()
+        except socket.timeout:
+            continue
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+
 def _fmt(v, nd=3):
     if v is None:
         return "–"
@@ -228,7 +293,7 @@ def table(out, run_id=None):
             goal, met = "≥ 20× registry req/s", (r is not None and r >= 20)
         else:
             goal, met = "–", None
-        nn = g(t, "shoald", "n")
+        nn = g(t, "shoald", "n") or 1
         secs = g(t, "shoald", "seconds")
         lines.append(
             f"| manifest by digest c={c}, req/s (median of {nn} × {secs} s) | {_fmt(srps, 0)} | docker-registry {_fmt(rrps, 0)} | "
@@ -285,6 +350,14 @@ def table(out, run_id=None):
     )
     lines.append(f"| cold: origin bytes / blob size per shoald run | {ob_txt} | – | – | 1.000× | "
                  f"{'yes' if isinstance(ob, list) and ob and size and all(b == size for b in ob) else 'no'} |")
+    st, dt = g("cold_blob_wan", "shoald", "median_s"), g("cold_blob_wan", "registry", "median_s")
+    if st is not None:
+        r = ratio(st, dt)
+        rate = g("cold_blob_wan", "shoald", "origin_rate_mib_s")
+        lines.append(
+            f"| cold blob GET, origin paced to {rate} MiB/s, s (median of {g('cold_blob_wan', 'shoald', 'n')}) | "
+            f"{_fmt(st)} | direct {_fmt(dt)} | {_fmt(r, 3)}× | ≤ 1.05× | {'yes' if r is not None and r <= 1.05 else 'no'} |"
+        )
     print("\n".join(lines))
 
 
@@ -307,6 +380,8 @@ def main():
         median(rest)
     elif cmd == "record":
         record(rest[0], rest[1:])
+    elif cmd == "throttle-proxy":
+        throttle_proxy(*rest)
     elif cmd == "aggregate-wrk":
         aggregate_wrk(*rest)
     elif cmd == "table":

@@ -4,11 +4,14 @@
 #   2. manifest GET by digest (cache hit) with wrk at c=1 and c=64: shoald vs docker-registry,
 #      shoald's `GET /v2/` at c=1 (the server loop's floor: no content work), and manifest
 #      GET by tag at c=1 (shoald resolves tags at the origin every time)
-#   3. cold pass-through of one large blob: fresh shoald vs a direct GET from the registry
+#   3. cold pass-through of one large blob: fresh shoald vs a direct GET from the registry,
+#      on loopback and again with the origin behind a proxy paced to --wan-mib MiB/s per
+#      connection (default 100; 0 skips it), where the origin link is the bottleneck
 # Prints a markdown table and appends one JSON line per measurement to --out.
 #
 # Usage: bash bench/single-node.sh [--out FILE] [--runs N] [--cold-runs N]
-#                                  [--blob-mib N] [--wrk-seconds N] [--wrk-rounds N] [--no-build]
+#                                  [--blob-mib N] [--wrk-seconds N] [--wrk-rounds N]
+#                                  [--wan-mib N] [--no-build]
 # Everything listens on 127.0.0.1 ports picked free at start; every loop is bounded;
 # temp dirs and the processes this script started are removed on exit and on Ctrl-C.
 set -euo pipefail
@@ -22,6 +25,7 @@ COLD_RUNS=3
 BLOB_MIB=256
 WRK_SECONDS=10
 WRK_ROUNDS=3
+WAN_MIB=100
 IPERF_SECONDS=5
 BUILD=1
 while [ $# -gt 0 ]; do
@@ -32,6 +36,7 @@ while [ $# -gt 0 ]; do
         --blob-mib) BLOB_MIB="$2"; shift 2 ;;
         --wrk-seconds) WRK_SECONDS="$2"; shift 2 ;;
         --wrk-rounds) WRK_ROUNDS="$2"; shift 2 ;;
+        --wan-mib) WAN_MIB="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "single-node.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
@@ -194,12 +199,12 @@ log "pushed $REPO: blob $BLOB_DIGEST ($BLOB_BYTES bytes), manifest $MANIFEST_DIG
 
 # ---------------------------------------------------------------- shoald
 SHOALD_PID=""
-start_shoald() { # data dir
-    local dir=$1 sp op
+start_shoald() { # data dir [origin port]
+    local dir=$1 up=${2:-$REG_PORT} sp op
     local ports; ports="$(python3 "$HELP" free-ports 2)"; read -r sp op <<<"$ports"
     mkdir -p "$dir"
     "$SHOALD" run --data-dir "$dir" --registry-listen "127.0.0.1:$sp" --ops-listen "127.0.0.1:$op" \
-        --insecure-upstream "127.0.0.1:$REG_PORT" --default-upstream "127.0.0.1:$REG_PORT" \
+        --insecure-upstream "127.0.0.1:$up" --default-upstream "127.0.0.1:$up" \
         >"$dir.log" 2>&1 &
     SHOALD_PID=$!
     PIDS+=("$SHOALD_PID")
@@ -363,6 +368,48 @@ done
 rec test=cold_blob target=shoald "n=$COLD_RUNS" "runs_s=$(jlist "${CS[@]}")" "median_s=$(median "${CS[@]}")" \
     "origin_bytes=$(jlist "${OB[@]}")"
 rec test=cold_blob target=registry "n=$COLD_RUNS" "runs_s=$(jlist "${CD[@]}")" "median_s=$(median "${CD[@]}")"
+
+# ---------------------------------------------------------------- 3b. cold, WAN-like origin
+# On loopback the origin is as fast as the local CPU, so the cold path's own work
+# (verify, store, serve) is all that is measured. Behind a paced proxy the origin
+# link is the bottleneck, as it is for a real registry: both shoald and the
+# direct GET go through the same proxy.
+if [ "$WAN_MIB" != 0 ]; then
+    PROXY_PORT="$(python3 "$HELP" free-ports 1)"
+    python3 "$HELP" throttle-proxy "$PROXY_PORT" "$REG_PORT" "$((WAN_MIB * 1024 * 1024))" 600 \
+        >"$WORK/proxy.log" 2>&1 &
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_listen "$PROXY_PORT" 10 "$PROXY_PID" || die "throttle proxy did not listen"
+    PROXY="http://127.0.0.1:$PROXY_PORT"
+    log "cold pass-through, origin paced to $WAN_MIB MiB/s: $COLD_RUNS rounds"
+    WS=(); WD=(); WOB=()
+    for i in $(seq "$COLD_RUNS"); do
+        dir="$WORK/shoald-wan-$i"
+        start_shoald "$dir" "$PROXY_PORT"
+        if [ $((i % 2)) = 1 ]; then order="shoald direct"; else order="direct shoald"; fi
+        for target in $order; do
+            case "$target" in
+                shoald)
+                    out="$(get_blob "$SHOAL/v2/$REPO/blobs/$BLOB_DIGEST")"; read -r _ t <<<"$out"
+                    ob="$(origin_blob_bytes)"
+                    WS+=("$t"); WOB+=("$ob")
+                    log "  round $i shoald (cold, paced origin): ${t}s, origin bytes $ob" ;;
+                direct)
+                    out="$(get_blob "$PROXY/v2/$REPO/blobs/$BLOB_DIGEST")"; read -r _ t <<<"$out"
+                    WD+=("$t")
+                    log "  round $i direct (paced origin): ${t}s" ;;
+            esac
+        done
+        stop_pid "$SHOALD_PID"
+        rm -rf "$dir" "$dir.log"
+    done
+    stop_pid "$PROXY_PID"
+    rec test=cold_blob_wan target=shoald "n=$COLD_RUNS" "origin_rate_mib_s=$WAN_MIB" "runs_s=$(jlist "${WS[@]}")" \
+        "median_s=$(median "${WS[@]}")" "origin_bytes=$(jlist "${WOB[@]}")"
+    rec test=cold_blob_wan target=registry "n=$COLD_RUNS" "origin_rate_mib_s=$WAN_MIB" "runs_s=$(jlist "${WD[@]}")" \
+        "median_s=$(median "${WD[@]}")"
+fi
 
 # ---------------------------------------------------------------- report
 echo

@@ -34,6 +34,42 @@ pub struct NodeContent {
     transfers: Transfers,
     authority_ttl: Duration,
     confirmed: Arc<Mutex<Confirmations>>,
+    manifests: Arc<Mutex<ManifestMemo>>,
+}
+
+/// Bytes of verified manifests kept in memory: runtimes ask for the same
+/// few manifests over and over, and they are small.
+const MANIFEST_MEMO_BYTES: usize = 32 << 20;
+
+/// Verified manifests in memory, oldest dropped first past the byte bound.
+#[derive(Debug, Default)]
+struct ManifestMemo {
+    map: HashMap<Digest, (Bytes, String)>,
+    order: std::collections::VecDeque<Digest>,
+    bytes: usize,
+}
+
+impl ManifestMemo {
+    fn get(&self, d: &Digest) -> Option<(Bytes, String)> {
+        self.map.get(d).cloned()
+    }
+
+    fn insert(&mut self, d: Digest, bytes: Bytes, media_type: String) {
+        if self.map.contains_key(&d) || bytes.len() > MANIFEST_MEMO_BYTES / 8 {
+            return;
+        }
+        self.bytes += bytes.len();
+        self.map.insert(d, (bytes, media_type));
+        self.order.push_back(d);
+        while self.bytes > MANIFEST_MEMO_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((b, _)) = self.map.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+    }
 }
 
 /// Longest the confirmation map may grow before old entries are pruned.
@@ -96,6 +132,7 @@ impl NodeContent {
             origin,
             authority_ttl,
             confirmed: Arc::default(),
+            manifests: Arc::default(),
         }
     }
 
@@ -162,6 +199,17 @@ impl NodeContent {
         head: bool,
     ) -> Result<ManifestBody, OciError> {
         let kind = KindLabel { kind: "manifest" };
+        let memo = self.manifests.lock().expect("lock").get(d);
+        if let Some((bytes, media_type)) = memo {
+            self.confirm(target, d, Kind::Manifest).await?;
+            metrics::global().cache_hits.get_or_create(&kind).inc();
+            return Ok(ManifestBody {
+                digest: *d,
+                media_type,
+                size: bytes.len() as u64,
+                bytes: (!head).then_some(bytes),
+            });
+        }
         if let Some(blob) = self.store.open_complete(d) {
             self.confirm(target, d, Kind::Manifest).await?;
             metrics::global().cache_hits.get_or_create(&kind).inc();
@@ -191,7 +239,12 @@ impl NodeContent {
                         "cached manifest was corrupt; retry",
                     ));
                 }
-                Some(Bytes::from(data))
+                let data = Bytes::from(data);
+                self.manifests
+                    .lock()
+                    .expect("lock")
+                    .insert(*d, data.clone(), media_type.clone());
+                Some(data)
             };
             return Ok(ManifestBody {
                 digest: *d,
@@ -211,6 +264,10 @@ impl NodeContent {
             .origin_bytes
             .get_or_create(&kind)
             .inc_by(m.bytes.len() as u64);
+        self.manifests
+            .lock()
+            .expect("lock")
+            .insert(*d, m.bytes.clone(), m.media_type.clone());
         self.note_confirmed(target, d);
         let (store, bytes, mt) = (self.store.clone(), m.bytes.clone(), m.media_type.clone());
         let dd = *d;
