@@ -5,6 +5,9 @@
 //! single-flight, keeps verified blobs in a crash-safe store, and exports
 //! `/metrics` and `/healthz` on `--ops-listen`.
 
+// `Identity` serves the peer data plane, which is wired into transfers next.
+#[allow(dead_code)]
+mod cluster;
 mod config;
 mod content;
 mod metrics;
@@ -36,15 +39,36 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the daemon (flags may also come from SHOAL_* variables and --config).
     Run(RunArgs),
+    /// Write a new cluster CA (ca.crt, ca.key) into DIR, for quick starts and
+    /// tests; production clusters bring their own CA.
+    ClusterInit {
+        /// Directory to create the CA in (refuses to replace one).
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::ClusterInit { dir } => match cluster::init(&dir) {
+            Ok(()) => {
+                println!(
+                    "wrote a new cluster CA to {}: give every node ca.crt, and either ca.key or a node.crt + node.key it issued",
+                    dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shoald cluster-init: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Run(args) => {
             let cfg = match args.resolve() {
                 Ok(c) => c,
