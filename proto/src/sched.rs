@@ -27,9 +27,10 @@
 //! * **Endgame**: when every missing chunk is already in flight and few are
 //!   left, they are also asked of a second peer; the loser is cancelled.
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
-//!   ([`Action::Lease`]); leased chunks are fetched from the origin with at
-//!   most `origin_depth` in flight. With the tracker down, chunks no known
-//!   peer holds go to the origin directly, with the same bound.
+//!   ([`Action::Lease`]); leased chunks are fetched from the origin in
+//!   contiguous runs (one Range request each, at most `origin_run` chunks),
+//!   at most `origin_requests` runs at once. With the tracker down, chunks no
+//!   known peer holds go to the origin directly, with the same bounds.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
@@ -43,8 +44,10 @@ pub struct SchedConfig {
     pub peer_depth: u32,
     /// Chunks in flight from peers, all peers together.
     pub max_inflight: u32,
-    /// Chunks in flight from the origin.
-    pub origin_depth: u32,
+    /// Range requests to the origin in flight at once.
+    pub origin_requests: u32,
+    /// Most chunks in one origin Range request.
+    pub origin_run: u32,
     /// A request unanswered this long is moved to another source.
     pub stall_ms: u64,
     /// Stalls after which a peer is excluded for this blob.
@@ -70,7 +73,8 @@ impl Default for SchedConfig {
         SchedConfig {
             peer_depth: 4,
             max_inflight: 32,
-            origin_depth: 4,
+            origin_requests: 2,
+            origin_run: 64,
             stall_ms: 5_000,
             max_stalls: 2,
             urgent_window: 4,
@@ -209,6 +213,11 @@ pub struct Scheduler<P> {
     peer_inflight: u32,
     leased: Bitfield,
     origin_inflight: u32,
+    /// Origin runs in flight: run id → chunks of it still outstanding.
+    origin_runs: BTreeMap<u64, u32>,
+    /// Which run an origin chunk in flight belongs to.
+    origin_run_of: BTreeMap<u32, u64>,
+    next_run: u64,
     origin_failures: u32,
     lease_pending: bool,
     /// After a grant that left chunks without any source, when to ask again.
@@ -241,6 +250,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             peer_inflight: 0,
             leased: Bitfield::for_layout(&layout),
             origin_inflight: 0,
+            origin_runs: BTreeMap::new(),
+            origin_run_of: BTreeMap::new(),
+            next_run: 0,
             origin_failures: 0,
             lease_pending: false,
             lease_retry_at: 0,
@@ -344,14 +356,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             return;
         };
         reqs.remove(pos);
-        self.release(&source);
+        self.release(&source, chunk);
         match (&source, outcome) {
             (_, Outcome::Verified) => {
                 let _ = self.have.set(chunk);
                 let _ = self.leased.clear(chunk);
                 // Duplicates of an endgame request are no longer needed.
                 for other in self.inflight.remove(&chunk).unwrap_or_default() {
-                    self.release(&other.source);
+                    self.release(&other.source, chunk);
                     self.queue.push_back(Action::Cancel {
                         source: other.source,
                         chunk,
@@ -384,9 +396,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
     }
 
-    fn release(&mut self, source: &Source<P>) {
+    fn release(&mut self, source: &Source<P>, chunk: u32) {
         match source {
-            Source::Origin => self.origin_inflight -= 1,
+            Source::Origin => {
+                self.origin_inflight -= 1;
+                if let Some(run) = self.origin_run_of.remove(&chunk) {
+                    let left = self.origin_runs.get_mut(&run).expect("run of a chunk");
+                    *left -= 1;
+                    if *left == 0 {
+                        self.origin_runs.remove(&run);
+                    }
+                }
+            }
             Source::Peer(p) => {
                 self.peer_inflight -= 1;
                 if let Some(state) = self.peers.get_mut(p) {
@@ -440,7 +461,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             if reqs.is_empty() {
                 self.inflight.remove(&c);
             }
-            self.release(&source);
+            self.release(&source, c);
             self.queue.push_back(Action::Cancel {
                 source: source.clone(),
                 chunk: c,
@@ -544,7 +565,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn expire_stalls(&mut self, now: u64) {
-        let expired: Vec<(u32, Source<P>)> = self
+        let mut expired: Vec<(u32, Source<P>)> = self
             .inflight
             .iter()
             .flat_map(|(c, reqs)| {
@@ -553,12 +574,35 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                     .map(move |r| (*c, r.source.clone()))
             })
             .collect();
+        // A stalled origin run is abandoned whole: its Range request is dead.
+        let stalled_runs: Vec<u64> = expired
+            .iter()
+            .filter(|(_, s)| *s == Source::Origin)
+            .filter_map(|(c, _)| self.origin_run_of.get(c).copied())
+            .collect();
+        for (c, run) in self.origin_run_of.iter() {
+            if stalled_runs.contains(run)
+                && !expired.iter().any(|(e, s)| e == c && *s == Source::Origin)
+            {
+                expired.push((*c, Source::Origin));
+            }
+        }
+        let mut counted = Vec::new();
         for (chunk, source) in expired {
             self.queue.push_back(Action::Cancel {
                 source: source.clone(),
                 chunk,
             });
+            let run = self.origin_run_of.get(&chunk).copied();
             self.on_chunk(source, chunk, Outcome::Failed);
+            // One failure per abandoned run, not per chunk.
+            if let Some(run) = run {
+                if counted.contains(&run) {
+                    self.origin_failures -= 1;
+                } else {
+                    counted.push(run);
+                }
+            }
         }
     }
 
@@ -642,7 +686,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn next_origin_fetch(&mut self, now: u64) -> Option<Action<P>> {
-        if self.origin_inflight >= self.cfg.origin_depth {
+        if self.origin_runs.len() as u32 >= self.cfg.origin_requests {
             return None;
         }
         let n = self.layout.count();
@@ -650,15 +694,26 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let first = (0..n)
             .filter(|&c| self.origin_ok(c))
             .min_by_key(|&c| self.priority(c))?;
-        let room = self.cfg.origin_depth - self.origin_inflight;
         let mut chunks = vec![first];
         let mut next = first + 1;
-        while (chunks.len() as u32) < room && next < n && self.origin_ok(next) {
+        while (chunks.len() as u32) < self.cfg.origin_run && next < n && self.origin_ok(next) {
             chunks.push(next);
             next += 1;
         }
-        for &c in &chunks {
+        let run = self.next_run;
+        self.next_run += 1;
+        self.origin_runs.insert(run, chunks.len() as u32);
+        for (k, &c) in chunks.iter().enumerate() {
+            self.origin_run_of.insert(c, run);
             self.start(c, Source::Origin, now);
+            // Chunks of a run arrive one after another: the k-th may take
+            // k+1 stall periods before it counts as stalled.
+            let req = self
+                .inflight
+                .get_mut(&c)
+                .and_then(|r| r.last_mut())
+                .expect("just started");
+            req.deadline = now + self.cfg.stall_ms * (k as u64 + 1);
         }
         Some(Action::FetchOrigin { chunks })
     }
@@ -911,15 +966,21 @@ mod tests {
         let acts = drain(&mut s, 0);
         assert_eq!(acts, vec![Action::Lease { from: 0, max: 16 }]);
         s.handle(1, Event::LeaseGranted(vec![0, 1, 2, 3, 4]));
-        // At most origin_depth chunks at once, contiguous from the start;
-        // no new lease while leased chunks wait.
+        // The leased run goes out as one Range request; with every leased
+        // chunk in flight, the next lease is asked for just in time.
         assert_eq!(
             drain(&mut s, 1),
-            vec![Action::FetchOrigin {
-                chunks: vec![0, 1, 2, 3]
-            }]
+            vec![
+                Action::FetchOrigin {
+                    chunks: vec![0, 1, 2, 3, 4]
+                },
+                Action::Lease { from: 5, max: 16 },
+            ]
         );
-        for c in 0..4 {
+        // Chunk 5 is someone else's lease: look again once the interval passed.
+        s.handle(2, Event::LeaseGranted(vec![]));
+        assert_eq!(drain(&mut s, 2), vec![]);
+        for c in 0..5 {
             let (source, outcome) = (Source::Origin, Outcome::Verified);
             s.handle(
                 3,
@@ -930,16 +991,7 @@ mod tests {
                 },
             );
         }
-        assert_eq!(
-            drain(&mut s, 3),
-            vec![
-                Action::FetchOrigin { chunks: vec![4] },
-                Action::Lease { from: 5, max: 16 },
-            ]
-        );
-        // Chunk 5 is someone else's lease: look again once the interval passed.
-        s.handle(4, Event::LeaseGranted(vec![]));
-        assert_eq!(drain(&mut s, 4), vec![]);
+        assert_eq!(drain(&mut s, 3), vec![]);
         assert_eq!(s.next_deadline(), Some(500));
         assert_eq!(drain(&mut s, 500), vec![Action::Lookup]);
         // The lease holder of chunk 5 published it and holds it.
@@ -952,15 +1004,6 @@ mod tests {
         );
         s.handle(501, Event::LookedUp);
         assert_eq!(peer_fetches(&drain(&mut s, 501)), vec![(9, vec![5])]);
-        let (source, outcome) = (Source::Origin, Outcome::Verified);
-        s.handle(
-            502,
-            Event::Chunk {
-                source,
-                chunk: 4,
-                outcome,
-            },
-        );
         let (source, outcome) = (Source::Peer(9), Outcome::Verified);
         s.handle(
             502,
@@ -973,6 +1016,45 @@ mod tests {
         assert_eq!(drain(&mut s, 502), vec![Action::Complete]);
         assert_eq!(s.poll(503), None);
         assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_stalled_origin_run_is_abandoned_whole_and_retried() {
+        let mut s = sched(3);
+        s.handle(0, Event::TrackerDown(true));
+        assert_eq!(
+            drain(&mut s, 0),
+            vec![Action::FetchOrigin {
+                chunks: vec![0, 1, 2]
+            }]
+        );
+        let (source, outcome) = (Source::Origin, Outcome::Verified);
+        s.handle(
+            10,
+            Event::Chunk {
+                source,
+                chunk: 0,
+                outcome,
+            },
+        );
+        // Chunk 1 was due by 2 stall periods; nothing came.
+        assert_eq!(s.next_deadline(), Some(10_000));
+        let acts = drain(&mut s, 10_000);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Cancel {
+                    source: Source::Origin,
+                    chunk: 1
+                },
+                Action::Cancel {
+                    source: Source::Origin,
+                    chunk: 2
+                },
+                Action::FetchOrigin { chunks: vec![1, 2] },
+            ]
+        );
+        assert_eq!(s.origin_failures, 1);
     }
 
     #[test]
@@ -1096,10 +1178,12 @@ mod tests {
                             }
                             Action::FetchOrigin { chunks } => {
                                 assert!(chunks.windows(2).all(|w| w[1] == w[0] + 1));
+                                assert!(chunks.len() as u32 <= s.cfg.origin_run);
                             }
                             _ => {}
                         }
-                        assert!(s.origin_inflight <= s.cfg.origin_depth);
+                        assert!(s.origin_runs.len() as u32 <= s.cfg.origin_requests);
+                        assert_eq!(s.origin_inflight as usize, s.origin_run_of.len());
                         assert!(s.peer_inflight <= s.cfg.max_inflight);
                         assert!(s.peers.values().all(|p| p.inflight <= s.cfg.peer_depth));
                         log.push(format!("{a:?}"));
