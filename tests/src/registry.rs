@@ -216,6 +216,31 @@ impl Registry {
     }
 
     /// Uploads a blob to `repo` (monolithic upload) and returns its digest.
+    /// PUTs a manifest under `reference` (a tag) and returns its digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
+        let r = self
+            .request(
+                Method::PUT,
+                &format!("/v2/{repo}/manifests/{reference}"),
+                &[("Content-Type", media_type)],
+                Some(body.to_vec()),
+            )
+            .await?;
+        ensure!(
+            r.status == StatusCode::CREATED,
+            "putting manifest {repo}:{reference}: {} {:?}",
+            r.status,
+            r.body_text()
+        );
+        Ok(sha256_digest(body))
+    }
+
     pub async fn push_blob(&self, repo: &str, data: &[u8]) -> Result<String> {
         let digest = sha256_digest(data);
         let r = self
