@@ -11,8 +11,8 @@ pub mod media;
 pub mod range;
 pub mod reference;
 pub mod sched;
-pub mod wire;
 pub mod tracker_api;
+pub mod wire;
 
 pub use chunk::{Bitfield, ChunkError, ChunkHasher, ChunkHashes, ChunkLayout};
 pub use digest::{Digest, DigestError, Sha256Verifier};

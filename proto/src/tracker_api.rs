@@ -1,1 +1,1232 @@
-//! Tracker API v1 types (work in progress).
+//! The tracker API, version 1: the requests members send to the tracker and
+//! the replies they get, as plain serde types (JSON over HTTPS under `/v1/`).
+//!
+//! Every request type is validated when it is built and when it is
+//! deserialized, so the tracker core only ever sees well-formed input: node
+//! ids, peer addresses, layouts and bitfield lengths are checked, and every
+//! list is bounded. Types with cross-field rules keep their fields private and
+//! are built through a checked `new`; plain replies have public fields.
+//!
+//! The calls, in the order a pulling node makes them:
+//!
+//! - [`Announce`] → [`AnnounceReply`]: "I am alive at this address and hold
+//!   these chunks" (periodically, and whenever holdings change).
+//! - lookup of a blob → [`LookupReply`]: its chunk hashes, a bounded subset of
+//!   its holders with their bitfields, and which chunks are being fetched from
+//!   the origin right now.
+//! - [`LeaseRequest`] → [`LeaseGrant`]: permission to fetch chunks nobody holds
+//!   from the origin.
+//! - [`PublishHashes`] → [`PublishReply`]: the hashes of chunks fetched from
+//!   the origin under a lease.
+//! - [`Report`] → [`ReportReply`]: a peer that sent bad bytes, or a blob whose
+//!   chunks all matched but whose digest did not.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::chunk::{Bitfield, ChunkError, ChunkLayout};
+use crate::digest::Digest;
+
+/// The longest node id accepted.
+pub const MAX_NODE_ID_LEN: usize = 64;
+/// The longest peer address accepted (a 253-character host name, `:`, port).
+pub const MAX_ADDR_LEN: usize = 259;
+/// The most blobs one announce may list (in `blobs` and `dropped` each).
+pub const MAX_ANNOUNCE_BLOBS: usize = 10_000;
+/// The most chunk hashes one publish may carry.
+pub const MAX_PUBLISH_HASHES: usize = 65_536;
+/// The most holders a lookup reply may list.
+pub const MAX_LOOKUP_HOLDERS: usize = 1_024;
+
+/// Why a tracker request was refused or a tracker message is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackerError {
+    /// A node id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    #[error("node id {0:?} is not 1 to 64 characters of [A-Za-z0-9._-]")]
+    BadNodeId(String),
+    /// A peer address is not `host:port`.
+    #[error("peer address {addr:?} is invalid: {reason}")]
+    BadAddr {
+        /// The address given (truncated).
+        addr: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A chunk hash is not 64 lowercase hex characters.
+    #[error("chunk hash {0:?} is not 64 lowercase hex characters")]
+    BadHash(String),
+    /// A layout or bitfield is invalid in itself (chunk size, chunk count).
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    /// A bitfield's length differs from the blob's chunk count.
+    #[error("bitfield for {blob} covers {actual} chunks, the blob has {expected}")]
+    BadBitfield {
+        /// The blob.
+        blob: Digest,
+        /// The blob's chunk count.
+        expected: u32,
+        /// The bitfield's length.
+        actual: u32,
+    },
+    /// A blob is claimed complete but its bitfield is not full.
+    #[error("{blob} is marked complete but its bitfield is not full")]
+    NotFull {
+        /// The blob.
+        blob: Digest,
+    },
+    /// A blob appears twice in one announce.
+    #[error("{0} is listed more than once in one announce")]
+    DuplicateBlob(Digest),
+    /// A chunk appears twice in one publish.
+    #[error("chunk {0} is listed more than once in one publish")]
+    DuplicateChunk(u32),
+    /// A chunk index is past the blob's last chunk.
+    #[error("chunk {index} is out of range: the blob has {count} chunks")]
+    ChunkOutOfRange {
+        /// The index given.
+        index: u32,
+        /// The blob's chunk count.
+        count: u32,
+    },
+    /// A lease request asks for zero chunks.
+    #[error("a lease request must ask for at least one chunk")]
+    ZeroLease,
+    /// A node reported itself.
+    #[error("a node cannot report itself")]
+    SelfReport,
+    /// A lookup reply's parts disagree with its layout.
+    #[error("lookup reply for {blob} is inconsistent: {what}")]
+    BadView {
+        /// The blob.
+        blob: Digest,
+        /// Which part is wrong.
+        what: &'static str,
+    },
+    /// The tracker knows nothing about this blob.
+    #[error("the tracker knows nothing about {0}")]
+    UnknownBlob(Digest),
+    /// The blob's layout is already fixed and differs from the one given.
+    #[error("{blob} has layout {known:?} at the tracker, not {offered:?}")]
+    LayoutConflict {
+        /// The blob.
+        blob: Digest,
+        /// The layout the tracker has.
+        known: ChunkLayout,
+        /// The layout offered.
+        offered: ChunkLayout,
+    },
+    /// The node has not announced itself (or went silent and expired).
+    #[error("node {0} is not a live member: announce first")]
+    NotAMember(NodeId),
+    /// The node is excluded for serving or publishing bad data.
+    #[error("node {node} is excluded until {until_ms} ms")]
+    Excluded {
+        /// The node.
+        node: NodeId,
+        /// When the exclusion ends (tracker time).
+        until_ms: u64,
+    },
+    /// A list or a table is at its limit.
+    #[error("too many {what} (limit {limit})")]
+    TooMany {
+        /// What there are too many of.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl TrackerError {
+    /// A stable machine-readable code for error bodies and metrics labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TrackerError::UnknownBlob(_) => "unknown_blob",
+            TrackerError::LayoutConflict { .. } => "layout_conflict",
+            TrackerError::NotAMember(_) => "not_a_member",
+            TrackerError::Excluded { .. } => "excluded",
+            TrackerError::TooMany { .. } => "too_many",
+            _ => "bad_request",
+        }
+    }
+}
+
+/// Keeps error messages bounded whatever a client sends.
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Identifiers
+// ---------------------------------------------------------------------------
+
+/// A member's name: 1 to 64 characters of `[A-Za-z0-9._-]` (a host name or a
+/// Kubernetes node name fits). Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = TrackerError;
+
+    fn from_str(s: &str) -> Result<Self, TrackerError> {
+        let ok = (1..=MAX_NODE_ID_LEN).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(NodeId(s.into()))
+        } else {
+            Err(TrackerError::BadNodeId(truncate(s)))
+        }
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where peers reach a member over QUIC: `host:port`, with the host an IPv4
+/// address, a bracketed IPv6 address or a DNS name, and a non-zero port.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr(Arc<str>);
+
+impl PeerAddr {
+    /// The address as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PeerAddr {
+    type Err = TrackerError;
+
+    fn from_str(s: &str) -> Result<Self, TrackerError> {
+        let bad = |reason| TrackerError::BadAddr {
+            addr: truncate(s),
+            reason,
+        };
+        if s.len() > MAX_ADDR_LEN {
+            return Err(bad("longer than 259 characters"));
+        }
+        if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+            return if sa.port() == 0 {
+                Err(bad("port 0"))
+            } else {
+                Ok(PeerAddr(s.into()))
+            };
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no :port"))?;
+        match port.parse::<u16>() {
+            Ok(0) => return Err(bad("port 0")),
+            Ok(_) => {}
+            Err(_) => return Err(bad("port is not a number from 1 to 65535")),
+        }
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad("host is not an IP address or DNS name"));
+        }
+        Ok(PeerAddr(s.into()))
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl serde::Serialize for PeerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PeerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The SHA-256 of one chunk; 64 lowercase hex characters in JSON.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash([u8; 32]);
+
+impl ChunkHash {
+    /// Wraps raw hash bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ChunkHash(bytes)
+    }
+
+    /// The hash of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        use sha2::Digest as _;
+        ChunkHash(sha2::Sha256::digest(data).into())
+    }
+
+    /// The raw hash bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl From<[u8; 32]> for ChunkHash {
+    fn from(bytes: [u8; 32]) -> Self {
+        ChunkHash(bytes)
+    }
+}
+
+impl From<ChunkHash> for [u8; 32] {
+    fn from(h: ChunkHash) -> Self {
+        h.0
+    }
+}
+
+impl FromStr for ChunkHash {
+    type Err = TrackerError;
+
+    fn from_str(s: &str) -> Result<Self, TrackerError> {
+        let mut out = [0u8; 32];
+        let lower = s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if s.len() != 64 || !lower || hex::decode_to_slice(s, &mut out).is_err() {
+            return Err(TrackerError::BadHash(truncate(s)));
+        }
+        Ok(ChunkHash(out))
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", &hex::encode(self.0)[..12])
+    }
+}
+
+impl serde::Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks that `have` is a bitfield of `layout` and, if `complete`, full.
+fn check_have(
+    blob: &Digest,
+    layout: &ChunkLayout,
+    have: &Bitfield,
+    complete: bool,
+) -> Result<(), TrackerError> {
+    if have.len() != layout.count() {
+        return Err(TrackerError::BadBitfield {
+            blob: *blob,
+            expected: layout.count(),
+            actual: have.len(),
+        });
+    }
+    if complete && !have.is_full() {
+        return Err(TrackerError::NotFull { blob: *blob });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Announce
+// ---------------------------------------------------------------------------
+
+/// Which chunks of one blob a node holds. JSON:
+/// `{"blob": "sha256:…", "size": 123, "chunk_size": 1048576, "have": {bitfield},
+/// "complete": false}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawBlobHave")]
+pub struct BlobHave {
+    blob: Digest,
+    #[serde(flatten)]
+    layout: ChunkLayout,
+    have: Bitfield,
+    complete: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct RawBlobHave {
+    blob: Digest,
+    size: u64,
+    chunk_size: u32,
+    have: Bitfield,
+    complete: bool,
+}
+
+impl TryFrom<RawBlobHave> for BlobHave {
+    type Error = TrackerError;
+
+    fn try_from(r: RawBlobHave) -> Result<Self, TrackerError> {
+        BlobHave::new(
+            r.blob,
+            ChunkLayout::new(r.size, r.chunk_size)?,
+            r.have,
+            r.complete,
+        )
+    }
+}
+
+impl BlobHave {
+    /// Holdings of `blob`: `have` must have one bit per chunk of `layout`, and
+    /// be full if `complete` (the whole blob was verified against its digest).
+    pub fn new(
+        blob: Digest,
+        layout: ChunkLayout,
+        have: Bitfield,
+        complete: bool,
+    ) -> Result<Self, TrackerError> {
+        check_have(&blob, &layout, &have, complete)?;
+        Ok(BlobHave {
+            blob,
+            layout,
+            have,
+            complete,
+        })
+    }
+
+    /// A complete blob: every chunk, verified against the digest.
+    pub fn complete(blob: Digest, layout: ChunkLayout) -> Self {
+        BlobHave {
+            blob,
+            layout,
+            have: Bitfield::full(layout.count()).expect("a layout has at most MAX_CHUNKS chunks"),
+            complete: true,
+        }
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> &Digest {
+        &self.blob
+    }
+
+    /// Its layout.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The chunks held (each verified against its chunk hash or the digest).
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// Whether the whole blob is held and verified against its digest.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+}
+
+/// "I am alive at `addr` and hold these chunks." Each [`BlobHave`] replaces
+/// the node's bitfield for that blob; `dropped` blobs are no longer held; if
+/// `full`, the list is the node's complete holdings and blobs not listed are
+/// forgotten. A node that holds nothing announces an empty list to stay a
+/// member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawAnnounce")]
+pub struct Announce {
+    node: NodeId,
+    addr: PeerAddr,
+    blobs: Vec<BlobHave>,
+    dropped: Vec<Digest>,
+    full: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct RawAnnounce {
+    node: NodeId,
+    addr: PeerAddr,
+    #[serde(default)]
+    blobs: Vec<BlobHave>,
+    #[serde(default)]
+    dropped: Vec<Digest>,
+    #[serde(default)]
+    full: bool,
+}
+
+impl TryFrom<RawAnnounce> for Announce {
+    type Error = TrackerError;
+
+    fn try_from(r: RawAnnounce) -> Result<Self, TrackerError> {
+        Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)
+    }
+}
+
+impl Announce {
+    /// An announce: at most [`MAX_ANNOUNCE_BLOBS`] entries in each list, and
+    /// no blob listed twice (in either list).
+    pub fn new(
+        node: NodeId,
+        addr: PeerAddr,
+        blobs: Vec<BlobHave>,
+        dropped: Vec<Digest>,
+        full: bool,
+    ) -> Result<Self, TrackerError> {
+        if blobs.len() > MAX_ANNOUNCE_BLOBS || dropped.len() > MAX_ANNOUNCE_BLOBS {
+            return Err(TrackerError::TooMany {
+                what: "blobs in one announce",
+                limit: MAX_ANNOUNCE_BLOBS,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in blobs.iter().map(|b| &b.blob).chain(&dropped) {
+            if !seen.insert(*d) {
+                return Err(TrackerError::DuplicateBlob(*d));
+            }
+        }
+        Ok(Announce {
+            node,
+            addr,
+            blobs,
+            dropped,
+            full,
+        })
+    }
+
+    /// The announcing node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// Where peers reach it over QUIC.
+    pub fn addr(&self) -> &PeerAddr {
+        &self.addr
+    }
+
+    /// Holdings to set, one per blob.
+    pub fn blobs(&self) -> &[BlobHave] {
+        &self.blobs
+    }
+
+    /// Blobs no longer held.
+    pub fn dropped(&self) -> &[Digest] {
+        &self.dropped
+    }
+
+    /// Whether `blobs` is the node's complete list.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+}
+
+/// The tracker's answer to an announce.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnnounceReply {
+    /// Announce again within this many milliseconds to stay a member.
+    pub interval_ms: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Lookup
+// ---------------------------------------------------------------------------
+
+/// One holder of a blob in a lookup reply.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Holder {
+    /// The member.
+    pub node: NodeId,
+    /// Where to reach it over QUIC.
+    pub addr: PeerAddr,
+    /// The chunks it holds (full if `complete`).
+    pub have: Bitfield,
+    /// Whether it holds the whole blob, verified against the digest.
+    pub complete: bool,
+}
+
+/// What the tracker knows about one blob, as seen by one requester: the
+/// known chunk hashes, a bounded subset of holders chosen for that requester,
+/// and the chunks currently being fetched from the origin under a lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawBlobView")]
+pub struct BlobView {
+    blob: Digest,
+    #[serde(flatten)]
+    layout: ChunkLayout,
+    epoch: u64,
+    hashes: Vec<Option<ChunkHash>>,
+    holders: Vec<Holder>,
+    leased: Bitfield,
+}
+
+/// The reply to a lookup.
+pub type LookupReply = BlobView;
+
+#[derive(serde::Deserialize)]
+struct RawBlobView {
+    blob: Digest,
+    size: u64,
+    chunk_size: u32,
+    epoch: u64,
+    hashes: Vec<Option<ChunkHash>>,
+    holders: Vec<Holder>,
+    leased: Bitfield,
+}
+
+impl TryFrom<RawBlobView> for BlobView {
+    type Error = TrackerError;
+
+    fn try_from(r: RawBlobView) -> Result<Self, TrackerError> {
+        let layout = ChunkLayout::new(r.size, r.chunk_size)?;
+        BlobView::new(r.blob, layout, r.epoch, r.hashes, r.holders, r.leased)
+    }
+}
+
+impl BlobView {
+    /// A view of `blob`: one hash slot per chunk, every bitfield one bit per
+    /// chunk, at most [`MAX_LOOKUP_HOLDERS`] holders.
+    pub fn new(
+        blob: Digest,
+        layout: ChunkLayout,
+        epoch: u64,
+        hashes: Vec<Option<ChunkHash>>,
+        holders: Vec<Holder>,
+        leased: Bitfield,
+    ) -> Result<Self, TrackerError> {
+        let bad = |what| TrackerError::BadView { blob, what };
+        if hashes.len() != layout.count() as usize {
+            return Err(bad("hash list length differs from the chunk count"));
+        }
+        if leased.len() != layout.count() {
+            return Err(bad("leased bitfield length differs from the chunk count"));
+        }
+        if holders.len() > MAX_LOOKUP_HOLDERS {
+            return Err(TrackerError::TooMany {
+                what: "holders in one lookup reply",
+                limit: MAX_LOOKUP_HOLDERS,
+            });
+        }
+        for h in &holders {
+            check_have(&blob, &layout, &h.have, h.complete)?;
+        }
+        Ok(BlobView {
+            blob,
+            layout,
+            epoch,
+            hashes,
+            holders,
+            leased,
+        })
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> &Digest {
+        &self.blob
+    }
+
+    /// Its layout (fixed by the first member that announced or leased it).
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The hash generation: changes whenever hashes of this blob are
+    /// withdrawn. A [`Report::DigestMismatch`] names the epoch whose hashes it
+    /// used, so a stale report cannot withdraw hashes published since.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// One entry per chunk: its hash if published.
+    pub fn hashes(&self) -> &[Option<ChunkHash>] {
+        &self.hashes
+    }
+
+    /// A bounded subset of the holders, never the requester itself.
+    pub fn holders(&self) -> &[Holder] {
+        &self.holders
+    }
+
+    /// Chunks under an unexpired origin lease: someone is fetching them.
+    pub fn leased(&self) -> &Bitfield {
+        &self.leased
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------
+
+/// "Let me fetch chunks of `blob` that nobody holds from the origin." JSON:
+/// `{"node", "blob", "size", "chunk_size", "max_chunks", "from"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawLeaseRequest")]
+pub struct LeaseRequest {
+    node: NodeId,
+    blob: Digest,
+    #[serde(flatten)]
+    layout: ChunkLayout,
+    max_chunks: u32,
+    from: u32,
+}
+
+#[derive(serde::Deserialize)]
+struct RawLeaseRequest {
+    node: NodeId,
+    blob: Digest,
+    size: u64,
+    chunk_size: u32,
+    max_chunks: u32,
+    #[serde(default)]
+    from: u32,
+}
+
+impl TryFrom<RawLeaseRequest> for LeaseRequest {
+    type Error = TrackerError;
+
+    fn try_from(r: RawLeaseRequest) -> Result<Self, TrackerError> {
+        let layout = ChunkLayout::new(r.size, r.chunk_size)?;
+        LeaseRequest::new(r.node, r.blob, layout, r.max_chunks, r.from)
+    }
+}
+
+impl LeaseRequest {
+    /// A request for up to `max_chunks` (≥ 1) chunks, preferring `from` (the
+    /// chunk the client waits for; 0 for an empty blob) and what follows it.
+    pub fn new(
+        node: NodeId,
+        blob: Digest,
+        layout: ChunkLayout,
+        max_chunks: u32,
+        from: u32,
+    ) -> Result<Self, TrackerError> {
+        if max_chunks == 0 {
+            return Err(TrackerError::ZeroLease);
+        }
+        let count = layout.count();
+        if from >= count.max(1) {
+            return Err(TrackerError::ChunkOutOfRange { index: from, count });
+        }
+        Ok(LeaseRequest {
+            node,
+            blob,
+            layout,
+            max_chunks,
+            from,
+        })
+    }
+
+    /// The requesting node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> &Digest {
+        &self.blob
+    }
+
+    /// The layout the node uses for it.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The most chunks wanted.
+    pub fn max_chunks(&self) -> u32 {
+        self.max_chunks
+    }
+
+    /// The chunk the client waits for.
+    pub fn from(&self) -> u32 {
+        self.from
+    }
+}
+
+/// Chunks the node may fetch from the origin, until `expires_ms`; renewed by
+/// asking again before then. Empty when every chunk is held or leased.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseGrant {
+    /// The chunks, the node's renewed leases first, then new ones in order.
+    pub chunks: Vec<u32>,
+    /// When the lease ends (tracker time).
+    pub expires_ms: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Chunk hashes
+// ---------------------------------------------------------------------------
+
+/// "These are the hashes of chunks I fetched from the origin under my lease."
+/// JSON: `{"node", "blob", "hashes": [[index, "hex"], …]}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawPublishHashes")]
+pub struct PublishHashes {
+    node: NodeId,
+    blob: Digest,
+    hashes: Vec<(u32, ChunkHash)>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawPublishHashes {
+    node: NodeId,
+    blob: Digest,
+    hashes: Vec<(u32, ChunkHash)>,
+}
+
+impl TryFrom<RawPublishHashes> for PublishHashes {
+    type Error = TrackerError;
+
+    fn try_from(r: RawPublishHashes) -> Result<Self, TrackerError> {
+        PublishHashes::new(r.node, r.blob, r.hashes)
+    }
+}
+
+impl PublishHashes {
+    /// At most [`MAX_PUBLISH_HASHES`] hashes, no chunk twice.
+    pub fn new(
+        node: NodeId,
+        blob: Digest,
+        hashes: Vec<(u32, ChunkHash)>,
+    ) -> Result<Self, TrackerError> {
+        if hashes.len() > MAX_PUBLISH_HASHES {
+            return Err(TrackerError::TooMany {
+                what: "hashes in one publish",
+                limit: MAX_PUBLISH_HASHES,
+            });
+        }
+        let mut idx: Vec<u32> = hashes.iter().map(|(i, _)| *i).collect();
+        idx.sort_unstable();
+        if let Some(w) = idx.windows(2).find(|w| w[0] == w[1]) {
+            return Err(TrackerError::DuplicateChunk(w[0]));
+        }
+        Ok(PublishHashes { node, blob, hashes })
+    }
+
+    /// The publishing node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> &Digest {
+        &self.blob
+    }
+
+    /// `(chunk index, hash)` pairs.
+    pub fn hashes(&self) -> &[(u32, ChunkHash)] {
+        &self.hashes
+    }
+}
+
+/// Why one published hash was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRejection {
+    /// The chunk index is past the blob's last chunk.
+    OutOfRange,
+    /// The publisher neither holds nor last held the chunk's lease.
+    NotLeaseHolder,
+    /// The chunk already has a different hash (counted against the publisher).
+    Conflict,
+}
+
+/// The outcome of a publish, hash by hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishReply {
+    /// How many hashes were accepted (including ones already known).
+    pub accepted: u32,
+    /// The refused ones and why.
+    pub rejected: Vec<(u32, PublishRejection)>,
+}
+
+// ---------------------------------------------------------------------------
+// Reports
+// ---------------------------------------------------------------------------
+
+/// Evidence of bad data, from the member that found it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawReport")]
+pub enum Report {
+    /// `peer` sent bytes for `chunk` that did not match its published hash.
+    BadChunk {
+        /// The reporter.
+        node: NodeId,
+        /// The blob.
+        blob: Digest,
+        /// The peer that sent the bad bytes.
+        peer: NodeId,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Every chunk matched its published hash, yet the whole blob did not
+    /// match its digest: some published hash of `epoch` is wrong.
+    DigestMismatch {
+        /// The reporter.
+        node: NodeId,
+        /// The blob.
+        blob: Digest,
+        /// The [`BlobView::epoch`] of the hashes the reporter verified with.
+        epoch: u64,
+    },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum RawReport {
+    BadChunk {
+        node: NodeId,
+        blob: Digest,
+        peer: NodeId,
+        chunk: u32,
+    },
+    DigestMismatch {
+        node: NodeId,
+        blob: Digest,
+        epoch: u64,
+    },
+}
+
+impl TryFrom<RawReport> for Report {
+    type Error = TrackerError;
+
+    fn try_from(r: RawReport) -> Result<Self, TrackerError> {
+        let report = match r {
+            RawReport::BadChunk {
+                node,
+                blob,
+                peer,
+                chunk,
+            } => Report::BadChunk {
+                node,
+                blob,
+                peer,
+                chunk,
+            },
+            RawReport::DigestMismatch { node, blob, epoch } => {
+                Report::DigestMismatch { node, blob, epoch }
+            }
+        };
+        report.validate()?;
+        Ok(report)
+    }
+}
+
+impl Report {
+    /// Checks what the type cannot express: a node never reports itself.
+    pub fn validate(&self) -> Result<(), TrackerError> {
+        match self {
+            Report::BadChunk { node, peer, .. } if node == peer => Err(TrackerError::SelfReport),
+            _ => Ok(()),
+        }
+    }
+
+    /// The reporting node.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            Report::BadChunk { node, .. } | Report::DigestMismatch { node, .. } => node,
+        }
+    }
+
+    /// The blob concerned.
+    pub fn blob(&self) -> &Digest {
+        match self {
+            Report::BadChunk { blob, .. } | Report::DigestMismatch { blob, .. } => blob,
+        }
+    }
+}
+
+/// What a report led to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReportReply {
+    /// Nodes excluded as a result (their hashes withdrawn).
+    pub excluded: Vec<NodeId>,
+    /// Chunk hashes withdrawn as a result.
+    pub withdrawn: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn d(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    fn node(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn node_ids() {
+        for ok in ["a", "node-1.example_x", &"x".repeat(64)] {
+            assert_eq!(ok.parse::<NodeId>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "a b", "ä", "a/b", &"x".repeat(65)] {
+            assert!(
+                matches!(bad.parse::<NodeId>(), Err(TrackerError::BadNodeId(_))),
+                "{bad}"
+            );
+        }
+        let long = "y".repeat(1000);
+        let err = long.parse::<NodeId>().unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        assert!(serde_json::from_value::<NodeId>(json!("bad id")).is_err());
+        assert_eq!(serde_json::to_value(node("n1")).unwrap(), json!("n1"));
+    }
+
+    #[test]
+    fn peer_addrs() {
+        for ok in [
+            "10.0.0.1:4901",
+            "[::1]:4901",
+            "node-1.cluster.local:4901",
+            "h:1",
+        ] {
+            assert_eq!(ok.parse::<PeerAddr>().unwrap().as_str(), ok);
+        }
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "h:65536",
+            ":4901",
+            "a b:1",
+            "-h:1",
+            "h..x:1",
+            "::1:4901",
+            "h:x",
+        ] {
+            assert!(
+                matches!(bad.parse::<PeerAddr>(), Err(TrackerError::BadAddr { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_hash_hex() {
+        let h = ChunkHash::of(b"abc");
+        let s = serde_json::to_value(h).unwrap();
+        assert_eq!(
+            s,
+            json!("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!(serde_json::from_value::<ChunkHash>(s).unwrap(), h);
+        let upper = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
+        assert!(upper.parse::<ChunkHash>().is_err());
+        assert!("abc".parse::<ChunkHash>().is_err());
+        assert!(format!("{:z<64}", "g").parse::<ChunkHash>().is_err());
+    }
+
+    #[test]
+    fn blob_have_validation() {
+        let layout = ChunkLayout::new(3 << 20, 1 << 20).unwrap();
+        let mut have = Bitfield::new(3).unwrap();
+        have.set(1).unwrap();
+        let bh = BlobHave::new(d(1), layout, have.clone(), false).unwrap();
+        let v = serde_json::to_value(&bh).unwrap();
+        assert_eq!(v["size"], json!(3 << 20));
+        assert_eq!(v["chunk_size"], json!(1 << 20));
+        assert_eq!(serde_json::from_value::<BlobHave>(v.clone()).unwrap(), bh);
+
+        assert_eq!(
+            BlobHave::new(d(1), layout, have.clone(), true),
+            Err(TrackerError::NotFull { blob: d(1) })
+        );
+        assert_eq!(
+            BlobHave::new(d(1), layout, Bitfield::new(4).unwrap(), false),
+            Err(TrackerError::BadBitfield {
+                blob: d(1),
+                expected: 3,
+                actual: 4
+            })
+        );
+        let mut wrong = v.clone();
+        wrong["size"] = json!(5 << 20);
+        let err = serde_json::from_value::<BlobHave>(wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("covers 3 chunks, the blob has 5"), "{err}");
+        let mut wrong = v;
+        wrong["chunk_size"] = json!(1000);
+        assert!(serde_json::from_value::<BlobHave>(wrong).is_err());
+        assert!(BlobHave::complete(d(1), layout).have().is_full());
+    }
+
+    #[test]
+    fn announce_validation() {
+        let layout = ChunkLayout::new(10, 1 << 20).unwrap();
+        let addr: PeerAddr = "10.0.0.1:4901".parse().unwrap();
+        let a = Announce::new(
+            node("n1"),
+            addr.clone(),
+            vec![BlobHave::complete(d(1), layout)],
+            vec![d(2)],
+            true,
+        )
+        .unwrap();
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(serde_json::from_value::<Announce>(v).unwrap(), a);
+        let minimal = json!({"node": "n1", "addr": "10.0.0.1:4901"});
+        let m: Announce = serde_json::from_value(minimal).unwrap();
+        assert!(m.blobs().is_empty() && !m.is_full());
+        assert_eq!(
+            Announce::new(
+                node("n1"),
+                addr.clone(),
+                vec![BlobHave::complete(d(1), layout)],
+                vec![d(1)],
+                false
+            ),
+            Err(TrackerError::DuplicateBlob(d(1)))
+        );
+        let too_many = vec![d(1); MAX_ANNOUNCE_BLOBS + 1];
+        assert!(matches!(
+            Announce::new(node("n1"), addr, vec![], too_many, false),
+            Err(TrackerError::TooMany { .. })
+        ));
+        let bad = json!({"node": "n 1", "addr": "10.0.0.1:4901"});
+        assert!(serde_json::from_value::<Announce>(bad).is_err());
+    }
+
+    #[test]
+    fn lease_request_validation() {
+        let layout = ChunkLayout::new(3 << 20, 1 << 20).unwrap();
+        let r = LeaseRequest::new(node("n1"), d(1), layout, 4, 2).unwrap();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["from"], json!(2));
+        assert_eq!(serde_json::from_value::<LeaseRequest>(v).unwrap(), r);
+        assert_eq!(
+            LeaseRequest::new(node("n1"), d(1), layout, 4, 3),
+            Err(TrackerError::ChunkOutOfRange { index: 3, count: 3 })
+        );
+        assert_eq!(
+            LeaseRequest::new(node("n1"), d(1), layout, 0, 0),
+            Err(TrackerError::ZeroLease)
+        );
+        let empty = ChunkLayout::new(0, 1 << 20).unwrap();
+        assert!(LeaseRequest::new(node("n1"), d(1), empty, 1, 0).is_ok());
+    }
+
+    #[test]
+    fn publish_validation() {
+        let h = ChunkHash::of(b"x");
+        let p = PublishHashes::new(node("n1"), d(1), vec![(0, h), (2, h)]).unwrap();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["hashes"][1][0], json!(2));
+        assert_eq!(serde_json::from_value::<PublishHashes>(v).unwrap(), p);
+        assert_eq!(
+            PublishHashes::new(node("n1"), d(1), vec![(2, h), (0, h), (2, h)]),
+            Err(TrackerError::DuplicateChunk(2))
+        );
+        let reply = PublishReply {
+            accepted: 1,
+            rejected: vec![(3, PublishRejection::Conflict)],
+        };
+        assert_eq!(
+            serde_json::to_value(&reply).unwrap(),
+            json!({"accepted": 1, "rejected": [[3, "conflict"]]})
+        );
+    }
+
+    #[test]
+    fn report_validation() {
+        let r = Report::BadChunk {
+            node: node("a"),
+            blob: d(1),
+            peer: node("b"),
+            chunk: 3,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], json!("bad_chunk"));
+        assert_eq!(serde_json::from_value::<Report>(v.clone()).unwrap(), r);
+        let mut own = v;
+        own["peer"] = json!("a");
+        let err = serde_json::from_value::<Report>(own)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot report itself"), "{err}");
+        let dm = json!({"kind": "digest_mismatch", "node": "a", "blob": d(1), "epoch": 7});
+        assert_eq!(
+            serde_json::from_value::<Report>(dm).unwrap(),
+            Report::DigestMismatch {
+                node: node("a"),
+                blob: d(1),
+                epoch: 7
+            }
+        );
+    }
+
+    #[test]
+    fn view_validation() {
+        let layout = ChunkLayout::new(2 << 20, 1 << 20).unwrap();
+        let holder = Holder {
+            node: node("a"),
+            addr: "h:1".parse().unwrap(),
+            have: Bitfield::full(2).unwrap(),
+            complete: true,
+        };
+        let leased = Bitfield::new(2).unwrap();
+        let v = BlobView::new(
+            d(1),
+            layout,
+            1,
+            vec![Some(ChunkHash::of(b"x")), None],
+            vec![holder.clone()],
+            leased.clone(),
+        )
+        .unwrap();
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(serde_json::from_value::<BlobView>(j.clone()).unwrap(), v);
+        let mut short = j.clone();
+        short["hashes"] = json!([null]);
+        assert!(serde_json::from_value::<BlobView>(short).is_err());
+        let mut h = holder;
+        h.have = Bitfield::new(2).unwrap();
+        assert!(BlobView::new(d(1), layout, 1, vec![None, None], vec![h], leased).is_err());
+    }
+
+    #[test]
+    fn error_codes() {
+        assert_eq!(TrackerError::UnknownBlob(d(1)).code(), "unknown_blob");
+        assert_eq!(TrackerError::ZeroLease.code(), "bad_request");
+        assert_eq!(TrackerError::NotAMember(node("a")).code(), "not_a_member");
+    }
+}

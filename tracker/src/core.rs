@@ -1,0 +1,987 @@
+//! The tracker core: a deterministic state machine that knows which members
+//! hold which chunks of which blobs, the chunk hashes they verify against,
+//! and who may fetch which chunk from the origin. No I/O, no clocks, no
+//! randomness: every call takes the current time (`now_ms`) and returns a
+//! reply, so the HTTPS server, the daemon's `--tracker embedded` mode and the
+//! swarm simulator all drive the very same code.
+//!
+//! # Invariants
+//!
+//! Checked after every step of the property tests ([`Tracker::check_invariants`]):
+//!
+//! - **At most one unexpired lease per chunk**, and none on a chunk that is
+//!   *served* (its hash is known and a live member holds it). Two nodes asking
+//!   at the same instant for a cold blob therefore get disjoint chunks, and
+//!   the cluster fetches each chunk from the origin about once.
+//! - **A hash is only ever accepted from that chunk's lessee**: the node that
+//!   holds the chunk's lease, or last held it if nobody has taken it over
+//!   since it expired. A different hash for a chunk with a known hash is
+//!   refused and counted against the publisher.
+//! - **Excluded nodes never appear in replies**: an excluded node has no
+//!   membership, holdings, leases or published hashes, and its requests are
+//!   refused until the exclusion ends.
+//! - **Memory is bounded by the config**: at most `max_members` members
+//!   (each holding at most `max_blobs_per_member` blobs), `max_blobs` blobs
+//!   of at most [`shoal_proto::chunk::MAX_CHUNKS`] chunks, `max_lease_chunks`
+//!   leases per member and blob, `max_members` exclusions. Reputation records
+//!   exist only for members and for nodes with hashes on file.
+//!
+//! # Time
+//!
+//! Every operation first calls [`Tracker::expire`] with its `now_ms`, so
+//! replies never mention an expired member or lease; callers need not call
+//! `expire` themselves, though a server may on a timer to free memory sooner.
+//! Time never goes backwards: an earlier `now_ms` is treated as the latest
+//! one seen. Expiry is driven by ordered queues (member deadlines, lease
+//! deadlines, exclusion ends), so it costs O(log n) per expired item, never a
+//! scan.
+//!
+//! # Data structures (why a lookup does not scan the swarm)
+//!
+//! Per blob (module `blob`): holdings keyed by node; a per-chunk count of
+//! copies; for each chunk up to two *seeds* (partial holders of it, so
+//! holders of rare chunks are found without scanning); two *rings* (complete
+//! and partial holders at positions `hash(holder, blob)`); the leases with a
+//! per-node index; and an *open* bitfield of leasable chunks. A lookup builds
+//! the chunk-hash list (O(chunks), the size of the reply anyway), takes
+//! holders of the rarest chunks the requester lacks from the seeds, then
+//! walks a window of each ring from `hash(requester, blob, now /
+//! announce_interval)` — different requesters start at different places, and
+//! the window moves every announce interval — and ranks the partial holders
+//! in the window by how many chunks they have that the requester lacks. That
+//! is O(chunks + k·chunks/64 + log holders) for `k` peers, however many
+//! members hold the blob. A lease grant renews the node's own leases and
+//! then takes open chunks from `from` onward 64 at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use shoal_proto::tracker_api::{
+    Announce, AnnounceReply, BlobView, Holder, LeaseGrant, LeaseRequest, LookupReply, NodeId,
+    PeerAddr, PublishHashes, PublishRejection, PublishReply, Report, ReportReply, TrackerError,
+};
+use shoal_proto::{Bitfield, ChunkLayout, Digest};
+
+use crate::blob::{Blob, Have, LeaseQueue};
+
+/// Tracker tuning. Defaults suit a cluster of up to 10,000 nodes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackerConfig {
+    /// A member silent for longer than this is forgotten, with its holdings
+    /// and leases. Default 30 s (six announce intervals).
+    pub member_ttl_ms: u64,
+    /// How long an origin lease lasts unless renewed. Default 10 s.
+    pub lease_ttl_ms: u64,
+    /// The most chunks of one blob a member may hold leases on. Default 16.
+    pub max_lease_chunks: u32,
+    /// The most holders one lookup returns. Default 32.
+    pub max_peers_per_lookup: u32,
+    /// How often members should announce; also how often the holder subset a
+    /// requester sees changes. Default 5 s.
+    pub announce_interval_ms: u64,
+    /// The most live members. Default 20,000.
+    pub max_members: usize,
+    /// The most blobs tracked; blobs with neither holders nor leases (only
+    /// hashes) are evicted oldest first to make room. Default 100,000.
+    pub max_blobs: usize,
+    /// The most blobs one member may hold. Default 10,000.
+    pub max_blobs_per_member: usize,
+    /// Distinct members reporting bad chunks from a peer before it is
+    /// excluded. Default 3.
+    pub bad_reports_to_exclude: u32,
+    /// Strikes (hash conflicts, digest mismatches of blobs it published
+    /// hashes for) before a publisher is excluded. Default 2.
+    pub strikes_to_exclude: u32,
+    /// How long an exclusion lasts. Default 1 hour.
+    pub exclusion_ms: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            member_ttl_ms: 30_000,
+            lease_ttl_ms: 10_000,
+            max_lease_chunks: 16,
+            max_peers_per_lookup: 32,
+            announce_interval_ms: 5_000,
+            max_members: 20_000,
+            max_blobs: 100_000,
+            max_blobs_per_member: 10_000,
+            bad_reports_to_exclude: 3,
+            strikes_to_exclude: 2,
+            exclusion_ms: 3_600_000,
+        }
+    }
+}
+
+/// Why a [`TrackerConfig`] is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tracker config: {0} must be at least 1")]
+pub struct ConfigError(&'static str);
+
+impl TrackerConfig {
+    /// Checks that every knob is usable (all must be non-zero).
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let zero = [
+            (self.member_ttl_ms == 0, "member_ttl_ms"),
+            (self.lease_ttl_ms == 0, "lease_ttl_ms"),
+            (self.max_lease_chunks == 0, "max_lease_chunks"),
+            (self.max_peers_per_lookup == 0, "max_peers_per_lookup"),
+            (self.announce_interval_ms == 0, "announce_interval_ms"),
+            (self.max_members == 0, "max_members"),
+            (self.max_blobs == 0, "max_blobs"),
+            (self.max_blobs_per_member == 0, "max_blobs_per_member"),
+            (self.bad_reports_to_exclude == 0, "bad_reports_to_exclude"),
+            (self.strikes_to_exclude == 0, "strikes_to_exclude"),
+            (self.exclusion_ms == 0, "exclusion_ms"),
+        ];
+        match zero.iter().find(|(z, _)| *z) {
+            Some((_, name)) => Err(ConfigError(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Counts for metrics and the status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrackerStats {
+    /// Live members.
+    pub members: usize,
+    /// Blobs tracked.
+    pub blobs: usize,
+    /// (member, blob) holdings.
+    pub holdings: usize,
+    /// Unexpired origin leases (chunks).
+    pub leases: usize,
+    /// Chunk hashes known.
+    pub hashes: u64,
+    /// Nodes currently excluded.
+    pub excluded: usize,
+}
+
+#[derive(Debug)]
+struct Member {
+    addr: PeerAddr,
+    /// Key in `Tracker::deadlines`: last announce + member TTL.
+    deadline: u64,
+    /// Blobs it holds (has a holding in).
+    blobs: BTreeSet<Digest>,
+    /// Blobs where it holds, or held, leases (may name dropped blobs).
+    lease_blobs: BTreeSet<Digest>,
+}
+
+/// What the tracker remembers about a node's trustworthiness. Kept while the
+/// node is a member or has hashes on file, then forgotten.
+#[derive(Debug, Default)]
+struct Record {
+    /// Distinct members that reported bad chunks from it.
+    reporters: BTreeSet<NodeId>,
+    strikes: u32,
+    /// Blobs it published hashes of that are still on file.
+    published: BTreeSet<Digest>,
+}
+
+/// The tracker state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Tracker {
+    cfg: TrackerConfig,
+    /// The latest time seen.
+    now: u64,
+    /// Source of blob hash epochs.
+    next_epoch: u64,
+    members: BTreeMap<NodeId, Member>,
+    /// Member expiry queue: `(deadline, node)`.
+    deadlines: BTreeSet<(u64, NodeId)>,
+    blobs: BTreeMap<Digest, Blob>,
+    /// Blobs with hashes but no holders or leases: `(since, blob)`, evicted
+    /// oldest first when the blob table is full.
+    idle: BTreeSet<(u64, Digest)>,
+    leases: LeaseQueue,
+    records: BTreeMap<NodeId, Record>,
+    /// Excluded nodes and when their exclusion ends.
+    excluded: BTreeMap<NodeId, u64>,
+    exclusion_ends: BTreeSet<(u64, NodeId)>,
+    hashes: u64,
+}
+
+type Result<T> = std::result::Result<T, TrackerError>;
+
+impl Tracker {
+    /// A tracker with no members, starting at time 0.
+    pub fn new(cfg: TrackerConfig) -> std::result::Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(Tracker {
+            cfg,
+            now: 0,
+            next_epoch: 1,
+            members: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            blobs: BTreeMap::new(),
+            idle: BTreeSet::new(),
+            leases: BTreeSet::new(),
+            records: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            exclusion_ends: BTreeSet::new(),
+            hashes: 0,
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &TrackerConfig {
+        &self.cfg
+    }
+
+    /// Counts for metrics.
+    pub fn stats(&self) -> TrackerStats {
+        TrackerStats {
+            members: self.members.len(),
+            blobs: self.blobs.len(),
+            holdings: self.members.values().map(|m| m.blobs.len()).sum(),
+            leases: self.leases.len(),
+            hashes: self.hashes,
+            excluded: self.excluded.len(),
+        }
+    }
+
+    /// Whether `node` is excluded at the latest time seen.
+    pub fn is_excluded(&self, node: &NodeId) -> bool {
+        self.excluded.contains_key(node)
+    }
+
+    // -----------------------------------------------------------------------
+    // Operations
+    // -----------------------------------------------------------------------
+
+    /// Refreshes the member and applies its holdings; see [`Announce`].
+    ///
+    /// All-or-nothing: a blob whose layout conflicts with the tracker's, or a
+    /// limit reached, refuses the whole announce and changes nothing (so the
+    /// member is not refreshed either: it should drop the offending blob from
+    /// its announces).
+    pub fn announce(&mut self, now_ms: u64, a: Announce) -> Result<AnnounceReply> {
+        let now = self.expire(now_ms);
+        let node = a.node().clone();
+        self.check_excluded(&node)?;
+        let empty = BTreeSet::new();
+        let current = self.members.get(&node).map_or(&empty, |m| &m.blobs);
+        if !self.members.contains_key(&node) && self.members.len() >= self.cfg.max_members {
+            return Err(too_many("members", self.cfg.max_members));
+        }
+
+        // Validate everything before changing anything.
+        let listed: BTreeSet<Digest> = a.blobs().iter().map(|b| *b.blob()).collect();
+        let mut held = if a.is_full() {
+            0
+        } else {
+            current.len() - a.dropped().iter().filter(|d| current.contains(*d)).count()
+        };
+        let (mut new_blobs, mut idle_reused) = (0usize, 0usize);
+        for bh in a.blobs() {
+            let nonempty = bh.is_complete() || bh.have().count() > 0;
+            match self.blobs.get(bh.blob()) {
+                Some(b) if b.layout != bh.layout() => {
+                    return Err(TrackerError::LayoutConflict {
+                        blob: *bh.blob(),
+                        known: b.layout,
+                        offered: bh.layout(),
+                    })
+                }
+                Some(b) if nonempty && b.idle_since.is_some() => idle_reused += 1,
+                None if nonempty => new_blobs += 1,
+                _ => {}
+            }
+            if a.is_full() {
+                held += usize::from(nonempty);
+            } else if nonempty && !current.contains(bh.blob()) {
+                held += 1;
+            } else if !nonempty && current.contains(bh.blob()) {
+                held -= 1;
+            }
+        }
+        if held > self.cfg.max_blobs_per_member {
+            return Err(too_many(
+                "blobs held by one member",
+                self.cfg.max_blobs_per_member,
+            ));
+        }
+        let room = self.cfg.max_blobs.saturating_sub(self.blobs.len())
+            + self.idle.len().saturating_sub(idle_reused);
+        if new_blobs > room {
+            return Err(too_many("blobs", self.cfg.max_blobs));
+        }
+
+        // Refresh the member.
+        let deadline = now + self.cfg.member_ttl_ms;
+        match self.members.get_mut(&node) {
+            Some(m) => {
+                self.deadlines.remove(&(m.deadline, node.clone()));
+                m.deadline = deadline;
+                m.addr = a.addr().clone();
+                // Keep the lease index to blobs where the node still is a
+                // lessee, so it stays bounded over a long membership.
+                m.lease_blobs.retain(|d| {
+                    self.blobs
+                        .get(d)
+                        .is_some_and(|b| b.lessee.values().any(|n| *n == node))
+                });
+            }
+            None => {
+                self.members.insert(
+                    node.clone(),
+                    Member {
+                        addr: a.addr().clone(),
+                        deadline,
+                        blobs: BTreeSet::new(),
+                        lease_blobs: BTreeSet::new(),
+                    },
+                );
+            }
+        }
+        self.deadlines.insert((deadline, node.clone()));
+
+        // Forget what is no longer held.
+        let member = &self.members[&node];
+        let mut gone: Vec<Digest> = a.dropped().to_vec();
+        if a.is_full() {
+            gone.extend(member.blobs.iter().filter(|d| !listed.contains(*d)));
+        }
+        for d in a.dropped() {
+            // A dropped blob is not being fetched either: hand its leases over.
+            if let Some(b) = self.blobs.get_mut(d) {
+                if let Some(mine) = b.by_node.get(&node).cloned() {
+                    for i in mine {
+                        b.release(i, &mut self.leases);
+                    }
+                }
+            }
+        }
+        for d in gone {
+            self.set_have(&node, &d, None);
+        }
+
+        // Existing blobs first (so they are not idle, hence not evicted, when
+        // new ones need room), then new ones.
+        let (existing, new): (Vec<_>, Vec<_>) = a
+            .blobs()
+            .iter()
+            .partition(|bh| self.blobs.contains_key(bh.blob()));
+        for bh in existing.into_iter().chain(new) {
+            let have = if bh.is_complete() {
+                Some(Have::Complete)
+            } else if bh.have().count() > 0 {
+                Some(Have::Partial(bh.have().clone()))
+            } else {
+                None
+            };
+            if have.is_some() {
+                self.ensure_blob(bh.blob(), bh.layout())?;
+            }
+            self.set_have(&node, bh.blob(), have);
+        }
+        Ok(AnnounceReply {
+            interval_ms: self.cfg.announce_interval_ms,
+        })
+    }
+
+    /// What `node` needs to fetch `blob`: the known chunk hashes, at most
+    /// `max_peers_per_lookup` holders chosen for it (never itself), and the
+    /// chunks under lease. Anyone not excluded may look up.
+    pub fn lookup(&mut self, now_ms: u64, node: &NodeId, blob: &Digest) -> Result<LookupReply> {
+        let now = self.expire(now_ms);
+        self.check_excluded(node)?;
+        let b = self
+            .blobs
+            .get(blob)
+            .ok_or(TrackerError::UnknownBlob(*blob))?;
+        let count = b.count();
+        let epoch = now / self.cfg.announce_interval_ms;
+        let picked = b.pick(node, epoch, self.cfg.max_peers_per_lookup as usize);
+        let holders = picked
+            .into_iter()
+            .map(|n| {
+                let (have, complete) = match &b.holders[&n].have {
+                    Have::Complete => (full(count), true),
+                    Have::Partial(bits) => (bits.clone(), false),
+                };
+                Holder {
+                    addr: self.members[&n].addr.clone(),
+                    node: n,
+                    have,
+                    complete,
+                }
+            })
+            .collect();
+        let mut leased = Bitfield::for_layout(&b.layout);
+        for &i in b.leases.keys() {
+            leased.set(i).expect("leases are in range");
+        }
+        let hashes = b
+            .hashes
+            .iter()
+            .map(|h| h.as_ref().map(|p| p.hash))
+            .collect();
+        BlobView::new(*blob, b.layout, b.epoch, hashes, holders, leased)
+    }
+
+    /// Grants origin leases; see [`LeaseRequest`]. The node's own leases on
+    /// chunks it still lacks are renewed and listed first (those nearest
+    /// `from` first, at most the request's budget); then chunks that nobody
+    /// serves and nobody leases, from `from` onward, wrapping to the start.
+    /// A member holds at most `max_lease_chunks` leases per blob.
+    pub fn lease(&mut self, now_ms: u64, r: LeaseRequest) -> Result<LeaseGrant> {
+        let now = self.expire(now_ms);
+        let node = r.node().clone();
+        self.check_member(&node)?;
+        let d = *r.blob();
+        self.ensure_blob(&d, r.layout())?;
+        let cap = self.cfg.max_lease_chunks;
+        let budget = r.max_chunks().min(cap) as usize;
+        let expires = now + self.cfg.lease_ttl_ms;
+        let b = self.blobs.get_mut(&d).expect("just ensured");
+        let from = r.from();
+
+        let mine: Vec<u32> = b.by_node.get(&node).map_or(Vec::new(), |s| {
+            s.range(from..).chain(s.range(..from)).copied().collect()
+        });
+        let lacks = |i: u32| !b.holders.get(&node).is_some_and(|h| h.have.get(i));
+        let renew: Vec<u32> = mine
+            .iter()
+            .copied()
+            .filter(|&i| lacks(i))
+            .take(budget)
+            .collect();
+        let fresh_cap = (cap as usize).saturating_sub(mine.len());
+        let fresh = b.open_from(from, (budget - renew.len()).min(fresh_cap));
+        let mut chunks = renew;
+        chunks.extend(fresh);
+        for &i in &chunks {
+            b.grant(i, &node, expires, &mut self.leases);
+        }
+        if !chunks.is_empty() {
+            self.members
+                .get_mut(&node)
+                .expect("checked member")
+                .lease_blobs
+                .insert(d);
+        }
+        self.settle(&d);
+        Ok(LeaseGrant {
+            chunks,
+            expires_ms: expires,
+        })
+    }
+
+    /// Records chunk hashes from the chunks' lessee; see [`PublishHashes`].
+    /// An accepted hash releases the chunk's lease and marks the publisher as
+    /// holding the chunk. Republishing a known hash is accepted from its
+    /// publisher or the chunk's lessee; a different hash from the lessee is a
+    /// conflict and a strike against it.
+    pub fn publish_hashes(&mut self, now_ms: u64, p: PublishHashes) -> Result<PublishReply> {
+        self.expire(now_ms);
+        let node = p.node().clone();
+        self.check_member(&node)?;
+        let d = *p.blob();
+        if !self.blobs.contains_key(&d) {
+            return Err(TrackerError::UnknownBlob(d));
+        }
+        let mut reply = PublishReply {
+            accepted: 0,
+            rejected: Vec::new(),
+        };
+        for &(i, hash) in p.hashes() {
+            // A conflict may have excluded the publisher (and dropped the blob).
+            let Some(b) = self.blobs.get_mut(&d) else {
+                reply.rejected.push((i, PublishRejection::NotLeaseHolder));
+                continue;
+            };
+            if i >= b.count() {
+                reply.rejected.push((i, PublishRejection::OutOfRange));
+                continue;
+            }
+            let lessee = b.lessee.get(&i) == Some(&node);
+            let outcome = match &b.hashes[i as usize] {
+                Some(known) if known.hash == hash && (known.by == node || lessee) => Ok(false),
+                Some(known) if known.hash != hash && lessee => Err(PublishRejection::Conflict),
+                Some(_) => Err(PublishRejection::NotLeaseHolder),
+                None if lessee => Ok(true),
+                None => Err(PublishRejection::NotLeaseHolder),
+            };
+            match outcome {
+                Ok(fresh) => {
+                    if fresh {
+                        b.accept_hash(i, hash, &node, &mut self.leases);
+                        self.hashes += 1;
+                        self.records
+                            .entry(node.clone())
+                            .or_default()
+                            .published
+                            .insert(d);
+                    } else {
+                        // Already known: still, the publisher holds the chunk.
+                        b.lessee.remove(&i);
+                        b.release(i, &mut self.leases);
+                        b.add_chunk(&node, i);
+                    }
+                    b.release_served(&mut self.leases);
+                    if let Some(m) = self.members.get_mut(&node) {
+                        m.blobs.insert(d);
+                    }
+                    reply.accepted += 1;
+                }
+                Err(why) => {
+                    reply.rejected.push((i, why));
+                    if why == PublishRejection::Conflict {
+                        self.strike(&node);
+                    }
+                }
+            }
+        }
+        self.settle(&d);
+        Ok(reply)
+    }
+
+    /// Acts on evidence of bad data; see [`Report`].
+    ///
+    /// `BadChunk`: one report per distinct reporter counts against the peer;
+    /// at `bad_reports_to_exclude` it is excluded. Reports against nodes that
+    /// are not members are ignored (they are in no reply already).
+    ///
+    /// `DigestMismatch` (for the blob's current hash epoch; stale reports are
+    /// ignored): every hash of the blob is withdrawn, every *partial* holding
+    /// of it cleared (those chunks were verified against suspect hashes;
+    /// complete holders verified the digest and keep theirs), and each
+    /// publisher of a withdrawn hash gets a strike.
+    pub fn report(&mut self, now_ms: u64, r: Report) -> Result<ReportReply> {
+        self.expire(now_ms);
+        r.validate()?;
+        let reporter = r.node().clone();
+        self.check_member(&reporter)?;
+        let d = *r.blob();
+        let b = self.blobs.get(&d).ok_or(TrackerError::UnknownBlob(d))?;
+        let mut reply = ReportReply::default();
+        match r {
+            Report::BadChunk { peer, chunk, .. } => {
+                if chunk >= b.count() {
+                    return Err(TrackerError::ChunkOutOfRange {
+                        index: chunk,
+                        count: b.count(),
+                    });
+                }
+                if !self.members.contains_key(&peer) {
+                    return Ok(reply);
+                }
+                let rec = self.records.entry(peer.clone()).or_default();
+                rec.reporters.insert(reporter);
+                if rec.reporters.len() >= self.cfg.bad_reports_to_exclude as usize {
+                    reply.withdrawn += self.exclude(&peer);
+                    reply.excluded.push(peer);
+                }
+            }
+            Report::DigestMismatch { epoch, .. } => {
+                if epoch != b.epoch || b.known == 0 {
+                    return Ok(reply);
+                }
+                let publishers = b.publishers();
+                let partial: Vec<NodeId> = b
+                    .holders
+                    .iter()
+                    .filter(|(_, h)| matches!(h.have, Have::Partial(_)))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                reply.withdrawn += self.withdraw(&d, None);
+                for n in partial {
+                    self.set_have(&n, &d, None);
+                }
+                for p in publishers {
+                    if self.strike(&p) {
+                        reply.excluded.push(p);
+                    }
+                }
+                self.settle(&d);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Applies the passage of time up to `now_ms`: forgets members silent for
+    /// longer than `member_ttl_ms` (with their holdings and leases), ends
+    /// expired leases and exclusions, and drops blobs left with nothing.
+    /// Every other operation calls this first. Returns the tracker's time.
+    pub fn expire(&mut self, now_ms: u64) -> u64 {
+        self.now = self.now.max(now_ms);
+        let now = self.now;
+        while let Some(&(at, d, i)) = self.leases.first() {
+            if at > now {
+                break;
+            }
+            self.leases.pop_first();
+            if let Some(b) = self.blobs.get_mut(&d) {
+                b.release(i, &mut self.leases);
+            }
+            self.settle(&d);
+        }
+        while let Some((at, node)) = self.deadlines.first().cloned() {
+            if at >= now {
+                break;
+            }
+            self.remove_member(&node);
+        }
+        while let Some((at, node)) = self.exclusion_ends.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.exclusion_ends.pop_first();
+            self.excluded.remove(&node);
+        }
+        now
+    }
+
+    // -----------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------
+
+    fn check_excluded(&self, node: &NodeId) -> Result<()> {
+        match self.excluded.get(node) {
+            Some(&until_ms) => Err(TrackerError::Excluded {
+                node: node.clone(),
+                until_ms,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_member(&self, node: &NodeId) -> Result<()> {
+        self.check_excluded(node)?;
+        if self.members.contains_key(node) {
+            Ok(())
+        } else {
+            Err(TrackerError::NotAMember(node.clone()))
+        }
+    }
+
+    /// Makes sure `d` is tracked with `layout`, evicting the oldest idle blob
+    /// if the table is full.
+    fn ensure_blob(&mut self, d: &Digest, layout: ChunkLayout) -> Result<()> {
+        if let Some(b) = self.blobs.get(d) {
+            if b.layout != layout {
+                return Err(TrackerError::LayoutConflict {
+                    blob: *d,
+                    known: b.layout,
+                    offered: layout,
+                });
+            }
+            return Ok(());
+        }
+        if self.blobs.len() >= self.cfg.max_blobs {
+            let Some((_, victim)) = self.idle.first().copied() else {
+                return Err(too_many("blobs", self.cfg.max_blobs));
+            };
+            self.withdraw(&victim, None);
+            self.settle(&victim);
+        }
+        let epoch = self.bump_epoch();
+        self.blobs.insert(*d, Blob::new(*d, layout, epoch));
+        Ok(())
+    }
+
+    fn bump_epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch - 1
+    }
+
+    /// Sets (or with `None` removes) `node`'s holding of `d`, keeping the
+    /// member's index, the blob's leases and its idle state in step.
+    fn set_have(&mut self, node: &NodeId, d: &Digest, have: Option<Have>) {
+        let Some(b) = self.blobs.get_mut(d) else {
+            return;
+        };
+        let holds = have.is_some();
+        b.set_holding(node, have);
+        b.release_served(&mut self.leases);
+        if let Some(m) = self.members.get_mut(node) {
+            if holds {
+                m.blobs.insert(*d);
+            } else {
+                m.blobs.remove(d);
+            }
+        }
+        self.settle(d);
+    }
+
+    /// Withdraws the hashes of `d` published by `by` (all if `None`); the
+    /// chunks become leasable again and the blob gets a new epoch.
+    fn withdraw(&mut self, d: &Digest, by: Option<&NodeId>) -> u32 {
+        let Some(b) = self.blobs.get_mut(d) else {
+            return 0;
+        };
+        let publishers = b.publishers();
+        let n = b.withdraw(|p| by.is_none_or(|by| &p.by == by));
+        if n > 0 {
+            b.epoch = self.next_epoch;
+            self.next_epoch += 1;
+        }
+        self.hashes -= u64::from(n);
+        let still = b.publishers();
+        for p in publishers.difference(&still) {
+            if let Some(rec) = self.records.get_mut(p) {
+                rec.published.remove(d);
+            }
+            self.gc_record(p);
+        }
+        n
+    }
+
+    /// Counts a strike against `node`; excludes it at the limit. Returns
+    /// whether it was excluded.
+    fn strike(&mut self, node: &NodeId) -> bool {
+        // Records exist only for members and nodes with hashes on file.
+        if !self.members.contains_key(node) && !self.records.contains_key(node) {
+            return false;
+        }
+        let rec = self.records.entry(node.clone()).or_default();
+        rec.strikes += 1;
+        if rec.strikes >= self.cfg.strikes_to_exclude {
+            self.exclude(node);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Excludes `node`: it loses membership, holdings and leases, and its
+    /// published hashes are withdrawn. Returns how many hashes were withdrawn.
+    fn exclude(&mut self, node: &NodeId) -> u32 {
+        let until = self.now + self.cfg.exclusion_ms;
+        if let Some(old) = self.excluded.insert(node.clone(), until) {
+            self.exclusion_ends.remove(&(old, node.clone()));
+        }
+        self.exclusion_ends.insert((until, node.clone()));
+        while self.excluded.len() > self.cfg.max_members {
+            let (_, oldest) = self.exclusion_ends.pop_first().expect("queue matches map");
+            self.excluded.remove(&oldest);
+        }
+        self.remove_member(node);
+        let published = self
+            .records
+            .get(node)
+            .map(|r| r.published.clone())
+            .unwrap_or_default();
+        let mut n = 0;
+        for d in published {
+            n += self.withdraw(&d, Some(node));
+            self.settle(&d);
+        }
+        self.records.remove(node);
+        n
+    }
+
+    /// Forgets a member with its holdings and leases.
+    fn remove_member(&mut self, node: &NodeId) {
+        let Some(m) = self.members.remove(node) else {
+            return;
+        };
+        self.deadlines.remove(&(m.deadline, node.clone()));
+        for d in &m.blobs {
+            if let Some(b) = self.blobs.get_mut(d) {
+                b.remove_holding(node);
+            }
+            self.settle(d);
+        }
+        for d in &m.lease_blobs {
+            if let Some(b) = self.blobs.get_mut(d) {
+                b.forget_lessee(node, &mut self.leases);
+            }
+            self.settle(d);
+        }
+        self.gc_record(node);
+    }
+
+    /// Drops a reputation record that no longer protects anything.
+    fn gc_record(&mut self, node: &NodeId) {
+        if !self.members.contains_key(node)
+            && self
+                .records
+                .get(node)
+                .is_some_and(|r| r.published.is_empty())
+        {
+            self.records.remove(node);
+        }
+    }
+
+    /// Drops `d` if nothing is left of it, and tracks whether it is idle.
+    fn settle(&mut self, d: &Digest) {
+        let Some(b) = self.blobs.get_mut(d) else {
+            return;
+        };
+        let idle = b.holders.is_empty() && b.leases.is_empty();
+        if idle && b.known == 0 {
+            if let Some(since) = b.idle_since {
+                self.idle.remove(&(since, *d));
+            }
+            self.blobs.remove(d);
+        } else if idle && b.idle_since.is_none() {
+            b.idle_since = Some(self.now);
+            self.idle.insert((self.now, *d));
+        } else if !idle {
+            if let Some(since) = b.idle_since.take() {
+                self.idle.remove(&(since, *d));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Introspection
+    // -----------------------------------------------------------------------
+
+    /// Checks every invariant of the module documentation and the internal
+    /// indexes against each other. O(state): for tests and the simulator.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let now = self.now;
+        if self.members.len() > self.cfg.max_members {
+            return Err("too many members".into());
+        }
+        if self.blobs.len() > self.cfg.max_blobs {
+            return Err("too many blobs".into());
+        }
+        if self.excluded.len() > self.cfg.max_members {
+            return Err("too many exclusions".into());
+        }
+        let deadlines: BTreeSet<(u64, NodeId)> = self
+            .members
+            .iter()
+            .map(|(n, m)| (m.deadline, n.clone()))
+            .collect();
+        if deadlines != self.deadlines {
+            return Err("member deadline queue drifted".into());
+        }
+        if let Some((at, n)) = self.deadlines.first() {
+            if *at < now {
+                return Err(format!("member {n} is past its deadline"));
+            }
+        }
+        let ends: BTreeSet<(u64, NodeId)> =
+            self.excluded.iter().map(|(n, &u)| (u, n.clone())).collect();
+        if ends != self.exclusion_ends || ends.first().is_some_and(|(u, _)| *u <= now) {
+            return Err("exclusion queue drifted".into());
+        }
+        for n in self.excluded.keys() {
+            if self.members.contains_key(n) || self.records.contains_key(n) {
+                return Err(format!("excluded {n} is still a member or has a record"));
+            }
+        }
+        for (n, r) in &self.records {
+            if !self.members.contains_key(n) && r.published.is_empty() {
+                return Err(format!("stale record for {n}"));
+            }
+        }
+        let mut queue = LeaseQueue::new();
+        let mut hashes = 0u64;
+        let mut published: BTreeMap<NodeId, BTreeSet<Digest>> = BTreeMap::new();
+        for (d, b) in &self.blobs {
+            b.check()?;
+            if b.holders.is_empty() && b.leases.is_empty() && b.known == 0 {
+                return Err(format!("{d} is empty but kept"));
+            }
+            let idle = b.holders.is_empty() && b.leases.is_empty();
+            match b.idle_since {
+                Some(t) if idle && self.idle.contains(&(t, *d)) => {}
+                None if !idle => {}
+                _ => return Err(format!("{d}: idle state drifted")),
+            }
+            for n in b.holders.keys() {
+                if !self.members.get(n).is_some_and(|m| m.blobs.contains(d)) {
+                    return Err(format!("{d}: holder {n} is not a member holding it"));
+                }
+            }
+            for (i, l) in &b.leases {
+                if l.expires <= now {
+                    return Err(format!("{d}: expired lease on chunk {i}"));
+                }
+                queue.insert((l.expires, *d, *i));
+            }
+            for (node, set) in &b.by_node {
+                if set.len() > self.cfg.max_lease_chunks as usize {
+                    return Err(format!("{d}: {node} holds {} leases", set.len()));
+                }
+            }
+            for n in b.lessee.values() {
+                if !self
+                    .members
+                    .get(n)
+                    .is_some_and(|m| m.lease_blobs.contains(d))
+                {
+                    return Err(format!("{d}: lessee {n} is not a member leasing it"));
+                }
+            }
+            for p in b.hashes.iter().flatten() {
+                hashes += 1;
+                published.entry(p.by.clone()).or_default().insert(*d);
+                if self.excluded.contains_key(&p.by) {
+                    return Err(format!("{d}: hash from excluded {}", p.by));
+                }
+            }
+        }
+        if queue != self.leases {
+            return Err("lease queue drifted".into());
+        }
+        if hashes != self.hashes {
+            return Err("hash count drifted".into());
+        }
+        let on_file: BTreeMap<NodeId, BTreeSet<Digest>> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !r.published.is_empty())
+            .map(|(n, r)| (n.clone(), r.published.clone()))
+            .collect();
+        if on_file != published {
+            return Err("published-hash index drifted".into());
+        }
+        let idle_count = self
+            .blobs
+            .values()
+            .filter(|b| b.idle_since.is_some())
+            .count();
+        if idle_count != self.idle.len() {
+            return Err("idle index drifted".into());
+        }
+        for (n, m) in &self.members {
+            if m.blobs.len() > self.cfg.max_blobs_per_member + self.cfg.max_blobs {
+                return Err(format!("{n} holds too many blobs"));
+            }
+            for d in &m.blobs {
+                if !self.blobs.get(d).is_some_and(|b| b.holders.contains_key(n)) {
+                    return Err(format!("{n} lists {d} but holds nothing there"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node holding the unexpired lease on chunk `i` of `d`, and when it
+    /// ends.
+    pub fn lease_of(&self, d: &Digest, i: u32) -> Option<(NodeId, u64)> {
+        let l = self.blobs.get(d)?.leases.get(&i)?;
+        Some((l.node.clone(), l.expires))
+    }
+
+    /// The node whose hash for chunk `i` of `d` would be accepted (holds or
+    /// last held its lease), if the hash is not known.
+    pub fn lessee_of(&self, d: &Digest, i: u32) -> Option<NodeId> {
+        self.blobs.get(d)?.lessee.get(&i).cloned()
+    }
+
+    /// Whether chunk `i` of `d` could be leased right now.
+    pub fn is_leasable(&self, d: &Digest, i: u32) -> bool {
+        self.blobs
+            .get(d)
+            .is_some_and(|b| i < b.count() && b.is_open(i))
+    }
+}
+
+fn too_many(what: &'static str, limit: usize) -> TrackerError {
+    TrackerError::TooMany { what, limit }
+}
+
+fn full(count: u32) -> Bitfield {
+    Bitfield::full(count).expect("layout bounds the count")
+}

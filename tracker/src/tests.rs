@@ -1,0 +1,1067 @@
+//! Deterministic tests of the tracker core: scenarios for each rule, and a
+//! property test that runs random operation sequences and checks the
+//! invariants after every step.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use shoal_proto::tracker_api::{
+    Announce, BlobHave, ChunkHash, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
+    PublishRejection, PublishReply, Report, TrackerError,
+};
+use shoal_proto::{Bitfield, ChunkLayout, Digest};
+
+use crate::{Tracker, TrackerConfig};
+
+const MIB: u32 = 1 << 20;
+
+fn id(n: usize) -> NodeId {
+    format!("n{n}").parse().unwrap()
+}
+
+/// A node that never takes part: it looks up without changing anything.
+fn observer() -> NodeId {
+    "observer".parse().unwrap()
+}
+
+fn blob(n: u8) -> Digest {
+    Digest::of(&[b'b', n])
+}
+
+fn layout(chunks: u32) -> ChunkLayout {
+    ChunkLayout::new(u64::from(chunks) * u64::from(MIB), MIB).unwrap()
+}
+
+/// The "true" hash of a chunk, as an honest origin fetch would give it.
+fn truth(d: &Digest, i: u32) -> ChunkHash {
+    ChunkHash::of(format!("{d}/{i}").as_bytes())
+}
+
+fn bits(len: u32, ones: impl IntoIterator<Item = u32>) -> Bitfield {
+    let mut b = Bitfield::new(len).unwrap();
+    for i in ones {
+        b.set(i).unwrap();
+    }
+    b
+}
+
+fn partial(d: Digest, l: ChunkLayout, ones: impl IntoIterator<Item = u32>) -> BlobHave {
+    BlobHave::new(d, l, bits(l.count(), ones), false).unwrap()
+}
+
+/// A tracker plus helpers that build requests.
+struct Harness {
+    t: Tracker,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(TrackerConfig::default())
+    }
+
+    fn with(cfg: TrackerConfig) -> Self {
+        Harness {
+            t: Tracker::new(cfg).unwrap(),
+        }
+    }
+
+    fn announce(&mut self, now: u64, n: usize, blobs: Vec<BlobHave>) -> Result<(), TrackerError> {
+        self.announce_full(now, n, blobs, vec![], false)
+    }
+
+    fn announce_full(
+        &mut self,
+        now: u64,
+        n: usize,
+        blobs: Vec<BlobHave>,
+        dropped: Vec<Digest>,
+        full: bool,
+    ) -> Result<(), TrackerError> {
+        let addr = format!("10.0.{}.{}:4901", n / 250, n % 250 + 1)
+            .parse()
+            .unwrap();
+        let a = Announce::new(id(n), addr, blobs, dropped, full)?;
+        self.t.announce(now, a).map(|_| ())
+    }
+
+    fn lease(
+        &mut self,
+        now: u64,
+        n: usize,
+        d: Digest,
+        l: ChunkLayout,
+        max: u32,
+        from: u32,
+    ) -> LeaseGrant {
+        self.try_lease(now, n, d, l, max, from).unwrap()
+    }
+
+    fn try_lease(
+        &mut self,
+        now: u64,
+        n: usize,
+        d: Digest,
+        l: ChunkLayout,
+        max: u32,
+        from: u32,
+    ) -> Result<LeaseGrant, TrackerError> {
+        let r = LeaseRequest::new(id(n), d, l, max, from)?;
+        self.t.lease(now, r)
+    }
+
+    fn publish(
+        &mut self,
+        now: u64,
+        n: usize,
+        d: Digest,
+        hashes: Vec<(u32, ChunkHash)>,
+    ) -> PublishReply {
+        let p = PublishHashes::new(id(n), d, hashes).unwrap();
+        self.t.publish_hashes(now, p).unwrap()
+    }
+
+    fn publish_true(&mut self, now: u64, n: usize, d: Digest, chunks: &[u32]) -> PublishReply {
+        self.publish(
+            now,
+            n,
+            d,
+            chunks.iter().map(|&i| (i, truth(&d, i))).collect(),
+        )
+    }
+
+    fn holders(&mut self, now: u64, n: usize, d: Digest) -> Vec<NodeId> {
+        let v = self.t.lookup(now, &id(n), &d).unwrap();
+        v.holders().iter().map(|h| h.node.clone()).collect()
+    }
+
+    fn bad_chunk(
+        &mut self,
+        now: u64,
+        reporter: usize,
+        peer: usize,
+        d: Digest,
+        chunk: u32,
+    ) -> Vec<NodeId> {
+        let r = Report::BadChunk {
+            node: id(reporter),
+            blob: d,
+            peer: id(peer),
+            chunk,
+        };
+        self.t.report(now, r).unwrap().excluded
+    }
+
+    fn check(&self) {
+        self.t.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn config_validation() {
+    let cfg = TrackerConfig {
+        lease_ttl_ms: 0,
+        ..TrackerConfig::default()
+    };
+    assert_eq!(
+        Tracker::new(cfg).unwrap_err().to_string(),
+        "tracker config: lease_ttl_ms must be at least 1"
+    );
+    let cfg: TrackerConfig = serde_json::from_str(r#"{"max_lease_chunks": 4}"#).unwrap();
+    assert_eq!(cfg.max_lease_chunks, 4);
+    assert_eq!(cfg.member_ttl_ms, 30_000);
+    assert!(serde_json::from_str::<TrackerConfig>(r#"{"nope": 1}"#).is_err());
+}
+
+#[test]
+fn cold_cluster_fetches_each_chunk_from_the_origin_once() {
+    let (d, l) = (blob(1), layout(1000));
+    for from_spread in [false, true] {
+        let mut h = Harness::new();
+        let nodes = 40;
+        for n in 0..nodes {
+            h.announce(0, n, vec![]).unwrap();
+        }
+        let mut granted: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut now = 0;
+        for round in 0..100 {
+            // Everyone asks at the same instant.
+            let mut this_round = BTreeSet::new();
+            let mut grants = Vec::new();
+            for n in 0..nodes {
+                let from = if from_spread {
+                    (n as u32 * 97) % 1000
+                } else {
+                    0
+                };
+                let g = h.lease(now, n, d, l, 64, from);
+                assert!(g.chunks.len() <= 16);
+                for &c in &g.chunks {
+                    assert!(
+                        this_round.insert(c),
+                        "chunk {c} granted twice in round {round}"
+                    );
+                    assert!(granted.insert(c, n).is_none(), "chunk {c} granted again");
+                }
+                grants.push((n, g.chunks));
+            }
+            h.check();
+            // Each node fetches its chunks from the origin and publishes them.
+            now += 500;
+            for (n, chunks) in grants {
+                let r = h.publish_true(now, n, d, &chunks);
+                assert_eq!(r.accepted as usize, chunks.len());
+            }
+            h.check();
+            if granted.len() == 1000 {
+                break;
+            }
+        }
+        assert_eq!(granted.len(), 1000, "every chunk leased exactly once");
+        assert_eq!(h.t.stats().hashes, 1000);
+        assert_eq!(h.t.stats().leases, 0);
+        // Nothing is left to fetch from the origin.
+        assert!(h.lease(now, 0, d, l, 16, 0).chunks.is_empty());
+    }
+}
+
+#[test]
+fn grants_prefer_from_and_wrap() {
+    let (d, l) = (blob(1), layout(10));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 3, 8).chunks, [8, 9, 0]);
+    assert_eq!(h.lease(0, 1, d, l, 4, 8).chunks, [1, 2, 3, 4]);
+    let g = h.lease(0, 0, d, l, 5, 5);
+    // Own leases first (nearest `from` onward), then fresh ones from `from`.
+    assert_eq!(g.chunks, [8, 9, 0, 5, 6]);
+}
+
+#[test]
+fn expired_lease_is_handed_over() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..3 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    let g = h.lease(0, 0, d, l, 2, 0);
+    assert_eq!((g.chunks.as_slice(), g.expires_ms), (&[0, 1][..], 10_000));
+    assert_eq!(h.lease(9_999, 1, d, l, 2, 0).chunks, [2, 3]);
+    // Node 0 stalls; its lease ends and node 2 takes chunk 0 over.
+    h.announce(10_000, 0, vec![]).unwrap();
+    h.announce(10_000, 2, vec![]).unwrap();
+    assert_eq!(h.t.lease_of(&d, 0), None);
+    assert_eq!(h.lease(10_000, 2, d, l, 1, 0).chunks, [0]);
+    // Node 0 finally publishes: chunk 0 is no longer its to publish, chunk 1
+    // (expired but not taken over) still is.
+    let r = h.publish_true(10_001, 0, d, &[0, 1]);
+    assert_eq!(r.accepted, 1);
+    assert_eq!(r.rejected, [(0, PublishRejection::NotLeaseHolder)]);
+    assert_eq!(h.publish_true(10_002, 2, d, &[0]).accepted, 1);
+    h.check();
+}
+
+#[test]
+fn leases_are_renewed_within_budget() {
+    let (d, l) = (blob(1), layout(40));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    let first = h.lease(0, 0, d, l, 16, 0);
+    assert_eq!(first.chunks, (0..16).collect::<Vec<_>>());
+    // Chunk 3 arrives and is announced (its hash is not known yet).
+    h.announce(1_000, 0, vec![partial(d, l, [3])]).unwrap();
+    let again = h.lease(5_000, 0, d, l, 4, 2);
+    assert_eq!(
+        again.chunks,
+        [2, 4, 5, 6],
+        "renewed, nearest `from`, skipping held chunk 3"
+    );
+    assert_eq!(again.expires_ms, 15_000);
+    // Still at the per-blob cap of 16 outstanding leases: nothing new.
+    let capped = h.lease(5_000, 0, d, l, 16, 0);
+    assert_eq!(capped.chunks.len(), 15);
+    assert!(capped.chunks.iter().all(|&c| c < 16 && c != 3));
+    // At 12 s the renewed leases still hold; chunk 3's original lease ended
+    // (it was never renewed: node 0 holds the chunk) and is free again.
+    h.announce(12_000, 1, vec![]).unwrap();
+    let other = h.lease(12_000, 1, d, l, 16, 0);
+    assert_eq!(other.chunks[0], 3);
+    assert!(other.chunks[1..].iter().all(|&c| c >= 16));
+    h.check();
+}
+
+#[test]
+fn hashes_only_from_the_lease_holder() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..3 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    assert_eq!(h.lease(0, 0, d, l, 2, 0).chunks, [0, 1]);
+    let r = h.publish_true(1, 1, d, &[0]);
+    assert_eq!(r.rejected, [(0, PublishRejection::NotLeaseHolder)]);
+    let r = h.publish_true(1, 0, d, &[0, 7]);
+    assert_eq!(r.accepted, 1);
+    assert_eq!(r.rejected, [(7, PublishRejection::OutOfRange)]);
+    // Accepting marks the publisher as holder and releases the lease.
+    assert_eq!(h.t.lease_of(&d, 0), None);
+    assert_eq!(h.holders(2, 1, d), [id(0)]);
+    assert!(!h.t.is_leasable(&d, 0));
+    // Republishing the same hash is fine for its publisher only.
+    assert_eq!(h.publish_true(2, 0, d, &[0]).accepted, 1);
+    assert_eq!(
+        h.publish_true(2, 2, d, &[0]).rejected,
+        [(0, PublishRejection::NotLeaseHolder)]
+    );
+    // Publishing needs membership, and the blob must be known.
+    let p = PublishHashes::new(id(9), d, vec![(1, truth(&d, 1))]).unwrap();
+    assert_eq!(
+        h.t.publish_hashes(3, p),
+        Err(TrackerError::NotAMember(id(9)))
+    );
+    let p = PublishHashes::new(id(0), blob(9), vec![]).unwrap();
+    assert_eq!(
+        h.t.publish_hashes(3, p),
+        Err(TrackerError::UnknownBlob(blob(9)))
+    );
+    let v = h.t.lookup(3, &id(2), &d).unwrap();
+    assert_eq!(v.hashes()[0], Some(truth(&d, 0)));
+    assert_eq!(v.hashes()[1], None);
+    assert_eq!(v.leased().iter_ones().collect::<Vec<_>>(), [1]);
+    h.check();
+}
+
+#[test]
+fn conflicting_hashes_are_refused_and_struck() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    assert_eq!(h.publish_true(1, 0, d, &[0, 1, 2, 3]).accepted, 4);
+    // Node 0 goes away; its hashes stay on file, the chunks become leasable.
+    h.announce(31_000, 1, vec![]).unwrap();
+    assert_eq!(h.t.stats().members, 1);
+    assert_eq!(h.t.stats().hashes, 4);
+    assert_eq!(h.lease(31_000, 1, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    // Node 1's origin fetch of chunk 0 agrees; chunk 1 does not.
+    let wrong = ChunkHash::of(b"corrupt");
+    let r = h.publish(31_001, 1, d, vec![(0, truth(&d, 0)), (1, wrong)]);
+    assert_eq!(r.accepted, 1);
+    assert_eq!(r.rejected, [(1, PublishRejection::Conflict)]);
+    let v = h.t.lookup(31_001, &id(1), &d).unwrap();
+    assert_eq!(v.hashes()[1], Some(truth(&d, 1)), "the known hash stands");
+    assert!(!h.t.is_excluded(&id(1)));
+    // A second strike excludes it, withdrawing what it published.
+    let r = h.publish(31_002, 1, d, vec![(2, wrong)]);
+    assert_eq!(r.rejected, [(2, PublishRejection::Conflict)]);
+    assert!(h.t.is_excluded(&id(1)));
+    h.check();
+}
+
+#[test]
+fn member_expiry_removes_holdings_and_leases() {
+    let (d, l) = (blob(1), layout(8));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![partial(d, l, [0, 1])]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 2, 2).chunks, [2, 3]);
+    // Node 1 keeps announcing, node 0 falls silent.
+    h.announce(20_000, 1, vec![]).unwrap();
+    assert_eq!(h.holders(30_000, 1, d), [id(0)]);
+    assert_eq!(
+        h.t.stats().members,
+        2,
+        "silent for exactly the TTL: still a member"
+    );
+    assert_eq!(h.t.stats().members, 2);
+    h.t.expire(30_001);
+    assert_eq!(h.t.stats().members, 1);
+    assert_eq!(
+        h.t.lookup(30_001, &id(1), &d),
+        Err(TrackerError::UnknownBlob(d))
+    );
+    assert_eq!(h.t.stats().blobs, 0, "a blob with nothing left is dropped");
+    assert_eq!(h.t.stats().leases, 0);
+    assert_eq!(h.lease(30_001, 1, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    let p = PublishHashes::new(id(0), d, vec![(2, truth(&d, 2))]).unwrap();
+    assert_eq!(
+        h.t.publish_hashes(30_002, p),
+        Err(TrackerError::NotAMember(id(0)))
+    );
+    h.check();
+}
+
+#[test]
+fn time_never_goes_backwards() {
+    let (d, l) = (blob(1), layout(2));
+    let mut h = Harness::new();
+    h.announce(50_000, 0, vec![]).unwrap();
+    let g = h.lease(10, 0, d, l, 1, 0);
+    assert_eq!(g.expires_ms, 60_000);
+}
+
+#[test]
+fn announcing_a_served_chunk_ends_its_lease() {
+    let (d, l) = (blob(1), layout(2));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    h.lease(0, 0, d, l, 2, 0);
+    h.publish_true(1, 0, d, &[0, 1]);
+    // Node 1 copies chunk 0 from node 0; node 0 then leaves.
+    h.announce(20_000, 1, vec![partial(d, l, [0])]).unwrap();
+    h.announce(31_000, 1, vec![partial(d, l, [0])]).unwrap();
+    h.announce(31_000, 2, vec![]).unwrap();
+    // Chunk 1 (hash known, nobody holds it) is leasable; chunk 0 is not.
+    assert_eq!(h.lease(31_000, 2, d, l, 2, 0).chunks, [1]);
+    // Node 1 got chunk 1 from somewhere after all: the lease is moot.
+    h.announce(31_001, 1, vec![partial(d, l, [0, 1])]).unwrap();
+    assert_eq!(h.t.lease_of(&d, 1), None);
+    // A chunk announced while its hash is unknown does not end a lease: the
+    // lessee still has to publish it.
+    let (e, m) = (blob(2), layout(2));
+    h.lease(31_001, 2, e, m, 1, 0);
+    h.announce(31_002, 1, vec![partial(e, m, [0])]).unwrap();
+    assert_eq!(h.t.lease_of(&e, 0).map(|l| l.0), Some(id(2)));
+    h.check();
+}
+
+#[test]
+fn full_announce_and_dropped_blobs() {
+    let (d, e, l) = (blob(1), blob(2), layout(4));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![partial(d, l, [0]), partial(e, l, [1])])
+        .unwrap();
+    h.announce(0, 1, vec![partial(d, l, [2])]).unwrap();
+    assert_eq!(h.t.stats().holdings, 3);
+    // A full list without `e` forgets it.
+    h.announce_full(1, 0, vec![partial(d, l, [0, 3])], vec![], true)
+        .unwrap();
+    assert_eq!(h.t.stats().holdings, 2);
+    assert_eq!(h.t.lookup(1, &id(1), &e), Err(TrackerError::UnknownBlob(e)));
+    // Dropping a blob hands its leases over at once.
+    // No hash is known, so every chunk is leasable, held or not.
+    assert_eq!(h.lease(2, 0, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    h.announce_full(3, 0, vec![], vec![d], false).unwrap();
+    assert_eq!(h.t.stats().leases, 0);
+    assert_eq!(h.holders(3, 2, d), [id(1)]);
+    // An empty bitfield (not complete) holds nothing.
+    h.announce(4, 1, vec![partial(d, l, [])]).unwrap();
+    assert_eq!(h.t.stats().blobs, 0);
+    h.check();
+}
+
+#[test]
+fn lookup_is_bounded_excludes_self_and_spreads() {
+    let (d, l) = (blob(1), layout(8));
+    let mut h = Harness::new();
+    let n = 300;
+    for i in 0..n {
+        h.announce(0, i, vec![BlobHave::complete(d, l)]).unwrap();
+    }
+    let mut seen = BTreeSet::new();
+    let mut subsets = BTreeSet::new();
+    for i in 0..n {
+        let got = h.holders(1, i, d);
+        assert_eq!(got.len(), 32);
+        assert!(!got.contains(&id(i)), "never the requester itself");
+        assert_eq!(got.iter().collect::<BTreeSet<_>>().len(), 32, "distinct");
+        seen.extend(got.iter().cloned());
+        subsets.insert(got);
+    }
+    assert_eq!(seen.len(), n, "every holder is handed out to someone");
+    assert!(subsets.len() > n / 2, "requesters get different subsets");
+    assert_ne!(h.holders(1, 0, d), h.holders(1, 1, d));
+    // Deterministic within an announce interval, rotating across intervals.
+    assert_eq!(h.holders(1, 0, d), h.holders(4_999, 0, d));
+    assert_ne!(h.holders(1, 0, d), h.holders(5_000, 0, d));
+    // A non-member may look up; it gets peers too.
+    assert_eq!(h.holders(5_000, 9999, d).len(), 32);
+}
+
+#[test]
+fn lookup_finds_the_only_holder_of_a_rare_chunk() {
+    let (d, l) = (blob(1), layout(64));
+    let mut h = Harness::new();
+    // 1000 holders of chunks 0..63; one node alone holds chunk 63.
+    h.announce(0, 0, vec![]).unwrap();
+    h.lease(0, 0, d, l, 16, 48);
+    h.publish_true(1, 0, d, &(48..64).collect::<Vec<_>>());
+    for i in 1..1000 {
+        h.announce(2, i, vec![partial(d, l, 0..48)]).unwrap();
+    }
+    h.announce(0, 5000, vec![]).unwrap();
+    h.lease(2, 5000, d, l, 16, 0);
+    h.publish_true(3, 5000, d, &(0..16).collect::<Vec<_>>());
+    for r in 1000..1100 {
+        let got = h.holders(4, r, d);
+        assert_eq!(got.len(), 32);
+        assert!(
+            got.contains(&id(0)),
+            "requester {r} must learn of the rare holder"
+        );
+    }
+    // A requester that has the rare chunks already is not steered there.
+    h.announce(4, 2000, vec![partial(d, l, 48..64)]).unwrap();
+    let got = h.holders(4, 2000, d);
+    assert!(got.iter().filter(|n| **n == id(0)).count() <= 1);
+    h.check();
+}
+
+#[test]
+fn lookup_over_ten_thousand_holders() {
+    // The data structures make this independent of the holder count (see the
+    // module docs); this checks it behaves at the target scale.
+    let (d, l) = (blob(1), layout(1000));
+    let mut h = Harness::new();
+    for i in 0..10_000 {
+        let have = if i % 2 == 0 {
+            BlobHave::complete(d, l)
+        } else {
+            partial(d, l, (i as u32 % 1000)..1000)
+        };
+        h.announce(0, i, vec![have]).unwrap();
+    }
+    let mut seen = BTreeSet::new();
+    for r in (0..10_000).step_by(10) {
+        let got = h.holders(1, r, d);
+        assert_eq!(got.len(), 32);
+        assert!(!got.contains(&id(r)));
+        seen.extend(got);
+    }
+    assert!(seen.len() > 5_000, "spread over the swarm: {}", seen.len());
+    assert_eq!(h.t.stats().members, 10_000);
+}
+
+#[test]
+fn bad_chunk_exclusion_needs_distinct_reporters() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..5 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    h.lease(0, 0, d, l, 2, 0);
+    h.publish_true(1, 0, d, &[0, 1]);
+    h.announce(1, 4, vec![partial(d, l, [0])]).unwrap();
+    for _ in 0..5 {
+        assert!(
+            h.bad_chunk(2, 1, 0, d, 0).is_empty(),
+            "one reporter is not enough"
+        );
+    }
+    assert!(h.bad_chunk(2, 2, 0, d, 0).is_empty());
+    assert_eq!(h.bad_chunk(2, 3, 0, d, 1), [id(0)]);
+    assert!(h.t.is_excluded(&id(0)));
+    // Gone from lookups; its hashes withdrawn; chunks leasable again; node 4
+    // keeps its bit but needs the hash republished.
+    let v = h.t.lookup(3, &id(1), &d).unwrap();
+    assert_eq!(v.hashes(), &[None, None, None, None]);
+    assert_eq!(v.holders().len(), 1);
+    assert_eq!(v.holders()[0].node, id(4));
+    assert!(v.holders()[0].have.get(0));
+    assert!(h.t.is_leasable(&d, 0) && h.t.is_leasable(&d, 1));
+    assert_eq!(h.t.stats().excluded, 1);
+    // The excluded node is refused everywhere.
+    let excluded = |r: Result<(), TrackerError>| matches!(r, Err(TrackerError::Excluded { .. }));
+    assert!(excluded(h.announce(4, 0, vec![])));
+    assert!(excluded(h.try_lease(4, 0, d, l, 1, 0).map(|_| ())));
+    assert!(excluded(h.t.lookup(4, &id(0), &d).map(|_| ())));
+    // Reports about non-members, and from non-members, do nothing / fail.
+    assert!(h.bad_chunk(5, 1, 0, d, 0).is_empty());
+    let r = Report::BadChunk {
+        node: id(9),
+        blob: d,
+        peer: id(1),
+        chunk: 0,
+    };
+    assert_eq!(h.t.report(5, r), Err(TrackerError::NotAMember(id(9))));
+    let r = Report::BadChunk {
+        node: id(1),
+        blob: d,
+        peer: id(2),
+        chunk: 4,
+    };
+    assert_eq!(
+        h.t.report(5, r),
+        Err(TrackerError::ChunkOutOfRange { index: 4, count: 4 })
+    );
+    h.check();
+    // The exclusion ends after an hour.
+    assert!(excluded(h.announce(3_600_001, 0, vec![])));
+    h.announce(3_600_002, 0, vec![]).unwrap();
+    h.check();
+}
+
+#[test]
+fn digest_mismatch_withdraws_hashes_and_strikes_publishers() {
+    let (d, l) = (blob(1), layout(16));
+    let mut h = Harness::new();
+    for n in 0..5 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    h.lease(0, 0, d, l, 8, 0);
+    h.lease(0, 1, d, l, 8, 8);
+    h.publish_true(1, 0, d, &(0..8).collect::<Vec<_>>());
+    h.publish_true(1, 1, d, &(8..16).collect::<Vec<_>>());
+    h.announce(2, 2, vec![partial(d, l, 0..10)]).unwrap();
+    h.announce(2, 3, vec![BlobHave::complete(d, l)]).unwrap();
+    let epoch = h.t.lookup(2, &id(4), &d).unwrap().epoch();
+
+    let report = |epoch| Report::DigestMismatch {
+        node: id(2),
+        blob: d,
+        epoch,
+    };
+    let r = h.t.report(3, report(epoch)).unwrap();
+    assert_eq!(r.withdrawn, 16);
+    assert!(r.excluded.is_empty(), "one strike each so far");
+    let v = h.t.lookup(3, &id(4), &d).unwrap();
+    assert!(v.hashes().iter().all(Option::is_none));
+    assert_ne!(v.epoch(), epoch);
+    // Partial holders (verified against the suspect hashes) are cleared;
+    // the complete holder (verified against the digest) is kept.
+    let holders: Vec<_> = v
+        .holders()
+        .iter()
+        .map(|h| (h.node.clone(), h.complete))
+        .collect();
+    assert_eq!(holders, [(id(3), true)]);
+    // Every chunk can be fetched (or, by the complete holder, republished).
+    assert!((0..16).all(|i| h.t.is_leasable(&d, i)));
+    // A stale report (old epoch) changes nothing.
+    assert_eq!(h.t.report(3, report(epoch)).unwrap().withdrawn, 0);
+
+    // The same two publish again and are wrong again: both are excluded.
+    h.lease(4, 0, d, l, 8, 0);
+    h.lease(4, 1, d, l, 8, 8);
+    h.publish_true(5, 0, d, &(0..8).collect::<Vec<_>>());
+    h.publish_true(5, 1, d, &(8..16).collect::<Vec<_>>());
+    let epoch = h.t.lookup(5, &id(4), &d).unwrap().epoch();
+    let r = h.t.report(6, report(epoch)).unwrap();
+    assert_eq!(r.excluded, [id(0), id(1)]);
+    assert!(h.t.is_excluded(&id(0)) && h.t.is_excluded(&id(1)));
+    h.check();
+}
+
+#[test]
+fn layout_conflicts_are_refused_atomically() {
+    let (d, e) = (blob(1), blob(2));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![partial(d, layout(4), [0])]).unwrap();
+    let other = ChunkLayout::new(4 * u64::from(MIB), MIB / 2).unwrap();
+    let err = h
+        .announce(
+            0,
+            1,
+            vec![partial(e, layout(2), [0]), partial(d, other, [0])],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        TrackerError::LayoutConflict {
+            blob: d,
+            known: layout(4),
+            offered: other
+        }
+    );
+    assert_eq!(err.code(), "layout_conflict");
+    // Nothing was applied: node 1 is not a member, blob e is unknown.
+    assert_eq!(h.t.stats().members, 1);
+    assert_eq!(h.t.stats().blobs, 1);
+    assert!(matches!(
+        h.try_lease(0, 0, d, other, 1, 0),
+        Err(TrackerError::LayoutConflict { .. })
+    ));
+    h.check();
+}
+
+#[test]
+fn bitfield_length_mismatch_is_rejected() {
+    let l = layout(4);
+    assert_eq!(
+        BlobHave::new(blob(1), l, bits(5, [0]), false),
+        Err(TrackerError::BadBitfield {
+            blob: blob(1),
+            expected: 4,
+            actual: 5
+        })
+    );
+    let json = serde_json::json!({
+        "node": "n1", "addr": "10.0.0.1:4901",
+        "blobs": [{"blob": blob(1), "size": 4 * MIB, "chunk_size": MIB,
+                   "have": bits(5, [0]), "complete": false}],
+    });
+    let err = serde_json::from_value::<Announce>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("covers 5 chunks, the blob has 4"), "{err}");
+}
+
+#[test]
+fn tables_are_bounded() {
+    let l = layout(2);
+    let cfg = TrackerConfig {
+        max_members: 3,
+        max_blobs: 2,
+        max_blobs_per_member: 2,
+        ..TrackerConfig::default()
+    };
+    let mut h = Harness::with(cfg);
+    for n in 0..3 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    assert_eq!(
+        h.announce(0, 3, vec![]),
+        Err(TrackerError::TooMany {
+            what: "members",
+            limit: 3
+        })
+    );
+    let three = vec![
+        partial(blob(1), l, [0]),
+        partial(blob(2), l, [0]),
+        partial(blob(3), l, [0]),
+    ];
+    assert!(matches!(
+        h.announce(0, 0, three),
+        Err(TrackerError::TooMany { .. })
+    ));
+    h.announce(
+        0,
+        0,
+        vec![partial(blob(1), l, [0]), partial(blob(2), l, [0])],
+    )
+    .unwrap();
+    assert!(matches!(
+        h.announce(0, 1, vec![partial(blob(3), l, [0])]),
+        Err(TrackerError::TooMany { what: "blobs", .. })
+    ));
+    // A blob with only hashes left is evicted to make room.
+    h.announce_full(1, 0, vec![partial(blob(1), l, [0])], vec![], true)
+        .unwrap();
+    assert_eq!(h.t.stats().blobs, 1);
+    let g = h.lease(1, 1, blob(2), l, 2, 0);
+    assert_eq!(g.chunks, [0, 1]);
+    h.publish_true(2, 1, blob(2), &[0]);
+    h.announce_full(3, 1, vec![], vec![blob(2)], false).unwrap();
+    assert_eq!(
+        h.t.stats().blobs,
+        2,
+        "blob 2 is idle, with one hash on file"
+    );
+    h.announce(4, 2, vec![partial(blob(3), l, [1])]).unwrap();
+    assert_eq!(h.t.stats().blobs, 2);
+    assert_eq!(h.t.stats().hashes, 0, "blob 2 was evicted");
+    h.check();
+}
+
+// ---------------------------------------------------------------------------
+// Property test: random operation sequences
+// ---------------------------------------------------------------------------
+
+const NODES: usize = 5;
+const BLOBS: u8 = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Announce {
+        node: usize,
+        blob: u8,
+        have: Vec<bool>,
+        complete: bool,
+        full: bool,
+        drop: bool,
+        odd_layout: bool,
+    },
+    Lease {
+        node: usize,
+        blob: u8,
+        max: u32,
+        from: u32,
+    },
+    Publish {
+        node: usize,
+        blob: u8,
+        chunks: Vec<u32>,
+        honest: bool,
+    },
+    /// Publish every chunk the node is the lessee of, plus `extra`.
+    PublishMine {
+        node: usize,
+        blob: u8,
+        extra: u32,
+        honest: bool,
+    },
+    BadChunk {
+        node: usize,
+        peer: usize,
+        blob: u8,
+        chunk: u32,
+    },
+    Mismatch {
+        node: usize,
+        blob: u8,
+        stale: bool,
+    },
+    Lookup {
+        node: usize,
+        blob: u8,
+    },
+    Expire,
+}
+
+fn blob_chunks(b: u8) -> u32 {
+    [3, 5, 9][b as usize % 3]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let node = 0..NODES;
+    let b = 0..BLOBS;
+    prop_oneof![
+        5 => (node.clone(), b.clone(), prop::collection::vec(any::<bool>(), 9), any::<bool>(),
+              prop::bool::weighted(0.2), prop::bool::weighted(0.1), prop::bool::weighted(0.05))
+            .prop_map(|(node, blob, have, complete, full, drop, odd_layout)| Op::Announce {
+                node, blob, have, complete, full, drop, odd_layout
+            }),
+        3 => (node.clone(), b.clone(), 1u32..6, 0u32..9)
+            .prop_map(|(node, blob, max, from)| Op::Lease { node, blob, max, from }),
+        3 => (node.clone(), b.clone(), prop::collection::btree_set(0u32..10, 1..4),
+              prop::bool::weighted(0.9))
+            .prop_map(|(node, blob, chunks, honest)| Op::Publish {
+                node, blob, chunks: chunks.into_iter().collect(), honest
+            }),
+        3 => (node.clone(), b.clone(), 0u32..10, prop::bool::weighted(0.9))
+            .prop_map(|(node, blob, extra, honest)| Op::PublishMine { node, blob, extra, honest }),
+        2 => (node.clone(), node.clone(), b.clone(), 0u32..9)
+            .prop_map(|(node, peer, blob, chunk)| Op::BadChunk { node, peer, blob, chunk }),
+        1 => (node.clone(), b.clone(), any::<bool>())
+            .prop_map(|(node, blob, stale)| Op::Mismatch { node, blob, stale }),
+        2 => (node, b).prop_map(|(node, blob)| Op::Lookup { node, blob }),
+        1 => Just(Op::Expire),
+    ]
+}
+
+fn small_config() -> TrackerConfig {
+    TrackerConfig {
+        member_ttl_ms: 30_000,
+        lease_ttl_ms: 10_000,
+        max_lease_chunks: 3,
+        max_peers_per_lookup: 2,
+        announce_interval_ms: 5_000,
+        max_members: 4,
+        max_blobs: 2,
+        max_blobs_per_member: 2,
+        bad_reports_to_exclude: 2,
+        strikes_to_exclude: 2,
+        exclusion_ms: 60_000,
+    }
+}
+
+/// Runs one step, checking the reply against the state before it; returns
+/// the reply's debug form (for the determinism check).
+fn step(t: &mut Tracker, now: u64, op: &Op) -> Result<String, TestCaseError> {
+    let cfg = t.config().clone();
+    let op = &match op.clone() {
+        Op::PublishMine {
+            node,
+            blob: b,
+            extra,
+            honest,
+        } => {
+            t.expire(now);
+            let d = blob(b);
+            let mut chunks: BTreeSet<u32> = (0..blob_chunks(b))
+                .filter(|&i| t.lessee_of(&d, i) == Some(id(node)))
+                .collect();
+            chunks.insert(extra);
+            Op::Publish {
+                node,
+                blob: b,
+                chunks: chunks.into_iter().collect(),
+                honest,
+            }
+        }
+        other => other,
+    };
+    let out = match op.clone() {
+        Op::Announce {
+            node,
+            blob: b,
+            have,
+            complete,
+            full,
+            drop,
+            odd_layout,
+        } => {
+            let d = blob(b);
+            let n = blob_chunks(b);
+            let l = if odd_layout {
+                ChunkLayout::new(u64::from(n) * u64::from(MIB), MIB / 2).unwrap()
+            } else {
+                layout(n)
+            };
+            let ones = (0..l.count()).filter(|&i| complete || have[i as usize % 9]);
+            let bh = BlobHave::new(d, l, bits(l.count(), ones), complete).unwrap();
+            let (blobs, dropped) = if drop {
+                (vec![], vec![d])
+            } else {
+                (vec![bh], vec![])
+            };
+            let addr = format!("10.0.0.{}:4901", node + 1).parse().unwrap();
+            let a = Announce::new(id(node), addr, blobs, dropped, full).unwrap();
+            format!("{:?}", t.announce(now, a))
+        }
+        Op::Lease {
+            node,
+            blob: b,
+            max,
+            from,
+        } => {
+            let d = blob(b);
+            let l = layout(blob_chunks(b));
+            let from = from % l.count();
+            // Snapshot at `now` (the lease call expires first, too).
+            t.expire(now);
+            let before: Vec<_> = (0..l.count()).map(|i| t.lease_of(&d, i)).collect();
+            let r = LeaseRequest::new(id(node), d, l, max, from).unwrap();
+            let reply = t.lease(now, r);
+            if let Ok(g) = &reply {
+                prop_assert!(g.chunks.len() <= max.min(cfg.max_lease_chunks) as usize);
+                let set: BTreeSet<_> = g.chunks.iter().collect();
+                prop_assert_eq!(set.len(), g.chunks.len(), "a chunk granted twice");
+                for &c in &g.chunks {
+                    // Never another node's unexpired lease.
+                    if let Some((holder, _)) = &before[c as usize] {
+                        prop_assert_eq!(holder, &id(node));
+                    }
+                    prop_assert_eq!(t.lease_of(&d, c), Some((id(node), g.expires_ms)));
+                }
+            }
+            format!("{reply:?}")
+        }
+        Op::Publish {
+            node,
+            blob: b,
+            chunks,
+            honest,
+        } => {
+            let d = blob(b);
+            t.expire(now);
+            let lessees: Vec<_> = chunks.iter().map(|&i| t.lessee_of(&d, i)).collect();
+            let known: Vec<_> = match t.lookup(now, &observer(), &d) {
+                Ok(v) => chunks
+                    .iter()
+                    .map(|&i| v.hashes().get(i as usize).copied().flatten())
+                    .collect(),
+                Err(_) => vec![None; chunks.len()],
+            };
+            let hash = |i| {
+                if honest {
+                    truth(&d, i)
+                } else {
+                    ChunkHash::of(&[i as u8])
+                }
+            };
+            let p = PublishHashes::new(id(node), d, chunks.iter().map(|&i| (i, hash(i))).collect())
+                .unwrap();
+            let reply = t.publish_hashes(now, p);
+            if let Ok(r) = &reply {
+                let rejected: BTreeSet<u32> = r.rejected.iter().map(|(i, _)| *i).collect();
+                for (k, &i) in chunks.iter().enumerate() {
+                    if !rejected.contains(&i) && known[k].is_none() {
+                        // A new hash is only ever accepted from the lessee.
+                        prop_assert_eq!(&lessees[k], &Some(id(node)));
+                    }
+                    if !rejected.contains(&i) {
+                        if let Some(k) = known[k] {
+                            prop_assert_eq!(k, hash(i));
+                        }
+                    }
+                }
+            }
+            format!("{reply:?}")
+        }
+        Op::BadChunk {
+            node,
+            peer,
+            blob: b,
+            chunk,
+        } => {
+            if node == peer {
+                return Ok("self".into());
+            }
+            let r = Report::BadChunk {
+                node: id(node),
+                blob: blob(b),
+                peer: id(peer),
+                chunk,
+            };
+            format!("{:?}", t.report(now, r))
+        }
+        Op::Mismatch {
+            node,
+            blob: b,
+            stale,
+        } => {
+            let d = blob(b);
+            let epoch = t.lookup(now, &id(node), &d).map(|v| v.epoch()).unwrap_or(0);
+            let r = Report::DigestMismatch {
+                node: id(node),
+                blob: d,
+                epoch: if stale { epoch.wrapping_sub(1) } else { epoch },
+            };
+            format!("{:?}", t.report(now, r))
+        }
+        Op::Lookup { node, blob: b } => {
+            let reply = t.lookup(now, &id(node), &blob(b));
+            if let Ok(v) = &reply {
+                prop_assert!(v.holders().len() <= cfg.max_peers_per_lookup as usize);
+                for h in v.holders() {
+                    prop_assert!(h.node != id(node), "requester in its own lookup");
+                    prop_assert!(!t.is_excluded(&h.node), "excluded node in a lookup");
+                }
+                for (i, h) in v.hashes().iter().enumerate() {
+                    if let Some(h) = h {
+                        prop_assert_eq!(
+                            t.lease_of(&blob(b), i as u32).is_some()
+                                && v.holders().iter().any(|x| x.have.get(i as u32)),
+                            false
+                        );
+                        let _ = h;
+                    }
+                }
+                for i in v.leased().iter_ones() {
+                    prop_assert!(t.lease_of(&blob(b), i).is_some());
+                }
+            }
+            format!("{reply:?}")
+        }
+        Op::Expire => format!("{}", t.expire(now)),
+        Op::PublishMine { .. } => unreachable!("rewritten above"),
+    };
+    if let Err(e) = t.check_invariants() {
+        return Err(TestCaseError::fail(format!("after {op:?} at {now}: {e}")));
+    }
+    Ok(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_the_invariants(
+        ops in prop::collection::vec((prop_oneof![30 => 0u64..800, 1 => 0u64..40_000], op()), 1..150)
+    ) {
+        let mut a = Tracker::new(small_config()).unwrap();
+        let mut b = Tracker::new(small_config()).unwrap();
+        let mut now = 0;
+        for (dt, op) in &ops {
+            now += dt;
+            let ra = step(&mut a, now, op)?;
+            // Same inputs, same outputs: the core is deterministic.
+            let rb = step(&mut b, now, op)?;
+            prop_assert_eq!(ra, rb);
+        }
+        prop_assert_eq!(format!("{:?}", a.stats()), format!("{:?}", b.stats()));
+    }
+}
