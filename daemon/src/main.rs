@@ -5,13 +5,11 @@
 //! single-flight, keeps verified blobs in a crash-safe store, and exports
 //! `/metrics` and `/healthz` on `--ops-listen`.
 
-// `Identity` serves the peer data plane, which is wired into transfers next.
-#[allow(dead_code)]
-mod cluster;
 mod config;
 mod content;
 mod metrics;
 mod ops;
+mod peer;
 mod store;
 mod transfer;
 
@@ -56,7 +54,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::ClusterInit { dir } => match cluster::init(&dir) {
+        Cmd::ClusterInit { dir } => match shoal_cluster::init(&dir) {
             Ok(()) => {
                 println!(
                     "wrote a new cluster CA to {}: give every node ca.crt, and either ca.key or a node.crt + node.key it issued",

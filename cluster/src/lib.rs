@@ -1,4 +1,4 @@
-//! Cluster membership credentials: the cluster CA, this node's certificate,
+//! Shoal cluster membership credentials: the cluster CA, this node's certificate,
 //! and the mutual-TLS configurations built from them.
 //!
 //! `--cluster-dir` holds either `ca.crt` + `ca.key` (the node issues itself a

@@ -1,0 +1,476 @@
+//! The peer server: answers chunk and bitfield requests of cluster members.
+//!
+//! [`PeerServer::spawn`] takes a quinn endpoint whose server config carries
+//! the cluster's mutual-TLS settings, so a connection exists only once the
+//! peer proved membership; the server still refuses a connection that shows
+//! no client certificate or another ALPN, in case it is handed a looser
+//! config. Each bidirectional stream carries one request:
+//!
+//! 1. the request is read within [`ServeLimits::request_timeout`] (the
+//!    decoder bounds its size); a malformed one gets `Error{BadRequest}`;
+//! 2. `GetChunks` takes one of [`ServeLimits::max_concurrent_uploads`] upload
+//!    slots, shared by all connections, or gets `Error{Busy}` at once; then
+//!    per requested index, in order, a `Chunk` (header, then the chunk's
+//!    bytes without a copy) or `DontHave`. The next chunk is read from disk
+//!    while the current one is written;
+//! 3. `GetBitfield` gets a `Bitfield`, or `DontHave{0}` when nothing of the
+//!    blob is here;
+//! 4. the stream is finished. A peer that stops reading for longer than
+//!    [`ServeLimits::write_timeout`] gets its stream reset, freeing the slot.
+//!
+//! Per-connection stream counts are bounded by quinn
+//! ([`transport_config`](super::transport_config)); connections by
+//! [`ServeLimits::max_connections`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+use shoal_proto::wire::{
+    encode_chunk_header, ErrorKind, Request, RequestDecoder, Response, WireError, ALPN,
+};
+use shoal_proto::{ChunkLayout, Digest};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::source::ChunkSource;
+use super::{close, stream_code};
+use crate::metrics;
+
+/// Limits of the peer server.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeLimits {
+    /// `GetChunks` requests served at once across all connections; more get
+    /// `Error{Busy}` (default 32: with a one-chunk read-ahead that is at most
+    /// 64 chunks, 64 MiB at 1 MiB chunks, in memory).
+    pub(crate) max_concurrent_uploads: usize,
+    /// Connections at once; more are refused during the handshake
+    /// (default 1024).
+    pub(crate) max_connections: usize,
+    /// Time for a stream's request to arrive (default 10 s).
+    pub(crate) request_timeout: Duration,
+    /// Longest a single frame write may wait for the peer to take data
+    /// before the stream is reset (default 30 s).
+    pub(crate) write_timeout: Duration,
+    /// On shutdown, how long in-flight requests may take to finish before
+    /// their connections are closed (default 5 s).
+    pub(crate) drain_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_concurrent_uploads: 32,
+            max_connections: 1024,
+            request_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves chunks from a [`ChunkSource`] on a QUIC endpoint.
+#[derive(Debug)]
+pub(crate) struct PeerServer;
+
+/// A running [`PeerServer`]. Dropping it stops the server as
+/// [`shutdown`](PeerServerHandle::shutdown) does, without waiting.
+#[derive(Debug)]
+pub(crate) struct PeerServerHandle {
+    endpoint: Endpoint,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    source: Arc<dyn ChunkSource>,
+    limits: ServeLimits,
+    uploads: Arc<Semaphore>,
+}
+
+impl PeerServer {
+    /// Starts serving `source` on `endpoint` (which must have a server
+    /// config) in a background task.
+    #[allow(dead_code)] // wired into transfers next
+    pub(crate) fn spawn(
+        endpoint: Endpoint,
+        source: Arc<dyn ChunkSource>,
+        limits: ServeLimits,
+    ) -> PeerServerHandle {
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            source,
+            uploads: Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
+            limits,
+        });
+        let task = tokio::spawn(accept_loop(endpoint.clone(), shared, stop_rx));
+        PeerServerHandle {
+            endpoint,
+            stop,
+            task,
+        }
+    }
+}
+
+impl PeerServerHandle {
+    /// The address the server listens on.
+    #[allow(dead_code)] // wired into transfers next
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops accepting connections, lets requests in flight finish (for at
+    /// most [`ServeLimits::drain_timeout`]), then closes the connections it
+    /// accepted. The endpoint itself stays open for outgoing connections;
+    /// its owner closes it.
+    #[allow(dead_code)] // wired into transfers next
+    pub(crate) async fn shutdown(self) {
+        self.endpoint.set_server_config(None);
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "peer server task failed");
+        }
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            // A value or a dropped handle: either way, stop.
+            _ = stop.changed() => break,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "peer connection task failed");
+                }
+            }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tracing::warn!(remote = %incoming.remote_address(),
+                        limit = shared.limits.max_connections, "peer connection refused: too many connections");
+                    incoming.refuse();
+                    continue;
+                };
+                tasks.spawn(serve_connection(incoming, shared.clone(), stop.clone(), permit));
+            }
+        }
+    }
+    // Each connection task drains itself within `drain_timeout`; this bound
+    // only covers a task stuck elsewhere.
+    let drained = tokio::time::timeout(
+        shared.limits.drain_timeout + Duration::from_secs(1),
+        async { while tasks.join_next().await.is_some() {} },
+    )
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+}
+
+/// Why a connection is not from a member, if it is not.
+fn check_member(conn: &Connection) -> Result<(), &'static str> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if alpn.as_deref() != Some(ALPN) {
+        return Err("ALPN shoal/1 is required");
+    }
+    let has_cert = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .is_some_and(|chain| !chain.is_empty());
+    if !has_cert {
+        return Err("a cluster client certificate is required");
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    incoming: Incoming,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let remote = incoming.remote_address();
+    let conn = tokio::select! {
+        _ = stop.changed() => return,
+        c = incoming => match c {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "peer handshake failed");
+                return;
+            }
+        },
+    };
+    if let Err(why) = check_member(&conn) {
+        tracing::warn!(%remote, why, "peer connection refused");
+        conn.close(close::NOT_A_MEMBER, why.as_bytes());
+        return;
+    }
+    tracing::debug!(%remote, "peer connected");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            Some(done) = streams.join_next(), if !streams.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(%remote, error = %e, "peer stream task failed");
+                }
+            }
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(send, recv, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+        }
+    }
+    let drained = tokio::time::timeout(shared.limits.drain_timeout, async {
+        while streams.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        streams.abort_all();
+    }
+    conn.close(close::SHUTDOWN, b"shutting down");
+}
+
+/// Why a request could not be read.
+enum RequestError {
+    /// The stream broke (reset, connection lost): nobody to answer.
+    Gone,
+    /// The bytes are not a valid request: answer `BadRequest`.
+    Wire(WireError),
+    /// The stream ended before any request.
+    Empty,
+}
+
+async fn read_request(recv: &mut RecvStream) -> Result<Request, RequestError> {
+    let mut dec = RequestDecoder::new();
+    loop {
+        if let Some(req) = dec.next_request().map_err(RequestError::Wire)? {
+            return Ok(req);
+        }
+        // `wants` is at least 1 here and never more than the rest of the
+        // current frame, so the decoder takes all of what is read.
+        match recv.read_chunk(dec.wants(), true).await {
+            Ok(Some(chunk)) => {
+                let taken = dec.push(&chunk.bytes);
+                debug_assert_eq!(taken, chunk.bytes.len());
+            }
+            Ok(None) => {
+                dec.finish().map_err(RequestError::Wire)?;
+                return Err(RequestError::Empty);
+            }
+            Err(_) => return Err(RequestError::Gone),
+        }
+    }
+}
+
+/// The sending half of a request's stream, with the write timeout and the
+/// sent-bytes metric.
+struct Responder {
+    send: SendStream,
+    write_timeout: Duration,
+}
+
+/// The stream cannot carry more (reset by us after a stall, or by the peer).
+struct Gone;
+
+impl Responder {
+    async fn write(&mut self, bufs: &mut [Bytes]) -> Result<(), Gone> {
+        let len: usize = bufs.iter().map(Bytes::len).sum();
+        match tokio::time::timeout(self.write_timeout, self.send.write_all_chunks(bufs)).await {
+            Ok(Ok(())) => {
+                metrics::global().peer_bytes_sent.inc_by(len as u64);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Gone),
+            Err(_) => {
+                let _ = self.send.reset(stream_code::STALLED);
+                Err(Gone)
+            }
+        }
+    }
+
+    async fn frame(&mut self, resp: &Response) -> Result<(), Gone> {
+        let mut buf = BytesMut::new();
+        if let Err(e) = resp.encode(&mut buf) {
+            // Only a bug produces an unencodable response; tell the peer.
+            tracing::error!(error = %e, ?resp, "cannot encode a peer response");
+            buf.clear();
+            Response::error(ErrorKind::Internal, "internal error")
+                .encode(&mut buf)
+                .expect("a short error frame encodes");
+        }
+        self.write(&mut [buf.freeze()]).await
+    }
+
+    async fn chunk(&mut self, index: u32, data: Bytes) -> Result<(), Gone> {
+        match encode_chunk_header(index, data.len()) {
+            Ok(header) => {
+                self.write(&mut [Bytes::copy_from_slice(&header), data])
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(index, error = %e, "a chunk from the source does not fit a frame");
+                self.frame(&Response::error(ErrorKind::Internal, "internal error"))
+                    .await
+            }
+        }
+    }
+
+    /// Ends the answer and waits (bounded) until the peer has it all, so a
+    /// shutdown that closes the connection next cannot cut it short.
+    async fn finish(mut self) {
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(self.write_timeout, self.send.stopped()).await;
+        }
+    }
+}
+
+async fn serve_stream(send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+    let mut out = Responder {
+        send,
+        write_timeout: shared.limits.write_timeout,
+    };
+    let read = tokio::time::timeout(shared.limits.request_timeout, read_request(&mut recv)).await;
+    // One request per stream: nothing after it is read.
+    let _ = recv.stop(stream_code::DONE);
+    let answered = match read {
+        Ok(Ok(Request::GetChunks {
+            blob,
+            chunk_size,
+            indices,
+        })) => serve_chunks(&mut out, &shared, blob, chunk_size, &indices).await,
+        Ok(Ok(Request::GetBitfield { blob })) => {
+            let resp = match shared.source.bitfield(&blob) {
+                Some((layout, bits)) => Response::Bitfield {
+                    blob,
+                    chunk_size: layout.chunk_size(),
+                    bits,
+                },
+                None => Response::DontHave { index: 0 },
+            };
+            out.frame(&resp).await
+        }
+        Ok(Err(RequestError::Gone)) => return,
+        Ok(Err(RequestError::Wire(e))) => {
+            tracing::debug!(error = %e, "malformed peer request");
+            out.frame(&Response::error(ErrorKind::BadRequest, e.to_string()))
+                .await
+        }
+        Ok(Err(RequestError::Empty)) => {
+            out.frame(&Response::error(
+                ErrorKind::BadRequest,
+                "the stream ended without a request",
+            ))
+            .await
+        }
+        Err(_) => {
+            let msg = format!(
+                "no complete request within {} s",
+                shared.limits.request_timeout.as_secs_f32()
+            );
+            out.frame(&Response::error(ErrorKind::BadRequest, msg))
+                .await
+        }
+    };
+    if answered.is_ok() {
+        out.finish().await;
+    }
+}
+
+/// Reads a chunk on the blocking pool. The read holds the upload slot too,
+/// so a read left behind by a broken stream still counts against the limit.
+fn read_ahead(
+    shared: &Shared,
+    slot: &Arc<OwnedSemaphorePermit>,
+    blob: Digest,
+    layout: ChunkLayout,
+    index: u32,
+) -> JoinHandle<io::Result<Option<Bytes>>> {
+    let (source, slot) = (shared.source.clone(), slot.clone());
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        source.chunk(&blob, layout, index)
+    })
+}
+
+async fn serve_chunks(
+    out: &mut Responder,
+    shared: &Shared,
+    blob: Digest,
+    chunk_size: u32,
+    indices: &[u32],
+) -> Result<(), Gone> {
+    let Ok(slot) = shared.uploads.clone().try_acquire_owned() else {
+        let msg = format!(
+            "all {} upload slots are in use",
+            shared.limits.max_concurrent_uploads
+        );
+        return out.frame(&Response::error(ErrorKind::Busy, msg)).await;
+    };
+    let layout = match shared.source.layout(&blob, chunk_size) {
+        Ok(Some(layout)) => layout,
+        Ok(None) => {
+            for &index in indices {
+                out.frame(&Response::DontHave { index }).await?;
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            let msg = format!("chunk size {chunk_size} does not fit blob {blob}: {e}");
+            return out
+                .frame(&Response::error(ErrorKind::BadRequest, msg))
+                .await;
+        }
+    };
+    // Indices increase (the decoder checked), so the last is the largest.
+    if let Some(&last) = indices.last().filter(|&&i| i >= layout.count()) {
+        let msg = format!(
+            "chunk {last} is past the end of blob {blob} ({} chunks of {chunk_size} bytes)",
+            layout.count()
+        );
+        return out
+            .frame(&Response::error(ErrorKind::BadRequest, msg))
+            .await;
+    }
+    // Read one chunk ahead: the next read overlaps the current write.
+    let slot = Arc::new(slot);
+    let mut reads = indices
+        .iter()
+        .map(|&i| (i, read_ahead(shared, &slot, blob, layout, i)));
+    let mut next = reads.next();
+    while let Some((index, read)) = next {
+        let read = read.await;
+        next = reads.next();
+        match read {
+            Ok(Ok(Some(data))) => out.chunk(index, data).await?,
+            Ok(Ok(None)) => out.frame(&Response::DontHave { index }).await?,
+            Ok(Err(e)) => {
+                tracing::error!(%blob, index, error = %e, "reading a chunk to serve failed");
+                let msg = format!("reading chunk {index} failed");
+                return out.frame(&Response::error(ErrorKind::Internal, msg)).await;
+            }
+            Err(e) => {
+                tracing::error!(%blob, index, error = %e, "chunk read task failed");
+                let msg = format!("reading chunk {index} failed");
+                return out.frame(&Response::error(ErrorKind::Internal, msg)).await;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! What a node serves to its peers: chunks of verified bytes, and nothing
+//! else.
+//!
+//! The server asks a [`ChunkSource`] for the layout of a requested blob, then
+//! for each chunk. [`StoreSource`] serves the store's **complete** blobs,
+//! which were verified against their digest before the store marked them
+//! complete; chunks of blobs still arriving will come from the transfer code
+//! through the same trait (each verified against the chunk map when stored).
+//!
+//! The trait is synchronous: the store is `std::fs` plus an in-memory index,
+//! so `layout` and `bitfield` are a lock and a lookup, and `chunk` is one
+//! `pread`. The server runs `chunk` under `spawn_blocking` (at most one read
+//! ahead per upload slot, so the blocking pool stays bounded by the upload
+//! limit), which keeps the trait object-safe without boxing futures.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use bytes::{Bytes, BytesMut};
+use shoal_proto::{Bitfield, ChunkError, ChunkLayout, Digest};
+
+use crate::store::Store;
+
+/// Verified chunks this node can serve.
+pub(crate) trait ChunkSource: Send + Sync {
+    /// How `blob` splits into chunks of `chunk_size` here: `Ok(None)` if this
+    /// node holds nothing of it, `Err` if it holds the blob but cannot lay it
+    /// out with that chunk size (the request is then a bad one). Must be cheap
+    /// (no disk I/O): it runs on the async runtime.
+    fn layout(&self, blob: &Digest, chunk_size: u32) -> Result<Option<ChunkLayout>, ChunkError>;
+
+    /// The bytes of chunk `index` of `blob` under `layout`, only if they were
+    /// verified; `Ok(None)` if this node does not hold them (any more, or not
+    /// under this layout). May block on disk.
+    fn chunk(&self, blob: &Digest, layout: ChunkLayout, index: u32) -> io::Result<Option<Bytes>>;
+
+    /// The layout this node uses for `blob` and which of its chunks it
+    /// holds, or `None` if it holds nothing of it. Must be cheap.
+    fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)>;
+}
+
+/// Serves the complete (digest-verified) blobs of the store.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreSource {
+    store: Store,
+}
+
+impl StoreSource {
+    /// A source over `store`'s complete blobs.
+    #[allow(dead_code)] // wired into transfers next
+    pub(crate) fn new(store: Store) -> Self {
+        StoreSource { store }
+    }
+
+    fn complete_size(&self, blob: &Digest) -> Option<u64> {
+        self.store.meta(blob).filter(|m| m.complete).map(|m| m.size)
+    }
+}
+
+impl ChunkSource for StoreSource {
+    fn layout(&self, blob: &Digest, chunk_size: u32) -> Result<Option<ChunkLayout>, ChunkError> {
+        self.complete_size(blob)
+            .map(|size| ChunkLayout::new(size, chunk_size))
+            .transpose()
+    }
+
+    fn chunk(&self, blob: &Digest, layout: ChunkLayout, index: u32) -> io::Result<Option<Bytes>> {
+        // The open file (and its read guard) keeps eviction from removing
+        // the blob under the read; it was verified when it became complete.
+        let Some(open) = self.store.open_complete(blob) else {
+            return Ok(None);
+        };
+        if open.size != layout.size() {
+            return Ok(None);
+        }
+        let Some((offset, len)) = layout.range(index) else {
+            return Ok(None);
+        };
+        let mut buf = BytesMut::zeroed(len as usize);
+        open.file.read_exact_at(&mut buf, offset)?;
+        Ok(Some(buf.freeze()))
+    }
+
+    fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)> {
+        // Every node lays a blob out the same way (`for_blob`), so the
+        // answer lines up with the tracker's chunk map.
+        let layout = ChunkLayout::for_blob(self.complete_size(blob)?).ok()?;
+        let bits = Bitfield::full(layout.count()).ok()?;
+        Some((layout, bits))
+    }
+}
