@@ -4,13 +4,13 @@
 //! Layout under `--data-dir`:
 //! * `blobs/sha256/<2 hex>/<64 hex>`: complete blobs, verified against their
 //!   digest, fsynced (file and directory) before the index says complete;
-//! * `partial/<64 hex>`: bytes of blobs still arriving, a contiguous prefix;
-//!   the index records how much of it was fsynced (`durable_len`);
+//! * `partial/<64 hex>`: blobs still arriving, written chunk by chunk at
+//!   their offsets; the index records which chunks were fsynced (`have`);
 //! * `index.redb`: the index.
 //!
 //! On open the store reconciles files and index so that after a crash it
-//! holds only verified complete blobs plus partial prefixes that are re-hashed
-//! before use. In memory it keeps the index mirrored for fast lookups, LRU
+//! holds only verified complete blobs plus partial blobs whose recorded chunks
+//! are resumed (and checked with the whole blob's digest at the end). In memory it keeps the index mirrored for fast lookups, LRU
 //! order and reader counts (a blob being read is never evicted).
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use shoal_proto::{Digest, Sha256Verifier};
+use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
 /// Version of the on-disk layout and index encoding.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -80,8 +80,14 @@ pub struct BlobMeta {
     pub complete: bool,
     /// Size in bytes (0 while unknown).
     pub size: u64,
-    /// For partials: bytes known to be on disk (fsynced).
-    pub durable_len: u64,
+    /// For partials: chunk size of the layout `have` refers to.
+    #[serde(default)]
+    pub chunk_size: u32,
+    /// For partials: chunks known to be on disk (written, then fsynced,
+    /// before the bit was recorded). Resumed, never trusted: the whole blob
+    /// is still checked against its digest.
+    #[serde(default)]
+    pub have: Option<Bitfield>,
     /// Blob or manifest.
     pub kind: Kind,
     /// For manifests: the media type the origin gave.
@@ -274,18 +280,16 @@ impl Store {
             } else {
                 let path = self.partial_path(&digest);
                 match fs::metadata(&path) {
-                    Ok(m) => {
-                        // Bytes past the last fsync may be garbage after a
-                        // power loss: cut them; they will be fetched again.
-                        let keep_len = meta.durable_len.min(m.len());
-                        if m.len() != keep_len {
-                            OpenOptions::new()
-                                .write(true)
-                                .open(&path)?
-                                .set_len(keep_len)?;
-                        }
-                        if keep_len != meta.durable_len {
-                            meta.durable_len = keep_len;
+                    Ok(_) => {
+                        // Only chunks recorded after an fsync count; bytes of
+                        // others may be garbage after a power loss and will
+                        // be fetched again.
+                        let layout = ChunkLayout::new(meta.size, meta.chunk_size).ok();
+                        let fits = layout
+                            .zip(meta.have.as_ref())
+                            .is_some_and(|(l, h)| h.len() == l.count());
+                        if !fits && meta.have.is_some() {
+                            meta.have = None;
                             fix.push((digest, meta.clone()));
                         }
                         rec.partial += 1;
@@ -329,7 +333,8 @@ impl Store {
                     let meta = BlobMeta {
                         complete: true,
                         size,
-                        durable_len: size,
+                        chunk_size: 0,
+                        have: None,
                         kind: Kind::Blob,
                         media_type: None,
                         last_access: now_secs(),
@@ -358,16 +363,7 @@ impl Store {
             db(tx.commit())?;
         }
         let mut inner = self.shared.inner.lock().expect("store lock");
-        inner.used = keep
-            .values()
-            .map(|m| {
-                if m.complete {
-                    m.size
-                } else {
-                    m.size.max(m.durable_len)
-                }
-            })
-            .sum();
+        inner.used = keep.values().map(|m| m.size).sum();
         let mut by_age: Vec<(Digest, BlobMeta)> = keep.into_iter().collect();
         by_age.sort_by_key(|(_, m)| m.last_access);
         for (d, meta) in by_age {
@@ -458,16 +454,16 @@ impl Store {
         inner.entries.get(d).is_some_and(|e| e.meta.complete)
     }
 
-    /// Starts (or resumes) a partial blob: returns the file opened for
-    /// read+write and the length of the prefix already on disk, re-hashed
-    /// into `verifier`. Reserves `size` bytes of quota, evicting if needed.
+    /// Starts (or resumes) a partial blob laid out as `layout`: returns the
+    /// file opened for read+write and the chunks already on disk (from the
+    /// last checkpoint of an earlier attempt with the same layout). Reserves
+    /// the blob's size in the quota, evicting if needed.
     pub fn begin_partial(
         &self,
         d: &Digest,
         kind: Kind,
-        size: u64,
-        verifier: &mut Sha256Verifier,
-    ) -> Result<(File, u64), StoreError> {
+        layout: ChunkLayout,
+    ) -> Result<(File, Bitfield), StoreError> {
         let path = self.partial_path(d);
         let existing = {
             let inner = self.shared.inner.lock().expect("store lock");
@@ -477,44 +473,30 @@ impl Store {
                 .filter(|e| !e.meta.complete)
                 .map(|e| e.meta.clone())
         };
-        let old_size = existing.as_ref().map_or(0, |m| m.size.max(m.durable_len));
-        self.reserve(size.saturating_sub(old_size), d)?;
-        let mut file = OpenOptions::new()
+        let old_size = existing.as_ref().map_or(0, |m| m.size);
+        self.reserve(layout.size().saturating_sub(old_size), d)?;
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let mut have = existing
-            .as_ref()
-            .map_or(0, |m| m.durable_len)
-            .min(file.metadata()?.len());
-        if existing
-            .as_ref()
-            .is_some_and(|m| m.size != 0 && m.size != size)
-            || have > size
-        {
-            have = 0;
-        }
-        file.set_len(have)?;
-        // Re-hash what is there: it is resumed, not trusted.
-        if have > 0 {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut left = have;
-            while left > 0 {
-                let take = left.min(buf.len() as u64) as usize;
-                let n = file.read(&mut buf[..take])?;
-                if n == 0 {
-                    break;
-                }
-                verifier.update(&buf[..n]);
-                left -= n as u64;
+        let resumed = existing
+            .filter(|m| m.size == layout.size() && m.chunk_size == layout.chunk_size())
+            .and_then(|m| m.have)
+            .filter(|h| h.len() == layout.count());
+        let have = match resumed {
+            Some(h) => h,
+            None => {
+                file.set_len(0)?;
+                Bitfield::for_layout(&layout)
             }
-        }
+        };
         let meta = BlobMeta {
             complete: false,
-            size,
-            durable_len: have,
+            size: layout.size(),
+            chunk_size: layout.chunk_size(),
+            have: Some(have.clone()),
             kind,
             media_type: None,
             last_access: now_secs(),
@@ -529,8 +511,9 @@ impl Store {
         Ok((file, have))
     }
 
-    /// Records that the first `len` bytes of a partial are fsynced.
-    pub fn checkpoint(&self, d: &Digest, len: u64) -> Result<(), StoreError> {
+    /// Records which chunks of a partial are on disk (call after an fsync
+    /// of the data they cover).
+    pub fn checkpoint(&self, d: &Digest, have: &Bitfield) -> Result<(), StoreError> {
         let meta = {
             let mut inner = self.shared.inner.lock().expect("store lock");
             let Some(e) = inner.entries.get_mut(d) else {
@@ -539,7 +522,7 @@ impl Store {
             if e.meta.complete {
                 return Ok(());
             }
-            e.meta.durable_len = len;
+            e.meta.have = Some(have.clone());
             e.meta.clone()
         };
         self.put(d, &meta)
@@ -566,7 +549,8 @@ impl Store {
             let meta = BlobMeta {
                 complete: true,
                 size,
-                durable_len: size,
+                chunk_size: 0,
+                have: None,
                 kind,
                 media_type,
                 last_access: now_secs(),
@@ -589,8 +573,9 @@ impl Store {
         if self.has_complete(d) {
             return Ok(());
         }
-        let mut v = Sha256Verifier::new(*d);
-        let (file, _) = self.begin_partial(d, kind, bytes.len() as u64, &mut v)?;
+        let layout = ChunkLayout::for_blob(bytes.len() as u64)
+            .map_err(|e| StoreError::Io(io::Error::other(e.to_string())))?;
+        let (file, _) = self.begin_partial(d, kind, layout)?;
         file.set_len(0)?;
         std::io::Write::write_all(&mut &file, bytes)?;
         self.complete(d, &file, media_type)
@@ -601,9 +586,7 @@ impl Store {
         {
             let mut inner = self.shared.inner.lock().expect("store lock");
             if let Some(e) = inner.entries.remove(d) {
-                inner.used = inner
-                    .used
-                    .saturating_sub(e.meta.size.max(e.meta.durable_len));
+                inner.used = inner.used.saturating_sub(e.meta.size);
             }
         }
         let tx = db(self.shared.db.begin_write())?;
@@ -636,7 +619,7 @@ impl Store {
                     // transfers) go too.
                     !e.meta.pinned && e.readers == 0 && *d != for_digest
                 })
-                .map(|(d, e)| (e.lru, *d, e.meta.size.max(e.meta.durable_len)))
+                .map(|(d, e)| (e.lru, *d, e.meta.size))
                 .collect();
             candidates.sort();
             let mut freed = 0;
@@ -769,7 +752,6 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn put(store: &Store, data: &[u8]) -> Digest {
         let d = Digest::of(data);
@@ -792,33 +774,39 @@ mod tests {
     }
 
     #[test]
-    fn partial_resumes_from_durable_prefix_only() {
+    fn partial_resumes_with_the_checkpointed_chunks_only() {
+        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
-        let data = vec![7u8; 10_000];
+        let chunk = 64 << 10;
+        let data: Vec<u8> = (0..4 * chunk).map(|i| (i % 251) as u8).collect();
         let d = Digest::of(&data);
+        let layout = ChunkLayout::new(data.len() as u64, chunk as u32).unwrap();
         {
             let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
-            let mut v = Sha256Verifier::new(d);
-            let (mut f, have) = store.begin_partial(&d, Kind::Blob, 10_000, &mut v).unwrap();
-            assert_eq!(have, 0);
-            f.write_all(&data[..6000]).unwrap();
+            let (f, have) = store.begin_partial(&d, Kind::Blob, layout).unwrap();
+            assert_eq!(have.count(), 0);
+            // Chunks 0 and 2 written and checkpointed; chunk 3 written after.
+            let mut have = have;
+            for c in [0u32, 2] {
+                let (off, len) = layout.range(c).unwrap();
+                f.write_all_at(&data[off as usize..(off + u64::from(len)) as usize], off)
+                    .unwrap();
+                have.set(c).unwrap();
+            }
             f.sync_data().unwrap();
-            store.checkpoint(&d, 4000).unwrap();
+            store.checkpoint(&d, &have).unwrap();
+            let (off, _) = layout.range(3).unwrap();
+            f.write_all_at(&data[off as usize..], off).unwrap();
         }
         let (store, rec) = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(rec.partial, 1);
-        let mut v = Sha256Verifier::new(d);
-        let (mut f, have) = store.begin_partial(&d, Kind::Blob, 10_000, &mut v).unwrap();
-        assert_eq!(have, 4000);
-        assert_eq!(v.len(), 4000);
-        use std::io::{Seek, SeekFrom};
-        f.seek(SeekFrom::Start(have)).unwrap();
-        f.write_all(&data[4000..]).unwrap();
-        v.update(&data[4000..]);
-        assert!(v.finish().is_ok());
-        store.complete(&d, &f, None).unwrap();
-        assert!(store.has_complete(&d));
-        assert!(!store.partial_path(&d).exists());
+        let (f, have) = store.begin_partial(&d, Kind::Blob, layout).unwrap();
+        assert_eq!(have.iter_ones().collect::<Vec<_>>(), vec![0, 2]);
+        // Another layout of the same blob starts over.
+        drop(f);
+        let other = ChunkLayout::new(data.len() as u64, 2 * chunk as u32).unwrap();
+        let (_, have) = store.begin_partial(&d, Kind::Blob, other).unwrap();
+        assert_eq!(have.count(), 0);
     }
 
     #[test]
@@ -885,10 +873,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 2500).unwrap();
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
-        let mut v = Sha256Verifier::new(a);
-        store.begin_partial(&a, Kind::Blob, 1000, &mut v).unwrap();
-        let mut v = Sha256Verifier::new(b);
-        store.begin_partial(&b, Kind::Blob, 1000, &mut v).unwrap();
+        let layout = ChunkLayout::for_blob(1000).unwrap();
+        store.begin_partial(&a, Kind::Blob, layout).unwrap();
+        store.begin_partial(&b, Kind::Blob, layout).unwrap();
         let active = store.guard(&b).unwrap();
         // Room for a third only if the abandoned partial `a` goes.
         put(&store, &[9u8; 1000]);

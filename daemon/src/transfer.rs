@@ -2,11 +2,18 @@
 //! readers while they arrive.
 //!
 //! One [`Transfer`] per digest at a time: the first request starts it, later
-//! ones join it and read what has arrived from the same partial file. Bytes
-//! are hashed as they come; the whole blob is checked against its digest
-//! before it is complete, and readers are held back from the last byte until
-//! then — so a client never receives a complete wrong blob. A mismatch cuts
-//! every reader's response short and stores nothing.
+//! ones join it and read what has arrived from the same partial file.
+//!
+//! A transfer is driven by the swarm scheduler (`shoal_proto::sched`): the
+//! blob is laid out in chunks, the scheduler decides what to fetch from
+//! where, and chunks are written at their offsets as they arrive. Until the
+//! swarm is wired in, the scheduler runs in its tracker-down mode, so the
+//! origin serves every chunk in contiguous Range runs. The whole-blob digest
+//! is hashed over the contiguous prefix of stored chunks as it grows; readers
+//! may read that prefix, but the last byte waits until the digest checks — so
+//! a client never receives a complete wrong blob. A mismatch cuts every
+//! reader's response short and stores nothing. Which chunks are on disk is
+//! checkpointed (after an fsync) every few MiB, so a restart resumes them.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,19 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_proto::{Digest, ErrorCode, OciError, Sha256Verifier};
-use shoal_registry_shim::client::{BlobStream, OriginClient, OriginError};
+use shoal_proto::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
+use shoal_proto::{Bitfield, ChunkLayout, Digest, ErrorCode, OciError, Sha256Verifier};
+use shoal_registry_shim::client::{OriginClient, OriginError};
 use shoal_registry_shim::serve::{ByteStream, Target};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{self, KindLabel, SourceLabel};
 use crate::store::{Kind, ReadGuard, Store, StoreError};
 
-/// Bytes between index checkpoints of a partial blob (after an fsync), so a
-/// crash loses at most this much of a transfer.
+/// Bytes of newly stored chunks between index checkpoints of a partial blob
+/// (after an fsync), so a crash loses at most about this much of a transfer.
 const CHECKPOINT_BYTES: u64 = 8 << 20;
-/// Times a broken origin stream is resumed with `Range` before giving up.
-const MAX_RESUMES: u32 = 5;
 /// Bytes read from disk per body chunk handed to a client.
 const READ_CHUNK: u64 = 1 << 20;
 
@@ -162,27 +168,6 @@ impl Transfers {
         Some(t)
     }
 
-    async fn open_origin(
-        &self,
-        target: &Target,
-        digest: &Digest,
-        from: u64,
-    ) -> Result<BlobStream, OciError> {
-        let r = match self
-            .origin
-            .get_blob(&target.upstream, &target.repo, digest, from)
-            .await
-        {
-            Err(OriginError::RangeIgnored) if from > 0 => {
-                self.origin
-                    .get_blob(&target.upstream, &target.repo, digest, 0)
-                    .await
-            }
-            other => other,
-        };
-        r.map_err(|e| e.to_oci())
-    }
-
     async fn fetch(
         &self,
         target: &Target,
@@ -193,116 +178,159 @@ impl Transfers {
             tracing::error!(error = %e, "store failed");
             OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
         };
-        let from = self
-            .store
-            .meta(digest)
-            .filter(|m| !m.complete)
-            .map_or(0, |m| m.durable_len);
-        let mut stream = self.open_origin(target, digest, from).await?;
-        let size = stream.total_size().ok_or_else(|| {
-            OciError::new(
-                ErrorCode::Unavailable,
-                "origin did not say how large the blob is",
-            )
+        // The size: from a partial of an earlier attempt, else the origin
+        // (whose answer also confirms that this repository holds the blob).
+        let size = match self.store.meta(digest).filter(|m| !m.complete) {
+            Some(m) => m.size,
+            None => self
+                .origin
+                .head_blob(&target.upstream, &target.repo, digest)
+                .await
+                .map_err(|e| e.to_oci())?,
+        };
+        let layout = ChunkLayout::for_blob(size).map_err(|e| {
+            OciError::new(ErrorCode::Unavailable, format!("blob of {size} bytes: {e}"))
         })?;
         let (store, d) = (self.store.clone(), *digest);
-        let (begun, mut verifier) = tokio::task::spawn_blocking(move || {
-            let mut v = Sha256Verifier::new(d);
-            (store.begin_partial(&d, Kind::Blob, size, &mut v), v)
-        })
-        .await
-        .expect("store task");
-        let (file, have) = begun.map_err(Fail::NoRoom)?;
-        if have != stream.offset() {
-            drop(stream);
-            stream = self.open_origin(target, digest, have).await?;
-            if stream.offset() != have {
-                let _ = self.store.release(digest);
-                return Err(Fail::from(OciError::new(
-                    ErrorCode::Unavailable,
-                    "origin did not honour a Range request",
-                )));
-            }
-        }
-        if have > 0 {
-            tracing::info!(digest = %digest, resumed_at = have, size, "resuming a partial blob");
-        }
+        let (file, mut have) =
+            tokio::task::spawn_blocking(move || store.begin_partial(&d, Kind::Blob, layout))
+                .await
+                .expect("store task")
+                .map_err(Fail::NoRoom)?;
         // While this transfer runs its partial is in use: never evicted.
         let _in_use = self.store.guard(digest);
         let file = Arc::new(file);
-        let mut written = have;
+        if have.count() > 0 {
+            tracing::info!(digest = %digest, chunks = have.count(), of = layout.count(), "resuming a partial blob");
+        }
+        // The whole-blob digest is hashed over the contiguous prefix of
+        // stored chunks as it grows; readers may read that prefix.
+        let mut prefix = PrefixHash::new(*digest, layout);
+        prefix
+            .advance(&have, &file)
+            .await
+            .map_err(|e| store_err(e.into()))?;
         tx.send_modify(|p| {
             p.phase = Phase::Running;
             p.size = size;
-            p.written = written;
+            p.written = prefix.bytes();
             p.file = Some(file.clone());
         });
-        let m = metrics::global();
-        let origin_bytes = m
-            .origin_bytes
-            .get_or_create(&KindLabel { kind: "blob" })
-            .clone();
-        let mut resumes = 0;
-        let mut last_checkpoint = written;
+
+        // No swarm yet: the origin serves every chunk (the scheduler's
+        // tracker-down mode), in Range runs.
+        let clock = tokio::time::Instant::now();
+        let now = move || clock.elapsed().as_millis() as u64;
+        let mut sched: Scheduler<u32> =
+            Scheduler::new(SchedConfig::default(), layout, have.clone());
+        sched.handle(now(), Event::TrackerDown(true));
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<RunEvent>();
+        let mut runs: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
+        let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
-        while written < size {
-            match stream.next_chunk().await {
-                Some(Ok(bytes)) => {
-                    origin_bytes.inc_by(bytes.len() as u64);
-                    if written + bytes.len() as u64 > size {
-                        let _ = self.store.release(digest);
+        'download: loop {
+            while let Some(action) = sched.poll(now()) {
+                match action {
+                    Action::FetchOrigin { chunks } => {
+                        let run = OriginRun {
+                            origin: self.origin.clone(),
+                            target: target.clone(),
+                            digest: *digest,
+                            layout,
+                            file: file.clone(),
+                            events: ev_tx.clone(),
+                        };
+                        let first = chunks[0];
+                        let handle = tokio::spawn(run.fetch(chunks.clone()));
+                        for c in chunks {
+                            runs.insert(c, handle.abort_handle());
+                        }
+                        tracing::debug!(digest = %digest, first, "origin run started");
+                    }
+                    Action::Cancel { chunk, .. } => {
+                        if let Some(h) = runs.remove(&chunk) {
+                            h.abort();
+                        }
+                    }
+                    Action::Complete => break 'download,
+                    Action::GiveUp => {
+                        for h in runs.values() {
+                            h.abort();
+                        }
                         return Err(Fail::from(OciError::new(
                             ErrorCode::Unavailable,
-                            "origin sent more bytes than the blob's size",
+                            "the origin transfer kept failing",
                         )));
                     }
-                    verifier.update(&bytes);
-                    if let Err(e) = file.write_all_at(&bytes, written) {
-                        let _ = self.store.release(digest);
-                        return Err(Fail::from(store_err(e.into())));
+                    other => tracing::debug!(?other, "no swarm yet: ignored"),
+                }
+            }
+            let deadline = sched
+                .next_deadline()
+                .map(|t| clock + Duration::from_millis(t));
+            let event = tokio::select! {
+                ev = ev_rx.recv() => ev,
+                () = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
-                    written += bytes.len() as u64;
-                    tx.send_modify(|p| p.written = written);
+                } => None,
+            };
+            match event {
+                Some(RunEvent::Stored(chunk)) => {
+                    runs.remove(&chunk);
+                    let _ = have.set(chunk);
+                    unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
+                    sched.handle(
+                        now(),
+                        Event::Chunk {
+                            source: Source::Origin,
+                            chunk,
+                            outcome: Outcome::Verified,
+                        },
+                    );
+                    if prefix
+                        .advance(&have, &file)
+                        .await
+                        .map_err(|e| store_err(e.into()))?
+                    {
+                        let written = prefix.bytes();
+                        tx.send_modify(|p| p.written = written);
+                    }
                     let idle = checkpoint.as_ref().is_none_or(|h| h.is_finished());
-                    if written - last_checkpoint >= CHECKPOINT_BYTES && idle {
-                        last_checkpoint = written;
-                        let (f, store, d) = (file.clone(), self.store.clone(), *digest);
+                    if unsynced >= CHECKPOINT_BYTES && idle {
+                        unsynced = 0;
+                        let (f, store, d, snapshot) =
+                            (file.clone(), self.store.clone(), *digest, have.clone());
                         checkpoint = Some(tokio::task::spawn_blocking(move || {
                             if f.sync_data().is_ok() {
-                                let _ = store.checkpoint(&d, written);
+                                let _ = store.checkpoint(&d, &snapshot);
                             }
                         }));
                     }
                 }
-                other => {
-                    let why = match other {
-                        Some(Err(e)) => e.to_string(),
-                        _ => "origin closed the body early".to_owned(),
-                    };
-                    resumes += 1;
-                    if resumes > MAX_RESUMES {
-                        return Err(Fail::from(OciError::new(
-                            ErrorCode::Unavailable,
-                            format!("origin transfer kept breaking: {why}"),
-                        )));
-                    }
-                    tracing::info!(digest = %digest, at = written, why, "origin stream broke; resuming with Range");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
-                    stream = self.open_origin(target, digest, written).await?;
-                    if stream.offset() != written {
-                        return Err(Fail::from(OciError::new(
-                            ErrorCode::Unavailable,
-                            "origin did not honour a Range request",
-                        )));
-                    }
+                Some(RunEvent::Broken(chunk, why)) => {
+                    runs.remove(&chunk);
+                    tracing::info!(digest = %digest, chunk, why, "origin run broke; the rest is asked again");
+                    sched.handle(
+                        now(),
+                        Event::Chunk {
+                            source: Source::Origin,
+                            chunk,
+                            outcome: Outcome::Failed,
+                        },
+                    );
                 }
+                None => {}
             }
         }
         if let Some(h) = checkpoint {
             let _ = h.await;
         }
-        if let Err(got) = verifier.finish() {
-            m.chunks_rejected
+        if let Err(got) = prefix.finish() {
+            metrics::global()
+                .chunks_rejected
                 .get_or_create(&SourceLabel { source: "origin" })
                 .inc();
             tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
@@ -334,6 +362,152 @@ impl Transfers {
             }
         }
         Ok(())
+    }
+}
+
+/// What an origin run reports to its transfer.
+#[derive(Debug)]
+enum RunEvent {
+    /// This chunk's bytes are in the partial file.
+    Stored(u32),
+    /// The run broke at this chunk (nothing from it on was stored).
+    Broken(u32, String),
+}
+
+/// One contiguous Range request to the origin, writing chunks at their
+/// offsets as the bytes arrive.
+struct OriginRun {
+    origin: OriginClient,
+    target: Target,
+    digest: Digest,
+    layout: ChunkLayout,
+    file: Arc<File>,
+    events: mpsc::UnboundedSender<RunEvent>,
+}
+
+impl OriginRun {
+    async fn fetch(self, chunks: Vec<u32>) {
+        let first = chunks[0];
+        if let Err((chunk, why)) = self.fetch_impl(&chunks).await {
+            let _ = self
+                .events
+                .send(RunEvent::Broken(chunk.unwrap_or(first), why));
+        }
+    }
+
+    async fn fetch_impl(&self, chunks: &[u32]) -> Result<(), (Option<u32>, String)> {
+        let (start, _) = self.layout.range(chunks[0]).expect("chunk in layout");
+        let (last_off, last_len) = self
+            .layout
+            .range(*chunks.last().expect("a run"))
+            .expect("chunk in layout");
+        let end = last_off + u64::from(last_len);
+        let (t, d) = (&self.target, &self.digest);
+        let mut stream = match self
+            .origin
+            .get_blob_range(&t.upstream, &t.repo, d, start, Some(end - 1))
+            .await
+        {
+            Err(OriginError::RangeIgnored) => {
+                self.origin.get_blob(&t.upstream, &t.repo, d, 0).await
+            }
+            other => other,
+        }
+        .map_err(|e| (None, e.to_string()))?;
+        if stream.total_size().is_some_and(|s| s != self.layout.size()) {
+            return Err((
+                None,
+                format!(
+                    "origin says the blob has {:?} bytes, not {}",
+                    stream.total_size(),
+                    self.layout.size()
+                ),
+            ));
+        }
+        let origin_bytes = metrics::global()
+            .origin_bytes
+            .get_or_create(&KindLabel { kind: "blob" })
+            .clone();
+        let mut pos = stream.offset();
+        let mut next = 0usize;
+        while next < chunks.len() {
+            let chunk = chunks[next];
+            let bytes = match stream.next_chunk().await {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err((Some(chunk), e.to_string())),
+                None => return Err((Some(chunk), "origin closed the body early".into())),
+            };
+            origin_bytes.inc_by(bytes.len() as u64);
+            // Keep only what falls inside the run (an origin that ignored
+            // the range sends more).
+            let lo = start.max(pos);
+            let hi = end.min(pos + bytes.len() as u64);
+            if lo < hi {
+                let part = &bytes[(lo - pos) as usize..(hi - pos) as usize];
+                self.file
+                    .write_all_at(part, lo)
+                    .map_err(|e| (Some(chunk), format!("local store: {e}")))?;
+            }
+            pos += bytes.len() as u64;
+            // Report every chunk the bytes so far complete.
+            while next < chunks.len() {
+                let (off, len) = self.layout.range(chunks[next]).expect("chunk in layout");
+                if pos < off + u64::from(len) {
+                    break;
+                }
+                let _ = self.events.send(RunEvent::Stored(chunks[next]));
+                next += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole-blob SHA-256 over the contiguous prefix of stored chunks.
+struct PrefixHash {
+    verifier: Sha256Verifier,
+    layout: ChunkLayout,
+    /// First chunk not hashed yet.
+    next: u32,
+}
+
+impl PrefixHash {
+    fn new(digest: Digest, layout: ChunkLayout) -> Self {
+        PrefixHash {
+            verifier: Sha256Verifier::new(digest),
+            layout,
+            next: 0,
+        }
+    }
+
+    /// Bytes of the prefix hashed so far (what readers may have).
+    fn bytes(&self) -> u64 {
+        self.verifier.len()
+    }
+
+    /// Hashes every stored chunk that extends the prefix (read back from the
+    /// file). Returns whether the prefix grew.
+    async fn advance(&mut self, have: &Bitfield, file: &Arc<File>) -> std::io::Result<bool> {
+        let mut grew = false;
+        while self.next < self.layout.count() && have.get(self.next) {
+            let (off, len) = self.layout.range(self.next).expect("chunk in layout");
+            let f = file.clone();
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, off).map(|()| buf)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))?;
+            self.verifier.update(&data);
+            self.next += 1;
+            grew = true;
+        }
+        Ok(grew)
+    }
+
+    /// Checks the whole blob (every chunk must have been hashed).
+    fn finish(self) -> Result<(), Digest> {
+        self.verifier.finish()
     }
 }
 

@@ -356,6 +356,10 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             return;
         };
         reqs.remove(pos);
+        let run = match source {
+            Source::Origin => self.origin_run_of.get(&chunk).copied(),
+            Source::Peer(_) => None,
+        };
         self.release(&source, chunk);
         match (&source, outcome) {
             (_, Outcome::Verified) => {
@@ -388,7 +392,28 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 self.stalled(&p);
             }
             (Source::Origin, _) => {
+                // The run's Range request is dead: abandon what is left of
+                // it, and count one failure for the whole run.
                 self.origin_failures += 1;
+                let rest: Vec<u32> = self
+                    .origin_run_of
+                    .iter()
+                    .filter(|(_, r)| Some(**r) == run)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for c in rest {
+                    if let Some(reqs) = self.inflight.get_mut(&c) {
+                        reqs.retain(|r| r.source != Source::Origin);
+                        if reqs.is_empty() {
+                            self.inflight.remove(&c);
+                        }
+                    }
+                    self.release(&Source::Origin, c);
+                    self.queue.push_back(Action::Cancel {
+                        source: Source::Origin,
+                        chunk: c,
+                    });
+                }
             }
         }
         if self.inflight.get(&chunk).is_some_and(|r| r.is_empty()) {
@@ -565,7 +590,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn expire_stalls(&mut self, now: u64) {
-        let mut expired: Vec<(u32, Source<P>)> = self
+        let expired: Vec<(u32, Source<P>)> = self
             .inflight
             .iter()
             .flat_map(|(c, reqs)| {
@@ -574,35 +599,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                     .map(move |r| (*c, r.source.clone()))
             })
             .collect();
-        // A stalled origin run is abandoned whole: its Range request is dead.
-        let stalled_runs: Vec<u64> = expired
-            .iter()
-            .filter(|(_, s)| *s == Source::Origin)
-            .filter_map(|(c, _)| self.origin_run_of.get(c).copied())
-            .collect();
-        for (c, run) in self.origin_run_of.iter() {
-            if stalled_runs.contains(run)
-                && !expired.iter().any(|(e, s)| e == c && *s == Source::Origin)
-            {
-                expired.push((*c, Source::Origin));
-            }
-        }
-        let mut counted = Vec::new();
         for (chunk, source) in expired {
+            // Still outstanding? (A stalled origin chunk takes the rest of
+            // its run with it, which may include later entries here.)
+            let pending = self
+                .inflight
+                .get(&chunk)
+                .is_some_and(|reqs| reqs.iter().any(|r| r.source == source));
+            if !pending {
+                continue;
+            }
             self.queue.push_back(Action::Cancel {
                 source: source.clone(),
                 chunk,
             });
-            let run = self.origin_run_of.get(&chunk).copied();
             self.on_chunk(source, chunk, Outcome::Failed);
-            // One failure per abandoned run, not per chunk.
-            if let Some(run) = run {
-                if counted.contains(&run) {
-                    self.origin_failures -= 1;
-                } else {
-                    counted.push(run);
-                }
-            }
         }
     }
 
@@ -1052,6 +1063,54 @@ mod tests {
                     chunk: 2
                 },
                 Action::FetchOrigin { chunks: vec![1, 2] },
+            ]
+        );
+        assert_eq!(s.origin_failures, 1);
+    }
+
+    #[test]
+    fn a_broken_origin_run_counts_once_and_is_refetched() {
+        let mut s = sched(4);
+        s.handle(0, Event::TrackerDown(true));
+        assert_eq!(
+            drain(&mut s, 0),
+            vec![Action::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            }]
+        );
+        let (source, outcome) = (Source::Origin, Outcome::Verified);
+        s.handle(
+            1,
+            Event::Chunk {
+                source,
+                chunk: 0,
+                outcome,
+            },
+        );
+        let (source, outcome) = (Source::Origin, Outcome::Failed);
+        s.handle(
+            2,
+            Event::Chunk {
+                source,
+                chunk: 1,
+                outcome,
+            },
+        );
+        let acts = drain(&mut s, 2);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Cancel {
+                    source: Source::Origin,
+                    chunk: 2
+                },
+                Action::Cancel {
+                    source: Source::Origin,
+                    chunk: 3
+                },
+                Action::FetchOrigin {
+                    chunks: vec![1, 2, 3]
+                },
             ]
         );
         assert_eq!(s.origin_failures, 1);

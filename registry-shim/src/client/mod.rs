@@ -514,13 +514,29 @@ impl OriginClient {
         digest: &Digest,
         from: u64,
     ) -> Result<BlobStream, OriginError> {
+        self.get_blob_range(registry, repo, digest, from, None)
+            .await
+    }
+
+    /// Like [`get_blob`](Self::get_blob) for bytes `from..=to` only. An
+    /// origin that ignores the range when `from` is 0 answers with the whole
+    /// blob; the caller reads what it needs and drops the rest.
+    pub async fn get_blob_range(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<BlobStream, OriginError> {
         let t = self.target(registry, repo, &format!("blobs/{digest}"))?;
         let permit = self.permit(&t).await?;
         let mut headers = HeaderMap::new();
-        if from > 0 {
+        if from > 0 || to.is_some() {
+            let end = to.map(|t| t.to_string()).unwrap_or_default();
             headers.insert(
                 RANGE,
-                HeaderValue::from_str(&format!("bytes={from}-"))
+                HeaderValue::from_str(&format!("bytes={from}-{end}"))
                     .expect("digits are a valid header"),
             );
         }
