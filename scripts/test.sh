@@ -46,5 +46,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # The integration tests spawn target/debug/shoald.
-cargo build -p shoal-daemon
+cargo build --workspace --bins
 cargo test --workspace

@@ -63,6 +63,25 @@ pub struct RunArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Cluster credentials: ca.crt + ca.key, or ca.crt + node.crt + node.key.
+    /// Without it the node runs alone (no peers) [default: none].
+    #[arg(long, env = "SHOAL_CLUSTER_DIR", value_name = "DIR")]
+    pub cluster_dir: Option<PathBuf>,
+    /// This node's id in the cluster, the name its certificate carries
+    /// [default: the host name].
+    #[arg(long, env = "SHOAL_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+    /// QUIC (UDP) address for peers [default: 0.0.0.0:4901].
+    #[arg(long, env = "SHOAL_PEER_LISTEN", value_name = "ADDR")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer address others should dial [default: --peer-listen when it
+    /// names an address; required when it binds all interfaces].
+    #[arg(long, env = "SHOAL_ADVERTISE", value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// Tracker base URLs, tried in turn (repeatable; comma-separated in the
+    /// environment); `embedded` runs one in this process [default: embedded].
+    #[arg(long, env = "SHOAL_TRACKER", value_name = "URL", value_delimiter = ',')]
+    pub tracker: Vec<String>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -81,6 +100,12 @@ struct FileConfig {
     docker_config: Option<PathBuf>,
     authority_ttl: Option<u64>,
     log_format: Option<String>,
+    cluster_dir: Option<PathBuf>,
+    node_id: Option<String>,
+    peer_listen: Option<String>,
+    advertise: Option<String>,
+    #[serde(default)]
+    tracker: Vec<String>,
 }
 
 /// Log output format.
@@ -115,6 +140,30 @@ pub struct Config {
     pub authority_ttl: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Swarm settings; `None` = single node.
+    pub swarm: Option<SwarmConfig>,
+}
+
+/// How this node joins the swarm.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// Cluster credentials directory.
+    pub cluster_dir: PathBuf,
+    /// This node's id.
+    pub node_id: String,
+    /// QUIC listen address.
+    pub peer_listen: SocketAddr,
+    /// Address peers dial.
+    pub advertise: SocketAddr,
+    /// Tracker URLs, or empty for the embedded tracker.
+    pub trackers: Vec<String>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
 }
 
 impl RunArgs {
@@ -193,6 +242,60 @@ impl RunArgs {
         };
         let authority_ttl =
             Duration::from_secs(self.authority_ttl.or(file.authority_ttl).unwrap_or(300));
+        let pick_list = |flag: Vec<String>, file: Vec<String>| {
+            if flag.is_empty() {
+                file
+            } else {
+                flag
+            }
+        };
+        let peer_listen = addr(
+            self.peer_listen,
+            file.peer_listen,
+            "peer-listen",
+            "0.0.0.0:4901",
+        )?;
+        let advertise = match (self.advertise, file.advertise) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => Some(s.parse().with_context(|| {
+                format!("config field `advertise`: {s:?} is not an address like 10.0.0.5:4901")
+            })?),
+            (None, None) => None,
+        };
+        let trackers = pick_list(self.tracker, file.tracker);
+        let swarm = match self.cluster_dir.or(file.cluster_dir) {
+            None => None,
+            Some(cluster_dir) => {
+                let node_id = self.node_id.or(file.node_id).unwrap_or_else(host_name);
+                if !shoal_cluster::valid_node_id(&node_id) {
+                    bail!("`node-id`: {node_id:?} must be lowercase DNS labels ([a-z0-9-], dots between), at most 63 characters");
+                }
+                let advertise = match advertise {
+                    Some(a) => a,
+                    None if !peer_listen.ip().is_unspecified() => peer_listen,
+                    None => bail!(
+                        "`advertise`: required when --peer-listen ({peer_listen}) binds all interfaces: the address other nodes dial"
+                    ),
+                };
+                if advertise.port() == 0 || advertise.ip().is_unspecified() {
+                    bail!("`advertise`: {advertise} is not an address other nodes can dial");
+                }
+                let trackers: Vec<String> =
+                    trackers.into_iter().filter(|t| t != "embedded").collect();
+                for t in &trackers {
+                    if !t.starts_with("https://") {
+                        bail!("`tracker`: {t:?} must be an https:// URL or `embedded`");
+                    }
+                }
+                Some(SwarmConfig {
+                    cluster_dir,
+                    node_id,
+                    peer_listen,
+                    advertise,
+                    trackers,
+                })
+            }
+        };
         Ok(Config {
             data_dir: self
                 .data_dir
@@ -207,6 +310,7 @@ impl RunArgs {
             docker_config: self.docker_config.or(file.docker_config),
             authority_ttl,
             log_format,
+            swarm,
         })
     }
 }

@@ -136,6 +136,11 @@ impl NodeContent {
         }
     }
 
+    /// The running transfers.
+    pub fn transfers(&self) -> &Transfers {
+        &self.transfers
+    }
+
     fn key(target: &Target, d: &Digest) -> (String, String, Digest) {
         (target.upstream.clone(), target.repo.as_str().to_owned(), *d)
     }

@@ -11,6 +11,7 @@ mod metrics;
 mod ops;
 mod peer;
 mod store;
+mod swarm;
 mod transfer;
 
 use std::path::Path;
@@ -178,6 +179,22 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         allowed: cfg.upstreams.clone(),
     });
     let content = Arc::new(NodeContent::new(store.clone(), origin, cfg.authority_ttl));
+    let peer_server = match &cfg.swarm {
+        None => None,
+        Some(sc) => {
+            let source = Arc::new(peer::source::NodeSource::new(
+                store.clone(),
+                content.transfers().clone(),
+            ));
+            let (swarm, server) = swarm::Swarm::start(sc, source)?;
+            content.transfers().join(swarm.clone());
+            tokio::spawn(swarm.clone().heartbeat(Duration::from_secs(5)));
+            tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
+                tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
+                "joined the swarm");
+            Some(server)
+        }
+    };
 
     let registry_listener = bind(cfg.registry_listen, "registry-listen").await?;
     let ops_listener = bind(cfg.ops_listen, "ops-listen").await?;
@@ -228,6 +245,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = registry.await;
     let _ = ops.await;
     housekeeping.abort();
+    if let Some(server) = peer_server {
+        server.shutdown().await;
+    }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.flush_access_times()).await??;
     tracing::info!("stopped");

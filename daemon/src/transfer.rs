@@ -17,19 +17,30 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 use shoal_proto::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
-use shoal_proto::{Bitfield, ChunkLayout, Digest, ErrorCode, OciError, Sha256Verifier};
+use shoal_proto::tracker_api::{
+    Announce, BlobHave, ChunkHash, LeaseRequest, LookupReply, NodeId, PublishHashes, Report,
+};
+use shoal_proto::{
+    Bitfield, ChunkHashes, ChunkLayout, Digest, ErrorCode, OciError, Sha256Verifier,
+};
 use shoal_registry_shim::client::{OriginClient, OriginError};
 use shoal_registry_shim::serve::{ByteStream, Target};
+use shoal_tracker::client::{ApiError, Lease, TrackerApi};
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{self, KindLabel, SourceLabel};
+use crate::peer::client::ChunkResult;
+use crate::peer::PeerAddr;
 use crate::store::{Kind, ReadGuard, Store, StoreError};
+use crate::swarm::Swarm;
 
 /// Bytes of newly stored chunks between index checkpoints of a partial blob
 /// (after an fsync), so a crash loses at most about this much of a transfer.
@@ -74,6 +85,11 @@ pub struct Progress {
     pub written: u64,
     /// The file the bytes are in (stays valid across the rename to complete).
     pub file: Option<Arc<File>>,
+    /// The blob's chunk layout, once known.
+    pub layout: Option<ChunkLayout>,
+    /// Chunks stored in the file (verified: from the origin, or from a peer
+    /// against the chunk map); peers may be served these.
+    pub have: Option<Bitfield>,
 }
 
 /// One blob being fetched.
@@ -102,6 +118,7 @@ pub struct Transfers {
     running: Arc<Mutex<HashMap<Digest, Arc<Transfer>>>>,
     store: Store,
     origin: OriginClient,
+    swarm: Arc<OnceLock<Arc<Swarm>>>,
 }
 
 impl Transfers {
@@ -111,7 +128,19 @@ impl Transfers {
             running: Arc::default(),
             store,
             origin,
+            swarm: Arc::default(),
         }
+    }
+
+    /// Joins the swarm: from now on transfers use peers and the tracker.
+    pub fn join(&self, swarm: Arc<Swarm>) {
+        let _ = self.swarm.set(swarm);
+    }
+
+    /// The progress of the running transfer of `digest`, if any.
+    pub fn progress(&self, digest: &Digest) -> Option<Progress> {
+        let running = self.running.lock().expect("transfers lock");
+        running.get(digest).map(|t| t.progress.borrow().clone())
     }
 
     /// Whether a transfer of `digest` is running.
@@ -140,6 +169,8 @@ impl Transfers {
             size: 0,
             written: 0,
             file: None,
+            layout: None,
+            have: None,
         });
         let t = Arc::new(Transfer {
             started_for: target.clone(),
@@ -215,16 +246,29 @@ impl Transfers {
             p.size = size;
             p.written = prefix.bytes();
             p.file = Some(file.clone());
+            p.layout = Some(layout);
+            p.have = Some(have.clone());
         });
 
-        // No swarm yet: the origin serves every chunk (the scheduler's
-        // tracker-down mode), in Range runs.
         let clock = tokio::time::Instant::now();
         let now = move || clock.elapsed().as_millis() as u64;
         let mut sched: Scheduler<u32> =
             Scheduler::new(SchedConfig::default(), layout, have.clone());
-        sched.handle(now(), Event::TrackerDown(true));
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<RunEvent>();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
+        let swarm = self.swarm.get().cloned();
+        let mut net = match &swarm {
+            // Alone: the origin serves every chunk (the scheduler's
+            // tracker-down mode), in Range runs.
+            None => {
+                sched.handle(now(), Event::TrackerDown(true));
+                None
+            }
+            Some(sw) => {
+                let net = Net::new(sw.clone(), *digest, layout, ev_tx.clone());
+                net.lookup();
+                Some(net)
+            }
+        };
         let mut runs: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
         let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
@@ -240,16 +284,35 @@ impl Transfers {
                             file: file.clone(),
                             events: ev_tx.clone(),
                         };
-                        let first = chunks[0];
                         let handle = tokio::spawn(run.fetch(chunks.clone()));
                         for c in chunks {
                             runs.insert(c, handle.abort_handle());
                         }
-                        tracing::debug!(digest = %digest, first, "origin run started");
                     }
-                    Action::Cancel { chunk, .. } => {
+                    Action::Cancel {
+                        source: Source::Origin,
+                        chunk,
+                    } => {
                         if let Some(h) = runs.remove(&chunk) {
                             h.abort();
+                        }
+                    }
+                    // A peer request answers chunk by chunk within its own
+                    // deadline; a late answer is simply ignored.
+                    Action::Cancel { .. } => {}
+                    Action::FetchPeer { peer, chunks } => {
+                        if let Some(net) = &net {
+                            net.fetch_peer(peer, chunks);
+                        }
+                    }
+                    Action::Lease { from, max } => {
+                        if let Some(net) = &net {
+                            net.lease(from, max);
+                        }
+                    }
+                    Action::Lookup => {
+                        if let Some(net) = &net {
+                            net.lookup();
                         }
                     }
                     Action::Complete => break 'download,
@@ -262,8 +325,10 @@ impl Transfers {
                             "the origin transfer kept failing",
                         )));
                     }
-                    other => tracing::debug!(?other, "no swarm yet: ignored"),
                 }
+            }
+            if let Some(net) = &mut net {
+                net.flush(&have, now());
             }
             let deadline = sched
                 .next_deadline()
@@ -277,52 +342,122 @@ impl Transfers {
                     }
                 } => None,
             };
-            match event {
-                Some(RunEvent::Stored(chunk)) => {
+            let Some(event) = event else { continue };
+            // Chunks whose bytes are now in the file, and from where.
+            let stored = match event {
+                Ev::Stored { chunk, hash } => {
                     runs.remove(&chunk);
-                    let _ = have.set(chunk);
-                    unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
-                    sched.handle(
-                        now(),
-                        Event::Chunk {
-                            source: Source::Origin,
-                            chunk,
-                            outcome: Outcome::Verified,
-                        },
-                    );
-                    if prefix
-                        .advance(&have, &file)
-                        .await
-                        .map_err(|e| store_err(e.into()))?
-                    {
-                        let written = prefix.bytes();
-                        tx.send_modify(|p| p.written = written);
+                    if let (Some(net), Some(h)) = (&mut net, hash) {
+                        net.to_publish.push((chunk, ChunkHash::from_bytes(h)));
                     }
-                    let idle = checkpoint.as_ref().is_none_or(|h| h.is_finished());
-                    if unsynced >= CHECKPOINT_BYTES && idle {
-                        unsynced = 0;
-                        let (f, store, d, snapshot) =
-                            (file.clone(), self.store.clone(), *digest, have.clone());
-                        checkpoint = Some(tokio::task::spawn_blocking(move || {
-                            if f.sync_data().is_ok() {
-                                let _ = store.checkpoint(&d, &snapshot);
-                            }
-                        }));
-                    }
+                    Some((chunk, Source::Origin))
                 }
-                Some(RunEvent::Broken(chunk, why)) => {
+                Ev::Broken(chunk, why) => {
                     runs.remove(&chunk);
                     tracing::info!(digest = %digest, chunk, why, "origin run broke; the rest is asked again");
+                    let (source, outcome) = (Source::Origin, Outcome::Failed);
                     sched.handle(
                         now(),
                         Event::Chunk {
-                            source: Source::Origin,
+                            source,
                             chunk,
-                            outcome: Outcome::Failed,
+                            outcome,
                         },
                     );
+                    None
                 }
-                None => {}
+                Ev::Peer {
+                    peer,
+                    chunk,
+                    result,
+                } => match result {
+                    ChunkResult::Verified(bytes) => {
+                        let (off, _) = layout.range(chunk).expect("verified against the layout");
+                        match file.write_all_at(&bytes, off) {
+                            Ok(()) => Some((chunk, Source::Peer(peer))),
+                            Err(e) => return Err(Fail::from(store_err(e.into()))),
+                        }
+                    }
+                    other => {
+                        let outcome = other.outcome();
+                        if outcome == Outcome::Bad {
+                            if let Some(net) = &net {
+                                net.report_bad(peer, chunk);
+                            }
+                        }
+                        let source = Source::Peer(peer);
+                        sched.handle(
+                            now(),
+                            Event::Chunk {
+                                source,
+                                chunk,
+                                outcome,
+                            },
+                        );
+                        None
+                    }
+                },
+                Ev::Looked(r) => {
+                    if let Some(net) = &mut net {
+                        net.on_lookup(r, &mut sched, now());
+                    }
+                    None
+                }
+                Ev::Leased(r) => {
+                    let grant = match r {
+                        Ok(lease) => lease.grant.chunks,
+                        Err(e) if e.is_down() => {
+                            tracing::warn!(digest = %digest, error = %e, "tracker unreachable: the origin serves what no known peer has");
+                            sched.handle(now(), Event::TrackerDown(true));
+                            Vec::new()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    sched.handle(now(), Event::LeaseGranted(grant));
+                    None
+                }
+                Ev::Sent => {
+                    if let Some(net) = &mut net {
+                        net.in_flight -= 1;
+                    }
+                    None
+                }
+            };
+            if let Some((chunk, source)) = stored {
+                let _ = have.set(chunk);
+                unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
+                let outcome = Outcome::Verified;
+                sched.handle(
+                    now(),
+                    Event::Chunk {
+                        source,
+                        chunk,
+                        outcome,
+                    },
+                );
+                prefix
+                    .advance(&have, &file)
+                    .await
+                    .map_err(|e| store_err(e.into()))?;
+                let (written, snapshot) = (prefix.bytes(), have.clone());
+                tx.send_modify(|p| {
+                    p.written = written;
+                    p.have = Some(snapshot);
+                });
+                if let Some(net) = &mut net {
+                    net.dirty = true;
+                }
+                let idle = checkpoint.as_ref().is_none_or(|h| h.is_finished());
+                if unsynced >= CHECKPOINT_BYTES && idle {
+                    unsynced = 0;
+                    let (f, store, d, snapshot) =
+                        (file.clone(), self.store.clone(), *digest, have.clone());
+                    checkpoint = Some(tokio::task::spawn_blocking(move || {
+                        if f.sync_data().is_ok() {
+                            let _ = store.checkpoint(&d, &snapshot);
+                        }
+                    }));
+                }
             }
         }
         if let Some(h) = checkpoint {
@@ -336,6 +471,9 @@ impl Transfers {
             tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
                 "origin served bytes that do not match the digest; discarded, nothing stored");
             let _ = self.store.release(digest);
+            if let Some(net) = &net {
+                net.report_mismatch();
+            }
             return Err(Fail::from(
                 OciError::new(
                     ErrorCode::DigestInvalid,
@@ -349,6 +487,10 @@ impl Transfers {
         // until it is done the transfer stays registered, so new requests
         // read the same verified file.
         tx.send_modify(|p| p.phase = Phase::Done);
+        if let Some(net) = &mut net {
+            // Bounded: a slow tracker must not keep the transfer registered.
+            let _ = tokio::time::timeout(Duration::from_secs(5), net.finish()).await;
+        }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
         let stored = tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
             .await
@@ -365,13 +507,305 @@ impl Transfers {
     }
 }
 
-/// What an origin run reports to its transfer.
+/// What the tasks of a transfer report to its event loop.
 #[derive(Debug)]
-enum RunEvent {
-    /// This chunk's bytes are in the partial file.
-    Stored(u32),
-    /// The run broke at this chunk (nothing from it on was stored).
+enum Ev {
+    /// An origin run stored this chunk; its SHA-256, for publishing.
+    Stored { chunk: u32, hash: Option<[u8; 32]> },
+    /// An origin run broke at this chunk (nothing from it on was stored).
     Broken(u32, String),
+    /// A peer answered for a chunk (verified bytes, or why not).
+    Peer {
+        peer: u32,
+        chunk: u32,
+        result: ChunkResult,
+    },
+    /// A tracker lookup answered.
+    Looked(Result<LookupReply, ApiError>),
+    /// A lease request answered.
+    Leased(Result<Lease, ApiError>),
+    /// An announce or publish finished.
+    Sent,
+}
+
+/// A transfer's link to the swarm: the peers it knows, the chunk map, and
+/// what it still has to tell the tracker.
+struct Net {
+    swarm: Arc<Swarm>,
+    blob: Digest,
+    layout: ChunkLayout,
+    events: mpsc::UnboundedSender<Ev>,
+    hashes: ChunkHashes,
+    epoch: u64,
+    peers: Vec<PeerAddr>,
+    nodes: Vec<NodeId>,
+    ids: HashMap<NodeId, u32>,
+    to_publish: Vec<(u32, ChunkHash)>,
+    dirty: bool,
+    last_announce: u64,
+    in_flight: u32,
+}
+
+/// Least time between two announces of one transfer's progress.
+const ANNOUNCE_EVERY_MS: u64 = 200;
+/// How long a peer has to answer a request.
+const PEER_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Net {
+    fn new(
+        swarm: Arc<Swarm>,
+        blob: Digest,
+        layout: ChunkLayout,
+        events: mpsc::UnboundedSender<Ev>,
+    ) -> Self {
+        Net {
+            swarm,
+            blob,
+            layout,
+            events,
+            hashes: ChunkHashes::new(layout),
+            epoch: 0,
+            peers: Vec::new(),
+            nodes: Vec::new(),
+            ids: HashMap::new(),
+            to_publish: Vec::new(),
+            dirty: false,
+            last_announce: 0,
+            in_flight: 0,
+        }
+    }
+
+    fn lookup(&self) {
+        let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
+        tokio::spawn(async move {
+            let r = sw.tracker.lookup(&sw.node, &blob).await;
+            let _ = ev.send(Ev::Looked(r));
+        });
+    }
+
+    fn lease(&self, from: u32, max: u32) {
+        let (sw, blob, layout, ev) = (
+            self.swarm.clone(),
+            self.blob,
+            self.layout,
+            self.events.clone(),
+        );
+        tokio::spawn(async move {
+            let r = match LeaseRequest::new(sw.node.clone(), blob, layout, max.max(1), from) {
+                Ok(req) => sw.tracker.lease(req).await,
+                Err(e) => Err(ApiError::Unreachable(e.to_string())),
+            };
+            let _ = ev.send(Ev::Leased(r));
+        });
+    }
+
+    fn fetch_peer(&self, peer: u32, chunks: Vec<u32>) {
+        let Some(addr) = self.peers.get(peer as usize).cloned() else {
+            return;
+        };
+        let (sw, blob, hashes, ev) = (
+            self.swarm.clone(),
+            self.blob,
+            self.hashes.clone(),
+            self.events.clone(),
+        );
+        tokio::spawn(async move {
+            sw.peers
+                .fetch_each(
+                    &addr,
+                    &blob,
+                    &hashes,
+                    &chunks,
+                    PEER_DEADLINE,
+                    |chunk, result| {
+                        let _ = ev.send(Ev::Peer {
+                            peer,
+                            chunk,
+                            result,
+                        });
+                    },
+                )
+                .await;
+        });
+    }
+
+    fn on_lookup(
+        &mut self,
+        r: Result<LookupReply, ApiError>,
+        sched: &mut Scheduler<u32>,
+        now: u64,
+    ) {
+        let view = match r {
+            Ok(view) => view,
+            Err(e) if e.is_down() => {
+                tracing::warn!(digest = %self.blob, error = %e, "tracker unreachable: the origin serves what no known peer has");
+                sched.handle(now, Event::TrackerDown(true));
+                return;
+            }
+            // Unknown to the tracker: nobody holds it yet.
+            Err(_) => {
+                sched.handle(now, Event::LookedUp);
+                return;
+            }
+        };
+        if view.layout() != self.layout {
+            tracing::warn!(digest = %self.blob, "the tracker lays this blob out differently; fetching it alone");
+            sched.handle(now, Event::TrackerDown(true));
+            return;
+        }
+        if view.epoch() != self.epoch {
+            // Withdrawn hashes: only the new epoch's hashes count.
+            self.hashes = ChunkHashes::new(self.layout);
+            self.epoch = view.epoch();
+        }
+        for (i, h) in view.hashes().iter().enumerate() {
+            if let Some(h) = h {
+                let _ = self.hashes.set(i as u32, *h.as_bytes());
+            }
+        }
+        sched.handle(now, Event::HashesKnown(self.hashes.known()));
+        for holder in view.holders() {
+            if holder.node == self.swarm.node {
+                continue;
+            }
+            let Ok(addr) = holder.addr.as_str().parse::<SocketAddr>() else {
+                tracing::debug!(
+                    addr = holder.addr.as_str(),
+                    "peer address is not an IP address; skipped"
+                );
+                continue;
+            };
+            let id = match self.ids.get(&holder.node) {
+                Some(id) => *id,
+                None => {
+                    let id = self.peers.len() as u32;
+                    self.peers.push(PeerAddr {
+                        addr,
+                        name: holder.node.as_str().to_owned(),
+                    });
+                    self.nodes.push(holder.node.clone());
+                    self.ids.insert(holder.node.clone(), id);
+                    id
+                }
+            };
+            let have = if holder.complete {
+                full(&self.layout)
+            } else {
+                holder.have.clone()
+            };
+            sched.handle(now, Event::PeerHas { peer: id, have });
+        }
+        sched.handle(now, Event::LookedUp);
+    }
+
+    /// Publishes pending chunk hashes and announces progress (at most one
+    /// message of each in flight, announces at most every 200 ms).
+    fn flush(&mut self, have: &Bitfield, now: u64) {
+        if self.in_flight > 0 {
+            return;
+        }
+        let sw = self.swarm.clone();
+        if !self.to_publish.is_empty() {
+            let hashes = std::mem::take(&mut self.to_publish);
+            if let Ok(p) = PublishHashes::new(sw.node.clone(), self.blob, hashes) {
+                self.in_flight += 1;
+                let ev = self.events.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sw.tracker.publish_hashes(p).await {
+                        tracing::debug!(error = %e, "publishing chunk hashes failed");
+                    }
+                    let _ = ev.send(Ev::Sent);
+                });
+            }
+            return;
+        }
+        if self.dirty && now.saturating_sub(self.last_announce) >= ANNOUNCE_EVERY_MS {
+            self.dirty = false;
+            self.last_announce = now;
+            let Ok(bh) = BlobHave::new(self.blob, self.layout, have.clone(), false) else {
+                return;
+            };
+            if let Ok(a) = Announce::new(
+                sw.node.clone(),
+                sw.addr.clone(),
+                vec![bh],
+                Vec::new(),
+                false,
+            ) {
+                self.in_flight += 1;
+                let ev = self.events.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sw.tracker.announce(a).await {
+                        tracing::debug!(error = %e, "announce failed");
+                    }
+                    let _ = ev.send(Ev::Sent);
+                });
+            }
+        }
+    }
+
+    /// The blob is complete and verified: publish the chunk hashes not sent
+    /// yet (whatever is in flight), then announce the whole blob.
+    async fn finish(&mut self) {
+        let sw = self.swarm.clone();
+        let hashes = std::mem::take(&mut self.to_publish);
+        let publish = (!hashes.is_empty())
+            .then(|| PublishHashes::new(sw.node.clone(), self.blob, hashes).ok())
+            .flatten();
+        let bh = BlobHave::complete(self.blob, self.layout);
+        let announce = Announce::new(
+            sw.node.clone(),
+            sw.addr.clone(),
+            vec![bh],
+            Vec::new(),
+            false,
+        )
+        .ok();
+        tokio::spawn(async move {
+            if let Some(p) = publish {
+                if let Err(e) = sw.tracker.publish_hashes(p).await {
+                    tracing::debug!(error = %e, "publishing chunk hashes failed");
+                }
+            }
+            if let Some(a) = announce {
+                if let Err(e) = sw.tracker.announce(a).await {
+                    tracing::debug!(error = %e, "announce failed");
+                }
+            }
+        });
+    }
+
+    fn report_bad(&self, peer: u32, chunk: u32) {
+        let Some(bad) = self.nodes.get(peer as usize).cloned() else {
+            return;
+        };
+        let sw = self.swarm.clone();
+        let r = Report::BadChunk {
+            node: sw.node.clone(),
+            blob: self.blob,
+            peer: bad,
+            chunk,
+        };
+        tokio::spawn(async move {
+            let _ = sw.tracker.report(r).await;
+        });
+    }
+
+    fn report_mismatch(&self) {
+        let sw = self.swarm.clone();
+        let r = Report::DigestMismatch {
+            node: sw.node.clone(),
+            blob: self.blob,
+            epoch: self.epoch,
+        };
+        tokio::spawn(async move {
+            let _ = sw.tracker.report(r).await;
+        });
+    }
+}
+
+fn full(layout: &ChunkLayout) -> Bitfield {
+    Bitfield::full(layout.count()).expect("a layout has at most MAX_CHUNKS chunks")
 }
 
 /// One contiguous Range request to the origin, writing chunks at their
@@ -382,16 +816,14 @@ struct OriginRun {
     digest: Digest,
     layout: ChunkLayout,
     file: Arc<File>,
-    events: mpsc::UnboundedSender<RunEvent>,
+    events: mpsc::UnboundedSender<Ev>,
 }
 
 impl OriginRun {
     async fn fetch(self, chunks: Vec<u32>) {
         let first = chunks[0];
         if let Err((chunk, why)) = self.fetch_impl(&chunks).await {
-            let _ = self
-                .events
-                .send(RunEvent::Broken(chunk.unwrap_or(first), why));
+            let _ = self.events.send(Ev::Broken(chunk.unwrap_or(first), why));
         }
     }
 
@@ -429,9 +861,11 @@ impl OriginRun {
             .get_or_create(&KindLabel { kind: "blob" })
             .clone();
         let mut pos = stream.offset();
-        let mut next = 0usize;
-        while next < chunks.len() {
-            let chunk = chunks[next];
+        // The chunk being received and the SHA-256 of its bytes so far.
+        let mut current = 0usize;
+        let mut hasher = Sha256::new();
+        while current < chunks.len() {
+            let chunk = chunks[current];
             let bytes = match stream.next_chunk().await {
                 Some(Ok(b)) => b,
                 Some(Err(e)) => return Err((Some(chunk), e.to_string())),
@@ -440,24 +874,35 @@ impl OriginRun {
             origin_bytes.inc_by(bytes.len() as u64);
             // Keep only what falls inside the run (an origin that ignored
             // the range sends more).
-            let lo = start.max(pos);
+            let mut lo = start.max(pos);
             let hi = end.min(pos + bytes.len() as u64);
             if lo < hi {
                 let part = &bytes[(lo - pos) as usize..(hi - pos) as usize];
                 self.file
                     .write_all_at(part, lo)
                     .map_err(|e| (Some(chunk), format!("local store: {e}")))?;
+                // Hash chunk by chunk; report each as it completes.
+                while lo < hi && current < chunks.len() {
+                    let (off, len) = self.layout.range(chunks[current]).expect("chunk in layout");
+                    let chunk_end = off + u64::from(len);
+                    let take = hi.min(chunk_end);
+                    hasher.update(
+                        &part[(lo - start.max(pos)) as usize..(take - start.max(pos)) as usize],
+                    );
+                    lo = take;
+                    if lo == chunk_end {
+                        let hash: [u8; 32] = std::mem::replace(&mut hasher, Sha256::new())
+                            .finalize()
+                            .into();
+                        let _ = self.events.send(Ev::Stored {
+                            chunk: chunks[current],
+                            hash: Some(hash),
+                        });
+                        current += 1;
+                    }
+                }
             }
             pos += bytes.len() as u64;
-            // Report every chunk the bytes so far complete.
-            while next < chunks.len() {
-                let (off, len) = self.layout.range(chunks[next]).expect("chunk in layout");
-                if pos < off + u64::from(len) {
-                    break;
-                }
-                let _ = self.events.send(RunEvent::Stored(chunks[next]));
-                next += 1;
-            }
         }
         Ok(())
     }

@@ -689,11 +689,17 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         });
     }
 
+    /// Whether some peer can serve chunk `c`: one holds it and its hash is
+    /// known, so what it sends can be verified.
+    fn peer_servable(&self, c: u32) -> bool {
+        self.avail[c as usize] > 0 && self.known.get(c)
+    }
+
     /// Whether the origin may serve chunk `c` now: leased to this node, or
     /// (tracker down) held by no known peer.
     fn origin_ok(&self, c: u32) -> bool {
         self.idle_missing(c)
-            && (self.leased.get(c) || (self.tracker_down && self.avail[c as usize] == 0))
+            && (self.leased.get(c) || (self.tracker_down && !self.peer_servable(c)))
     }
 
     fn next_origin_fetch(&mut self, now: u64) -> Option<Action<P>> {
@@ -771,13 +777,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         None
     }
 
-    /// The first chunk (from the client's position, wrapping) that nobody
-    /// offers, that is not leased to this node and not in flight.
+    /// The first chunk (from the client's position, wrapping) that no peer
+    /// can serve verifiably, that is not leased to this node and not in
+    /// flight.
     fn first_orphan(&self) -> Option<u32> {
         let n = self.layout.count();
         (self.want..n)
             .chain(0..self.want)
-            .find(|&c| self.idle_missing(c) && !self.leased.get(c) && self.avail[c as usize] == 0)
+            .find(|&c| self.idle_missing(c) && !self.leased.get(c) && !self.peer_servable(c))
     }
 
     /// Whether progress depends on news from the tracker: chunks are missing

@@ -11,6 +11,7 @@
 //!
 //! Every wait is bounded; every process is killed when its handle is dropped.
 
+pub mod cluster;
 pub mod containerd;
 pub mod fixture;
 pub mod http;

@@ -89,3 +89,68 @@ impl ChunkSource for StoreSource {
         Some((layout, bits))
     }
 }
+
+/// Serves complete blobs from the store and, for blobs still arriving, the
+/// chunks their transfer has stored — each verified on the way in (hashed
+/// from the origin by this node, or checked against the chunk map when a
+/// peer sent it) — so a cold image spreads through the cluster as a
+/// pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeSource {
+    store: StoreSource,
+    transfers: crate::transfer::Transfers,
+}
+
+impl NodeSource {
+    /// Serves `store` and the running `transfers`.
+    pub(crate) fn new(store: Store, transfers: crate::transfer::Transfers) -> Self {
+        NodeSource {
+            store: StoreSource::new(store),
+            transfers,
+        }
+    }
+
+    fn arriving(
+        &self,
+        blob: &Digest,
+    ) -> Option<(ChunkLayout, Bitfield, std::sync::Arc<std::fs::File>)> {
+        let p = self.transfers.progress(blob)?;
+        Some((p.layout?, p.have?, p.file?))
+    }
+}
+
+impl ChunkSource for NodeSource {
+    fn layout(&self, blob: &Digest, chunk_size: u32) -> Result<Option<ChunkLayout>, ChunkError> {
+        if let Some(l) = self.store.layout(blob, chunk_size)? {
+            return Ok(Some(l));
+        }
+        Ok(self
+            .arriving(blob)
+            .map(|(l, _, _)| l)
+            .filter(|l| l.chunk_size() == chunk_size))
+    }
+
+    fn chunk(&self, blob: &Digest, layout: ChunkLayout, index: u32) -> io::Result<Option<Bytes>> {
+        if let Some(b) = self.store.chunk(blob, layout, index)? {
+            return Ok(Some(b));
+        }
+        let Some((l, have, file)) = self.arriving(blob) else {
+            return Ok(None);
+        };
+        if l != layout || !have.get(index) {
+            return Ok(None);
+        }
+        let Some((offset, len)) = layout.range(index) else {
+            return Ok(None);
+        };
+        let mut buf = BytesMut::zeroed(len as usize);
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(Some(buf.freeze()))
+    }
+
+    fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)> {
+        self.store
+            .bitfield(blob)
+            .or_else(|| self.arriving(blob).map(|(l, h, _)| (l, h)))
+    }
+}

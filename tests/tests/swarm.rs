@@ -1,0 +1,100 @@
+//! Several members pull through the swarm: the origin serves about one copy.
+
+use shoal_tests::cluster::Cluster;
+use shoal_tests::fixture::Origin;
+use shoal_tests::{fresh_seed, http, random_blob, ShoaldOpts, MIB};
+
+const PEER_RX: &str = "shoal_peer_bytes_received_total";
+
+/// Node A pulls a blob from the origin; node B then gets it entirely from A:
+/// the origin sends B nothing, and the bytes are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_member_gets_a_blob_from_the_first_not_the_origin() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let size = 12 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin.registry.push_blob("swarm/app", &blob).await.unwrap();
+    let path = format!("/v2/swarm/app/blobs/{digest}");
+
+    let r = http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
+        .await
+        .unwrap();
+    r.expect_complete(&digest, size).unwrap();
+    a.wait_idle().await.unwrap();
+    assert!(a.origin_blob_bytes().await.unwrap() >= size as f64);
+
+    let r = http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
+        .await
+        .unwrap();
+    r.expect_complete(&digest, size).unwrap();
+    assert_eq!(
+        b.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "B fetched blob bytes from the origin"
+    );
+    let from_peers = b.metric(PEER_RX, &[]).await.unwrap();
+    assert!(
+        from_peers >= size as f64,
+        "B received {from_peers} bytes from peers"
+    );
+}
+
+/// Three members pull the same cold blob at the same instant: every one gets
+/// the right bytes, and all together fetched about one copy from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_pulling_a_cold_blob_at_once_cost_the_origin_about_one_copy() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let mut nodes = Vec::new();
+    for n in ["node-1", "node-2", "node-3"] {
+        nodes.push(
+            cluster
+                .member(n, ShoaldOpts::insecure_default(&origin.addr()))
+                .await
+                .unwrap(),
+        );
+    }
+    let size = 48 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/cold", &blob)
+        .await
+        .unwrap();
+    drop(blob);
+    let path = format!("/v2/swarm/cold/blobs/{digest}");
+    let pulls: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let url = format!("{}{path}", n.registry_url());
+            tokio::spawn(async move { http::get_hashed(&http::client(), &url, &[]).await })
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        let r = p.await.unwrap().unwrap();
+        r.expect_complete(&digest, size)
+            .unwrap_or_else(|e| panic!("node {i}: {e:#}"));
+    }
+    let mut origin_total = 0.0;
+    let mut peer_total = 0.0;
+    for n in &nodes {
+        origin_total += n.origin_blob_bytes().await.unwrap();
+        peer_total += n.metric(PEER_RX, &[]).await.unwrap();
+    }
+    let egress = origin.egress() as f64;
+    eprintln!(
+        "origin: {origin_total} bytes by the metric, {egress} at the origin; peers: {peer_total}"
+    );
+    assert!(
+        egress <= 1.10 * size as f64,
+        "the origin sent {egress} bytes for a {size}-byte blob"
+    );
+    assert!(
+        peer_total >= 1.5 * size as f64,
+        "members got only {peer_total} bytes from each other"
+    );
+}

@@ -1,0 +1,192 @@
+//! `shoal-tracker`: the tracker as a service. Serves the v1 API over mutual
+//! TLS on `--listen` to members holding a certificate of the cluster CA in
+//! `--cluster-dir`, and `/metrics`, `/healthz`, `/status` over plain HTTP on
+//! `--ops-listen`. State is in memory. SIGTERM or Ctrl-C stops accepting and
+//! drains open requests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use shoal_tracker::clock::MonotonicClock;
+use shoal_tracker::server::{self, Server, ServerConfig};
+use shoal_tracker::{Tracker, TrackerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Shoal's tracker: who holds which chunks, chunk hashes and origin-fetch
+/// leases, for the members of one cluster.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-tracker", version, about)]
+struct Args {
+    /// HTTPS address for members.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:4902"
+    )]
+    listen: SocketAddr,
+    /// Cluster credentials: ca.crt + ca.key (the tracker issues itself a
+    /// certificate for --name), or ca.crt + node.crt + node.key.
+    #[arg(long, env = "SHOAL_TRACKER_CLUSTER_DIR", value_name = "DIR")]
+    cluster_dir: PathBuf,
+    /// The name in the tracker's certificate: the host (DNS name or IPv4
+    /// address) members dial in --tracker https://NAME:PORT [default: this
+    /// machine's hostname].
+    #[arg(long, env = "SHOAL_TRACKER_NAME", value_name = "NAME")]
+    name: Option<String>,
+    /// Plain-HTTP /metrics, /healthz and /status.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_OPS_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:4903"
+    )]
+    ops_listen: SocketAddr,
+    /// Log format.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text",
+        value_parser = ["text", "json"]
+    )]
+    log_format: String,
+}
+
+/// This machine's host name, lowercased (DNS names are case-insensitive).
+fn hostname() -> anyhow::Result<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .context("cannot read the hostname: give --name")?;
+    Ok(raw.trim().to_ascii_lowercase())
+}
+
+/// A clap error as one line: its first paragraph (without the usage and
+/// tips that follow), lines joined, without the `error: ` prefix.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first: Vec<&str> = rendered
+        .trim_start()
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = first.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("shoal-tracker: {} (see --help)", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let name = match args.name.clone().map_or_else(hostname, Ok) {
+        Ok(n) if shoal_cluster::valid_node_id(&n) => n,
+        Ok(n) => {
+            eprintln!(
+                "shoal-tracker: --name {n:?} must be a DNS name of lowercase labels ([a-z0-9-], dots between, at most 63 characters) or an IPv4 address"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("shoal-tracker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("shoal-tracker")
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(args, name)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("shoal-tracker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --{flag} {addr}"))
+}
+
+async fn run(args: Args, name: String) -> anyhow::Result<()> {
+    let identity = shoal_cluster::Identity::load(&args.cluster_dir, &name)
+        .with_context(|| format!("--cluster-dir {}", args.cluster_dir.display()))?;
+    let tls = Arc::new(server::tls_config(&identity)?);
+    let tracker = Tracker::new(TrackerConfig::default())?;
+    let server = Server::new(
+        Arc::new(Mutex::new(tracker)),
+        Arc::new(MonotonicClock::new()),
+        ServerConfig::default(),
+    );
+    let listener = bind(args.listen, "listen").await?;
+    let ops_listener = bind(args.ops_listen, "ops-listen").await?;
+    let (listen, ops) = (listener.local_addr()?, ops_listener.local_addr()?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api = tokio::spawn({
+        let server = server.clone();
+        let stop = stopped(stop_rx.clone());
+        async move { server.serve(listener, tls, stop).await }
+    });
+    let ops_task = tokio::spawn({
+        let server = server.clone();
+        let stop = stopped(stop_rx.clone());
+        async move { server.serve_ops(ops_listener, stop).await }
+    });
+    tracing::info!(%listen, %ops, %name, cluster_dir = %args.cluster_dir.display(), "shoal-tracker serving");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; draining");
+    let _ = stop_tx.send(true);
+    let _ = api.await;
+    let _ = ops_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,0 +1,709 @@
+//! The tracker's HTTPS server: the v1 API over mutual TLS, plus the plain
+//! HTTP ops endpoint (`/metrics`, `/healthz`, `/status`).
+//!
+//! Routes (JSON bodies of the [`shoal_proto::tracker_api`] types):
+//!
+//! | method and path | body → reply |
+//! | --- | --- |
+//! | `POST /v1/announce` | [`Announce`] → [`AnnounceReply`] |
+//! | `GET /v1/blobs/{digest}[?node=ID]` | → [`LookupReply`] |
+//! | `POST /v1/lease` | [`LeaseRequest`] → [`LeaseGrant`] |
+//! | `POST /v1/hashes` | [`PublishHashes`] → [`PublishReply`] |
+//! | `POST /v1/report` | [`Report`] → [`ReportReply`] |
+//!
+//! [`AnnounceReply`]: shoal_proto::tracker_api::AnnounceReply
+//! [`LookupReply`]: shoal_proto::tracker_api::LookupReply
+//! [`LeaseGrant`]: shoal_proto::tracker_api::LeaseGrant
+//! [`PublishReply`]: shoal_proto::tracker_api::PublishReply
+//! [`ReportReply`]: shoal_proto::tracker_api::ReportReply
+//!
+//! Every successful reply carries the tracker time it was made at in the
+//! [`NOW_HEADER`] header (lease expiries are on that clock). Errors are
+//! `{"error": {"code", "message"}}` ([`ErrorBody`]) with the status of
+//! [`ErrorCode::status`].
+//!
+//! **Membership and identity.** TLS requires a client certificate of the
+//! cluster CA, so outsiders are refused at the handshake. Beyond that, the
+//! `node` a request speaks for must be one of the names (DNS or IP SANs) in
+//! that certificate, compared exactly; otherwise `403 node_mismatch`.
+//! Without this a member could publish hashes as another node, or report a
+//! peer under several names to get it excluded. A lookup's requester is the
+//! certificate's name, or `?node=` (one of its names) when it has several.
+//!
+//! The tracker core sits behind one mutex and is never held across an
+//! `await`; its time comes from a [`Clock`]. A background tick calls
+//! [`Tracker::expire`] to free memory of silent members between requests.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::tracker_api::{
+    Announce, LeaseRequest, NodeId, PublishHashes, Report, TrackerError,
+};
+use shoal_proto::Digest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::client::{ErrorBody, ErrorCode, ErrorDetail, POISONED};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::Tracker;
+
+/// Response header with the tracker time (ms) a reply was made at.
+pub const NOW_HEADER: &str = "shoal-tracker-now-ms";
+
+/// The largest request body accepted by default: 8 MiB, enough for a
+/// publish of [`MAX_PUBLISH_HASHES`] hashes (about 5 MB of JSON).
+///
+/// [`MAX_PUBLISH_HASHES`]: shoal_proto::tracker_api::MAX_PUBLISH_HASHES
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Longest error message sent (serde messages can quote client input).
+const MAX_MESSAGE: usize = 512;
+
+/// Limits and timers of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request body; larger ones get `413 body_too_large`.
+    /// Default [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: usize,
+    /// Connections served at once; further accepts wait. Default 8192.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time allowed to send request headers (slow-loris bound). Default 30 s.
+    pub header_timeout: Duration,
+    /// Time allowed to send a request body. Default 30 s.
+    pub body_timeout: Duration,
+    /// How long shutdown waits for in-flight requests. Default 10 s.
+    pub drain_timeout: Duration,
+    /// How often expired members and leases are dropped between requests.
+    /// Default 1 s.
+    pub expire_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: 8192,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            expire_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The tracker's TLS: the cluster identity's server config (TLS 1.3, client
+/// certificates of the cluster CA required) with ALPN `h2` and `http/1.1`.
+pub fn tls_config(identity: &shoal_cluster::Identity) -> anyhow::Result<rustls::ServerConfig> {
+    let mut tls = identity.server_tls()?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// A tracker server: the shared core, its clock, metrics and limits. Cheap
+/// to clone; clones serve the same tracker.
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tracker: Arc<Mutex<Tracker>>,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+    cfg: ServerConfig,
+    started: Instant,
+}
+
+impl Server {
+    /// A server for `tracker`, reading time from `clock`.
+    pub fn new(tracker: Arc<Mutex<Tracker>>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Self {
+        Server {
+            inner: Arc::new(Inner {
+                tracker,
+                clock,
+                metrics: Metrics::new(),
+                cfg,
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Serves the API over TLS on `listener` until `shutdown` resolves, then
+    /// stops accepting and drains open connections for at most the drain
+    /// timeout. Also runs the expiry tick meanwhile.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let acceptor = TlsAcceptor::from(tls);
+        let builder = http_builder(&self.inner.cfg);
+        let inner = self.inner.clone();
+        let accept = accept_loop(
+            listener,
+            &self.inner.cfg,
+            shutdown,
+            move |stream, addr, watcher| {
+                serve_tls_conn(
+                    inner.clone(),
+                    acceptor.clone(),
+                    builder.clone(),
+                    stream,
+                    addr,
+                    watcher,
+                )
+            },
+        );
+        tokio::select! {
+            () = accept => {}
+            () = self.expiry() => {}
+        }
+    }
+
+    /// Serves the plain-HTTP ops endpoint on `listener` until `shutdown`:
+    /// `/metrics` (OpenMetrics), `/healthz` (503 once the tracker state is
+    /// unusable) and `/status` (JSON counts and config). Read-only.
+    pub async fn serve_ops(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let cfg = ServerConfig {
+            max_connections: 64,
+            drain_timeout: Duration::from_secs(1),
+            ..self.inner.cfg.clone()
+        };
+        let builder = http_builder(&cfg);
+        let inner = self.inner.clone();
+        accept_loop(listener, &cfg, shutdown, move |stream, _addr, watcher| {
+            let inner = inner.clone();
+            let builder = builder.clone();
+            async move {
+                let svc = service_fn(move |req| {
+                    let inner = inner.clone();
+                    async move { Ok::<_, Infallible>(inner.ops(&req)) }
+                });
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            }
+        })
+        .await;
+    }
+
+    /// Drops expired members and leases every `expire_interval`; never ends.
+    async fn expiry(&self) {
+        let mut tick = tokio::time::interval(self.inner.cfg.expire_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(mut t) = self.inner.tracker.lock() {
+                t.expire(self.inner.clock.now_ms());
+            }
+        }
+    }
+}
+
+fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Accepts connections until `shutdown`, at most `max_connections` at once,
+/// each handled by `on_conn` in its own task; then stops accepting and waits
+/// for watched connections to finish, at most `drain_timeout`.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+    on_conn: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = on_conn(stream, addr, graceful.watcher());
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(cfg.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?cfg.drain_timeout, "connections still open after the drain timeout; closing them");
+    }
+}
+
+async fn serve_tls_conn(
+    inner: Arc<Inner>,
+    acceptor: TlsAcceptor,
+    builder: auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    watcher: Watcher,
+) {
+    let tls = match tokio::time::timeout(inner.cfg.handshake_timeout, acceptor.accept(stream)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            inner.metrics.handshake_failures.inc();
+            tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            inner.metrics.handshake_failures.inc();
+            tracing::info!(peer = %addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let names = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| cert_names(leaf))
+        .unwrap_or_default();
+    tracing::debug!(peer = %addr, ?names, "member connected");
+    let peer = Arc::new(Peer { addr, names });
+    inner.metrics.connections.inc();
+    let svc = {
+        let inner = inner.clone();
+        service_fn(move |req| {
+            let (inner, peer) = (inner.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(inner.handle(&peer, req).await) }
+        })
+    };
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+        .into_owned();
+    let _ = watcher.watch(conn).await;
+    inner.metrics.connections.dec();
+}
+
+/// The most names taken from one certificate.
+const MAX_CERT_NAMES: usize = 16;
+
+/// The DNS and IP subject alternative names of a DER certificate (the
+/// identities it vouches for). Empty if it has none or does not parse.
+pub fn cert_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(s) => Some((*s).to_owned()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .take(MAX_CERT_NAMES)
+        .collect()
+}
+
+/// The authenticated client of one connection.
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    /// The names in its certificate.
+    names: Vec<String>,
+}
+
+impl Peer {
+    /// Checks that the connection's certificate names `node`.
+    fn check(&self, node: &NodeId) -> Result<(), Failure> {
+        if self.names.iter().any(|n| n == node.as_str()) {
+            return Ok(());
+        }
+        Err(Failure::new(
+            ErrorCode::NodeMismatch,
+            format!(
+                "the request speaks for node {node:?} but the client certificate names {:?}",
+                self.names
+            ),
+        ))
+    }
+
+    /// The node a lookup is for when the request does not say.
+    fn default_node(&self) -> Result<NodeId, Failure> {
+        match self.names.as_slice() {
+            [one] => one.parse().map_err(|e: TrackerError| {
+                Failure::new(
+                    ErrorCode::NodeMismatch,
+                    format!("the client certificate's name is not a node id: {e}"),
+                )
+            }),
+            [] => Err(Failure::new(
+                ErrorCode::NodeMismatch,
+                "the client certificate names no node (no DNS or IP subject alternative name)",
+            )),
+            many => Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the client certificate names several nodes {many:?}: say which with ?node="
+                ),
+            )),
+        }
+    }
+}
+
+/// An error response.
+#[derive(Debug)]
+struct Failure {
+    code: ErrorCode,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        if message.len() > MAX_MESSAGE {
+            let mut cut = MAX_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        Failure {
+            code,
+            message,
+            allow: None,
+        }
+    }
+
+    fn method(allow: &'static str, method: &Method, path: &str) -> Self {
+        let mut f = Failure::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not allowed on {path}: use {allow}"),
+        );
+        f.allow = Some(allow);
+        f
+    }
+
+    fn response(&self) -> Response<Full<Bytes>> {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.as_str().to_owned(),
+                message: self.message.clone(),
+            },
+        };
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = json_response(status, &body);
+        if let Some(allow) = self.allow {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
+impl From<TrackerError> for Failure {
+    fn from(e: TrackerError) -> Self {
+        Failure::new(ErrorCode::from(&e), e.to_string())
+    }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    // The API types serialize infallibly (no maps with non-string keys).
+    let bytes = serde_json::to_vec(body).expect("API types serialize");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("valid response")
+}
+
+fn text_response(status: StatusCode, ct: &'static str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, ct)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+impl Inner {
+    async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let (route, result) = self.dispatch(peer, req).await;
+        let resp = result.unwrap_or_else(|f| {
+            tracing::debug!(peer = %peer.addr, route, code = %f.code, message = %f.message, "request refused");
+            f.response()
+        });
+        self.metrics
+            .observe(route, resp.status().as_u16(), started.elapsed());
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        peer: &Peer,
+        req: Request<Incoming>,
+    ) -> (&'static str, Result<Response<Full<Bytes>>, Failure>) {
+        let path = req.uri().path().to_owned();
+        match path.as_str() {
+            "/v1/announce" => (
+                "announce",
+                self.post(peer, req, Announce::node, |t, now, a| t.announce(now, a))
+                    .await,
+            ),
+            "/v1/lease" => (
+                "lease",
+                self.post(peer, req, LeaseRequest::node, |t, now, r| t.lease(now, r))
+                    .await,
+            ),
+            "/v1/hashes" => (
+                "hashes",
+                self.post(peer, req, PublishHashes::node, |t, now, p| {
+                    t.publish_hashes(now, p)
+                })
+                .await,
+            ),
+            "/v1/report" => (
+                "report",
+                self.post(peer, req, Report::node, |t, now, r| t.report(now, r))
+                    .await,
+            ),
+            p => match p.strip_prefix("/v1/blobs/") {
+                Some(digest) => ("lookup", self.lookup(peer, &req, digest)),
+                None => (
+                    "other",
+                    Err(Failure::new(
+                        ErrorCode::NotFound,
+                        format!("no such endpoint: {path}"),
+                    )),
+                ),
+            },
+        }
+    }
+
+    /// Runs `op` on the core at the current tracker time.
+    fn call<T>(
+        &self,
+        op: impl FnOnce(&mut Tracker, u64) -> Result<T, TrackerError>,
+    ) -> Result<(T, u64), Failure> {
+        let mut t = self
+            .tracker
+            .lock()
+            .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
+        let now = self.clock.now_ms();
+        Ok((op(&mut t, now)?, now))
+    }
+
+    fn reply<T: Serialize>(value: &T, now: u64) -> Response<Full<Bytes>> {
+        let mut resp = json_response(StatusCode::OK, value);
+        resp.headers_mut()
+            .insert(NOW_HEADER, HeaderValue::from(now));
+        resp
+    }
+
+    /// A JSON POST: reads and validates the body, checks that the
+    /// certificate names the request's node, and applies `op`.
+    async fn post<Q, R>(
+        &self,
+        peer: &Peer,
+        req: Request<Incoming>,
+        node_of: fn(&Q) -> &NodeId,
+        op: impl FnOnce(&mut Tracker, u64, Q) -> Result<R, TrackerError>,
+    ) -> Result<Response<Full<Bytes>>, Failure>
+    where
+        Q: DeserializeOwned,
+        R: Serialize,
+    {
+        if req.method() != Method::POST {
+            return Err(Failure::method("POST", req.method(), req.uri().path()));
+        }
+        let body = self.read_body(req).await?;
+        let q: Q = serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
+        })?;
+        peer.check(node_of(&q))?;
+        let (reply, now) = self.call(|t, now| op(t, now, q))?;
+        Ok(Self::reply(&reply, now))
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Failure> {
+        let limit = self.cfg.max_body_bytes;
+        let too_large = |declared: Option<u64>| {
+            let size = declared.map_or(String::new(), |n| format!(" of {n} bytes"));
+            Failure::new(
+                ErrorCode::BodyTooLarge,
+                format!("request body{size} exceeds the limit of {limit} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = declared.filter(|&l| l > limit as u64) {
+            return Err(too_large(Some(len)));
+        }
+        let read = Limited::new(req.into_body(), limit).collect();
+        match tokio::time::timeout(self.cfg.body_timeout, read).await {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(None)),
+            Ok(Err(e)) => Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("reading the request body: {e}"),
+            )),
+            Err(_) => Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body did not arrive within {:?}",
+                    self.cfg.body_timeout
+                ),
+            )),
+        }
+    }
+
+    fn lookup(
+        &self,
+        peer: &Peer,
+        req: &Request<Incoming>,
+        digest: &str,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        if req.method() != Method::GET {
+            return Err(Failure::method("GET", req.method(), req.uri().path()));
+        }
+        let blob: Digest = digest.parse().map_err(|e| {
+            Failure::new(
+                ErrorCode::BadRequest,
+                format!("invalid digest in the path: {e}"),
+            )
+        })?;
+        let asked = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("node="));
+        let node = match asked {
+            Some(n) => n.parse::<NodeId>()?,
+            None => peer.default_node()?,
+        };
+        peer.check(&node)?;
+        let (reply, now) = self.call(|t, now| t.lookup(now, &node, &blob))?;
+        Ok(Self::reply(&reply, now))
+    }
+
+    fn ops(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "read-only endpoint\n".into(),
+            );
+        }
+        let state = self
+            .tracker
+            .lock()
+            .ok()
+            .map(|t| (t.stats(), t.config().clone()));
+        match req.uri().path() {
+            "/metrics" => {
+                if let Some((stats, _)) = &state {
+                    self.metrics.sample(stats);
+                }
+                text_response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
+            "/healthz" => match state {
+                Some(_) => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
+                None => text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{POISONED}\n"),
+                ),
+            },
+            "/status" => match state {
+                Some((stats, config)) => json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "uptime_s": self.started.elapsed().as_secs(),
+                        "now_ms": self.clock.now_ms(),
+                        "stats": stats,
+                        "config": config,
+                    }),
+                ),
+                None => text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{POISONED}\n"),
+                ),
+            },
+            _ => text_response(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics, /healthz or /status\n".into(),
+            ),
+        }
+    }
+}
