@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Shoal's main job, end to end and offline: a local docker-registry as the
-# origin, shoald as the node's mirror, and real containerd pulling an image
-# through it twice (the second time with an empty content store). Prints
-# what came from where. Installs what it needs (Debian); run as root.
+# origin, a two-node Shoal cluster on loopback (a cluster CA from
+# `shoald cluster-init`, a `shoal-tracker`, and one `shoald` per node), and a
+# real containerd on each node pulling an image through its node's shoald.
+# Node 1 pulls cold (its chunks come from the origin); node 2 pulls the same
+# image and gets it from node 1 over QUIC. Prints what came from where.
+# Installs what it needs (Debian); run as root.
 #
 #   bash scripts/demo.sh            # 3 layers of 16 MiB
 #   LAYERS=5 LAYER_MIB=64 bash scripts/demo.sh
@@ -23,9 +26,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ "$(id -u)" -eq 0 ] || { echo "containerd needs root: run as root (or with sudo)" >&2; exit 1; }
 
-echo "==> building shoald (release)"
-cargo build --release -q -p shoal-daemon
+echo "==> building shoald and shoal-tracker (release)"
+cargo build --release -q -p shoal-daemon -p shoal-tracker
 SHOALD=$PWD/target/release/shoald
+TRACKER=$PWD/target/release/shoal-tracker
 
 work=$(mktemp -d /tmp/shoal-demo.XXXXXX)
 pids=()
@@ -41,12 +45,12 @@ wait_http() { # URL what
   for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "$2 did not come up; logs in $work" >&2; exit 1
 }
-metric() { # NAME[{labels}]
-  curl -fs "http://$OPS/metrics" | awk -v m="$1" '$1==m {print $2}' | head -n1
+metric() { # OPS NAME[{labels}]
+  curl -fs "http://$1/metrics" | awk -v m="$2" '$1==m {print $2}' | head -n1
 }
 
-RPORT=$(port); SPORT=$(port); OPORT=$(port)
-ORIGIN=127.0.0.1:$RPORT; MIRROR=127.0.0.1:$SPORT; OPS=127.0.0.1:$OPORT
+RPORT=$(port)
+ORIGIN=127.0.0.1:$RPORT
 
 echo "==> origin: docker-registry on $ORIGIN"
 mkdir -p "$work/registry"
@@ -67,22 +71,35 @@ echo "==> generating an image ($LAYERS layers x $LAYER_MIB MiB, incompressible) 
 python3 scripts/make-image.py "$work/image" demo "$LAYERS" "$LAYER_MIB" >/dev/null
 skopeo copy -q --dest-tls-verify=false "oci:$work/image:demo" "docker://$ORIGIN/demo/app:1.0"
 
-echo "==> shoald on $MIRROR (metrics on $OPS)"
-"$SHOALD" run --data-dir "$work/shoal" --registry-listen "$MIRROR" --ops-listen "$OPS" \
-  --insecure-upstream "$ORIGIN" --default-upstream "$ORIGIN" >"$work/shoald.log" 2>&1 & pids+=($!)
-wait_http "http://$OPS/healthz" shoald
+echo "==> cluster: a CA (shoald cluster-init) and shoal-tracker"
+"$SHOALD" cluster-init "$work/cluster" >/dev/null
+TPORT=$(port); TOPS=$(port)
+"$TRACKER" --listen "127.0.0.1:$TPORT" --cluster-dir "$work/cluster" --name 127.0.0.1 \
+  --ops-listen "127.0.0.1:$TOPS" >"$work/tracker.log" 2>&1 & pids+=($!)
+wait_http "http://127.0.0.1:$TOPS/healthz" shoal-tracker
 
-# containerd reads <hosts-dir>/<registry>/hosts.toml: shoald first, the origin as fallback.
-mkdir -p "$work/certs.d/$ORIGIN"
-cat > "$work/certs.d/$ORIGIN/hosts.toml" <<TOML
+declare -A MIRROR OPS
+for n in 1 2; do
+  MIRROR[$n]=127.0.0.1:$(port); OPS[$n]=127.0.0.1:$(port)
+  echo "==> node $n: shoald on ${MIRROR[$n]} (metrics on ${OPS[$n]})"
+  "$SHOALD" run --data-dir "$work/node$n/shoal" --registry-listen "${MIRROR[$n]}" --ops-listen "${OPS[$n]}" \
+    --insecure-upstream "$ORIGIN" --default-upstream "$ORIGIN" \
+    --cluster-dir "$work/cluster" --node-id "node-$n" --peer-listen "127.0.0.1:$(port)" \
+    --tracker "https://127.0.0.1:$TPORT" >"$work/shoald-$n.log" 2>&1 & pids+=($!)
+  wait_http "http://${OPS[$n]}/healthz" "shoald on node $n"
+  # containerd reads <hosts-dir>/<registry>/hosts.toml: the node's shoald
+  # first, the origin as fallback.
+  mkdir -p "$work/node$n/certs.d/$ORIGIN"
+  cat > "$work/node$n/certs.d/$ORIGIN/hosts.toml" <<TOML
 server = "http://$ORIGIN"
 
-[host."http://$MIRROR"]
+[host."http://${MIRROR[$n]}"]
   capabilities = ["pull", "resolve"]
 TOML
+done
 
 start_containerd() { # NAME
-  local d=$work/$1
+  local d=$work/$1/containerd
   mkdir -p "$d"
   cat > "$d/config.toml" <<TOML
 version = 2
@@ -109,7 +126,7 @@ TOML
 pull() { # NAME
   local t0 t1
   t0=$(date +%s.%N)
-  ctr --address "$work/$1/c.sock" -n demo images pull --hosts-dir "$work/certs.d" \
+  ctr --address "$work/$1/containerd/c.sock" -n demo images pull --hosts-dir "$work/$1/certs.d" \
     --snapshotter native "$ORIGIN/demo/app:1.0" >"$work/$1/pull.log" 2>&1 \
     || { cat "$work/$1/pull.log" >&2; exit 1; }
   t1=$(date +%s.%N)
@@ -117,24 +134,28 @@ pull() { # NAME
 }
 
 image_mib=$((LAYERS * LAYER_MIB))
-echo "==> pull 1: containerd #1 pulls $ORIGIN/demo/app:1.0 through shoald (cold)"
+echo "==> node 1: containerd pulls $ORIGIN/demo/app:1.0 through its shoald (cold)"
 start_containerd node1
 s1=$(pull node1)
-o1=$(metric 'shoal_origin_bytes_total{kind="blob"}'); c1=$(metric shoal_client_bytes_served_total)
-echo "==> pull 2: containerd #2, empty content store, pulls the same image"
+echo "==> node 2: containerd pulls the same image through its own shoald"
 start_containerd node2
 s2=$(pull node2)
-o2=$(metric 'shoal_origin_bytes_total{kind="blob"}'); c2=$(metric shoal_client_bytes_served_total)
 
 mib() { python3 -c "print(f'{float(\"${1:-0}\")/1048576:.1f}')"; }
-printf '\n%-32s %12s %12s %10s\n' "" "from origin" "to client" "seconds"
-printf '%-32s %10s MiB %8s MiB %10s\n' "pull 1 (cold, through shoald)" "$(mib "$o1")" "$(mib "$c1")" "$s1"
-printf '%-32s %10s MiB %8s MiB %10s\n' "pull 2 (cached in shoald)" "$(mib "$(python3 -c "print(${o2:-0}-${o1:-0})")")" \
-  "$(mib "$(python3 -c "print(${c2:-0}-${c1:-0})")")" "$s2"
+printf '\n%-34s %14s %14s %14s %8s\n' "" "from origin" "from peers" "to containerd" "seconds"
+for n in 1 2; do
+  o=$(metric "${OPS[$n]}" 'shoal_origin_bytes_total{kind="blob"}')
+  p=$(metric "${OPS[$n]}" shoal_peer_bytes_received_total)
+  c=$(metric "${OPS[$n]}" shoal_client_bytes_served_total)
+  secs=$([ "$n" = 1 ] && echo "$s1" || echo "$s2")
+  printf '%-34s %10s MiB %10s MiB %10s MiB %8s\n' "node $n ($([ "$n" = 1 ] && echo cold || echo 'after node 1'))" \
+    "$(mib "$o")" "$(mib "$p")" "$(mib "$c")" "$secs"
+done
 echo
-echo "image: $image_mib MiB of layers; both containerds unpacked it (ctr -n demo images ls):"
-ctr --address "$work/node2/c.sock" -n demo images ls -q
-if [ "${o2:-0}" != "${o1:-0}" ]; then
-  echo "unexpected: the second pull fetched from the origin again" >&2; exit 1
+echo "image: $image_mib MiB of layers; node 2's containerd has it (ctr -n demo images ls):"
+ctr --address "$work/node2/containerd/c.sock" -n demo images ls -q
+o2=$(metric "${OPS[2]}" 'shoal_origin_bytes_total{kind="blob"}')
+if [ "${o2:-0}" != "0" ]; then
+  echo "unexpected: node 2 fetched blob bytes from the origin" >&2; exit 1
 fi
-echo "OK: the second pull cost the origin 0 blob bytes."
+echo "OK: node 2 got every layer from node 1 (verified chunk by chunk); the origin sent it 0 blob bytes."

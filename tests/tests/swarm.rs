@@ -98,3 +98,49 @@ async fn members_pulling_a_cold_blob_at_once_cost_the_origin_about_one_copy() {
         "members got only {peer_total} bytes from each other"
     );
 }
+
+/// containerd on node B pulls an image that node A already pulled: every
+/// layer comes from A over QUIC, the origin serves B no blob bytes, and the
+/// unpacked files are the image's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_on_a_second_node_pulls_layers_from_the_first() {
+    use shoal_tests::containerd::{dead_server_url, HostsDir};
+    use shoal_tests::{skopeo, Containerd, TestImage};
+
+    let origin = Origin::start().await.unwrap();
+    let image = TestImage::generate(&[3 * MIB, MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&image, &origin.registry, "team/app")
+        .await
+        .unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let image_ref = format!("{}/team/app:{}", origin.addr(), image.tag);
+    let layer_bytes: u64 = image.all_layers().iter().map(|l| l.size).sum();
+
+    let dead = dead_server_url().unwrap();
+    let hosts_a = HostsDir::mirror(&origin.addr(), &a.registry_addr(), &dead).unwrap();
+    Containerd::start()
+        .await
+        .unwrap()
+        .pull(&image_ref, hosts_a.path(), true)
+        .await
+        .unwrap();
+    a.wait_idle().await.unwrap();
+
+    let hosts_b = HostsDir::mirror(&origin.addr(), &b.registry_addr(), &dead).unwrap();
+    let on_b = Containerd::start().await.unwrap();
+    on_b.pull(&image_ref, hosts_b.path(), true).await.unwrap();
+    assert_eq!(on_b.unpacked_files().unwrap(), image.expected_files(None));
+    assert_eq!(
+        b.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "B fetched blob bytes from the origin"
+    );
+    let from_peers = b.metric(PEER_RX, &[]).await.unwrap();
+    assert!(
+        from_peers >= layer_bytes as f64,
+        "B got {from_peers} bytes from peers for {layer_bytes} layer bytes"
+    );
+}
