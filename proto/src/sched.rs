@@ -26,6 +26,8 @@
 //!   peer that sent bytes failing verification is excluded for this blob.
 //! * **Endgame**: when every missing chunk is already in flight and few are
 //!   left, they are also asked of a second peer; the loser is cancelled.
+//! * **Never stuck on a lease**: with no chunk arriving for
+//!   `orphan_after_ms`, chunks no peer can serve go to the origin anyway.
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
 //!   ([`Action::Lease`]); leased chunks are fetched from the origin in
 //!   contiguous runs (one Range request each, at most `origin_run` chunks),
@@ -66,6 +68,10 @@ pub struct SchedConfig {
     /// Origin failures (after the origin client's own retries) before the
     /// download gives up.
     pub max_origin_failures: u32,
+    /// With no chunk arriving for this long, chunks no peer can serve go to
+    /// the origin without a lease: a lease the tracker keeps refusing (its
+    /// holder excluded here, say) must not stall the download.
+    pub orphan_after_ms: u64,
 }
 
 impl Default for SchedConfig {
@@ -83,6 +89,7 @@ impl Default for SchedConfig {
             lease_batch: 16,
             lookup_interval_ms: 500,
             max_origin_failures: 3,
+            orphan_after_ms: 5_000,
         }
     }
 }
@@ -226,6 +233,10 @@ pub struct Scheduler<P> {
     last_lookup: Option<u64>,
     want: u32,
     tracker_down: bool,
+    /// When a chunk last arrived (or the download started).
+    last_progress: u64,
+    /// The latest time seen in `handle` or `poll`.
+    now: u64,
     queue: VecDeque<Action<P>>,
     finished: bool,
 }
@@ -260,6 +271,8 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             last_lookup: None,
             want: 0,
             tracker_down: false,
+            last_progress: 0,
+            now: 0,
             queue: VecDeque::new(),
             finished: false,
         }
@@ -282,6 +295,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
 
     /// Feeds an event.
     pub fn handle(&mut self, now: u64, event: Event<P>) {
+        self.now = self.now.max(now);
         match event {
             Event::PeerHas { peer, have } => {
                 if have.len() != self.layout.count() {
@@ -363,6 +377,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.release(&source, chunk);
         match (&source, outcome) {
             (_, Outcome::Verified) => {
+                self.last_progress = self.last_progress.max(self.now);
                 let _ = self.have.set(chunk);
                 let _ = self.leased.clear(chunk);
                 // Duplicates of an endgame request are no longer needed.
@@ -529,6 +544,13 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // When waiting chunks may go to the origin without a lease.
+        let orphans = (waiting && self.first_orphan().is_some())
+            .then_some(self.last_progress + self.cfg.orphan_after_ms);
+        let lookup = match (lookup, orphans) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (stall, lookup) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -537,6 +559,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
 
     /// The next thing to do now, if any. Call until `None`.
     pub fn poll(&mut self, now: u64) -> Option<Action<P>> {
+        self.now = self.now.max(now);
         if let Some(a) = self.queue.pop_front() {
             return Some(a);
         }
@@ -698,8 +721,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// Whether the origin may serve chunk `c` now: leased to this node, or
     /// (tracker down) held by no known peer.
     fn origin_ok(&self, c: u32) -> bool {
+        let stuck = self.now >= self.last_progress + self.cfg.orphan_after_ms;
         self.idle_missing(c)
-            && (self.leased.get(c) || (self.tracker_down && !self.peer_servable(c)))
+            && (self.leased.get(c) || ((self.tracker_down || stuck) && !self.peer_servable(c)))
     }
 
     fn next_origin_fetch(&mut self, now: u64) -> Option<Action<P>> {
@@ -1121,6 +1145,48 @@ mod tests {
             ]
         );
         assert_eq!(s.origin_failures, 1);
+    }
+
+    #[test]
+    fn chunks_whose_only_holder_is_excluded_go_to_the_origin_after_a_while() {
+        let mut s = sched(2);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1])]);
+        let (source, outcome) = (Source::Peer(1), Outcome::Bad);
+        s.handle(
+            10,
+            Event::Chunk {
+                source,
+                chunk: 0,
+                outcome,
+            },
+        );
+        // Peer 1 is out; the tracker will not lease what it still "serves".
+        let acts = drain(&mut s, 10);
+        assert!(
+            acts.contains(&Action::Lease { from: 0, max: 16 }),
+            "{acts:?}"
+        );
+        s.handle(11, Event::LeaseGranted(vec![]));
+        assert!(drain(&mut s, 11)
+            .iter()
+            .all(|a| !matches!(a, Action::FetchOrigin { .. })));
+        assert_eq!(s.next_deadline(), Some(500));
+        let _ = drain(&mut s, 500);
+        s.handle(501, Event::LookedUp);
+        // No chunk for orphan_after_ms: the origin it is.
+        assert!(s.next_deadline().unwrap() <= 5_000);
+        let acts = drain(&mut s, 5_000);
+        assert!(
+            acts.contains(&Action::FetchOrigin { chunks: vec![0, 1] }),
+            "{acts:?}"
+        );
     }
 
     #[test]

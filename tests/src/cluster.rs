@@ -88,6 +88,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Kills the tracker (members find it unreachable).
+    pub fn stop_tracker(&mut self) {
+        util::kill_child(&mut self.tracker);
+    }
+
     /// The tracker's log so far.
     pub fn tracker_log(&self) -> String {
         util::tail_file(&self.dir.path().join("tracker.log"), 32 * 1024)

@@ -144,3 +144,69 @@ async fn containerd_on_a_second_node_pulls_layers_from_the_first() {
         "B got {from_peers} bytes from peers for {layer_bytes} layer bytes"
     );
 }
+
+/// A member whose stored blob was corrupted on disk serves bad chunks: the
+/// puller rejects them (`shoal_chunks_rejected_total{source="peer"}`), stops
+/// asking that member, and still ends with the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_from_a_member_with_corrupted_storage_are_rejected_and_the_pull_completes() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let size = 6 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin.registry.push_blob("swarm/bad", &blob).await.unwrap();
+    let path = format!("/v2/swarm/bad/blobs/{digest}");
+    let r = http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
+        .await
+        .unwrap();
+    r.expect_complete(&digest, size).unwrap();
+    a.wait_idle().await.unwrap();
+
+    // Flip bytes in every chunk of A's stored copy (same length).
+    let hex = digest.trim_start_matches("sha256:");
+    let file = a.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex);
+    let mut data = std::fs::read(&file).unwrap();
+    for i in (0..data.len()).step_by(MIB / 2) {
+        data[i] ^= 0xff;
+    }
+    std::fs::write(&file, &data).unwrap();
+
+    let r = http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
+        .await
+        .unwrap();
+    r.expect_complete(&digest, size).unwrap();
+    let rejected = b
+        .metric("shoal_chunks_rejected_total", &[("source", "peer")])
+        .await
+        .unwrap();
+    assert!(
+        rejected >= 1.0,
+        "B rejected no chunk from the corrupted member"
+    );
+}
+
+/// With the tracker gone, members still pull (from the origin), never hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_tracker_down_pulls_complete_from_the_origin() {
+    let origin = Origin::start().await.unwrap();
+    let mut cluster = Cluster::start().await.unwrap();
+    let a = cluster
+        .member("node-a", ShoaldOpts::insecure_default(&origin.addr()))
+        .await
+        .unwrap();
+    cluster.stop_tracker();
+    let size = 4 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/down", &blob)
+        .await
+        .unwrap();
+    let url = format!("{}/v2/swarm/down/blobs/{digest}", a.registry_url());
+    let r = http::get_hashed(&http::client(), &url, &[]).await.unwrap();
+    r.expect_complete(&digest, size).unwrap();
+    assert!(a.origin_blob_bytes().await.unwrap() >= size as f64);
+}
