@@ -283,6 +283,7 @@ impl Transfers {
                             layout,
                             file: file.clone(),
                             events: ev_tx.clone(),
+                            hash_chunks: net.is_some(),
                         };
                         let handle = tokio::spawn(run.fetch(chunks.clone()));
                         for c in chunks {
@@ -817,6 +818,8 @@ struct OriginRun {
     layout: ChunkLayout,
     file: Arc<File>,
     events: mpsc::UnboundedSender<Ev>,
+    /// Hash each chunk (to publish it): only in a cluster.
+    hash_chunks: bool,
 }
 
 impl OriginRun {
@@ -881,22 +884,26 @@ impl OriginRun {
                 self.file
                     .write_all_at(part, lo)
                     .map_err(|e| (Some(chunk), format!("local store: {e}")))?;
-                // Hash chunk by chunk; report each as it completes.
+                // Report each chunk as it completes (with its hash, in a cluster).
                 while lo < hi && current < chunks.len() {
                     let (off, len) = self.layout.range(chunks[current]).expect("chunk in layout");
                     let chunk_end = off + u64::from(len);
                     let take = hi.min(chunk_end);
-                    hasher.update(
-                        &part[(lo - start.max(pos)) as usize..(take - start.max(pos)) as usize],
-                    );
+                    if self.hash_chunks {
+                        hasher.update(
+                            &part[(lo - start.max(pos)) as usize..(take - start.max(pos)) as usize],
+                        );
+                    }
                     lo = take;
                     if lo == chunk_end {
-                        let hash: [u8; 32] = std::mem::replace(&mut hasher, Sha256::new())
-                            .finalize()
-                            .into();
+                        let hash = self.hash_chunks.then(|| {
+                            std::mem::replace(&mut hasher, Sha256::new())
+                                .finalize()
+                                .into()
+                        });
                         let _ = self.events.send(Ev::Stored {
                             chunk: chunks[current],
-                            hash: Some(hash),
+                            hash,
                         });
                         current += 1;
                     }
