@@ -42,7 +42,8 @@ async fn main() -> Result<()> {
     let mut pulls = Vec::new();
     for _ in 0..nodes {
         for d in &digests {
-            let url = format!("{}/v2/bench/app/blobs/{d}", origin.registry.url());
+            // Through the counting proxy, like the members' pulls.
+            let url = format!("http://{}/v2/bench/app/blobs/{d}", origin.addr());
             let d = d.clone();
             pulls.push(tokio::spawn(async move {
                 http::get_hashed(&http::client(), &url, &[])
