@@ -328,6 +328,21 @@ impl Shoald {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the daemon.
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let c = self.child.as_ref().context("shoald is not running")?;
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(c.id().to_string())
+            .status()
+            .context("running kill")?
+            .success();
+        if !ok {
+            bail!("kill -{sig} failed");
+        }
+        Ok(())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -210,3 +210,53 @@ async fn with_the_tracker_down_pulls_complete_from_the_origin() {
     r.expect_complete(&digest, size).unwrap();
     assert!(a.origin_blob_bytes().await.unwrap() >= size as f64);
 }
+
+/// The only member holding a blob is frozen (`SIGSTOP`) or killed
+/// (`kill -9`): a puller's requests to it stall, move away within the stall
+/// bound, and the pull completes from the origin with the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_or_killed_holder_does_not_stall_a_pull() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let mut a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let c = cluster.member("node-c", opts()).await.unwrap();
+    let size = 4 * MIB as u64;
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let (blob, digest) = random_blob(size as usize, fresh_seed());
+        origin
+            .registry
+            .push_blob("swarm/stuck", &blob)
+            .await
+            .unwrap();
+        let url = format!("{}/v2/swarm/stuck/blobs/{digest}", a.registry_url());
+        http::get_hashed(&http::client(), &url, &[])
+            .await
+            .unwrap()
+            .expect_complete(&digest, size)
+            .unwrap();
+        digests.push(digest);
+    }
+    a.wait_idle().await.unwrap();
+
+    a.signal("STOP").unwrap();
+    let t = std::time::Instant::now();
+    let url = format!("{}/v2/swarm/stuck/blobs/{}", b.registry_url(), digests[0]);
+    let r = http::get_hashed(&http::client(), &url, &[]).await.unwrap();
+    r.expect_complete(&digests[0], size).unwrap();
+    let frozen = t.elapsed();
+
+    a.kill9();
+    let t = std::time::Instant::now();
+    let url = format!("{}/v2/swarm/stuck/blobs/{}", c.registry_url(), digests[1]);
+    let r = http::get_hashed(&http::client(), &url, &[]).await.unwrap();
+    r.expect_complete(&digests[1], size).unwrap();
+    let killed = t.elapsed();
+    eprintln!("frozen holder: {frozen:?}; killed holder: {killed:?}");
+    assert!(
+        frozen.as_secs() < 40 && killed.as_secs() < 40,
+        "{frozen:?} / {killed:?}"
+    );
+}
