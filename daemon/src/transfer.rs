@@ -331,9 +331,15 @@ impl Transfers {
             if let Some(net) = &mut net {
                 net.flush(&have, now());
             }
-            let deadline = sched
-                .next_deadline()
-                .map(|t| clock + Duration::from_millis(t));
+            let probe = net.as_mut().and_then(|n| {
+                n.probe(now());
+                n.next_probe()
+            });
+            let deadline = match (sched.next_deadline(), probe) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(|t| clock + Duration::from_millis(t));
             let event = tokio::select! {
                 ev = ev_rx.recv() => ev,
                 () = async {
@@ -408,8 +414,9 @@ impl Transfers {
                     let grant = match r {
                         Ok(lease) => lease.grant.chunks,
                         Err(e) if e.is_down() => {
-                            tracing::warn!(digest = %digest, error = %e, "tracker unreachable: the origin serves what no known peer has");
-                            sched.handle(now(), Event::TrackerDown(true));
+                            if let Some(net) = &mut net {
+                                net.went_down(&e, &mut sched, now());
+                            }
                             Vec::new()
                         }
                         Err(_) => Vec::new(),
@@ -545,7 +552,13 @@ struct Net {
     dirty: bool,
     last_announce: u64,
     in_flight: u32,
+    /// Since when the tracker has not answered, if it is down.
+    down_since: Option<u64>,
+    last_probe: u64,
 }
+
+/// How often a transfer probes a tracker that was down.
+const TRACKER_PROBE_MS: u64 = 2_000;
 
 /// Least time between two announces of one transfer's progress.
 const ANNOUNCE_EVERY_MS: u64 = 200;
@@ -573,6 +586,32 @@ impl Net {
             dirty: false,
             last_announce: 0,
             in_flight: 0,
+            down_since: None,
+            last_probe: 0,
+        }
+    }
+
+    /// The tracker did not answer: the scheduler falls back to the origin
+    /// for what no known peer has, and lookups probe until it is back.
+    fn went_down(&mut self, e: &ApiError, sched: &mut Scheduler<u32>, now: u64) {
+        if self.down_since.is_none() {
+            tracing::warn!(digest = %self.blob, error = %e, "tracker unreachable: the origin serves what no known peer has");
+            self.down_since = Some(now);
+            self.last_probe = now;
+        }
+        sched.handle(now, Event::TrackerDown(true));
+    }
+
+    /// While the tracker is down: when to probe it next.
+    fn next_probe(&self) -> Option<u64> {
+        self.down_since.map(|_| self.last_probe + TRACKER_PROBE_MS)
+    }
+
+    /// Probes the tracker (a lookup) if it is down and a probe is due.
+    fn probe(&mut self, now: u64) {
+        if self.next_probe().is_some_and(|t| now >= t) {
+            self.last_probe = now;
+            self.lookup();
         }
     }
 
@@ -637,16 +676,23 @@ impl Net {
         now: u64,
     ) {
         let view = match r {
-            Ok(view) => view,
             Err(e) if e.is_down() => {
-                tracing::warn!(digest = %self.blob, error = %e, "tracker unreachable: the origin serves what no known peer has");
-                sched.handle(now, Event::TrackerDown(true));
+                self.went_down(&e, sched, now);
                 return;
             }
-            // Unknown to the tracker: nobody holds it yet.
-            Err(_) => {
-                sched.handle(now, Event::LookedUp);
-                return;
+            other => {
+                if self.down_since.take().is_some() {
+                    tracing::info!(digest = %self.blob, "tracker reachable again: back to the swarm");
+                    sched.handle(now, Event::TrackerDown(false));
+                }
+                match other {
+                    Ok(view) => view,
+                    // Unknown to the tracker: nobody holds it yet.
+                    Err(_) => {
+                        sched.handle(now, Event::LookedUp);
+                        return;
+                    }
+                }
             }
         };
         if view.layout() != self.layout {

@@ -16,6 +16,7 @@ pub struct Cluster {
     dir: TempDir,
     tracker: Child,
     tracker_addr: String,
+    ops_port: u16,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -48,23 +49,36 @@ impl Cluster {
         }
         let port = util::free_port()?;
         let ops = util::free_port()?;
-        let log = std::fs::File::create(dir.path().join("tracker.log"))?;
-        let tracker = Command::new(sibling_binary("shoal-tracker")?)
+        let tracker = Self::spawn_tracker(dir.path(), port, ops)?;
+        let mut cluster = Cluster {
+            dir,
+            tracker,
+            tracker_addr: format!("127.0.0.1:{port}"),
+            ops_port: ops,
+        };
+        cluster.wait_tracker().await?;
+        Ok(cluster)
+    }
+
+    fn spawn_tracker(dir: &std::path::Path, port: u16, ops: u16) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tracker.log"))?;
+        Command::new(sibling_binary("shoal-tracker")?)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--cluster-dir")
-            .arg(&ca)
+            .arg(dir.join("ca"))
             .args(["--name", "127.0.0.1"])
             .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("spawning shoal-tracker")?;
-        let cluster = Cluster {
-            dir,
-            tracker,
-            tracker_addr: format!("127.0.0.1:{port}"),
-        };
-        let url = format!("http://127.0.0.1:{ops}/healthz");
+            .context("spawning shoal-tracker")
+    }
+
+    async fn wait_tracker(&mut self) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.ops_port);
         let client = crate::http::client_with_timeout(Duration::from_secs(2));
         util::wait_for(
             "shoal-tracker to answer /healthz",
@@ -84,8 +98,20 @@ impl Cluster {
             },
         )
         .await
-        .with_context(|| cluster.tracker_log())?;
-        Ok(cluster)
+        .with_context(|| self.tracker_log())
+    }
+
+    /// Starts the tracker again on the same address (with empty state).
+    pub async fn restart_tracker(&mut self) -> Result<()> {
+        util::kill_child(&mut self.tracker);
+        let port: u16 = self
+            .tracker_addr
+            .rsplit(':')
+            .next()
+            .unwrap_or("0")
+            .parse()?;
+        self.tracker = Self::spawn_tracker(self.dir.path(), port, self.ops_port)?;
+        self.wait_tracker().await
     }
 
     /// Kills the tracker (members find it unreachable).

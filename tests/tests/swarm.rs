@@ -260,3 +260,49 @@ async fn a_frozen_or_killed_holder_does_not_stall_a_pull() {
         "{frozen:?} / {killed:?}"
     );
 }
+
+/// The tracker goes down, then comes back (empty): pulls in between come
+/// from the origin, and once it is back the swarm works again — a second
+/// member gets a new blob from the first, not from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_tracker_outage_the_swarm_resumes() {
+    let origin = Origin::start().await.unwrap();
+    let mut cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let size = 4 * MIB as u64;
+    cluster.stop_tracker();
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/flap", &blob)
+        .await
+        .unwrap();
+    let url = format!("{}/v2/swarm/flap/blobs/{digest}", a.registry_url());
+    let r = http::get_hashed(&http::client(), &url, &[]).await.unwrap();
+    r.expect_complete(&digest, size).unwrap();
+
+    cluster.restart_tracker().await.unwrap();
+    // Members re-register with their heartbeat (every 5 s).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/flap", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/flap/blobs/{digest}");
+    for m in [&a, &b] {
+        let r = http::get_hashed(&http::client(), &format!("{}{path}", m.registry_url()), &[])
+            .await
+            .unwrap();
+        r.expect_complete(&digest, size).unwrap();
+        m.wait_idle().await.unwrap();
+    }
+    assert_eq!(
+        b.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "after the outage B went to the origin"
+    );
+}
