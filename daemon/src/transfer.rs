@@ -209,16 +209,15 @@ impl Transfers {
             tracing::error!(error = %e, "store failed");
             OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
         };
-        // The size: from a partial of an earlier attempt, else the origin
-        // (whose answer also confirms that this repository holds the blob).
-        let size = match self.store.meta(digest).filter(|m| !m.complete) {
-            Some(m) => m.size,
-            None => self
-                .origin
-                .head_blob(&target.upstream, &target.repo, digest)
-                .await
-                .map_err(|e| e.to_oci())?,
-        };
+        // The size, from the origin — whose answer is also its word that
+        // this repository holds the blob: asked even when a partial of an
+        // earlier attempt is on disk, so no repository reads stored bytes on
+        // another repository's confirmation.
+        let size = self
+            .origin
+            .head_blob(&target.upstream, &target.repo, digest)
+            .await
+            .map_err(|e| e.to_oci())?;
         let layout = ChunkLayout::for_blob(size).map_err(|e| {
             OciError::new(ErrorCode::Unavailable, format!("blob of {size} bytes: {e}"))
         })?;
