@@ -87,3 +87,39 @@ async fn cached_blob_of_repo_a_is_refused_under_repo_b_holding_other_content() {
 async fn cached_blob_of_repo_a_is_refused_under_a_repo_the_origin_does_not_have() {
     check_refused_under("nobody/here", false).await;
 }
+
+/// A partial blob left by a crash while repo `a` was fetching it is not
+/// handed to repo `b` (which the origin does not let have it) after the
+/// restart: the request is refused before a single byte goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_of_one_repository_is_not_served_to_another_after_a_crash() {
+    let mut stack = Stack::start().await.unwrap();
+    let size = 32 * MIB as u64;
+    let (x, digest) = random_blob(size as usize, fresh_seed());
+    stack.push_blob("a", &x).await.unwrap();
+    let (y, _) = random_blob(MIB, fresh_seed());
+    stack.push_blob("b", &y).await.unwrap();
+    stack.origin.proxy.set_rate(Some(16 * MIB as u64));
+    let reader = {
+        let url = stack.blob_url("a", &digest);
+        tokio::spawn(async move { http::get_hashed(&http::client(), &url, &[]).await })
+    };
+    // Let a good part arrive and be checkpointed, then crash.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stack.shoald.kill9();
+    let _ = reader.await;
+    stack.origin.proxy.set_rate(None);
+    stack.shoald.restart().await.unwrap();
+    let r = http::get(&stack.blob_url("b", &digest), &[]).await.unwrap();
+    assert_ne!(
+        r.status,
+        StatusCode::OK,
+        "repo b got a partial fetched for repo a"
+    );
+    assert!(
+        r.body.len() < 4096,
+        "repo b received {} bytes",
+        r.body.len()
+    );
+    r.expect_oci_error(404, "BLOB_UNKNOWN").unwrap();
+}
