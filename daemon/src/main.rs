@@ -5,15 +5,6 @@
 //! single-flight, keeps verified blobs in a crash-safe store, and exports
 //! `/metrics` and `/healthz` on `--ops-listen`.
 
-mod config;
-mod content;
-mod metrics;
-mod ops;
-mod peer;
-mod store;
-mod swarm;
-mod transfer;
-
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,9 +17,10 @@ use shoal_registry_shim::serve::{self, ServerConfig, UpstreamPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, LogFormat, RunArgs};
-use crate::content::NodeContent;
-use crate::store::Store;
+use shoal_daemon::config::{Config, LogFormat, RunArgs};
+use shoal_daemon::content::NodeContent;
+use shoal_daemon::store::Store;
+use shoal_daemon::{ops, peer, swarm};
 
 /// Shoal's per-node daemon: a verifying, streaming, single-flight registry mirror.
 #[derive(Debug, Parser)]

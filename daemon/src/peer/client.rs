@@ -37,13 +37,13 @@ use super::{close, stream_code, PeerAddr};
 use crate::metrics::{self, SourceLabel};
 
 /// A cached connection unused for this long is closed.
-pub(crate) const CONNECTION_IDLE: Duration = Duration::from_secs(120);
+pub const CONNECTION_IDLE: Duration = Duration::from_secs(120);
 /// How often the connection cache looks for idle or dead connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// What became of one requested chunk.
 #[derive(Clone)]
-pub(crate) enum ChunkResult {
+pub enum ChunkResult {
     /// The chunk, verified against its hash.
     Verified(Bytes),
     /// The peer sent bad data or broke the protocol.
@@ -56,8 +56,7 @@ pub(crate) enum ChunkResult {
 
 impl ChunkResult {
     /// The scheduler's view of this result.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn outcome(&self) -> Outcome {
+    pub fn outcome(&self) -> Outcome {
         match self {
             ChunkResult::Verified(_) => Outcome::Verified,
             ChunkResult::Bad(_) => Outcome::Bad,
@@ -80,7 +79,7 @@ impl fmt::Debug for ChunkResult {
 
 /// How a peer was at fault.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum BadPeer {
+pub enum BadPeer {
     /// A chunk's length or hash did not match the chunk map.
     #[error("chunk failed verification: {0}")]
     Verify(ChunkError),
@@ -91,7 +90,7 @@ pub(crate) enum BadPeer {
 
 /// Why a request got no usable answer.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum FetchError {
+pub enum FetchError {
     /// Nothing (or not everything) arrived before the deadline.
     #[error("no answer within the deadline")]
     Timeout,
@@ -151,17 +150,17 @@ pub(crate) enum FetchError {
 
 /// Totals of [`PeerClient::fetch_blob`], for benchmarks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct FetchStats {
+pub struct FetchStats {
     /// Chunks verified.
-    pub(crate) verified: u32,
+    pub verified: u32,
     /// Bytes of verified chunks.
-    pub(crate) verified_bytes: u64,
+    pub verified_bytes: u64,
     /// Chunks the peer got wrong.
-    pub(crate) bad: u32,
+    pub bad: u32,
     /// Chunks the peer lacks.
-    pub(crate) dont_have: u32,
+    pub dont_have: u32,
     /// Chunks without a usable answer.
-    pub(crate) failed: u32,
+    pub failed: u32,
 }
 
 impl FetchStats {
@@ -194,7 +193,7 @@ struct Cache {
 
 /// Fetches verified chunks from peers over QUIC. Cheap to share (`Arc`).
 #[derive(Debug)]
-pub(crate) struct PeerClient {
+pub struct PeerClient {
     endpoint: Endpoint,
     cache: Mutex<Cache>,
 }
@@ -259,8 +258,7 @@ impl PeerClient {
     /// A client dialling from `endpoint`, whose default client config must
     /// carry the cluster's mutual-TLS settings (and
     /// [`transport_config`](super::transport_config)).
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn new(endpoint: Endpoint) -> Self {
+    pub fn new(endpoint: Endpoint) -> Self {
         PeerClient {
             endpoint,
             cache: Mutex::new(Cache {
@@ -566,8 +564,7 @@ impl PeerClient {
     /// up to `per_request` chunks each, verifying and then dropping the bytes;
     /// each request must finish within `deadline`. The entry point of a
     /// peer-to-peer throughput benchmark.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) async fn fetch_blob(
+    pub async fn fetch_blob(
         &self,
         peer: &PeerAddr,
         blob: &Digest,

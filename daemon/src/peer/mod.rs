@@ -20,9 +20,9 @@
 //! [`Store`]: crate::store::Store
 //! [`ChunkHashes`]: shoal_proto::ChunkHashes
 
-pub(crate) mod client;
-pub(crate) mod server;
-pub(crate) mod source;
+pub mod client;
+pub mod server;
+pub mod source;
 
 #[cfg(test)]
 mod tests;
@@ -34,11 +34,11 @@ use std::time::Duration;
 
 /// Most requests (bidirectional streams) a peer may have open on one
 /// connection at once; quinn holds further `open_bi` calls until one ends.
-pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// A connection with no packets for this long is dead.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pings keep a quiet but live connection from hitting [`IDLE_TIMEOUT`].
-pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Per-stream receive window: one whole 4 MiB chunk frame (the largest) can
 /// be in flight on a stream without waiting for window updates.
 const STREAM_WINDOW: u32 = (4 << 20) + (64 << 10);
@@ -71,8 +71,7 @@ pub(crate) mod stream_code {
 /// [`MAX_STREAMS_PER_CONNECTION`] concurrent requests per connection, no
 /// unidirectional streams, a [`KEEP_ALIVE`] ping and a [`IDLE_TIMEOUT`], and
 /// flow-control windows sized for 4 MiB chunks.
-#[allow(dead_code)] // wired into transfers next
-pub(crate) fn transport_config() -> Arc<quinn::TransportConfig> {
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into())
         .max_concurrent_uni_streams(0u32.into())
@@ -88,11 +87,11 @@ pub(crate) fn transport_config() -> Arc<quinn::TransportConfig> {
 
 /// Where to reach a peer and who it must prove to be.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct PeerAddr {
+pub struct PeerAddr {
     /// Its QUIC (UDP) address.
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// Its node id: the DNS name its certificate must carry.
-    pub(crate) name: String,
+    pub name: String,
 }
 
 impl fmt::Debug for PeerAddr {

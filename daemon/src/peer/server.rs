@@ -43,22 +43,22 @@ use crate::metrics;
 
 /// Limits of the peer server.
 #[derive(Debug, Clone)]
-pub(crate) struct ServeLimits {
+pub struct ServeLimits {
     /// `GetChunks` requests served at once across all connections; more get
     /// `Error{Busy}` (default 32: with a one-chunk read-ahead that is at most
     /// 64 chunks, 64 MiB at 1 MiB chunks, in memory).
-    pub(crate) max_concurrent_uploads: usize,
+    pub max_concurrent_uploads: usize,
     /// Connections at once; more are refused during the handshake
     /// (default 1024).
-    pub(crate) max_connections: usize,
+    pub max_connections: usize,
     /// Time for a stream's request to arrive (default 10 s).
-    pub(crate) request_timeout: Duration,
+    pub request_timeout: Duration,
     /// Longest a single frame write may wait for the peer to take data
     /// before the stream is reset (default 30 s).
-    pub(crate) write_timeout: Duration,
+    pub write_timeout: Duration,
     /// On shutdown, how long in-flight requests may take to finish before
     /// their connections are closed (default 5 s).
-    pub(crate) drain_timeout: Duration,
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeLimits {
@@ -75,12 +75,12 @@ impl Default for ServeLimits {
 
 /// Serves chunks from a [`ChunkSource`] on a QUIC endpoint.
 #[derive(Debug)]
-pub(crate) struct PeerServer;
+pub struct PeerServer;
 
 /// A running [`PeerServer`]. Dropping it stops the server as
 /// [`shutdown`](PeerServerHandle::shutdown) does, without waiting.
 #[derive(Debug)]
-pub(crate) struct PeerServerHandle {
+pub struct PeerServerHandle {
     endpoint: Endpoint,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -95,8 +95,7 @@ struct Shared {
 impl PeerServer {
     /// Starts serving `source` on `endpoint` (which must have a server
     /// config) in a background task.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn spawn(
+    pub fn spawn(
         endpoint: Endpoint,
         source: Arc<dyn ChunkSource>,
         limits: ServeLimits,
@@ -118,8 +117,7 @@ impl PeerServer {
 
 impl PeerServerHandle {
     /// The address the server listens on.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
 
@@ -127,8 +125,7 @@ impl PeerServerHandle {
     /// most [`ServeLimits::drain_timeout`]), then closes the connections it
     /// accepted. The endpoint itself stays open for outgoing connections;
     /// its owner closes it.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) async fn shutdown(self) {
+    pub async fn shutdown(self) {
         self.endpoint.set_server_config(None);
         let _ = self.stop.send(true);
         if let Err(e) = self.task.await {

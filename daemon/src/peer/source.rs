@@ -22,7 +22,7 @@ use shoal_proto::{Bitfield, ChunkError, ChunkLayout, Digest};
 use crate::store::Store;
 
 /// Verified chunks this node can serve.
-pub(crate) trait ChunkSource: Send + Sync {
+pub trait ChunkSource: Send + Sync {
     /// How `blob` splits into chunks of `chunk_size` here: `Ok(None)` if this
     /// node holds nothing of it, `Err` if it holds the blob but cannot lay it
     /// out with that chunk size (the request is then a bad one). Must be cheap
@@ -41,14 +41,13 @@ pub(crate) trait ChunkSource: Send + Sync {
 
 /// Serves the complete (digest-verified) blobs of the store.
 #[derive(Debug, Clone)]
-pub(crate) struct StoreSource {
+pub struct StoreSource {
     store: Store,
 }
 
 impl StoreSource {
     /// A source over `store`'s complete blobs.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn new(store: Store) -> Self {
+    pub fn new(store: Store) -> Self {
         StoreSource { store }
     }
 
@@ -96,14 +95,14 @@ impl ChunkSource for StoreSource {
 /// peer sent it) — so a cold image spreads through the cluster as a
 /// pipeline.
 #[derive(Debug, Clone)]
-pub(crate) struct NodeSource {
+pub struct NodeSource {
     store: StoreSource,
     transfers: crate::transfer::Transfers,
 }
 
 impl NodeSource {
     /// Serves `store` and the running `transfers`.
-    pub(crate) fn new(store: Store, transfers: crate::transfer::Transfers) -> Self {
+    pub fn new(store: Store, transfers: crate::transfer::Transfers) -> Self {
         NodeSource {
             store: StoreSource::new(store),
             transfers,

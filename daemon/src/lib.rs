@@ -1,0 +1,20 @@
+//! The `shoald` daemon as a library: the binary (`src/main.rs`) wires these
+//! modules together, and benchmarks (`src/bin/peer-bench.rs`) drive the peer
+//! data plane and the store directly, without a running daemon.
+//!
+//! - [`store`]: verified blobs on disk and their index;
+//! - [`peer`]: the QUIC peer data plane (serve and fetch verified chunks);
+//! - [`swarm`]: this node's identity, tracker and peer endpoint;
+//! - [`content`]: what the registry API serves, backed by the store,
+//!   transfers from origins and the swarm;
+//! - [`config`] and [`ops`]: the daemon's flags and its `/metrics` and
+//!   `/healthz` endpoint.
+
+pub mod config;
+pub mod content;
+mod metrics;
+pub mod ops;
+pub mod peer;
+pub mod store;
+pub mod swarm;
+mod transfer;
