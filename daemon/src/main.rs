@@ -184,7 +184,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
                 "joined the swarm");
-            Some(server)
+            Some((server, swarm))
         }
     };
 
@@ -237,8 +237,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = registry.await;
     let _ = ops.await;
     housekeeping.abort();
-    if let Some(server) = peer_server {
+    if let Some((server, swarm)) = peer_server {
         server.shutdown().await;
+        swarm.peers.close_all();
     }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.flush_access_times()).await??;

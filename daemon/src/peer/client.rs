@@ -325,8 +325,7 @@ impl PeerClient {
     }
 
     /// Closes every cached connection.
-    #[allow(dead_code)] // wired into transfers next
-    pub(crate) fn close_all(&self) {
+    pub fn close_all(&self) {
         let mut cache = self.cache.lock().expect("peer cache lock");
         for slot in cache.slots.values() {
             if let Ok(conn) = slot.conn.try_lock() {
@@ -343,7 +342,7 @@ impl PeerClient {
     /// order, each chunk verified against `hashes`. Requests of more than
     /// [`MAX_INDICES`] chunks go out as several streams at once. Everything
     /// ends within `deadline`.
-    #[allow(dead_code)] // wired into transfers next
+    #[allow(dead_code)] // transfers use `fetch_each`; the tests use this
     pub(crate) async fn fetch(
         &self,
         peer: &PeerAddr,
@@ -504,7 +503,7 @@ impl PeerClient {
 
     /// Which chunks of `blob` `peer` holds, if it lays the blob out as
     /// `layout`: `Ok(None)` if it holds nothing of it.
-    #[allow(dead_code)] // wired into transfers next
+    #[allow(dead_code)] // transfers learn bitfields from the tracker; the tests use this
     pub(crate) async fn bitfield(
         &self,
         peer: &PeerAddr,
