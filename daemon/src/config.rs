@@ -82,6 +82,18 @@ pub struct RunArgs {
     /// environment); `embedded` runs one in this process [default: embedded].
     #[arg(long, env = "SHOAL_TRACKER", value_name = "URL", value_delimiter = ',')]
     pub tracker: Vec<String>,
+    /// Cap on bytes per second sent to peers, all together (e.g. `100mbit`,
+    /// `50MB`); default none.
+    #[arg(long, env = "SHOAL_PEER_UPLOAD_RATE", value_name = "RATE")]
+    pub peer_upload_rate: Option<String>,
+    /// Cap on bytes per second received from peers, all together; default
+    /// none.
+    #[arg(long, env = "SHOAL_PEER_DOWNLOAD_RATE", value_name = "RATE")]
+    pub peer_download_rate: Option<String>,
+    /// Chunk requests from peers served at once; more are told to try
+    /// elsewhere. Default 16.
+    #[arg(long, env = "SHOAL_PEER_MAX_UPLOADS", value_name = "N")]
+    pub peer_max_uploads: Option<usize>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -106,6 +118,9 @@ struct FileConfig {
     advertise: Option<String>,
     #[serde(default)]
     tracker: Vec<String>,
+    peer_upload_rate: Option<toml::Value>,
+    peer_download_rate: Option<toml::Value>,
+    peer_max_uploads: Option<usize>,
 }
 
 /// Log output format.
@@ -157,6 +172,12 @@ pub struct SwarmConfig {
     pub advertise: SocketAddr,
     /// Tracker URLs, or empty for the embedded tracker.
     pub trackers: Vec<String>,
+    /// Cap on bytes per second to peers.
+    pub upload_rate: Option<u64>,
+    /// Cap on bytes per second from peers.
+    pub download_rate: Option<u64>,
+    /// Chunk requests served at once.
+    pub max_uploads: usize,
 }
 
 fn host_name() -> String {
@@ -263,6 +284,23 @@ impl RunArgs {
             (None, None) => None,
         };
         let trackers = pick_list(self.tracker, file.tracker);
+        let upload_rate = rate_setting(
+            self.peer_upload_rate,
+            file.peer_upload_rate,
+            "peer-upload-rate",
+        )?;
+        let download_rate = rate_setting(
+            self.peer_download_rate,
+            file.peer_download_rate,
+            "peer-download-rate",
+        )?;
+        let max_uploads = self
+            .peer_max_uploads
+            .or(file.peer_max_uploads)
+            .unwrap_or(16);
+        if !(1..=4096).contains(&max_uploads) {
+            bail!("`peer-max-uploads`: {max_uploads} is not between 1 and 4096");
+        }
         let swarm = match self.cluster_dir.or(file.cluster_dir) {
             None => None,
             Some(cluster_dir) => {
@@ -293,6 +331,9 @@ impl RunArgs {
                     peer_listen,
                     advertise,
                     trackers,
+                    upload_rate,
+                    download_rate,
+                    max_uploads,
                 })
             }
         };
@@ -322,6 +363,51 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
         let msg = e.message().to_owned();
         anyhow::anyhow!("config file {}: {}", path.display(), msg)
     })
+}
+
+/// A rate from a flag (a string) or the config file (a string or a number
+/// of bytes per second).
+fn rate_setting(
+    flag: Option<String>,
+    file: Option<toml::Value>,
+    name: &str,
+) -> anyhow::Result<Option<u64>> {
+    Ok(match (flag, file) {
+        (Some(s), _) => Some(parse_rate(&s).with_context(|| format!("`{name}`"))?),
+        (None, Some(toml::Value::Integer(n))) if n > 0 => Some(n as u64),
+        (None, Some(toml::Value::String(s))) => {
+            Some(parse_rate(&s).with_context(|| format!("config field `{name}`"))?)
+        }
+        (None, Some(other)) => bail!("config field `{name}`: {other} is not a positive rate"),
+        (None, None) => None,
+    })
+}
+
+/// Parses a rate into bytes per second: bits as `tc` writes them
+/// (`100mbit`, `1gbit`, `800kbit`, decimal), or bytes a second as a size
+/// ([`parse_size`], with an optional `/s`: `50MB`, `12MiB/s`).
+pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    if let Some(num) = lower.strip_suffix("bit") {
+        let (num, mult) = match num.char_indices().last() {
+            Some((i, 'k')) => (&num[..i], 1e3),
+            Some((i, 'm')) => (&num[..i], 1e6),
+            Some((i, 'g')) => (&num[..i], 1e9),
+            _ => (num, 1.0),
+        };
+        let n: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{s:?} is not a rate (e.g. 100mbit, 1gbit, 50MB)"))?;
+        let bytes = n * mult / 8.0;
+        if !(1.0..1.8e19).contains(&bytes) {
+            bail!("{s:?} is out of range");
+        }
+        return Ok(bytes as u64);
+    }
+    parse_size(t.strip_suffix("/s").unwrap_or(t))
+        .map_err(|e| anyhow::anyhow!("{e} (a rate: e.g. 100mbit, 1gbit, 50MB)"))
 }
 
 /// Parses `1073741824`, `10G`, `512MiB`, `1.5T`.
@@ -365,6 +451,21 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("1gbit").unwrap(), 125_000_000);
+        assert_eq!(parse_rate("800kbit").unwrap(), 100_000);
+        assert_eq!(parse_rate("8bit").unwrap(), 1);
+        assert_eq!(parse_rate("50MB").unwrap(), 50_000_000);
+        assert_eq!(parse_rate("12MiB/s").unwrap(), 12 << 20);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("mbit").is_err());
+        assert!(parse_rate("0mbit").is_err());
+        let err = format!("{:#}", parse_rate("10 furlongs").unwrap_err());
+        assert!(err.contains("rate"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! - [`store`]: verified blobs on disk and their index;
 //! - [`peer`]: the QUIC peer data plane (serve and fetch verified chunks);
+//! - [`rate`]: the upload and download caps of the peer data plane;
 //! - [`swarm`]: this node's identity, tracker and peer endpoint;
 //! - [`content`]: what the registry API serves, backed by the store,
 //!   transfers from origins and the swarm;
@@ -15,6 +16,7 @@ pub mod content;
 mod metrics;
 pub mod ops;
 pub mod peer;
+pub mod rate;
 pub mod store;
 pub mod swarm;
 mod transfer;

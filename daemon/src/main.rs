@@ -183,6 +183,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(swarm.clone().heartbeat(Duration::from_secs(5)));
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
+                upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads,
                 "joined the swarm");
             Some((server, swarm))
         }

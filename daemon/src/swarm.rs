@@ -16,6 +16,7 @@ use crate::config::SwarmConfig;
 use crate::peer::client::PeerClient;
 use crate::peer::server::{PeerServer, PeerServerHandle, ServeLimits};
 use crate::peer::source::ChunkSource;
+use crate::rate::RateLimit;
 
 /// Everything a transfer needs to use the swarm.
 #[derive(Debug)]
@@ -47,7 +48,12 @@ impl Swarm {
         let mut endpoint = quinn::Endpoint::server(server, cfg.peer_listen)
             .with_context(|| format!("binding --peer-listen {}", cfg.peer_listen))?;
         endpoint.set_default_client_config(client);
-        let handle = PeerServer::spawn(endpoint.clone(), source, ServeLimits::default());
+        let limits = ServeLimits {
+            max_concurrent_uploads: cfg.max_uploads,
+            upload_rate: RateLimit::from_option(cfg.upload_rate),
+            ..ServeLimits::default()
+        };
+        let handle = PeerServer::spawn(endpoint.clone(), source, limits);
         let tracker = if cfg.trackers.is_empty() {
             let core = Tracker::new(TrackerConfig::default())
                 .map_err(|e| anyhow::anyhow!("embedded tracker: {e}"))?;
@@ -77,7 +83,10 @@ impl Swarm {
             node,
             addr,
             tracker,
-            peers: PeerClient::new(endpoint),
+            peers: PeerClient::with_download_rate(
+                endpoint,
+                RateLimit::from_option(cfg.download_rate),
+            ),
         });
         Ok((swarm, handle))
     }

@@ -269,10 +269,12 @@ impl Transfers {
             }
         };
         let mut runs: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
+        let mut tally = Tally::default();
         let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
         'download: loop {
             while let Some(action) = sched.poll(now()) {
+                tracing::trace!(digest = %digest, at = now(), ?action, "scheduler");
                 match action {
                     Action::FetchOrigin { chunks } => {
                         let run = OriginRun {
@@ -297,11 +299,19 @@ impl Transfers {
                             h.abort();
                         }
                     }
-                    // A peer request answers chunk by chunk within its own
-                    // deadline; a late answer is simply ignored.
-                    Action::Cancel { .. } => {}
+                    // A request whose every chunk is cancelled is dropped,
+                    // which stops the peer sending it (its upload is
+                    // better spent on others); a late answer is ignored.
+                    Action::Cancel {
+                        source: Source::Peer(peer),
+                        chunk,
+                    } => {
+                        if let Some(net) = &mut net {
+                            net.cancel_peer(peer, chunk);
+                        }
+                    }
                     Action::FetchPeer { peer, chunks } => {
-                        if let Some(net) = &net {
+                        if let Some(net) = &mut net {
                             net.fetch_peer(peer, chunks);
                         }
                     }
@@ -349,6 +359,16 @@ impl Transfers {
                 } => None,
             };
             let Some(event) = event else { continue };
+            tracing::trace!(digest = %digest, at = now(), ?event, "transfer event");
+            if let (
+                Some(net),
+                Ev::Peer {
+                    peer, chunk, task, ..
+                },
+            ) = (&mut net, &event)
+            {
+                net.peer_answered(*task, *peer, *chunk);
+            }
             // Chunks whose bytes are now in the file, and from where.
             let stored = match event {
                 Ev::Stored { chunk, hash } => {
@@ -375,6 +395,7 @@ impl Transfers {
                 Ev::Peer {
                     peer,
                     chunk,
+                    task: _,
                     result,
                 } => match result {
                     ChunkResult::Verified(bytes) => {
@@ -431,6 +452,7 @@ impl Transfers {
                 }
             };
             if let Some((chunk, source)) = stored {
+                tally.count(&source, have.get(chunk));
                 let _ = have.set(chunk);
                 unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
                 let outcome = Outcome::Verified;
@@ -503,7 +525,9 @@ impl Transfers {
             .await
             .expect("store task");
         match stored {
-            Ok(()) => tracing::debug!(digest = %digest, size, "blob complete"),
+            Ok(()) => tracing::info!(digest = %digest, size, chunks = layout.count(),
+                from_origin = tally.origin, from_peers = tally.peers, duplicates = tally.duplicates,
+                "blob complete"),
             Err(e) => {
                 // The clients got their verified bytes; the store just keeps nothing.
                 tracing::error!(digest = %digest, error = %e, "could not store a verified blob");
@@ -511,6 +535,28 @@ impl Transfers {
             }
         }
         Ok(())
+    }
+}
+
+/// Where a transfer's chunks came from, for its closing log line.
+#[derive(Debug, Default)]
+struct Tally {
+    origin: u32,
+    peers: u32,
+    /// Chunks that arrived again after they were stored (endgame losers,
+    /// answers after a stall moved the request).
+    duplicates: u32,
+}
+
+impl Tally {
+    fn count(&mut self, source: &Source<u32>, again: bool) {
+        if again {
+            self.duplicates += 1;
+        } else if matches!(source, Source::Origin) {
+            self.origin += 1;
+        } else {
+            self.peers += 1;
+        }
     }
 }
 
@@ -525,6 +571,8 @@ enum Ev {
     Peer {
         peer: u32,
         chunk: u32,
+        /// The request it answers ([`Net::fetch_peer`]).
+        task: u64,
         result: ChunkResult,
     },
     /// A tracker lookup answered.
@@ -554,6 +602,22 @@ struct Net {
     /// Since when the tracker has not answered, if it is down.
     down_since: Option<u64>,
     last_probe: u64,
+    /// Peer requests in flight, by task id: the task and the chunks it
+    /// still owes.
+    peer_tasks: HashMap<u64, (tokio::task::AbortHandle, Vec<u32>)>,
+    /// Which task owes (peer, chunk).
+    owed_by: HashMap<(u32, u32), u64>,
+    next_task: u64,
+}
+
+impl Drop for Net {
+    /// Requests still out when the transfer ends (endgame losers, say) are
+    /// dropped, so peers stop sending them.
+    fn drop(&mut self) {
+        for (abort, _) in self.peer_tasks.values() {
+            abort.abort();
+        }
+    }
 }
 
 /// How often a transfer probes a tracker that was down.
@@ -561,8 +625,9 @@ const TRACKER_PROBE_MS: u64 = 2_000;
 
 /// Least time between two announces of one transfer's progress.
 const ANNOUNCE_EVERY_MS: u64 = 200;
-/// How long a peer has to answer a request.
-const PEER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a peer has to answer a whole request: a backstop; the
+/// scheduler moves stalled chunks (5 s per place in the request) sooner.
+const PEER_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Net {
     fn new(
@@ -587,6 +652,9 @@ impl Net {
             in_flight: 0,
             down_since: None,
             last_probe: 0,
+            peer_tasks: HashMap::new(),
+            owed_by: HashMap::new(),
+            next_task: 0,
         }
     }
 
@@ -638,17 +706,20 @@ impl Net {
         });
     }
 
-    fn fetch_peer(&self, peer: u32, chunks: Vec<u32>) {
+    fn fetch_peer(&mut self, peer: u32, chunks: Vec<u32>) {
         let Some(addr) = self.peers.get(peer as usize).cloned() else {
             return;
         };
+        let task = self.next_task;
+        self.next_task += 1;
         let (sw, blob, hashes, ev) = (
             self.swarm.clone(),
             self.blob,
             self.hashes.clone(),
             self.events.clone(),
         );
-        tokio::spawn(async move {
+        let owed = chunks.clone();
+        let handle = tokio::spawn(async move {
             sw.peers
                 .fetch_each(
                     &addr,
@@ -660,12 +731,46 @@ impl Net {
                         let _ = ev.send(Ev::Peer {
                             peer,
                             chunk,
+                            task,
                             result,
                         });
                     },
                 )
                 .await;
         });
+        for &c in &owed {
+            self.owed_by.insert((peer, c), task);
+        }
+        self.peer_tasks.insert(task, (handle.abort_handle(), owed));
+    }
+
+    /// `task` answered for `chunk`: it owes one chunk less.
+    fn peer_answered(&mut self, task: u64, peer: u32, chunk: u32) {
+        if self.owed_by.get(&(peer, chunk)) == Some(&task) {
+            self.owed_by.remove(&(peer, chunk));
+        }
+        if let Some((_, owed)) = self.peer_tasks.get_mut(&task) {
+            owed.retain(|&c| c != chunk);
+            if owed.is_empty() {
+                self.peer_tasks.remove(&task);
+            }
+        }
+    }
+
+    /// The scheduler no longer waits for `chunk` from `peer`: once its
+    /// request owes nothing else, it is dropped, which resets the stream so
+    /// the peer stops sending.
+    fn cancel_peer(&mut self, peer: u32, chunk: u32) {
+        let Some(task) = self.owed_by.remove(&(peer, chunk)) else {
+            return;
+        };
+        if let Some((abort, owed)) = self.peer_tasks.get_mut(&task) {
+            owed.retain(|&c| c != chunk);
+            if owed.is_empty() {
+                abort.abort();
+                self.peer_tasks.remove(&task);
+            }
+        }
     }
 
     fn on_lookup(

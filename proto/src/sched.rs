@@ -19,13 +19,21 @@
 //!   once its hash is known (published by whoever fetched it from the
 //!   origin), so every byte can be checked before it is stored or forwarded.
 //! * **Load spread**: at most `peer_depth` chunks in flight per peer, and the
-//!   least loaded peers are served first.
-//! * **Stalls move**: a request unanswered for `stall_ms` is cancelled and
-//!   its chunk asked elsewhere; repeated stalls exclude the peer.
+//!   least loaded peers are served first. A peer that answers `Busy` (its
+//!   upload slots are full) is left alone for a back-off that doubles while
+//!   it stays busy, without counting against it.
+//! * **Stalls move**: a request unanswered for `stall_ms` (the k-th chunk of
+//!   a request: `k + 1` periods, as they come in order) is cancelled and its
+//!   chunk asked elsewhere; after `max_stalls` stalls a peer is benched for
+//!   `stall_bench_ms`, then comes back on probation, one chunk at a time
+//!   until it delivers. An overloaded seed thus recovers instead of being
+//!   lost to the whole swarm.
 //! * **Lacks data vs bad data**: a peer that lacks a chunk loses that bit; a
 //!   peer that sent bytes failing verification is excluded for this blob.
 //! * **Endgame**: when every missing chunk is already in flight and few are
-//!   left, they are also asked of a second peer; the loser is cancelled.
+//!   left, a request outstanding for twice the usual time a chunk takes
+//!   here (at least `endgame_after_ms`) is also asked of a second peer; the
+//!   loser is cancelled.
 //! * **Never stuck on a lease**: with no chunk arriving for
 //!   `orphan_after_ms`, chunks no peer can serve go to the origin anyway.
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
@@ -52,14 +60,20 @@ pub struct SchedConfig {
     pub origin_run: u32,
     /// A request unanswered this long is moved to another source.
     pub stall_ms: u64,
-    /// Stalls after which a peer is excluded for this blob.
+    /// Stalls after which a peer is benched.
     pub max_stalls: u32,
+    /// How long a peer that stalled `max_stalls` times gets no requests.
+    pub stall_bench_ms: u64,
+    /// The first back-off after a peer answered `Busy`; it doubles while the
+    /// peer stays busy, up to 16 times this.
+    pub busy_backoff_ms: u64,
     /// Chunks after the client's position that are fetched in order first.
     pub urgent_window: u32,
     /// Missing chunks at or below which in-flight chunks are duplicated.
     pub endgame_chunks: u32,
-    /// How long a request must have been outstanding before the endgame
-    /// duplicates it (so small blobs are not fetched twice by default).
+    /// The least time a request must have been outstanding before the
+    /// endgame duplicates it (so small blobs are not fetched twice by
+    /// default); longer when chunks usually take longer here.
     pub endgame_after_ms: u64,
     /// Chunks asked for in one lease request.
     pub lease_batch: u32,
@@ -83,6 +97,8 @@ impl Default for SchedConfig {
             origin_run: 64,
             stall_ms: 5_000,
             max_stalls: 2,
+            stall_bench_ms: 10_000,
+            busy_backoff_ms: 200,
             urgent_window: 4,
             endgame_chunks: 4,
             endgame_after_ms: 300,
@@ -113,6 +129,8 @@ pub enum Outcome {
     Bad,
     /// The peer does not have the chunk.
     DontHave,
+    /// The peer's upload slots are full: try later or elsewhere.
+    Busy,
     /// The request failed (connection lost, timeout, refused).
     Failed,
 }
@@ -196,7 +214,42 @@ struct PeerState {
     have: Bitfield,
     inflight: u32,
     stalls: u32,
+    /// Sent bad data: out for this blob.
     excluded: bool,
+    /// Benched after stalls until then (0: not benched).
+    benched_until: u64,
+    /// Back from the bench: one chunk at a time until one arrives.
+    probation: bool,
+    /// Answered `Busy`: no requests before then.
+    busy_until: u64,
+    /// `Busy` answers in a row.
+    busy_streak: u32,
+}
+
+impl PeerState {
+    fn new(layout: &ChunkLayout) -> Self {
+        PeerState {
+            have: Bitfield::for_layout(layout),
+            inflight: 0,
+            stalls: 0,
+            excluded: false,
+            benched_until: 0,
+            probation: false,
+            busy_until: 0,
+            busy_streak: 0,
+        }
+    }
+
+    /// Whether its chunks count as available (neither excluded nor benched).
+    fn counted(&self) -> bool {
+        !self.excluded && self.benched_until == 0
+    }
+
+    /// Whether it may be sent another request at `now`.
+    fn open(&self, now: u64, depth: u32) -> bool {
+        let depth = if self.probation { 1 } else { depth };
+        self.counted() && now >= self.busy_until && self.inflight < depth
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +257,8 @@ struct Request<P> {
     source: Source<P>,
     started: u64,
     deadline: u64,
+    /// Position in its request (chunks of one request arrive in order).
+    pos: u32,
 }
 
 /// The scheduler of one blob download. `P` identifies peers.
@@ -235,6 +290,8 @@ pub struct Scheduler<P> {
     tracker_down: bool,
     /// When a chunk last arrived (or the download started).
     last_progress: u64,
+    /// Moving average of the time one chunk takes from a peer here.
+    chunk_ms: Option<u64>,
     /// The latest time seen in `handle` or `poll`.
     now: u64,
     queue: VecDeque<Action<P>>,
@@ -272,6 +329,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             want: 0,
             tracker_down: false,
             last_progress: 0,
+            chunk_ms: None,
             now: 0,
             queue: VecDeque::new(),
             finished: false,
@@ -288,9 +346,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         &self.layout
     }
 
-    /// Whether a peer was excluded for this blob.
+    /// Whether a peer was excluded for this blob (it sent bad data).
     pub fn is_excluded(&self, peer: &P) -> bool {
         self.peers.get(peer).is_some_and(|p| p.excluded)
+    }
+
+    /// Whether a peer is benched after stalls (excluded or not).
+    pub fn is_benched(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.benched_until > 0)
     }
 
     /// Feeds an event.
@@ -301,20 +364,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 if have.len() != self.layout.count() {
                     return;
                 }
-                let state = self.peers.entry(peer).or_insert_with(|| PeerState {
-                    have: Bitfield::for_layout(&self.layout),
-                    inflight: 0,
-                    stalls: 0,
-                    excluded: false,
-                });
+                let layout = self.layout;
+                let state = self
+                    .peers
+                    .entry(peer)
+                    .or_insert_with(|| PeerState::new(&layout));
                 if state.excluded {
                     return;
                 }
-                for i in state.have.iter_ones() {
-                    self.avail[i as usize] -= 1;
-                }
-                for i in have.iter_ones() {
-                    self.avail[i as usize] += 1;
+                if state.counted() {
+                    for i in state.have.iter_ones() {
+                        self.avail[i as usize] -= 1;
+                    }
+                    for i in have.iter_ones() {
+                        self.avail[i as usize] += 1;
+                    }
                 }
                 state.have = have;
             }
@@ -369,7 +433,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let Some(pos) = reqs.iter().position(|r| r.source == source) else {
             return;
         };
-        reqs.remove(pos);
+        let req = reqs.remove(pos);
         let run = match source {
             Source::Origin => self.origin_run_of.get(&chunk).copied(),
             Source::Peer(_) => None,
@@ -378,6 +442,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         match (&source, outcome) {
             (_, Outcome::Verified) => {
                 self.last_progress = self.last_progress.max(self.now);
+                if let Source::Peer(p) = &source {
+                    if let Some(state) = self.peers.get_mut(p) {
+                        state.probation = false;
+                        state.busy_streak = 0;
+                    }
+                    // Chunks of one request arrive one after another.
+                    let sample = self.now.saturating_sub(req.started) / u64::from(req.pos + 1);
+                    self.chunk_ms = Some(match self.chunk_ms {
+                        None => sample,
+                        Some(avg) => (avg * 7 + sample) / 8,
+                    });
+                }
                 let _ = self.have.set(chunk);
                 let _ = self.leased.clear(chunk);
                 // Duplicates of an endgame request are no longer needed.
@@ -399,6 +475,17 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                     if !state.excluded && state.have.get(chunk) {
                         let _ = state.have.clear(chunk);
                         self.avail[chunk as usize] -= 1;
+                    }
+                }
+            }
+            (Source::Peer(p), Outcome::Busy) => {
+                let now = self.now;
+                let base = self.cfg.busy_backoff_ms;
+                if let Some(state) = self.peers.get_mut(p) {
+                    // One back-off per refusal, however many chunks it named.
+                    if state.busy_until <= now {
+                        state.busy_streak = (state.busy_streak + 1).min(5);
+                        state.busy_until = now + (base << (state.busy_streak - 1));
                     }
                 }
             }
@@ -458,15 +545,45 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn stalled(&mut self, peer: &P) {
-        let exclude = match self.peers.get_mut(peer) {
+        let bench = match self.peers.get_mut(peer) {
             Some(state) => {
                 state.stalls += 1;
-                state.stalls >= self.cfg.max_stalls
+                // On probation one stall is enough.
+                (state.stalls >= self.cfg.max_stalls || state.probation) && state.counted()
             }
             None => false,
         };
-        if exclude {
-            self.exclude(peer);
+        if bench {
+            self.bench(peer);
+        }
+    }
+
+    /// Takes a peer that keeps stalling out of play for `stall_bench_ms`:
+    /// its chunks stop counting as available (so the origin may step in)
+    /// and what it was asked for goes elsewhere.
+    fn bench(&mut self, peer: &P) {
+        let until = self.now + self.cfg.stall_bench_ms.max(1);
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        for i in state.have.iter_ones() {
+            self.avail[i as usize] -= 1;
+        }
+        state.benched_until = until;
+        state.stalls = 0;
+        self.cancel_all(peer);
+    }
+
+    /// Brings benched peers whose time is up back, on probation.
+    fn unbench(&mut self, now: u64) {
+        for state in self.peers.values_mut() {
+            if state.benched_until > 0 && now >= state.benched_until && !state.excluded {
+                state.benched_until = 0;
+                state.probation = true;
+                for i in state.have.iter_ones() {
+                    self.avail[i as usize] += 1;
+                }
+            }
         }
     }
 
@@ -481,13 +598,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
-        if !state.excluded {
+        if state.counted() {
             for i in state.have.iter_ones() {
                 self.avail[i as usize] -= 1;
             }
         }
         state.excluded = true;
         state.have = Bitfield::for_layout(&self.layout);
+        self.cancel_all(peer);
+        if forget {
+            self.peers.remove(peer);
+        }
+    }
+
+    /// Cancels every request outstanding at `peer`.
+    fn cancel_all(&mut self, peer: &P) {
         let source = Source::Peer(peer.clone());
         let chunks: Vec<u32> = self
             .inflight
@@ -507,9 +632,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 chunk: c,
             });
         }
-        if forget {
-            self.peers.remove(peer);
-        }
+    }
+
+    /// When a request may be duplicated in the endgame: after twice the
+    /// usual time for its place in its request, and not before
+    /// `endgame_after_ms`.
+    fn dup_at(&self, r: &Request<P>) -> u64 {
+        let usual = self.chunk_ms.unwrap_or(0) * u64::from(r.pos + 1);
+        r.started + self.cfg.endgame_after_ms.max(2 * usual)
     }
 
     /// The earliest time at which [`poll`](Self::poll) has something new to
@@ -525,15 +655,26 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             .values()
             .flat_map(|reqs| {
                 reqs.iter().map(move |r| {
-                    let dup = r.started + self.cfg.endgame_after_ms;
                     if endgame && reqs.len() < 2 && matches!(r.source, Source::Peer(_)) {
-                        r.deadline.min(dup)
+                        r.deadline.min(self.dup_at(r))
                     } else {
                         r.deadline
                     }
                 })
             })
             .min();
+        // Benched peers coming back, busy peers open again.
+        let peers = self
+            .peers
+            .values()
+            .filter(|p| !p.excluded)
+            .flat_map(|p| [p.benched_until, p.busy_until])
+            .filter(|&t| t > self.now)
+            .min();
+        let stall = match (stall, peers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let waiting = !self.tracker_down && self.waiting_on_others();
         let lookup = (waiting && !self.lookup_pending)
             .then(|| self.last_lookup.map(|t| t + self.cfg.lookup_interval_ms))
@@ -575,6 +716,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             return Some(Action::GiveUp);
         }
         self.expire_stalls(now);
+        self.unbench(now);
         if let Some(a) = self.queue.pop_front() {
             return Some(a);
         }
@@ -664,14 +806,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let mut order: Vec<(u32, P)> = self
             .peers
             .iter()
-            .filter(|(_, s)| !s.excluded && s.inflight < self.cfg.peer_depth)
+            .filter(|(_, s)| s.open(now, self.cfg.peer_depth))
             .map(|(p, s)| (s.inflight, p.clone()))
             .collect();
         order.sort();
         for (_, peer) in order {
             let state = &self.peers[&peer];
-            let room = (self.cfg.peer_depth - state.inflight)
-                .min(self.cfg.max_inflight - self.peer_inflight);
+            let depth = if state.probation {
+                1
+            } else {
+                self.cfg.peer_depth
+            };
+            let room = (depth - state.inflight).min(self.cfg.max_inflight - self.peer_inflight);
             let mut candidates: Vec<(u8, u32, u32)> = state
                 .have
                 .iter_ones()
@@ -687,15 +833,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 .take(room as usize)
                 .map(|(_, _, c)| c)
                 .collect();
-            for &c in &chunks {
-                self.start(c, Source::Peer(peer.clone()), now);
+            for (k, &c) in chunks.iter().enumerate() {
+                self.start(c, Source::Peer(peer.clone()), now, k as u32);
             }
             return Some(Action::FetchPeer { peer, chunks });
         }
         None
     }
 
-    fn start(&mut self, chunk: u32, source: Source<P>, now: u64) {
+    /// Records a request for `chunk` at position `pos` of its request: the
+    /// chunks of one request arrive one after another, so the k-th may take
+    /// k+1 stall periods before it counts as stalled.
+    fn start(&mut self, chunk: u32, source: Source<P>, now: u64, pos: u32) {
         match &source {
             Source::Origin => self.origin_inflight += 1,
             Source::Peer(p) => {
@@ -708,7 +857,8 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.inflight.entry(chunk).or_default().push(Request {
             source,
             started: now,
-            deadline: now + self.cfg.stall_ms,
+            deadline: now + self.cfg.stall_ms * (u64::from(pos) + 1),
+            pos,
         });
     }
 
@@ -746,15 +896,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.origin_runs.insert(run, chunks.len() as u32);
         for (k, &c) in chunks.iter().enumerate() {
             self.origin_run_of.insert(c, run);
-            self.start(c, Source::Origin, now);
-            // Chunks of a run arrive one after another: the k-th may take
-            // k+1 stall periods before it counts as stalled.
-            let req = self
-                .inflight
-                .get_mut(&c)
-                .and_then(|r| r.last_mut())
-                .expect("just started");
-            req.deadline = now + self.cfg.stall_ms * (k as u64 + 1);
+            self.start(c, Source::Origin, now, k as u32);
         }
         Some(Action::FetchOrigin { chunks })
     }
@@ -771,9 +913,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let inflight: Vec<u32> = self.inflight.keys().copied().collect();
         for c in inflight {
             let reqs = &self.inflight[&c];
-            let young = reqs
-                .iter()
-                .any(|r| now < r.started + self.cfg.endgame_after_ms);
+            let young = reqs.iter().any(|r| now < self.dup_at(r));
             if !self.known.get(c) || reqs.len() >= 2 || young {
                 continue;
             }
@@ -783,15 +923,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 .peers
                 .iter()
                 .filter(|(p, s)| {
-                    !s.excluded
-                        && s.inflight < self.cfg.peer_depth
+                    s.open(now, self.cfg.peer_depth)
                         && s.have.get(c)
                         && !asked.contains(&Source::Peer((*p).clone()))
                 })
                 .min_by_key(|(p, s)| (s.inflight, (*p).clone()))
                 .map(|(p, _)| p.clone());
             if let Some(peer) = peer {
-                self.start(c, Source::Peer(peer.clone()), now);
+                self.start(c, Source::Peer(peer.clone()), now, 0);
                 return Some(Action::FetchPeer {
                     peer,
                     chunks: vec![c],
@@ -906,7 +1045,87 @@ mod tests {
     }
 
     #[test]
-    fn stalled_request_moves_elsewhere_and_repeat_staller_is_excluded() {
+    fn stalled_request_moves_elsewhere_and_a_repeat_staller_is_benched_then_on_probation() {
+        let mut s = sched(4);
+        s.cfg.endgame_chunks = 0;
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(4).unwrap(),
+            },
+        );
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f, vec![(1, vec![0, 1, 2, 3])]);
+        s.handle(
+            10,
+            Event::PeerHas {
+                peer: 2,
+                have: bits(4, [0, 1]),
+            },
+        );
+        assert!(
+            peer_fetches(&drain(&mut s, 10)).is_empty(),
+            "nothing idle to ask peer 2 for"
+        );
+        // The first chunk of the request stalls after one period.
+        assert_eq!(s.next_deadline(), Some(5_000));
+        let acts = drain(&mut s, 5_000);
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(1),
+            chunk: 0
+        }));
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![0])]);
+        assert!(!s.is_benched(&1));
+        s.handle(
+            6_000,
+            Event::Chunk {
+                source: Source::Peer(2),
+                chunk: 0,
+                outcome: Outcome::Verified,
+            },
+        );
+        // The second, after two: the second stall benches peer 1, and all it
+        // was asked for is released.
+        assert!(peer_fetches(&drain(&mut s, 6_000)).is_empty());
+        assert_eq!(s.next_deadline(), Some(10_000));
+        let acts = drain(&mut s, 10_000);
+        for chunk in [1, 2, 3] {
+            assert!(
+                acts.contains(&Action::Cancel {
+                    source: Source::Peer(1),
+                    chunk
+                }),
+                "{acts:?}"
+            );
+        }
+        assert!(s.is_benched(&1) && !s.is_excluded(&1));
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![1])]);
+        s.handle(
+            10_500,
+            Event::Chunk {
+                source: Source::Peer(2),
+                chunk: 1,
+                outcome: Outcome::Verified,
+            },
+        );
+        // Back after stall_bench_ms, one chunk at a time until it delivers.
+        let acts = drain(&mut s, 20_000);
+        assert!(!s.is_benched(&1));
+        assert_eq!(peer_fetches(&acts), vec![(1, vec![2])]);
+        s.handle(
+            20_100,
+            Event::Chunk {
+                source: Source::Peer(1),
+                chunk: 2,
+                outcome: Outcome::Verified,
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 20_100)), vec![(1, vec![3])]);
+    }
+
+    #[test]
+    fn a_busy_peer_is_left_alone_for_a_growing_back_off_without_a_stall() {
         let mut s = sched(2);
         s.cfg.endgame_chunks = 0;
         s.handle(
@@ -916,32 +1135,68 @@ mod tests {
                 have: Bitfield::full(2).unwrap(),
             },
         );
-        let f = peer_fetches(&drain(&mut s, 0));
-        assert_eq!(f, vec![(1, vec![0, 1])]);
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1])]);
+        let busy = |s: &mut Scheduler<u32>, now, chunk| {
+            s.handle(
+                now,
+                Event::Chunk {
+                    source: Source::Peer(1),
+                    chunk,
+                    outcome: Outcome::Busy,
+                },
+            )
+        };
+        // One refusal of a two-chunk request: one back-off of 200 ms.
+        busy(&mut s, 10, 0);
+        busy(&mut s, 10, 1);
+        assert!(peer_fetches(&drain(&mut s, 10)).is_empty());
+        assert_eq!(s.next_deadline(), Some(210));
+        assert_eq!(peer_fetches(&drain(&mut s, 210)), vec![(1, vec![0, 1])]);
+        // Busy again: 400 ms this time; never benched for it.
+        busy(&mut s, 220, 0);
+        busy(&mut s, 220, 1);
+        assert!(peer_fetches(&drain(&mut s, 500)).is_empty());
+        assert_eq!(peer_fetches(&drain(&mut s, 620)), vec![(1, vec![0, 1])]);
+        assert!(!s.is_benched(&1) && !s.is_excluded(&1));
+    }
+
+    #[test]
+    fn the_endgame_waits_twice_the_usual_chunk_time_before_duplicating() {
+        let mut s = sched(6);
         s.handle(
-            10,
+            0,
             Event::PeerHas {
-                peer: 2,
-                have: Bitfield::full(2).unwrap(),
+                peer: 1,
+                have: Bitfield::full(6).unwrap(),
             },
         );
-        assert!(
-            peer_fetches(&drain(&mut s, 10)).is_empty(),
-            "nothing idle to ask peer 2 for"
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1, 2, 3])]);
+        // Chunks take a second each here.
+        for (t, chunk) in [(1_000, 0), (2_000, 1)] {
+            s.handle(
+                t,
+                Event::Chunk {
+                    source: Source::Peer(1),
+                    chunk,
+                    outcome: Outcome::Verified,
+                },
+            );
+        }
+        // Peer 1 takes the rest; peer 2 appears. Four missing: the endgame.
+        let acts = drain(&mut s, 2_000);
+        assert_eq!(peer_fetches(&acts), vec![(1, vec![4, 5])]);
+        s.handle(
+            2_000,
+            Event::PeerHas {
+                peer: 2,
+                have: Bitfield::full(6).unwrap(),
+            },
         );
-        assert_eq!(s.next_deadline(), Some(5_000));
-        let acts = drain(&mut s, 5_000);
-        assert!(acts.contains(&Action::Cancel {
-            source: Source::Peer(1),
-            chunk: 0
-        }));
-        assert!(acts.contains(&Action::Cancel {
-            source: Source::Peer(1),
-            chunk: 1
-        }));
-        // Two stalls: peer 1 is excluded; everything goes to peer 2.
-        assert!(s.is_excluded(&1));
-        assert_eq!(peer_fetches(&acts), vec![(2, vec![0, 1])]);
+        // Not after the 300 ms floor: chunk 4 (first of its request) is due
+        // after 1 s, so it is duplicated only after 2 s.
+        assert!(peer_fetches(&drain(&mut s, 2_300)).is_empty());
+        let dups = peer_fetches(&drain(&mut s, 4_000));
+        assert!(dups.contains(&(2, vec![4])), "{dups:?}");
     }
 
     #[test]
@@ -1277,10 +1532,11 @@ mod tests {
     proptest::proptest! {
         /// Random event sequences never break the invariants: no request for
         /// a chunk already held, never above the depths, never a peer request
-        /// for an unverifiable chunk or to an excluded peer, and the same
+        /// for an unverifiable chunk or to an excluded or benched peer,
+        /// availability always counts the peers in play, and the same
         /// events always give the same actions.
         #[test]
-        fn invariants_hold(ops in proptest::collection::vec((0u8..8, 0u32..4, 0u32..12, 0u64..3000), 1..200)) {
+        fn invariants_hold(ops in proptest::collection::vec((0u8..10, 0u32..4, 0u32..12, 0u64..3000), 1..200)) {
             let n = 12;
             let run = || {
                 let mut s: Scheduler<u32> = Scheduler::new(SchedConfig::default(), layout(n), Bitfield::new(n).unwrap());
@@ -1296,13 +1552,15 @@ mod tests {
                         4 => Event::Chunk { source: Source::Origin, chunk, outcome: Outcome::Verified },
                         5 => Event::LeaseGranted(vec![chunk, (chunk + 1) % n]),
                         6 => Event::PeerGone { peer },
+                        7 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Busy },
+                        8 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Failed },
                         _ => Event::Want(chunk),
                     };
                     s.handle(now, ev);
                     while let Some(a) = s.poll(now) {
                         match &a {
                             Action::FetchPeer { peer, chunks } => {
-                                assert!(!s.is_excluded(peer));
+                                assert!(!s.is_excluded(peer) && !s.is_benched(peer));
                                 for c in chunks {
                                     assert!(!s.have().get(*c));
                                     assert!(s.known.get(*c));
@@ -1318,6 +1576,11 @@ mod tests {
                         assert_eq!(s.origin_inflight as usize, s.origin_run_of.len());
                         assert!(s.peer_inflight <= s.cfg.max_inflight);
                         assert!(s.peers.values().all(|p| p.inflight <= s.cfg.peer_depth));
+                        // Availability counts exactly the peers in play.
+                        for c in 0..n {
+                            let holders = s.peers.values().filter(|p| p.counted() && p.have.get(c)).count();
+                            assert_eq!(s.avail[c as usize] as usize, holders);
+                        }
                         log.push(format!("{a:?}"));
                         assert!(log.len() < 100_000);
                     }

@@ -372,5 +372,18 @@ impl Drop for Shoald {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
+        // SHOAL_TEST_LOGS=DIR keeps every daemon's whole logs, for study.
+        if let Some(keep) = std::env::var_os("SHOAL_TEST_LOGS") {
+            let keep = Path::new(&keep);
+            for n in 1..=self.starts {
+                let from = self.dir.path().join(format!("stderr.{n}.log"));
+                let to = keep.join(format!("shoald-{}.{n}.log", self.registry_addr()));
+                if let Err(e) =
+                    std::fs::create_dir_all(keep).and_then(|_| std::fs::copy(&from, &to))
+                {
+                    eprintln!("SHOAL_TEST_LOGS: copying {}: {e}", from.display());
+                }
+            }
+        }
     }
 }

@@ -43,58 +43,79 @@ async fn a_second_member_gets_a_blob_from_the_first_not_the_origin() {
     );
 }
 
-/// Three members pull the same cold blob at the same instant: every one gets
-/// the right bytes, and all together fetched about one copy from the origin.
+/// Eight members pull every blob of the same cold multi-layer image (pushed
+/// with skopeo), all at the same instant: every member gets the right bytes,
+/// the origin sends about one copy of the image, and the members send each
+/// other most of the bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_pulling_a_cold_blob_at_once_cost_the_origin_about_one_copy() {
+async fn eight_members_pulling_a_cold_image_at_once_cost_the_origin_about_one_copy() {
+    use shoal_tests::{skopeo, TestImage};
+
+    const MEMBERS: usize = 8;
     let origin = Origin::start().await.unwrap();
+    let image = TestImage::generate_single(&[8 * MIB, 8 * MIB, 8 * MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&image, &origin.registry, "swarm/cold")
+        .await
+        .unwrap();
     let cluster = Cluster::start().await.unwrap();
     let mut nodes = Vec::new();
-    for n in ["node-1", "node-2", "node-3"] {
+    for n in 1..=MEMBERS {
         nodes.push(
             cluster
-                .member(n, ShoaldOpts::insecure_default(&origin.addr()))
+                .member(
+                    &format!("node-{n}"),
+                    ShoaldOpts::insecure_default(&origin.addr()),
+                )
                 .await
                 .unwrap(),
         );
     }
-    let size = 48 * MIB as u64;
-    let (blob, digest) = random_blob(size as usize, fresh_seed());
-    origin
-        .registry
-        .push_blob("swarm/cold", &blob)
-        .await
-        .unwrap();
-    drop(blob);
-    let path = format!("/v2/swarm/cold/blobs/{digest}");
-    let pulls: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let url = format!("{}{path}", n.registry_url());
-            tokio::spawn(async move { http::get_hashed(&http::client(), &url, &[]).await })
-        })
-        .collect();
-    for (i, p) in pulls.into_iter().enumerate() {
-        let r = p.await.unwrap().unwrap();
-        r.expect_complete(&digest, size)
-            .unwrap_or_else(|e| panic!("node {i}: {e:#}"));
+    // Config and layers, with their sizes, as the manifest names them.
+    let platform = image.platform("amd64");
+    let mut blobs = vec![(platform.config_digest.clone(), platform.config_size)];
+    blobs.extend(platform.layers.iter().map(|l| (l.digest.clone(), l.size)));
+    let image_bytes: u64 = blobs.iter().map(|(_, s)| s).sum();
+    let before = origin.egress();
+
+    // Every member asks for every blob of the image at once.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(MEMBERS * blobs.len()));
+    let mut pulls = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (digest, size) in &blobs {
+            let url = format!("{}/v2/swarm/cold/blobs/{digest}", n.registry_url());
+            let (digest, size, start) = (digest.clone(), *size, start.clone());
+            pulls.push(tokio::spawn(async move {
+                start.wait().await;
+                let r = http::get_hashed(&http::client(), &url, &[]).await?;
+                r.expect_complete(&digest, size)
+                    .map_err(|e| e.context(format!("node-{}: {digest}", i + 1)))
+            }));
+        }
     }
+    for p in pulls {
+        p.await.unwrap().unwrap();
+    }
+    let egress = (origin.egress() - before) as f64;
     let mut origin_total = 0.0;
     let mut peer_total = 0.0;
     for n in &nodes {
         origin_total += n.origin_blob_bytes().await.unwrap();
         peer_total += n.metric(PEER_RX, &[]).await.unwrap();
     }
-    let egress = origin.egress() as f64;
+    let f = image_bytes as f64;
     eprintln!(
-        "origin: {origin_total} bytes by the metric, {egress} at the origin; peers: {peer_total}"
+        "{MEMBERS} members, image {image_bytes} bytes: the origin sent {egress} bytes ({:.3}x; \
+         {origin_total} blob bytes by the members' metric), peers {peer_total} ({:.2}x)",
+        egress / f,
+        peer_total / f
     );
     assert!(
-        egress <= 1.10 * size as f64,
-        "the origin sent {egress} bytes for a {size}-byte blob"
+        egress <= 1.10 * f,
+        "the origin sent {egress} bytes for a {image_bytes}-byte image"
     );
+    // Every member received the image once; all but about one copy came from peers.
     assert!(
-        peer_total >= 1.5 * size as f64,
+        peer_total >= 0.9 * (MEMBERS as f64 - 1.0) * f,
         "members got only {peer_total} bytes from each other"
     );
 }

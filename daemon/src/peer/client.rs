@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 use super::{close, stream_code, PeerAddr};
 use crate::metrics::{self, SourceLabel};
+use crate::rate::RateLimit;
 
 /// A cached connection unused for this long is closed.
 pub const CONNECTION_IDLE: Duration = Duration::from_secs(120);
@@ -61,6 +62,7 @@ impl ChunkResult {
             ChunkResult::Verified(_) => Outcome::Verified,
             ChunkResult::Bad(_) => Outcome::Bad,
             ChunkResult::DontHave => Outcome::DontHave,
+            ChunkResult::Failed(FetchError::Busy(_)) => Outcome::Busy,
             ChunkResult::Failed(_) => Outcome::Failed,
         }
     }
@@ -196,6 +198,7 @@ struct Cache {
 pub struct PeerClient {
     endpoint: Endpoint,
     cache: Mutex<Cache>,
+    download_rate: RateLimit,
 }
 
 /// How a request's stream ended early.
@@ -259,12 +262,21 @@ impl PeerClient {
     /// carry the cluster's mutual-TLS settings (and
     /// [`transport_config`](super::transport_config)).
     pub fn new(endpoint: Endpoint) -> Self {
+        Self::with_download_rate(endpoint, RateLimit::unlimited())
+    }
+
+    /// [`new`](Self::new), receiving from all peers together at most as
+    /// fast as `rate` allows (`--peer-download-rate`): after each chunk the
+    /// next read waits off the bucket's debt, and QUIC flow control slows
+    /// the senders.
+    pub fn with_download_rate(endpoint: Endpoint, rate: RateLimit) -> Self {
         PeerClient {
             endpoint,
             cache: Mutex::new(Cache {
                 slots: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
+            download_rate: rate,
         }
     }
 
@@ -467,6 +479,10 @@ impl PeerClient {
                     batch.len()
                 )));
             };
+            let received = match &frame {
+                Response::Chunk { data, .. } => data.len(),
+                _ => 0,
+            };
             let result = match frame {
                 Response::Chunk { index, data } if index == due => {
                     match hashes.verify(index, &data) {
@@ -496,6 +512,7 @@ impl PeerClient {
             };
             deliver(due, result);
             *done += 1;
+            self.download_rate.spend(received).await;
         }
         let _ = recv.stop(stream_code::DONE);
         Ok(())

@@ -18,6 +18,10 @@
 //! 4. the stream is finished. A peer that stops reading for longer than
 //!    [`ServeLimits::write_timeout`] gets its stream reset, freeing the slot.
 //!
+//! With an upload cap ([`ServeLimits::upload_rate`]) every frame written is
+//! charged to one bucket shared by all streams, and a stream in debt waits
+//! (holding its slot) before its next frame.
+//!
 //! Per-connection stream counts are bounded by quinn
 //! ([`transport_config`](super::transport_config)); connections by
 //! [`ServeLimits::max_connections`].
@@ -40,13 +44,15 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::source::ChunkSource;
 use super::{close, stream_code};
 use crate::metrics;
+use crate::rate::RateLimit;
 
 /// Limits of the peer server.
 #[derive(Debug, Clone)]
 pub struct ServeLimits {
     /// `GetChunks` requests served at once across all connections; more get
-    /// `Error{Busy}` (default 32: with a one-chunk read-ahead that is at most
-    /// 64 chunks, 64 MiB at 1 MiB chunks, in memory).
+    /// `Error{Busy}` (default 16: with a one-chunk read-ahead that is at most
+    /// 32 chunks, 32 MiB at 1 MiB chunks, in memory). Fewer streams at once
+    /// each finish sooner, and requesters turned away try other holders.
     pub max_concurrent_uploads: usize,
     /// Connections at once; more are refused during the handshake
     /// (default 1024).
@@ -59,16 +65,20 @@ pub struct ServeLimits {
     /// On shutdown, how long in-flight requests may take to finish before
     /// their connections are closed (default 5 s).
     pub drain_timeout: Duration,
+    /// The cap on bytes per second sent to all peers together
+    /// (`--peer-upload-rate`; default none).
+    pub upload_rate: RateLimit,
 }
 
 impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
-            max_concurrent_uploads: 32,
+            max_concurrent_uploads: 16,
             max_connections: 1024,
             request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
+            upload_rate: RateLimit::unlimited(),
         }
     }
 }
@@ -276,11 +286,12 @@ async fn read_request(recv: &mut RecvStream) -> Result<Request, RequestError> {
     }
 }
 
-/// The sending half of a request's stream, with the write timeout and the
-/// sent-bytes metric.
+/// The sending half of a request's stream, with the write timeout, the
+/// upload cap and the sent-bytes metric.
 struct Responder {
     send: SendStream,
     write_timeout: Duration,
+    rate: RateLimit,
 }
 
 /// The stream cannot carry more (reset by us after a stall, or by the peer).
@@ -292,6 +303,7 @@ impl Responder {
         match tokio::time::timeout(self.write_timeout, self.send.write_all_chunks(bufs)).await {
             Ok(Ok(())) => {
                 metrics::global().peer_bytes_sent.inc_by(len as u64);
+                self.rate.spend(len).await;
                 Ok(())
             }
             Ok(Err(_)) => Err(Gone),
@@ -342,6 +354,7 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, shared: Arc<Shared
     let mut out = Responder {
         send,
         write_timeout: shared.limits.write_timeout,
+        rate: shared.limits.upload_rate.clone(),
     };
     let read = tokio::time::timeout(shared.limits.request_timeout, read_request(&mut recv)).await;
     // One request per stream: nothing after it is read.

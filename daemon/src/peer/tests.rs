@@ -132,9 +132,13 @@ impl TestCa {
 
     /// A client as `node_id` of this CA, trusting `trust`.
     fn client_trusting(&self, trust: &TestCa, node_id: Option<&str>) -> PeerClient {
+        PeerClient::new(self.client_endpoint(trust, node_id))
+    }
+
+    fn client_endpoint(&self, trust: &TestCa, node_id: Option<&str>) -> quinn::Endpoint {
         let mut ep = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
         ep.set_default_client_config(self.client_config(trust, node_id));
-        PeerClient::new(ep)
+        ep
     }
 }
 
@@ -703,7 +707,7 @@ async fn busy_when_upload_slots_are_taken() {
             matches!(second[..], [(1, ChunkResult::Failed(FetchError::Busy(_)))]),
             "{second:?}"
         );
-        assert_eq!(second[0].1.outcome(), shoal_proto::sched::Outcome::Failed);
+        assert_eq!(second[0].1.outcome(), shoal_proto::sched::Outcome::Busy);
         // The slot is free again.
         let again = async {
             let got = client.fetch(&peer, &digest, &hashes, &[1], DEADLINE);
@@ -1022,4 +1026,72 @@ fn results_map_onto_scheduler_outcomes() {
         ChunkResult::Failed(FetchError::Timeout).outcome(),
         Outcome::Failed
     );
+}
+
+/// The time a fetch of all 4.5 chunks of [`blob_data`] takes through a cap
+/// of `RATE` bytes a second, at the least: the bucket's burst (64 KiB) is
+/// free, and the wait for the last chunk's bytes comes after it is
+/// delivered, so four chunks less one burst must wait.
+const RATE: u64 = 256_000;
+fn capped_at_least() -> Duration {
+    Duration::from_secs_f64((4 * MIN_CHUNK as u64 - (64 << 10)) as f64 / RATE as f64)
+}
+
+#[tokio::test]
+async fn the_upload_cap_holds_a_peer_to_the_rate() {
+    bounded(async {
+        let data = blob_data(11);
+        let (hashes, digest) = hashes_of(&data);
+        let ca = TestCa::new("cluster");
+        let limits = ServeLimits {
+            upload_rate: crate::rate::RateLimit::new(RATE),
+            ..ServeLimits::default()
+        };
+        let (_server, peer) = serve(&ca, Arc::new(MemSource::with(&data)), limits);
+        let client = ca.client(Some("client-1"));
+        client.connection(&peer).await.unwrap();
+        let started = Instant::now();
+        let got = client
+            .fetch(&peer, &digest, &hashes, &[0, 1, 2, 3, 4], DEADLINE)
+            .await;
+        let took = started.elapsed();
+        assert!(
+            got.iter()
+                .all(|(_, r)| matches!(r, ChunkResult::Verified(_))),
+            "{got:?}"
+        );
+        assert!(took >= capped_at_least(), "{took:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_download_cap_holds_a_client_to_the_rate() {
+    bounded(async {
+        let data = blob_data(12);
+        let (hashes, digest) = hashes_of(&data);
+        let ca = TestCa::new("cluster");
+        let (_server, peer) = serve(
+            &ca,
+            Arc::new(MemSource::with(&data)),
+            ServeLimits::default(),
+        );
+        let client = PeerClient::with_download_rate(
+            ca.client_endpoint(&ca, Some("client-1")),
+            crate::rate::RateLimit::new(RATE),
+        );
+        client.connection(&peer).await.unwrap();
+        let started = Instant::now();
+        let got = client
+            .fetch(&peer, &digest, &hashes, &[0, 1, 2, 3, 4], DEADLINE)
+            .await;
+        let took = started.elapsed();
+        assert!(
+            got.iter()
+                .all(|(_, r)| matches!(r, ChunkResult::Verified(_))),
+            "{got:?}"
+        );
+        assert!(took >= capped_at_least(), "{took:?}");
+    })
+    .await;
 }
