@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// elsewhere. Default 16.
     #[arg(long, env = "SHOAL_PEER_MAX_UPLOADS", value_name = "N")]
     pub peer_max_uploads: Option<usize>,
+    /// The size of the chunks blobs are split into, the same on every
+    /// member (a power of two, 64KiB to 4MiB). Default 1MiB.
+    #[arg(long, env = "SHOAL_CHUNK_SIZE", value_name = "SIZE")]
+    pub chunk_size: Option<String>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -121,6 +125,7 @@ struct FileConfig {
     peer_upload_rate: Option<toml::Value>,
     peer_download_rate: Option<toml::Value>,
     peer_max_uploads: Option<usize>,
+    chunk_size: Option<toml::Value>,
 }
 
 /// Log output format.
@@ -178,6 +183,8 @@ pub struct SwarmConfig {
     pub download_rate: Option<u64>,
     /// Chunk requests served at once.
     pub max_uploads: usize,
+    /// Chunk size of new blobs.
+    pub chunk_size: u32,
 }
 
 fn host_name() -> String {
@@ -301,6 +308,23 @@ impl RunArgs {
         if !(1..=4096).contains(&max_uploads) {
             bail!("`peer-max-uploads`: {max_uploads} is not between 1 and 4096");
         }
+        let chunk_size = match (self.chunk_size, file.chunk_size) {
+            (Some(s), _) => parse_size(&s).context("`chunk-size`")?,
+            (None, Some(toml::Value::Integer(n))) if n > 0 => n as u64,
+            (None, Some(toml::Value::String(s))) => {
+                parse_size(&s).context("config field `chunk-size`")?
+            }
+            (None, Some(other)) => bail!("config field `chunk-size`: {other} is not a size"),
+            (None, None) => u64::from(shoal_proto::chunk::DEFAULT_CHUNK_SIZE),
+        };
+        let chunk_size = u32::try_from(chunk_size)
+            .ok()
+            .filter(|&c| shoal_proto::chunk::is_valid_chunk_size(c))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "`chunk-size`: {chunk_size} is not a power of two between 64KiB and 4MiB"
+                )
+            })?;
         let swarm = match self.cluster_dir.or(file.cluster_dir) {
             None => None,
             Some(cluster_dir) => {
@@ -334,6 +358,7 @@ impl RunArgs {
                     upload_rate,
                     download_rate,
                     max_uploads,
+                    chunk_size,
                 })
             }
         };
@@ -451,6 +476,47 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn swarm_limits_and_chunk_size() {
+        fn member(extra: impl FnOnce(&mut RunArgs)) -> anyhow::Result<Config> {
+            let mut a = RunArgs {
+                cluster_dir: Some(PathBuf::from("/etc/shoal/cluster")),
+                node_id: Some("node-1".into()),
+                peer_listen: Some("10.0.0.5:4901".parse().unwrap()),
+                ..Default::default()
+            };
+            extra(&mut a);
+            a.resolve()
+        }
+        let sc = member(|_| {}).unwrap().swarm.unwrap();
+        assert_eq!(sc.chunk_size, 1 << 20);
+        assert_eq!(
+            (sc.upload_rate, sc.download_rate, sc.max_uploads),
+            (None, None, 16)
+        );
+        let sc = member(|a| {
+            a.chunk_size = Some("256KiB".into());
+            a.peer_upload_rate = Some("100mbit".into());
+            a.peer_max_uploads = Some(4);
+        })
+        .unwrap()
+        .swarm
+        .unwrap();
+        assert_eq!(sc.chunk_size, 256 << 10);
+        assert_eq!(sc.upload_rate, Some(12_500_000));
+        assert_eq!(sc.max_uploads, 4);
+        for bad in ["1000", "8MiB", "32KiB", "huge"] {
+            let err = member(|a| a.chunk_size = Some(bad.into()))
+                .map(|_| ())
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("chunk-size"), "{bad}: {err:#}");
+        }
+        let err = member(|a| a.peer_max_uploads = Some(0)).unwrap_err();
+        assert!(format!("{err:#}").contains("peer-max-uploads"), "{err:#}");
+        let err = member(|a| a.peer_download_rate = Some("quick".into())).unwrap_err();
+        assert!(format!("{err:#}").contains("peer-download-rate"), "{err:#}");
     }
 
     #[test]

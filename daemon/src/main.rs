@@ -177,6 +177,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             let source = Arc::new(peer::source::NodeSource::new(
                 store.clone(),
                 content.transfers().clone(),
+                sc.chunk_size,
             ));
             let (swarm, server) = swarm::Swarm::start(sc, source)?;
             content.transfers().join(swarm.clone());
@@ -184,6 +185,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
                 upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads,
+                chunk_size = sc.chunk_size,
                 "joined the swarm");
             Some((server, swarm))
         }

@@ -29,6 +29,8 @@ pub struct Swarm {
     pub tracker: AnyTracker,
     /// Dials peers and fetches verified chunks.
     pub peers: PeerClient,
+    /// The cluster's chunk size for new blobs.
+    pub chunk_size: u32,
 }
 
 impl Swarm {
@@ -87,6 +89,7 @@ impl Swarm {
                 endpoint,
                 RateLimit::from_option(cfg.download_rate),
             ),
+            chunk_size: cfg.chunk_size,
         });
         Ok((swarm, handle))
     }

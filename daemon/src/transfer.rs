@@ -218,7 +218,11 @@ impl Transfers {
             .head_blob(&target.upstream, &target.repo, digest)
             .await
             .map_err(|e| e.to_oci())?;
-        let layout = ChunkLayout::for_blob(size).map_err(|e| {
+        let chunk_size = self
+            .swarm
+            .get()
+            .map_or(shoal_proto::chunk::DEFAULT_CHUNK_SIZE, |s| s.chunk_size);
+        let layout = ChunkLayout::for_blob_with(size, chunk_size).map_err(|e| {
             OciError::new(ErrorCode::Unavailable, format!("blob of {size} bytes: {e}"))
         })?;
         let (store, d) = (self.store.clone(), *digest);

@@ -199,7 +199,17 @@ impl ChunkLayout {
     /// needed to stay within [`MAX_CHUNKS`]. Fails only for blobs larger than
     /// `MAX_CHUNKS × MAX_CHUNK_SIZE` (4 TiB).
     pub fn for_blob(size: u64) -> Result<Self, ChunkError> {
-        let mut chunk_size = DEFAULT_CHUNK_SIZE;
+        Self::for_blob_with(size, DEFAULT_CHUNK_SIZE)
+    }
+
+    /// [`for_blob`](Self::for_blob) with the cluster's chunk size
+    /// `preferred` (every member must use the same one) in place of the
+    /// default; fails for a chunk size [`ChunkLayout::new`] refuses.
+    pub fn for_blob_with(size: u64, preferred: u32) -> Result<Self, ChunkError> {
+        if !is_valid_chunk_size(preferred) {
+            return Err(ChunkError::BadChunkSize(preferred));
+        }
+        let mut chunk_size = preferred;
         while chunk_size < MAX_CHUNK_SIZE
             && size.div_ceil(u64::from(chunk_size)) > u64::from(MAX_CHUNKS)
         {
@@ -943,6 +953,23 @@ mod tests {
         );
         let too_big = u64::from(MAX_CHUNKS) * u64::from(MAX_CHUNK_SIZE) + 1;
         assert!(ChunkLayout::for_blob(too_big).is_err());
+        assert_eq!(
+            ChunkLayout::for_blob_with(1 << 30, MIN_CHUNK_SIZE)
+                .unwrap()
+                .chunk_size(),
+            MIN_CHUNK_SIZE
+        );
+        let past_min = u64::from(MAX_CHUNKS) * u64::from(MIN_CHUNK_SIZE) + 1;
+        assert_eq!(
+            ChunkLayout::for_blob_with(past_min, MIN_CHUNK_SIZE)
+                .unwrap()
+                .chunk_size(),
+            MIN_CHUNK_SIZE * 2
+        );
+        assert_eq!(
+            ChunkLayout::for_blob_with(10, 1000),
+            Err(ChunkError::BadChunkSize(1000))
+        );
     }
 
     #[test]

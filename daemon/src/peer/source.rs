@@ -43,12 +43,20 @@ pub trait ChunkSource: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct StoreSource {
     store: Store,
+    chunk_size: u32,
 }
 
 impl StoreSource {
-    /// A source over `store`'s complete blobs.
+    /// A source over `store`'s complete blobs, laid out with the default
+    /// chunk size.
     pub fn new(store: Store) -> Self {
-        StoreSource { store }
+        Self::with_chunk_size(store, shoal_proto::chunk::DEFAULT_CHUNK_SIZE)
+    }
+
+    /// A source whose bitfields lay blobs out with the cluster's
+    /// `chunk_size` (chunk requests name their own).
+    pub fn with_chunk_size(store: Store, chunk_size: u32) -> Self {
+        StoreSource { store, chunk_size }
     }
 
     fn complete_size(&self, blob: &Digest) -> Option<u64> {
@@ -81,9 +89,10 @@ impl ChunkSource for StoreSource {
     }
 
     fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)> {
-        // Every node lays a blob out the same way (`for_blob`), so the
-        // answer lines up with the tracker's chunk map.
-        let layout = ChunkLayout::for_blob(self.complete_size(blob)?).ok()?;
+        // Every member lays a blob out the same way (`for_blob_with` the
+        // cluster's chunk size), so the answer lines up with the tracker's
+        // chunk map.
+        let layout = ChunkLayout::for_blob_with(self.complete_size(blob)?, self.chunk_size).ok()?;
         let bits = Bitfield::full(layout.count()).ok()?;
         Some((layout, bits))
     }
@@ -101,10 +110,11 @@ pub struct NodeSource {
 }
 
 impl NodeSource {
-    /// Serves `store` and the running `transfers`.
-    pub fn new(store: Store, transfers: crate::transfer::Transfers) -> Self {
+    /// Serves `store` and the running `transfers`, laying complete blobs
+    /// out with the cluster's `chunk_size`.
+    pub fn new(store: Store, transfers: crate::transfer::Transfers, chunk_size: u32) -> Self {
         NodeSource {
-            store: StoreSource::new(store),
+            store: StoreSource::with_chunk_size(store, chunk_size),
             transfers,
         }
     }

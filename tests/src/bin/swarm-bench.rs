@@ -5,25 +5,45 @@
 //! for both, and one JSON line.
 //!
 //! `cargo build --release --workspace --bins && \
-//!  SHOALD_BIN=target/release/shoald target/release/swarm-bench [N] [L] [S]`
+//!  SHOALD_BIN=target/release/shoald target/release/swarm-bench [N] [L] [S]
+//!  [--rate RATE] [--chunk-size SIZE]`
 //!
-//! Loopback has no bandwidth limit: this measures origin offload and the
-//! overhead of the swarm machinery, not the shaped-network bound (that is
-//! the lab benchmark's job).
+//! Loopback has no bandwidth limit: without `--rate` this measures origin
+//! offload and the overhead of the swarm machinery. `--rate` (e.g.
+//! `100mbit`) caps the origin (at the counting proxy) and every member's
+//! peer upload (`--peer-upload-rate`) at that rate, a stand-in for
+//! upload-limited hosts with unlimited download, where the Kumar–Ross bound
+//! is `max(F/u_s, N·F/(u_s + N·u)) = F/rate`; the table then gives both
+//! pulls as a multiple of it. `--chunk-size` is passed to every member.
+//! (The netns lab with real shaped links is the benchmark issue's job.)
 
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use shoal_tests::cluster::Cluster;
 use shoal_tests::fixture::Origin;
 use shoal_tests::{fresh_seed, http, random_blob, ShoaldOpts, MIB};
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    let mut args: Vec<u64> = Vec::new();
+    let mut rate: Option<u64> = None;
+    let mut member_args: Vec<String> = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rate" => {
+                let r = it.next().context("--rate needs a value")?;
+                rate = Some(shoal_daemon::config::parse_rate(&r)?);
+                member_args.extend(["--peer-upload-rate".into(), r]);
+            }
+            "--chunk-size" => {
+                let c = it.next().context("--chunk-size needs a value")?;
+                member_args.extend(["--chunk-size".into(), c]);
+            }
+            n => args.push(n.parse().with_context(|| format!("{n:?}: not a number"))?),
+        }
+    }
     let nodes = *args.first().unwrap_or(&8) as usize;
     let layers = *args.get(1).unwrap_or(&3) as usize;
     let layer_mib = *args.get(2).unwrap_or(&16) as usize;
@@ -35,6 +55,7 @@ async fn main() -> Result<()> {
         digests.push(digest);
     }
     let image = (layers * layer_mib * MIB) as f64;
+    origin.proxy.set_rate(rate);
 
     // Baseline: N direct pulls of every blob at once.
     let e0 = origin.egress();
@@ -64,10 +85,11 @@ async fn main() -> Result<()> {
     for i in 0..nodes {
         members.push(
             cluster
-                .member(
-                    &format!("node-{i}"),
-                    ShoaldOpts::insecure_default(&origin.addr()),
-                )
+                .member(&format!("node-{i}"), {
+                    let mut o = ShoaldOpts::insecure_default(&origin.addr());
+                    o.extra_args.extend(member_args.iter().cloned());
+                    o
+                })
                 .await?,
         );
     }
@@ -113,8 +135,20 @@ async fn main() -> Result<()> {
         shoal_s / direct_s,
         peer_rx / image
     );
+    // With every upload capped at `rate` and downloads free: F / rate.
+    let bound_s = rate.map(|r| image / r as f64);
+    if let Some(b) = bound_s {
+        println!(
+            "bound {b:.2} s: shoal {:.2}× bound, direct {:.2}× bound",
+            shoal_s / b,
+            direct_s / b
+        );
+    }
     println!(
-        "{{\"nodes\":{nodes},\"layers\":{layers},\"layer_mib\":{layer_mib},\"direct_s\":{direct_s:.3},\"direct_egress_ratio\":{:.3},\"shoal_s\":{shoal_s:.3},\"shoal_egress_ratio\":{:.3},\"peer_bytes_ratio\":{:.3}}}",
+        "{{\"nodes\":{nodes},\"layers\":{layers},\"layer_mib\":{layer_mib},\"rate_bytes_per_s\":{},\"member_args\":{:?},\"bound_s\":{},\"direct_s\":{direct_s:.3},\"direct_egress_ratio\":{:.3},\"shoal_s\":{shoal_s:.3},\"shoal_egress_ratio\":{:.3},\"peer_bytes_ratio\":{:.3}}}",
+        rate.map_or("null".into(), |r| r.to_string()),
+        member_args.join(" "),
+        bound_s.map_or("null".into(), |b| format!("{b:.3}")),
         direct_egress / image,
         shoal_egress / image,
         peer_rx / image
