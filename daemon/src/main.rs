@@ -181,7 +181,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             ));
             let (swarm, server) = swarm::Swarm::start(sc, source)?;
             content.transfers().join(swarm.clone());
-            tokio::spawn(swarm.clone().heartbeat(Duration::from_secs(5)));
+            tokio::spawn(
+                swarm
+                    .clone()
+                    .heartbeat(store.clone(), Duration::from_secs(5)),
+            );
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
                 upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads,

@@ -122,6 +122,9 @@ struct Entry {
 #[derive(Debug)]
 struct Inner {
     entries: HashMap<Digest, Entry>,
+    /// Blobs removed (evicted or dropped) since the swarm last heard of it,
+    /// oldest first, at most [`DROPPED_MAX`].
+    dropped: std::collections::VecDeque<Digest>,
     /// Bytes on disk counted against the quota (complete sizes + partial sizes).
     used: u64,
     /// Source of `Entry::lru` values.
@@ -237,6 +240,7 @@ impl Store {
                 quota,
                 inner: Mutex::new(Inner {
                     entries: HashMap::new(),
+                    dropped: std::collections::VecDeque::new(),
                     used: 0,
                     clock: 0,
                 }),
@@ -587,6 +591,7 @@ impl Store {
             let mut inner = self.shared.inner.lock().expect("store lock");
             if let Some(e) = inner.entries.remove(d) {
                 inner.used = inner.used.saturating_sub(e.meta.size);
+                inner.note_dropped(*d);
             }
         }
         let tx = db(self.shared.db.begin_write())?;
@@ -640,6 +645,7 @@ impl Store {
             }
             for d in &victims {
                 inner.entries.remove(d);
+                inner.note_dropped(*d);
             }
             inner.used = inner.used - freed + need;
             victims
@@ -719,10 +725,48 @@ impl Store {
         db(tx.commit())
     }
 
+    /// Complete blobs (not manifests) with their sizes, most recently used
+    /// first, at most `limit`: what this node can serve its peers.
+    pub fn complete_blobs(&self, limit: usize) -> Vec<(Digest, u64)> {
+        let inner = self.shared.inner.lock().expect("store lock");
+        let mut all: Vec<(u64, Digest, u64)> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.meta.complete && e.meta.kind == Kind::Blob)
+            .map(|(d, e)| (e.lru, *d, e.meta.size))
+            .collect();
+        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        all.into_iter()
+            .take(limit)
+            .map(|(_, d, size)| (d, size))
+            .collect()
+    }
+
+    /// Blobs removed since the last call (at most `limit`, oldest first),
+    /// for telling the tracker this node no longer holds them.
+    pub fn take_dropped(&self, limit: usize) -> Vec<Digest> {
+        let mut inner = self.shared.inner.lock().expect("store lock");
+        let n = limit.min(inner.dropped.len());
+        inner.dropped.drain(..n).collect()
+    }
+
     /// The record of a blob, if any.
     pub fn meta(&self, d: &Digest) -> Option<BlobMeta> {
         let inner = self.shared.inner.lock().expect("store lock");
         inner.entries.get(d).map(|e| e.meta.clone())
+    }
+}
+
+/// The most removed blobs remembered for the tracker; older ones are
+/// forgotten (the tracker learns of them when a peer says it lacks them).
+const DROPPED_MAX: usize = 10_000;
+
+impl Inner {
+    fn note_dropped(&mut self, d: Digest) {
+        if self.dropped.len() >= DROPPED_MAX {
+            self.dropped.pop_front();
+        }
+        self.dropped.push_back(d);
     }
 }
 

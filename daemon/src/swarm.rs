@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use shoal_proto::tracker_api::MAX_ANNOUNCE_BLOBS;
+use shoal_proto::ChunkLayout;
 use shoal_tracker::client::{AnyTracker, Embedded, TrackerApi};
 use shoal_tracker::clock::MonotonicClock;
 use shoal_tracker::https_client::{HttpsConfig, HttpsTracker};
-use shoal_tracker::tracker_api::{Announce, NodeId, PeerAddr};
+use shoal_tracker::tracker_api::{Announce, BlobHave, NodeId, PeerAddr};
 use shoal_tracker::{Tracker, TrackerConfig};
 
 use crate::config::SwarmConfig;
@@ -17,6 +19,7 @@ use crate::peer::client::PeerClient;
 use crate::peer::server::{PeerServer, PeerServerHandle, ServeLimits};
 use crate::peer::source::ChunkSource;
 use crate::rate::RateLimit;
+use crate::store::Store;
 
 /// Everything a transfer needs to use the swarm.
 #[derive(Debug)]
@@ -95,23 +98,234 @@ impl Swarm {
     }
 
     /// Keeps this node a live member: an announce every `every` (the
-    /// transfers announce what they hold as it arrives).
-    pub async fn heartbeat(self: Arc<Self>, every: Duration) {
+    /// transfers announce what they hold as it arrives). The first announce
+    /// that gets through, and the first after the tracker says it did not
+    /// know this node (it restarted, or forgot the node while it was
+    /// unreachable), lists every complete blob of `store` (`full`), so a
+    /// restarted node or tracker serves the swarm again at once; the others
+    /// carry the blobs the store dropped since.
+    pub async fn heartbeat(self: Arc<Self>, store: Store, every: Duration) {
         let mut tick = tokio::time::interval(every);
+        let mut full_due = true;
         loop {
             tick.tick().await;
+            if full_due {
+                full_due = !self.announce_all(&store).await;
+                continue;
+            }
+            let dropped = store.take_dropped(MAX_ANNOUNCE_BLOBS);
             let Ok(a) = Announce::new(
                 self.node.clone(),
                 self.addr.clone(),
                 Vec::new(),
-                Vec::new(),
+                dropped,
                 false,
             ) else {
-                return;
+                continue;
             };
-            if let Err(e) = self.tracker.announce(a).await {
-                tracing::debug!(error = %e, "heartbeat announce failed");
+            match self.tracker.announce(a).await {
+                Ok(reply) if !reply.known => {
+                    tracing::info!("the tracker did not know this node: announcing all it holds");
+                    full_due = !self.announce_all(&store).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat announce failed");
+                    // What was dropped is covered by the next full announce.
+                    full_due = e.is_down();
+                }
             }
         }
+    }
+
+    /// Announces every complete blob of `store` in batches that fit the
+    /// tracker's body limit, the first one `full`. Whether it got through;
+    /// a tracker that refuses it (a blob laid out differently there, say)
+    /// still gets an empty announce, so this node stays a member.
+    async fn announce_all(&self, store: &Store) -> bool {
+        // Blobs dropped until now are simply not in the list.
+        let _ = store.take_dropped(usize::MAX);
+        let held: Vec<BlobHave> = store
+            .complete_blobs(MAX_ANNOUNCE_BLOBS)
+            .into_iter()
+            .filter_map(|(d, size)| {
+                let layout = ChunkLayout::for_blob_with(size, self.chunk_size).ok()?;
+                Some(BlobHave::complete(d, layout))
+            })
+            .collect();
+        let count = held.len();
+        let mut first = true;
+        for batch in announce_batches(held) {
+            let sent = Announce::new(
+                self.node.clone(),
+                self.addr.clone(),
+                batch,
+                Vec::new(),
+                first,
+            )
+            .map_err(|e| e.to_string());
+            let result = match sent {
+                Ok(a) => self.tracker.announce(a).await.map_err(|e| {
+                    let down = e.is_down();
+                    (e.to_string(), down)
+                }),
+                Err(e) => Err((e, false)),
+            };
+            match result {
+                Ok(_) => first = false,
+                Err((e, true)) => {
+                    tracing::debug!(error = %e, "announcing held blobs failed: tracker unreachable");
+                    return false;
+                }
+                Err((e, false)) => {
+                    tracing::warn!(error = %e, "the tracker refused the list of held blobs; peers will not be sent to this node for them");
+                    if first {
+                        if let Ok(a) = Announce::new(
+                            self.node.clone(),
+                            self.addr.clone(),
+                            Vec::new(),
+                            Vec::new(),
+                            false,
+                        ) {
+                            return self.tracker.announce(a).await.is_ok();
+                        }
+                    }
+                    return true;
+                }
+            }
+        }
+        if first {
+            // Nothing held: one empty full announce.
+            if let Ok(a) = Announce::new(
+                self.node.clone(),
+                self.addr.clone(),
+                Vec::new(),
+                Vec::new(),
+                true,
+            ) {
+                return self.tracker.announce(a).await.is_ok();
+            }
+        }
+        tracing::info!(blobs = count, "announced the blobs held here");
+        true
+    }
+}
+
+/// Splits `held` into announces of at most [`MAX_ANNOUNCE_BLOBS`] blobs and
+/// about [`ANNOUNCE_BATCH_BYTES`] of JSON each (a complete blob's entry is
+/// its digest and layout plus its bitfield in base64).
+fn announce_batches(held: Vec<BlobHave>) -> Vec<Vec<BlobHave>> {
+    let mut out: Vec<Vec<BlobHave>> = Vec::new();
+    let mut bytes = 0usize;
+    for bh in held {
+        let size = 200 + (bh.layout().count() as usize).div_ceil(8) * 4 / 3;
+        let fits = out
+            .last()
+            .is_some_and(|b| b.len() < MAX_ANNOUNCE_BLOBS && bytes + size <= ANNOUNCE_BATCH_BYTES);
+        if !fits {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        out.last_mut().expect("pushed").push(bh);
+    }
+    out
+}
+
+/// Target JSON size of one announce of held blobs (the tracker takes 8 MiB).
+const ANNOUNCE_BATCH_BYTES: usize = 2 << 20;
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::Mutex;
+
+    use shoal_tracker::clock::Clock;
+
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::store::Kind;
+
+    /// Time that moves only when the test says so.
+    #[derive(Debug, Default)]
+    struct TestClock(std::sync::atomic::AtomicU64);
+
+    impl Clock for TestClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    fn swarm(tracker: Arc<Mutex<Tracker>>, clock: Arc<TestClock>) -> Swarm {
+        let endpoint = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        Swarm {
+            node: "node-1".parse().unwrap(),
+            addr: "127.0.0.1:4901".parse().unwrap(),
+            tracker: AnyTracker::Embedded(Embedded::new(tracker, clock)),
+            peers: PeerClient::new(endpoint),
+            chunk_size: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn held_blobs_are_announced_in_full_and_dropped_ones_queued_for_the_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+        let data = vec![7u8; 3 << 20];
+        let d: shoal_proto::Digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+            .parse()
+            .unwrap();
+        store.put_small(&d, Kind::Blob, &data, None).unwrap();
+        let core = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let clock = Arc::new(TestClock::default());
+        let sw = swarm(core.clone(), clock.clone());
+        let me: NodeId = "node-1".parse().unwrap();
+        // Another member looks the blob up.
+        let other: NodeId = "node-2".parse().unwrap();
+        let join = |t: &Mutex<Tracker>| {
+            let a = Announce::new(
+                other.clone(),
+                "127.0.0.1:4902".parse().unwrap(),
+                vec![],
+                vec![],
+                false,
+            );
+            t.lock().unwrap().announce(0, a.unwrap()).unwrap();
+        };
+        join(&core);
+
+        assert!(sw.announce_all(&store).await);
+        let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
+        let holder = &view.holders()[0];
+        assert!(holder.complete && holder.node == me, "{view:?}");
+        assert_eq!(holder.have.count(), 3);
+
+        // A full announce after the tracker forgot the node restores it.
+        let fresh = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let sw = swarm(fresh.clone(), clock);
+        let reply = sw
+            .tracker
+            .announce(Announce::new(me.clone(), sw.addr.clone(), vec![], vec![], false).unwrap())
+            .await
+            .unwrap();
+        assert!(!reply.known, "a new tracker knew the node");
+        assert!(sw.announce_all(&store).await);
+        join(&fresh);
+        assert_eq!(
+            fresh
+                .lock()
+                .unwrap()
+                .lookup(0, &other, &d)
+                .unwrap()
+                .holders()
+                .len(),
+            1
+        );
+
+        // Dropped blobs go out with the next heartbeat.
+        store.remove(&d).unwrap();
+        assert_eq!(store.take_dropped(10), vec![d]);
+        assert!(store.take_dropped(10).is_empty());
     }
 }

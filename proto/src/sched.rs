@@ -39,7 +39,10 @@
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
 //!   ([`Action::Lease`]); leased chunks are fetched from the origin in
 //!   contiguous runs (one Range request each, at most `origin_run` chunks),
-//!   at most `origin_requests` runs at once. With the tracker down, chunks no
+//!   at most `origin_requests` runs at once. While leased chunks are still
+//!   coming from the origin the leases are renewed every `lease_renew_ms`
+//!   (a lease request names just them), so a slow origin does not let the
+//!   tracker hand the same chunks to a second node. With the tracker down, chunks no
 //!   known peer holds go to the origin directly, with the same bounds.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -77,6 +80,9 @@ pub struct SchedConfig {
     pub endgame_after_ms: u64,
     /// Chunks asked for in one lease request.
     pub lease_batch: u32,
+    /// How often leases of chunks still in flight from the origin are
+    /// renewed (well inside the tracker's lease lifetime, 10 s by default).
+    pub lease_renew_ms: u64,
     /// How often to refresh holders and hashes while waiting for chunks.
     pub lookup_interval_ms: u64,
     /// Origin failures (after the origin client's own retries) before the
@@ -103,6 +109,7 @@ impl Default for SchedConfig {
             endgame_chunks: 4,
             endgame_after_ms: 300,
             lease_batch: 16,
+            lease_renew_ms: 4_000,
             lookup_interval_ms: 500,
             max_origin_failures: 3,
             orphan_after_ms: 5_000,
@@ -284,6 +291,8 @@ pub struct Scheduler<P> {
     lease_pending: bool,
     /// After a grant that left chunks without any source, when to ask again.
     lease_retry_at: u64,
+    /// When leases were last asked for (granted or renewed).
+    last_lease: u64,
     lookup_pending: bool,
     last_lookup: Option<u64>,
     want: u32,
@@ -324,6 +333,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             origin_failures: 0,
             lease_pending: false,
             lease_retry_at: 0,
+            last_lease: 0,
             lookup_pending: false,
             last_lookup: None,
             want: 0,
@@ -685,6 +695,13 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let renew =
+            (!self.tracker_down && !self.lease_pending && !self.leased_in_flight().is_empty())
+                .then_some(self.last_lease + self.cfg.lease_renew_ms);
+        let lookup = match (lookup, renew) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         // When waiting chunks may go to the origin without a lease.
         let orphans = (waiting && self.first_orphan().is_some())
             .then_some(self.last_progress + self.cfg.orphan_after_ms);
@@ -737,9 +754,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             if !self.lease_pending && !idle_leases && now >= self.lease_retry_at {
                 if let Some(from) = self.first_orphan() {
                     self.lease_pending = true;
+                    self.last_lease = now;
                     return Some(Action::Lease {
                         from,
                         max: self.cfg.lease_batch,
+                    });
+                }
+            }
+            if !self.lease_pending && now >= self.last_lease + self.cfg.lease_renew_ms {
+                let fetching = self.leased_in_flight();
+                if let Some(&from) = fetching.first() {
+                    self.lease_pending = true;
+                    self.last_lease = now;
+                    return Some(Action::Lease {
+                        from,
+                        max: fetching.len() as u32,
                     });
                 }
             }
@@ -948,6 +977,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         (self.want..n)
             .chain(0..self.want)
             .find(|&c| self.idle_missing(c) && !self.leased.get(c) && !self.peer_servable(c))
+    }
+
+    /// Leased chunks still in flight from the origin, ascending.
+    fn leased_in_flight(&self) -> Vec<u32> {
+        self.leased
+            .iter_ones()
+            .filter(|c| {
+                self.inflight
+                    .get(c)
+                    .is_some_and(|reqs| reqs.iter().any(|r| r.source == Source::Origin))
+            })
+            .collect()
     }
 
     /// Whether progress depends on news from the tracker: chunks are missing
@@ -1255,6 +1296,42 @@ mod tests {
             },
         );
         assert!(!s.have().get(2));
+    }
+
+    #[test]
+    fn leases_of_chunks_still_coming_from_the_origin_are_renewed() {
+        let mut s = sched(4);
+        assert_eq!(drain(&mut s, 0), vec![Action::Lease { from: 0, max: 16 }]);
+        s.handle(1, Event::LeaseGranted(vec![0, 1, 2, 3]));
+        assert_eq!(
+            drain(&mut s, 1),
+            vec![Action::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            }]
+        );
+        // A slow origin: the run is still going when the renewal is due.
+        assert_eq!(s.next_deadline(), Some(4_000));
+        assert_eq!(
+            drain(&mut s, 4_000),
+            vec![Action::Lease { from: 0, max: 4 }]
+        );
+        s.handle(4_001, Event::LeaseGranted(vec![0, 1, 2, 3]));
+        for c in [0, 1] {
+            s.handle(
+                4_500,
+                Event::Chunk {
+                    source: Source::Origin,
+                    chunk: c,
+                    outcome: Outcome::Verified,
+                },
+            );
+        }
+        assert_eq!(drain(&mut s, 4_500), vec![]);
+        // Only what is still in flight is renewed.
+        assert_eq!(
+            drain(&mut s, 8_000),
+            vec![Action::Lease { from: 2, max: 2 }]
+        );
     }
 
     #[test]

@@ -563,6 +563,16 @@ impl Announce {
 pub struct AnnounceReply {
     /// Announce again within this many milliseconds to stay a member.
     pub interval_ms: u64,
+    /// Whether the tracker knew the member before this announce. `false`
+    /// (the tracker restarted, or forgot a member silent for too long):
+    /// the member should announce everything it holds (`full`). Absent from
+    /// older trackers' answers, read as `true`.
+    #[serde(default = "known_by_default")]
+    pub known: bool,
+}
+
+fn known_by_default() -> bool {
+    true
 }
 
 // ---------------------------------------------------------------------------

@@ -327,3 +327,55 @@ async fn after_a_tracker_outage_the_swarm_resumes() {
         "after the outage B went to the origin"
     );
 }
+
+/// A member that held a blob restarts: it announces what its store holds,
+/// and a member that asks afterwards gets the blob from it, not the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_serves_what_its_store_holds() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let mut a = cluster.member("node-a", opts()).await.unwrap();
+    let size = 6 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/kept", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/kept/blobs/{digest}");
+    http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
+        .await
+        .unwrap()
+        .expect_complete(&digest, size)
+        .unwrap();
+    a.wait_idle().await.unwrap();
+    a.kill9();
+    a.restart().await.unwrap();
+    // The first heartbeat lists the store's blobs.
+    let logs = || a.logs();
+    shoal_tests::util::wait_for(
+        "node-a to announce the blobs it holds",
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_millis(100),
+        || {
+            let found = logs().contains("announced the blobs held here");
+            async move { Ok(found.then_some(())) }
+        },
+    )
+    .await
+    .unwrap();
+
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
+        .await
+        .unwrap()
+        .expect_complete(&digest, size)
+        .unwrap();
+    assert_eq!(
+        b.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "B went to the origin for a blob the restarted A holds"
+    );
+    assert!(b.metric(PEER_RX, &[]).await.unwrap() >= size as f64);
+}

@@ -262,6 +262,7 @@ impl Tracker {
         let now = self.expire(now_ms);
         let node = a.node().clone();
         self.check_excluded(&node)?;
+        let known = self.members.contains_key(&node);
         let empty = BTreeSet::new();
         let current = self.members.get(&node).map_or(&empty, |m| &m.blobs);
         if !self.members.contains_key(&node) && self.members.len() >= self.cfg.max_members {
@@ -380,6 +381,7 @@ impl Tracker {
         }
         Ok(AnnounceReply {
             interval_ms: self.cfg.announce_interval_ms,
+            known,
         })
     }
 

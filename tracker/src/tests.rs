@@ -393,6 +393,26 @@ fn member_expiry_removes_holdings_and_leases() {
 }
 
 #[test]
+fn an_announce_says_whether_the_tracker_knew_the_member() {
+    let mut h = Harness::new();
+    let announce = |h: &mut Harness, now| {
+        let a = Announce::new(
+            id(0),
+            "10.0.0.1:4901".parse().unwrap(),
+            vec![],
+            vec![],
+            false,
+        );
+        h.t.announce(now, a.unwrap()).unwrap().known
+    };
+    assert!(!announce(&mut h, 0), "a new member was known");
+    assert!(announce(&mut h, 1_000));
+    // Forgotten after the TTL of silence: asked to announce everything again.
+    assert!(!announce(&mut h, 40_000));
+    h.check();
+}
+
+#[test]
 fn time_never_goes_backwards() {
     let (d, l) = (blob(1), layout(2));
     let mut h = Harness::new();
