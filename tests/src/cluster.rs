@@ -125,11 +125,40 @@ impl Cluster {
     }
 
     /// Starts a member named `node` with `opts` (its origin settings), joined to this cluster.
-    pub async fn member(&self, node: &str, mut opts: ShoaldOpts) -> Result<Shoald> {
+    pub async fn member(&self, node: &str, opts: ShoaldOpts) -> Result<Shoald> {
+        self.start_with_ca(node, opts, &self.dir.path().join("ca"))
+            .await
+    }
+
+    /// Starts a `shoald` named `node` that dials this cluster's tracker but
+    /// holds credentials of another cluster CA of its own (written with
+    /// `shoald cluster-init`): an outsider.
+    pub async fn outsider(&self, node: &str, opts: ShoaldOpts) -> Result<Shoald> {
+        let other = self.dir.path().join(format!("outsider-{node}"));
+        let out = Command::new(shoald_binary()?)
+            .arg("cluster-init")
+            .arg(&other)
+            .output()
+            .context("running shoald cluster-init")?;
+        if !out.status.success() {
+            bail!(
+                "shoald cluster-init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.start_with_ca(node, opts, &other).await
+    }
+
+    async fn start_with_ca(
+        &self,
+        node: &str,
+        mut opts: ShoaldOpts,
+        ca: &std::path::Path,
+    ) -> Result<Shoald> {
         let peer = util::free_port()?;
         opts.extra_args.extend([
             "--cluster-dir".into(),
-            self.dir.path().join("ca").display().to_string(),
+            ca.display().to_string(),
             "--node-id".into(),
             node.into(),
             "--peer-listen".into(),

@@ -230,6 +230,11 @@ async fn with_the_tracker_down_pulls_complete_from_the_origin() {
     let r = http::get_hashed(&http::client(), &url, &[]).await.unwrap();
     r.expect_complete(&digest, size).unwrap();
     assert!(a.origin_blob_bytes().await.unwrap() >= size as f64);
+    assert!(
+        a.logs().contains("tracker unreachable"),
+        "no warning that the tracker is down:\n{}",
+        a.logs()
+    );
 }
 
 /// The only member holding a blob is frozen (`SIGSTOP`) or killed
@@ -378,4 +383,107 @@ async fn a_restarted_member_serves_what_its_store_holds() {
         "B went to the origin for a blob the restarted A holds"
     );
     assert!(b.metric(PEER_RX, &[]).await.unwrap() >= size as f64);
+}
+
+/// A daemon with a certificate of another CA, pointed at the cluster's
+/// tracker: the tracker refuses it (its pulls fall back to the origin, with
+/// a warning), and no member sends it a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_of_another_ca_gets_nothing_from_the_swarm() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let outsider = cluster.outsider("node-x", opts()).await.unwrap();
+    let size = 4 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/closed", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/closed/blobs/{digest}");
+    for m in [&a, &outsider] {
+        http::get_hashed(&http::client(), &format!("{}{path}", m.registry_url()), &[])
+            .await
+            .unwrap()
+            .expect_complete(&digest, size)
+            .unwrap();
+    }
+    assert!(outsider.origin_blob_bytes().await.unwrap() >= size as f64);
+    assert_eq!(outsider.metric(PEER_RX, &[]).await.unwrap(), 0.0);
+    assert_eq!(
+        a.metric("shoal_peer_bytes_sent_total", &[]).await.unwrap(),
+        0.0
+    );
+    let logs = outsider.logs();
+    assert!(
+        logs.contains("tracker unreachable"),
+        "the outsider did not say the tracker refused it:\n{logs}"
+    );
+}
+
+/// Four members pull a cold blob together; mid-transfer one is killed
+/// (`kill -9`) and another frozen (`SIGSTOP`): the other two still end with
+/// the right bytes, their requests to the lost members moving elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_killed_and_frozen_mid_transfer_do_not_stop_the_others() {
+    let origin = Origin::start().await.unwrap();
+    // A paced origin keeps the transfer going long enough to break it.
+    origin.proxy.set_rate(Some(8 * MIB as u64));
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let mut nodes = Vec::new();
+    for n in ["node-1", "node-2", "node-3", "node-4"] {
+        nodes.push(cluster.member(n, opts()).await.unwrap());
+    }
+    let size = 24 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/chaos", &blob)
+        .await
+        .unwrap();
+    drop(blob);
+    let path = format!("/v2/swarm/chaos/blobs/{digest}");
+    let pulls: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let url = format!("{}{path}", n.registry_url());
+            tokio::spawn(async move { http::get_hashed(&http::client(), &url, &[]).await })
+        })
+        .collect();
+    // Once the swarm is moving (peers sending each other chunks), break it.
+    let t = std::time::Instant::now();
+    loop {
+        let mut moved = 0.0;
+        for n in &nodes {
+            moved += n.metric(PEER_RX, &[]).await.unwrap_or(0.0);
+        }
+        if moved >= 2.0 * MIB as f64 {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 60, "the swarm never started moving");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    nodes[0].kill9();
+    nodes[1].signal("STOP").unwrap();
+    let broke = std::time::Instant::now();
+    let mut pulls = pulls.into_iter();
+    let (_killed, frozen) = (pulls.next().unwrap(), pulls.next().unwrap());
+    for (i, p) in pulls.enumerate() {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(120), p)
+            .await
+            .unwrap_or_else(|_| panic!("node-{} hung", i + 3))
+            .unwrap()
+            .unwrap();
+        r.expect_complete(&digest, size)
+            .unwrap_or_else(|e| panic!("node-{}: {e:#}", i + 3));
+    }
+    eprintln!(
+        "the two survivors finished {:?} after the kill and the freeze",
+        broke.elapsed()
+    );
+    nodes[1].signal("CONT").unwrap();
+    frozen.abort();
 }
