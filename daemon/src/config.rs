@@ -95,7 +95,7 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_PEER_MAX_UPLOADS", value_name = "N")]
     pub peer_max_uploads: Option<usize>,
     /// The size of the chunks blobs are split into, the same on every
-    /// member (a power of two, 64KiB to 4MiB). Default 1MiB.
+    /// member (a power of two, 64KiB to 4MiB). Default 256KiB.
     #[arg(long, env = "SHOAL_CHUNK_SIZE", value_name = "SIZE")]
     pub chunk_size: Option<String>,
 }
@@ -491,7 +491,7 @@ mod tests {
             a.resolve()
         }
         let sc = member(|_| {}).unwrap().swarm.unwrap();
-        assert_eq!(sc.chunk_size, 1 << 20);
+        assert_eq!(sc.chunk_size, 256 << 10);
         assert_eq!(
             (sc.upload_rate, sc.download_rate, sc.max_uploads),
             (None, None, 16)

@@ -381,8 +381,15 @@ impl Content for NodeContent {
                 self.note_confirmed(target, digest);
                 return Ok(Box::new(SizeOnly(size)));
             }
+            // With the origin down, an earlier confirmation still counts.
+            let vouched = self
+                .confirmed
+                .lock()
+                .expect("lock")
+                .get(&Self::key(target, digest))
+                .is_some_and(|t| t.elapsed() < STALE_CONFIRMATION_MAX);
             // `None`: it completed since we looked; go round once more.
-            if let Some(t) = self.transfers.get_or_start(target, digest) {
+            if let Some(t) = self.transfers.get_or_start(target, digest, vouched) {
                 break t;
             }
         };
@@ -412,7 +419,7 @@ impl Content for NodeContent {
                 }));
             }
         };
-        if transfer.started_for == *target {
+        if transfer.started_for == *target && transfer.confirmed_by_origin() {
             self.note_confirmed(target, digest);
         }
         Ok(Box::new(ArrivingBlob {

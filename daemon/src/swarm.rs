@@ -264,7 +264,7 @@ mod tests {
             addr: "127.0.0.1:4901".parse().unwrap(),
             tracker: AnyTracker::Embedded(Embedded::new(tracker, clock)),
             peers: PeerClient::new(endpoint),
-            chunk_size: 1 << 20,
+            chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
         }
     }
 

@@ -90,6 +90,10 @@ pub struct Progress {
     /// Chunks stored in the file (verified: from the origin, or from a peer
     /// against the chunk map); peers may be served these.
     pub have: Option<Bitfield>,
+    /// Whether the origin confirmed, for this transfer, that the repository
+    /// it was started for holds the blob (`false` when it ran on an earlier
+    /// confirmation with the origin unreachable).
+    pub confirmed: bool,
 }
 
 /// One blob being fetched.
@@ -153,7 +157,16 @@ impl Transfers {
 
     /// The running transfer of `digest`, or a new one started for `target`.
     /// `None` when the blob became complete in the meantime: read the store.
-    pub fn get_or_start(&self, target: &Target, digest: &Digest) -> Option<Arc<Transfer>> {
+    ///
+    /// `vouched`: this node holds an earlier confirmation from the origin
+    /// that `target` holds the blob; with the origin unreachable the blob's
+    /// size then comes from the tracker and the chunks from peers.
+    pub fn get_or_start(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        vouched: bool,
+    ) -> Option<Arc<Transfer>> {
         let mut running = self.running.lock().expect("transfers lock");
         if let Some(t) = running.get(digest) {
             return Some(t.clone());
@@ -171,6 +184,7 @@ impl Transfers {
             file: None,
             layout: None,
             have: None,
+            confirmed: false,
         });
         let t = Arc::new(Transfer {
             started_for: target.clone(),
@@ -181,7 +195,7 @@ impl Transfers {
         let (target, digest) = (target.clone(), *digest);
         metrics::global().transfers_active.inc();
         tokio::spawn(async move {
-            match this.fetch(&target, &digest, &tx).await {
+            match this.fetch(&target, &digest, vouched, &tx).await {
                 Ok(()) => {}
                 Err(Fail::Oci(e)) => {
                     tracing::warn!(digest = %digest, upstream = %target.upstream, repo = %target.repo, error = %e, "transfer failed");
@@ -199,10 +213,22 @@ impl Transfers {
         Some(t)
     }
 
+    /// The size of `digest` as the tracker knows it, if some member holds
+    /// the whole blob.
+    async fn size_from_swarm(&self, digest: &Digest) -> Option<u64> {
+        let sw = self.swarm.get()?;
+        let view = sw.tracker.lookup(&sw.node, digest).await.ok()?;
+        view.holders()
+            .iter()
+            .any(|h| h.complete)
+            .then(|| view.layout().size())
+    }
+
     async fn fetch(
         &self,
         target: &Target,
         digest: &Digest,
+        vouched: bool,
         tx: &watch::Sender<Progress>,
     ) -> Result<(), Fail> {
         let store_err = |e: StoreError| {
@@ -212,12 +238,30 @@ impl Transfers {
         // The size, from the origin — whose answer is also its word that
         // this repository holds the blob: asked even when a partial of an
         // earlier attempt is on disk, so no repository reads stored bytes on
-        // another repository's confirmation.
-        let size = self
+        // another repository's confirmation. With the origin unreachable,
+        // an earlier confirmation of this node's (`vouched`) lets peers
+        // serve a blob the swarm holds; the tracker knows its size.
+        let size = match self
             .origin
             .head_blob(&target.upstream, &target.repo, digest)
             .await
-            .map_err(|e| e.to_oci())?;
+        {
+            Ok(size) => {
+                tx.send_modify(|p| p.confirmed = true);
+                size
+            }
+            Err(e @ OriginError::Unavailable { .. }) if vouched => {
+                match self.size_from_swarm(digest).await {
+                    Some(size) => {
+                        tracing::warn!(digest = %digest, repo = %target.repo, error = %e,
+                            "origin unreachable; fetching from peers on an earlier confirmation");
+                        size
+                    }
+                    None => return Err(Fail::from(e.to_oci())),
+                }
+            }
+            Err(e) => return Err(Fail::from(e.to_oci())),
+        };
         let chunk_size = self
             .swarm
             .get()
@@ -1140,6 +1184,12 @@ impl Transfer {
                 )));
             }
         }
+    }
+
+    /// Whether the origin confirmed this transfer's repository (see
+    /// [`Progress::confirmed`]).
+    pub fn confirmed_by_origin(&self) -> bool {
+        self.progress.borrow().confirmed
     }
 
     /// A reader of this transfer.

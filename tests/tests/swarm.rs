@@ -487,3 +487,55 @@ async fn members_killed_and_frozen_mid_transfer_do_not_stop_the_others() {
     nodes[1].signal("CONT").unwrap();
     frozen.abort();
 }
+
+/// With the origin unreachable, a member that has the origin's earlier word
+/// that the repository holds a blob (here from a HEAD) gets the blob from a
+/// peer; a member without that word gets a clear 503: peers never stand in
+/// for the origin's authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_origin_down_a_confirmed_blob_comes_from_peers() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let c = cluster.member("node-c", opts()).await.unwrap();
+    let size = 6 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/offline", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/offline/blobs/{digest}");
+    http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
+        .await
+        .unwrap()
+        .expect_complete(&digest, size)
+        .unwrap();
+    a.wait_idle().await.unwrap();
+    let r = http::head(&format!("{}{path}", b.registry_url()), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status.as_u16(), 200);
+    drop(origin);
+
+    http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
+        .await
+        .unwrap()
+        .expect_complete(&digest, size)
+        .unwrap();
+    assert_eq!(b.origin_blob_bytes().await.unwrap(), 0.0);
+    assert!(b.metric(PEER_RX, &[]).await.unwrap() >= size as f64);
+    assert!(b
+        .logs()
+        .contains("origin unreachable; fetching from peers on an earlier confirmation"));
+
+    let t = std::time::Instant::now();
+    let r = http::get(&format!("{}{path}", c.registry_url()), &[])
+        .await
+        .unwrap();
+    r.expect_oci_error(503, "UNAVAILABLE").unwrap();
+    assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
+    assert_eq!(c.metric(PEER_RX, &[]).await.unwrap(), 0.0);
+}

@@ -64,6 +64,9 @@ struct Args {
     /// Chunks per shoal request (one stream each; at most 64).
     #[arg(long, default_value_t = 16)]
     per_request: usize,
+    /// Chunk size in bytes (a power of two, 65536 to 4194304).
+    #[arg(long, default_value_t = shoal_proto::chunk::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
     /// Directory for the temporary cluster CA and store (default: the
     /// system's temp dir); removed at the end.
     #[arg(long)]
@@ -323,8 +326,12 @@ impl Bench {
 
 /// Writes `data` into `store` as one complete blob and returns its chunk
 /// map and digest.
-fn store_blob(store: &Store, data: &[u8]) -> anyhow::Result<(ChunkHashes, Digest)> {
-    let layout = ChunkLayout::for_blob(data.len() as u64)?;
+fn store_blob(
+    store: &Store,
+    data: &[u8],
+    chunk_size: u32,
+) -> anyhow::Result<(ChunkHashes, Digest)> {
+    let layout = ChunkLayout::for_blob_with(data.len() as u64, chunk_size)?;
     let (hashes, digest) = ChunkHashes::of_blob(layout, data)?;
     let (mut file, _) = store.begin_partial(&digest, BlobKind::Blob, layout)?;
     file.write_all(data)?;
@@ -474,6 +481,7 @@ async fn measure(args: Args, setup: Setup) -> anyhow::Result<()> {
         "blob_mib": args.mib,
         "rounds": args.rounds,
         "per_request": args.per_request,
+        "chunk_size": args.chunk_size,
         "runtime_workers": workers,
         "results": rows,
         "best_shoal_gbps": best_shoal,
@@ -518,7 +526,7 @@ fn main() -> anyhow::Result<()> {
     let id_b = shoal_cluster::Identity::load(&cluster, "node-b")?;
     let (store, _) = Store::open(&tmp.0.join("store"), 2 * size + (64 << 20))?;
     let data = random_bytes(size as usize, 0x5eed_0000 ^ size);
-    let (hashes, blob) = store_blob(&store, &data)?;
+    let (hashes, blob) = store_blob(&store, &data, args.chunk_size)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
