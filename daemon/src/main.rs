@@ -22,6 +22,12 @@ use shoal_daemon::content::NodeContent;
 use shoal_daemon::store::Store;
 use shoal_daemon::{ops, peer, swarm};
 
+/// mimalloc keeps the chunk buffers of the peer and registry paths in
+/// reused memory; glibc's allocator hands such 0.25–4 MiB buffers back to
+/// the kernel and faults them in again (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal's per-node daemon: a verifying, streaming, single-flight registry mirror.
 #[derive(Debug, Parser)]
 #[command(name = "shoald", version, about)]

@@ -42,6 +42,12 @@ use shoal_daemon::peer::{self, PeerAddr};
 use shoal_daemon::store::{Kind as BlobKind, Store};
 use shoal_proto::{ChunkHashes, ChunkLayout, Digest};
 
+/// mimalloc keeps the chunk buffers of the peer and registry paths in
+/// reused memory; glibc's allocator hands such 0.25–4 MiB buffers back to
+/// the kernel and faults them in again (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The throughput goal: shoal at least this fraction of raw quinn.
 const GOAL: f64 = 0.70;
 /// Bound on one fetch; a healthy one takes about a second.
