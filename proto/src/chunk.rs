@@ -27,9 +27,9 @@ use crate::digest::Digest;
 /// The chunk size Shoal uses for new blobs unless the cluster sets another
 /// (`--chunk-size`). 256 KiB by measurement: eight members with every
 /// upload capped at 100 mbit pulling a cold 3 × 16 MiB image finished in
-/// 1.33–1.39× the Kumar–Ross bound at 256 KiB, 1.52× at 512 KiB, 1.97× at
-/// 1 MiB and 1.48–1.54× at 4 MiB (128 KiB: 1.23×, at twice the chunk hashes
-/// per lookup); see `docs/BENCHMARKS.md`, "Chunk size".
+/// 1.32–1.40× the Kumar–Ross bound at 256 KiB, 1.52× at 512 KiB, 1.92–2.03×
+/// at 1 MiB and 1.41–1.55× at 4 MiB (128 KiB: 1.23×, at twice the chunk
+/// hashes per lookup); see `docs/BENCHMARKS.md`, "chunk size by measurement".
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 /// The smallest chunk size accepted.
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
