@@ -47,4 +47,4 @@ fi
 
 # The integration tests spawn target/debug/shoald.
 cargo build --workspace --bins
-cargo test --workspace
+cargo test --workspace --no-fail-fast

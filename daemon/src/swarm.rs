@@ -61,7 +61,8 @@ impl Swarm {
         let handle = PeerServer::spawn(endpoint.clone(), source, limits);
         let tracker = if cfg.trackers.is_empty() {
             let core = Tracker::new(TrackerConfig::default())
-                .map_err(|e| anyhow::anyhow!("embedded tracker: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("embedded tracker: {e}"))?
+                .starting_epochs_at(shoal_tracker::clock::epoch_base());
             AnyTracker::Embedded(Embedded::new(
                 Arc::new(std::sync::Mutex::new(core)),
                 Arc::new(MonotonicClock::new()),
@@ -299,7 +300,9 @@ mod tests {
         let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
         let holder = &view.holders()[0];
         assert!(holder.complete && holder.node == me, "{view:?}");
-        assert_eq!(holder.have.count(), 3);
+        let layout = ChunkLayout::for_blob_with(data.len() as u64, sw.chunk_size).unwrap();
+        assert_eq!(view.layout(), layout);
+        assert_eq!(holder.have.count(), layout.count());
 
         // A full announce after the tracker forgot the node restores it.
         let fresh = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));

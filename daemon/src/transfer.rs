@@ -26,7 +26,8 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal_proto::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
 use shoal_proto::tracker_api::{
-    Announce, BlobHave, ChunkHash, LeaseRequest, LookupReply, NodeId, PublishHashes, Report,
+    Announce, BlobHave, ChunkHash, HashCursor, LeaseRequest, LookupReply, NodeId, PublishHashes,
+    Report,
 };
 use shoal_proto::{
     Bitfield, ChunkHashes, ChunkLayout, Digest, ErrorCode, OciError, Sha256Verifier,
@@ -217,7 +218,7 @@ impl Transfers {
     /// the whole blob.
     async fn size_from_swarm(&self, digest: &Digest) -> Option<u64> {
         let sw = self.swarm.get()?;
-        let view = sw.tracker.lookup(&sw.node, digest).await.ok()?;
+        let view = sw.tracker.lookup(&sw.node, digest, None).await.ok()?;
         view.holders()
             .iter()
             .any(|h| h.complete)
@@ -650,6 +651,9 @@ struct Net {
     /// Since when the tracker has not answered, if it is down.
     down_since: Option<u64>,
     last_probe: u64,
+    /// Where this transfer's knowledge of the chunk hashes stands: lookups
+    /// ask only for hashes published since.
+    cursor: Option<HashCursor>,
     /// Peer requests in flight, by task id: the task and the chunks it
     /// still owes.
     peer_tasks: HashMap<u64, (tokio::task::AbortHandle, Vec<u32>)>,
@@ -700,6 +704,7 @@ impl Net {
             in_flight: 0,
             down_since: None,
             last_probe: 0,
+            cursor: None,
             peer_tasks: HashMap::new(),
             owed_by: HashMap::new(),
             next_task: 0,
@@ -732,8 +737,10 @@ impl Net {
 
     fn lookup(&self) {
         let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
+        // Only the hashes published since the last answer.
+        let since = self.cursor;
         tokio::spawn(async move {
-            let r = sw.tracker.lookup(&sw.node, &blob).await;
+            let r = sw.tracker.lookup(&sw.node, &blob, since).await;
             let _ = ev.send(Ev::Looked(r));
         });
     }
@@ -856,6 +863,11 @@ impl Net {
             // Withdrawn hashes: only the new epoch's hashes count.
             self.hashes = ChunkHashes::new(self.layout);
             self.epoch = view.epoch();
+            self.cursor = None;
+        }
+        // Answers may come back out of order: the cursor only moves on.
+        if self.cursor.is_none_or(|c| c.seq < view.hash_seq()) {
+            self.cursor = Some(view.cursor());
         }
         for (i, h) in view.hashes().iter().enumerate() {
             if let Some(h) = h {

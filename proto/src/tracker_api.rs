@@ -605,6 +605,47 @@ pub struct BlobView {
     hashes: Vec<Option<ChunkHash>>,
     holders: Vec<Holder>,
     leased: Bitfield,
+    /// The blob's hash sequence number at this reply: with the epoch, the
+    /// cursor of the requester's next lookup ([`HashCursor`]).
+    #[serde(default)]
+    hash_seq: u64,
+}
+
+/// Where a requester's knowledge of a blob's chunk hashes stands: the epoch
+/// and hash sequence number of its last lookup reply. A lookup with a
+/// cursor of the blob's current epoch gets only the hashes published since
+/// (the others are `None` in the reply: the requester keeps what it has);
+/// any other epoch gets them all. In a URL: `since=EPOCH.SEQ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCursor {
+    /// [`BlobView::epoch`] of that reply.
+    pub epoch: u64,
+    /// [`BlobView::hash_seq`] of that reply.
+    pub seq: u64,
+}
+
+impl fmt::Display for HashCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
+impl std::str::FromStr for HashCursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a hash cursor EPOCH.SEQ (two decimal numbers)");
+        let (e, q) = s.split_once('.').ok_or_else(bad)?;
+        let num = |t: &str| {
+            (!t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u64>().ok())
+                .flatten()
+        };
+        Ok(HashCursor {
+            epoch: num(e).ok_or_else(bad)?,
+            seq: num(q).ok_or_else(bad)?,
+        })
+    }
 }
 
 /// The reply to a lookup.
@@ -619,6 +660,8 @@ struct RawBlobView {
     hashes: Vec<Option<ChunkHash>>,
     holders: Vec<Holder>,
     leased: Bitfield,
+    #[serde(default)]
+    hash_seq: u64,
 }
 
 impl TryFrom<RawBlobView> for BlobView {
@@ -626,7 +669,10 @@ impl TryFrom<RawBlobView> for BlobView {
 
     fn try_from(r: RawBlobView) -> Result<Self, TrackerError> {
         let layout = ChunkLayout::new(r.size, r.chunk_size)?;
-        BlobView::new(r.blob, layout, r.epoch, r.hashes, r.holders, r.leased)
+        Ok(
+            BlobView::new(r.blob, layout, r.epoch, r.hashes, r.holders, r.leased)?
+                .with_hash_seq(r.hash_seq),
+        )
     }
 }
 
@@ -664,7 +710,27 @@ impl BlobView {
             hashes,
             holders,
             leased,
+            hash_seq: 0,
         })
+    }
+
+    /// The same view carrying the blob's hash sequence number.
+    pub fn with_hash_seq(mut self, seq: u64) -> Self {
+        self.hash_seq = seq;
+        self
+    }
+
+    /// The blob's hash sequence number (grows with every hash published).
+    pub fn hash_seq(&self) -> u64 {
+        self.hash_seq
+    }
+
+    /// The cursor for the next lookup of this requester.
+    pub fn cursor(&self) -> HashCursor {
+        HashCursor {
+            epoch: self.epoch,
+            seq: self.hash_seq,
+        }
     }
 
     /// The blob.
@@ -684,7 +750,8 @@ impl BlobView {
         self.epoch
     }
 
-    /// One entry per chunk: its hash if published.
+    /// One entry per chunk: its hash if published (since the lookup's
+    /// cursor, if it gave one of this epoch).
     pub fn hashes(&self) -> &[Option<ChunkHash>] {
         &self.hashes
     }
@@ -1098,6 +1165,27 @@ mod tests {
         wrong["chunk_size"] = json!(1000);
         assert!(serde_json::from_value::<BlobHave>(wrong).is_err());
         assert!(BlobHave::complete(d(1), layout).have().is_full());
+    }
+
+    #[test]
+    fn hash_cursors_round_trip_and_bad_ones_are_refused() {
+        let c = HashCursor { epoch: 17, seq: 4 };
+        assert_eq!(c.to_string(), "17.4");
+        assert_eq!("17.4".parse::<HashCursor>(), Ok(c));
+        for bad in [
+            "",
+            "17",
+            "17.",
+            ".4",
+            "1.2.3",
+            "-1.2",
+            "1.+2",
+            "a.b",
+            "99999999999999999999999.1",
+        ] {
+            let e = bad.parse::<HashCursor>().unwrap_err();
+            assert!(e.contains("EPOCH.SEQ"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub(crate) struct Holding {
 pub(crate) struct Published {
     pub(crate) hash: ChunkHash,
     pub(crate) by: NodeId,
+    /// The blob's hash sequence number when it was accepted.
+    pub(crate) seq: u64,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,8 @@ pub(crate) struct Blob {
     open: Bitfield,
     /// Since when the blob has had no holders and no leases (hashes only).
     pub(crate) idle_since: Option<u64>,
+    /// Hashes accepted so far (the last one's `Published::seq`).
+    pub(crate) hash_seq: u64,
 }
 
 impl Blob {
@@ -110,6 +114,7 @@ impl Blob {
             by_node: BTreeMap::new(),
             open: Bitfield::full(layout.count()).expect("layout bounds the count"),
             idle_since: None,
+            hash_seq: 0,
         }
     }
 
@@ -299,9 +304,11 @@ impl Blob {
         if self.hashes[i as usize].is_none() {
             self.known += 1;
         }
+        self.hash_seq += 1;
         self.hashes[i as usize] = Some(Published {
             hash,
             by: by.clone(),
+            seq: self.hash_seq,
         });
         self.lessee.remove(&i);
         self.release(i, q);

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, LeaseGrant, LeaseRequest, LookupReply, NodeId, PublishHashes,
-    PublishReply, Report, ReportReply, TrackerError,
+    Announce, AnnounceReply, HashCursor, LeaseGrant, LeaseRequest, LookupReply, NodeId,
+    PublishHashes, PublishReply, Report, ReportReply, TrackerError,
 };
 use shoal_proto::Digest;
 
@@ -34,12 +34,14 @@ pub trait TrackerApi: Send + Sync {
     fn announce(&self, a: Announce)
         -> impl Future<Output = Result<AnnounceReply, ApiError>> + Send;
 
-    /// Chunk hashes, a subset of holders chosen for `node`, and the leased
-    /// chunks of `blob`.
+    /// Chunk hashes (those published after `since`, if it is of the
+    /// blob's current epoch), a subset of holders chosen for `node`, and
+    /// the leased chunks of `blob`.
     fn lookup(
         &self,
         node: &NodeId,
         blob: &Digest,
+        since: Option<HashCursor>,
     ) -> impl Future<Output = Result<LookupReply, ApiError>> + Send;
 
     /// Origin-fetch leases.
@@ -303,8 +305,13 @@ impl TrackerApi for Embedded {
         self.with(|t, now| t.announce(now, a)).map(|(r, _)| r)
     }
 
-    async fn lookup(&self, node: &NodeId, blob: &Digest) -> Result<LookupReply, ApiError> {
-        self.with(|t, now| t.lookup(now, node, blob))
+    async fn lookup(
+        &self,
+        node: &NodeId,
+        blob: &Digest,
+        since: Option<HashCursor>,
+    ) -> Result<LookupReply, ApiError> {
+        self.with(|t, now| t.lookup_since(now, node, blob, since))
             .map(|(r, _)| r)
     }
 
@@ -348,8 +355,13 @@ impl TrackerApi for AnyTracker {
         dispatch!(self, t => t.announce(a))
     }
 
-    async fn lookup(&self, node: &NodeId, blob: &Digest) -> Result<LookupReply, ApiError> {
-        dispatch!(self, t => t.lookup(node, blob))
+    async fn lookup(
+        &self,
+        node: &NodeId,
+        blob: &Digest,
+        since: Option<HashCursor>,
+    ) -> Result<LookupReply, ApiError> {
+        dispatch!(self, t => t.lookup(node, blob, since))
     }
 
     async fn lease(&self, r: LeaseRequest) -> Result<Lease, ApiError> {
@@ -406,7 +418,7 @@ mod tests {
         let e = Embedded::new(Arc::new(Mutex::new(t)), clock.clone());
         let n: NodeId = "n1".parse().unwrap();
         let d = Digest::of(b"blob");
-        let err = poll_ready(Box::pin(e.lookup(&n, &d))).unwrap_err();
+        let err = poll_ready(Box::pin(e.lookup(&n, &d, None))).unwrap_err();
         assert_eq!(err.code(), Some(&ErrorCode::UnknownBlob));
         assert!(!err.is_down());
         let a = Announce::new(

@@ -74,3 +74,13 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Where a tracker process starts numbering hash epochs
+/// ([`Tracker::starting_epochs_at`](crate::Tracker::starting_epochs_at)):
+/// the wall clock in microseconds, so a restarted tracker never reuses the
+/// epochs (and members' hash cursors) of the one before.
+pub fn epoch_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}

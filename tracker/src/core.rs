@@ -56,8 +56,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, BlobView, Holder, LeaseGrant, LeaseRequest, LookupReply, NodeId,
-    PeerAddr, PublishHashes, PublishRejection, PublishReply, Report, ReportReply, TrackerError,
+    Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
+    NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Report, ReportReply,
+    TrackerError,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
@@ -389,6 +390,18 @@ impl Tracker {
     /// `max_peers_per_lookup` holders chosen for it (never itself), and the
     /// chunks under lease. Anyone not excluded may look up.
     pub fn lookup(&mut self, now_ms: u64, node: &NodeId, blob: &Digest) -> Result<LookupReply> {
+        self.lookup_since(now_ms, node, blob, None)
+    }
+
+    /// [`lookup`](Self::lookup), with only the hashes published after
+    /// `since` when it names the blob's current epoch ([`HashCursor`]).
+    pub fn lookup_since(
+        &mut self,
+        now_ms: u64,
+        node: &NodeId,
+        blob: &Digest,
+        since: Option<HashCursor>,
+    ) -> Result<LookupReply> {
         let now = self.expire(now_ms);
         self.check_excluded(node)?;
         let b = self
@@ -417,12 +430,25 @@ impl Tracker {
         for &i in b.leases.keys() {
             leased.set(i).expect("leases are in range");
         }
+        let after = since.filter(|c| c.epoch == b.epoch).map_or(0, |c| c.seq);
         let hashes = b
             .hashes
             .iter()
-            .map(|h| h.as_ref().map(|p| p.hash))
+            .map(|h| h.as_ref().filter(|p| p.seq > after).map(|p| p.hash))
             .collect();
-        BlobView::new(*blob, b.layout, b.epoch, hashes, holders, leased)
+        Ok(
+            BlobView::new(*blob, b.layout, b.epoch, hashes, holders, leased)?
+                .with_hash_seq(b.hash_seq),
+        )
+    }
+
+    /// Makes this tracker number hash epochs from `first` on (default 1).
+    /// A tracker process starts them at its start time in microseconds, so
+    /// epochs — and the [`HashCursor`]s members keep — never repeat across
+    /// restarts.
+    pub fn starting_epochs_at(mut self, first: u64) -> Self {
+        self.next_epoch = first.max(1);
+        self
     }
 
     /// Grants origin leases; see [`LeaseRequest`]. The node's own leases on

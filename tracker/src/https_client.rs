@@ -28,8 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, LeaseGrant, LeaseRequest, LookupReply, NodeId, PublishHashes,
-    PublishReply, Report, ReportReply,
+    Announce, AnnounceReply, HashCursor, LeaseGrant, LeaseRequest, LookupReply, NodeId,
+    PublishHashes, PublishReply, Report, ReportReply,
 };
 use shoal_proto::Digest;
 
@@ -366,9 +366,17 @@ impl TrackerApi for HttpsTracker {
         self.post("/v1/announce", &a).await.map(|(r, _)| r)
     }
 
-    async fn lookup(&self, node: &NodeId, blob: &Digest) -> Result<LookupReply, ApiError> {
-        // Node ids need no percent-encoding ([A-Za-z0-9._-]).
-        let path = format!("/v1/blobs/{blob}?node={node}");
+    async fn lookup(
+        &self,
+        node: &NodeId,
+        blob: &Digest,
+        since: Option<HashCursor>,
+    ) -> Result<LookupReply, ApiError> {
+        // Node ids and cursors need no percent-encoding ([A-Za-z0-9._-]).
+        let path = match since {
+            Some(c) => format!("/v1/blobs/{blob}?node={node}&since={c}"),
+            None => format!("/v1/blobs/{blob}?node={node}"),
+        };
         self.call(Method::GET, &path, Bytes::new())
             .await
             .map(|(r, _)| r)

@@ -147,7 +147,8 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
     let identity = shoal_cluster::Identity::load(&args.cluster_dir, &name)
         .with_context(|| format!("--cluster-dir {}", args.cluster_dir.display()))?;
     let tls = Arc::new(server::tls_config(&identity)?);
-    let tracker = Tracker::new(TrackerConfig::default())?;
+    let tracker = Tracker::new(TrackerConfig::default())?
+        .starting_epochs_at(shoal_tracker::clock::epoch_base());
     let server = Server::new(
         Arc::new(Mutex::new(tracker)),
         Arc::new(MonotonicClock::new()),

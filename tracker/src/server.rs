@@ -51,7 +51,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::tracker_api::{
-    Announce, LeaseRequest, NodeId, PublishHashes, Report, TrackerError,
+    Announce, HashCursor, LeaseRequest, NodeId, PublishHashes, Report, TrackerError,
 };
 use shoal_proto::Digest;
 use tokio::net::{TcpListener, TcpStream};
@@ -636,18 +636,24 @@ impl Inner {
                 format!("invalid digest in the path: {e}"),
             )
         })?;
-        let asked = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("node="));
-        let node = match asked {
+        let query = req.uri().query().unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        };
+        let node = match param("node") {
             Some(n) => n.parse::<NodeId>()?,
             None => peer.default_node()?,
         };
+        let since = param("since")
+            .map(|c| {
+                c.parse::<HashCursor>()
+                    .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("`since`: {e}")))
+            })
+            .transpose()?;
         peer.check(&node)?;
-        let (reply, now) = self.call(|t, now| t.lookup(now, &node, &blob))?;
+        let (reply, now) = self.call(|t, now| t.lookup_since(now, &node, &blob, since))?;
         Ok(Self::reply(&reply, now))
     }
 

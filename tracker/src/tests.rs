@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use shoal_proto::tracker_api::{
-    Announce, BlobHave, ChunkHash, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
+    Announce, BlobHave, ChunkHash, HashCursor, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
     PublishRejection, PublishReply, Report, TrackerError,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
@@ -390,6 +390,54 @@ fn member_expiry_removes_holdings_and_leases() {
         Err(TrackerError::NotAMember(id(0)))
     );
     h.check();
+}
+
+#[test]
+fn a_lookup_with_a_cursor_gets_only_the_hashes_published_since() {
+    let (d, l) = (blob(7), layout(4));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    h.publish_true(1, 0, d, &[0, 1]);
+    let first = h.t.lookup(2, &id(1), &d).unwrap();
+    assert_eq!(first.hashes().iter().flatten().count(), 2);
+    h.publish_true(3, 0, d, &[3]);
+    let next =
+        h.t.lookup_since(4, &id(1), &d, Some(first.cursor()))
+            .unwrap();
+    let got: Vec<bool> = next.hashes().iter().map(Option::is_some).collect();
+    assert_eq!(got, [false, false, false, true]);
+    assert!(next.hash_seq() > first.hash_seq());
+    // Nothing new: nothing sent.
+    let idle =
+        h.t.lookup_since(5, &id(1), &d, Some(next.cursor()))
+            .unwrap();
+    assert!(idle.hashes().iter().all(Option::is_none));
+    // A cursor of another epoch (withdrawn hashes, a restarted tracker) gets all.
+    let stale = HashCursor {
+        epoch: next.epoch() + 1,
+        seq: next.hash_seq(),
+    };
+    let all = h.t.lookup_since(6, &id(1), &d, Some(stale)).unwrap();
+    assert_eq!(all.hashes().iter().flatten().count(), 3);
+    h.check();
+}
+
+#[test]
+fn epochs_can_start_anywhere() {
+    let mut t = Tracker::new(TrackerConfig::default())
+        .unwrap()
+        .starting_epochs_at(1_000_000);
+    let a = Announce::new(
+        id(0),
+        "10.0.0.1:4901".parse().unwrap(),
+        vec![partial(blob(1), layout(2), [0])],
+        vec![],
+        false,
+    );
+    t.announce(0, a.unwrap()).unwrap();
+    assert_eq!(t.lookup(0, &id(0), &blob(1)).unwrap().epoch(), 1_000_000);
 }
 
 #[test]

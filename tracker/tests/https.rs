@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{bounded, dead_port, http_get, raw_client, send, Cluster, Running};
 use shoal_proto::tracker_api::{
-    Announce, BlobHave, ChunkHash, LeaseRequest, NodeId, PublishHashes, PublishRejection, Report,
+    Announce, BlobHave, ChunkHash, HashCursor, LeaseRequest, NodeId, PublishHashes,
+    PublishRejection, Report,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 use shoal_tracker::client::{ApiError, Embedded, ErrorCode, TrackerApi};
@@ -59,7 +60,7 @@ async fn a_member_announces_looks_up_leases_publishes_and_reports() {
 
         let reply = n1.announce(announce("node-1", 4901, vec![])).await.unwrap();
         assert_eq!(reply.interval_ms, 5_000);
-        let (status, code) = refused_code(n1.lookup(&node("node-1"), &blob).await);
+        let (status, code) = refused_code(n1.lookup(&node("node-1"), &blob, None).await);
         assert_eq!((status, code), (404, ErrorCode::UnknownBlob));
 
         t.clock.advance(10);
@@ -80,7 +81,7 @@ async fn a_member_announces_looks_up_leases_publishes_and_reports() {
         assert!(published.rejected.is_empty());
 
         n2.announce(announce("node-2", 4902, vec![])).await.unwrap();
-        let view = n2.lookup(&node("node-2"), &blob).await.unwrap();
+        let view = n2.lookup(&node("node-2"), &blob, None).await.unwrap();
         assert!(view.hashes().iter().all(Option::is_some));
         assert_eq!(view.hashes()[2], Some(truth(&blob, 2)));
         assert_eq!(view.holders().len(), 1);
@@ -106,7 +107,7 @@ async fn a_member_announces_looks_up_leases_publishes_and_reports() {
         assert_eq!(r.withdrawn, 4);
         // Its hashes withdrawn and its partial holdings cleared, nothing is
         // left of the blob.
-        let (_, code) = refused_code(n2.lookup(&node("node-2"), &blob).await);
+        let (_, code) = refused_code(n2.lookup(&node("node-2"), &blob, None).await);
         assert_eq!(code, ErrorCode::UnknownBlob);
 
         let mut t = t;
@@ -214,7 +215,7 @@ async fn a_member_cannot_speak_for_another_node() {
         let (_, code) = refused_code(n1.announce(announce("NODE-1", 4901, vec![])).await);
         assert_eq!(code, ErrorCode::NodeMismatch);
         let blob = Digest::of(b"x");
-        let (_, code) = refused_code(n1.lookup(&node("node-2"), &blob).await);
+        let (_, code) = refused_code(n1.lookup(&node("node-2"), &blob, None).await);
         assert_eq!(code, ErrorCode::NodeMismatch);
         let h = vec![(0, ChunkHash::of(b"evil"))];
         let (_, code) = refused_code(
@@ -276,6 +277,10 @@ async fn bad_requests_get_precise_json_errors() {
         check(&r, 400, "bad_request", "digest");
         let r = send(&c, "GET", &u(&format!("/v1/blobs/{unknown}?node=bad%20id")), "").await;
         check(&r, 400, "bad_request", "node id");
+        let r = send(&c, "GET", &u(&format!("/v1/blobs/{unknown}?since=7")), "").await;
+        check(&r, 400, "bad_request", "hash cursor EPOCH.SEQ");
+        let r = send(&c, "GET", &u(&format!("/v1/blobs/{unknown}?since=1.-2")), "").await;
+        check(&r, 400, "bad_request", "`since`");
 
         let big = vec![b' '; 9 << 20];
         let r = send(&c, "POST", &u("/v1/hashes"), big).await;
@@ -309,7 +314,7 @@ async fn bad_requests_get_precise_json_errors() {
             r#"shoal_tracker_requests_total{route="other",status="404"} 1"#,
             "shoal_tracker_members 1",
             "shoal_tracker_blobs 0",
-            "shoal_tracker_request_duration_seconds_count{route=\"lookup\"} 4",
+            "shoal_tracker_request_duration_seconds_count{route=\"lookup\"} 6",
         ] {
             assert!(metrics.contains(line), "missing {line}:\n{metrics}");
         }
@@ -370,7 +375,7 @@ async fn the_client_fails_over_to_the_next_tracker() {
 
         // A refusal is not "down", and is not retried elsewhere.
         let blob = Digest::of(b"x");
-        let err = c.lookup(&node("node-1"), &blob).await.unwrap_err();
+        let err = c.lookup(&node("node-1"), &blob, None).await.unwrap_err();
         assert!(!err.is_down());
         assert_eq!(err.code(), Some(&ErrorCode::UnknownBlob));
     })
@@ -411,7 +416,7 @@ async fn script<T: TrackerApi>(n1: &T, n2: &T, clock: &ManualClock) -> Vec<Strin
         };
     }
     rec!(n1.lease(LeaseRequest::new(node("node-1"), a, la, 2, 0).unwrap()));
-    rec!(n1.lookup(&node("node-1"), &a));
+    rec!(n1.lookup(&node("node-1"), &a, None));
     rec!(n1.announce(announce("node-1", 4901, vec![])));
     let mut have = Bitfield::new(4).unwrap();
     have.set(3).unwrap();
@@ -435,14 +440,16 @@ async fn script<T: TrackerApi>(n1: &T, n2: &T, clock: &ManualClock) -> Vec<Strin
     rec!(n2.publish_hashes(
         PublishHashes::new(node("node-2"), a, vec![(0, ChunkHash::of(b"bad"))]).unwrap()
     ));
-    rec!(n2.lookup(&node("node-2"), &a));
+    rec!(n2.lookup(&node("node-2"), &a, None));
+    // Only what was published after the first accepted hash.
+    rec!(n2.lookup(&node("node-2"), &a, Some(HashCursor { epoch: 1, seq: 1 })));
     rec!(n1.announce(announce(
         "node-1",
         4901,
         vec![BlobHave::complete(a, layout(5))]
     )));
     clock.advance(11_000);
-    rec!(n1.lookup(&node("node-1"), &a));
+    rec!(n1.lookup(&node("node-1"), &a, None));
     rec!(n2.report(Report::BadChunk {
         node: node("node-2"),
         blob: a,
@@ -454,7 +461,7 @@ async fn script<T: TrackerApi>(n1: &T, n2: &T, clock: &ManualClock) -> Vec<Strin
         blob: a,
         epoch: 1
     }));
-    rec!(n1.lookup(&node("node-1"), &a));
+    rec!(n1.lookup(&node("node-1"), &a, None));
     clock.advance(40_000);
     rec!(n1.lease(LeaseRequest::new(node("node-1"), a, la, 1, 0).unwrap()));
     out
