@@ -29,7 +29,8 @@ use crate::digest::Digest;
 /// upload capped at 100 mbit pulling a cold 3 × 16 MiB image finished in
 /// 1.32–1.40× the Kumar–Ross bound at 256 KiB, 1.52× at 512 KiB, 1.92–2.03×
 /// at 1 MiB and 1.41–1.55× at 4 MiB (128 KiB: 1.23×, at twice the chunk
-/// hashes per lookup); see `docs/BENCHMARKS.md`, "chunk size by measurement".
+/// hashes to publish and fetch); see `docs/BENCHMARKS.md`, "chunk size by
+/// measurement".
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 /// The smallest chunk size accepted.
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
