@@ -180,35 +180,31 @@ impl Swarm {
                 }
                 Err((e, false)) => {
                     tracing::warn!(error = %e, "the tracker refused the list of held blobs; peers will not be sent to this node for them");
-                    if first {
-                        if let Ok(a) = Announce::new(
-                            self.node.clone(),
-                            self.addr.clone(),
-                            Vec::new(),
-                            Vec::new(),
-                            false,
-                        ) {
-                            return self.tracker.announce(a).await.is_ok();
-                        }
-                    }
-                    return true;
+                    return !first || self.announce_nothing(false).await;
                 }
             }
         }
         if first {
             // Nothing held: one empty full announce.
-            if let Ok(a) = Announce::new(
-                self.node.clone(),
-                self.addr.clone(),
-                Vec::new(),
-                Vec::new(),
-                true,
-            ) {
-                return self.tracker.announce(a).await.is_ok();
-            }
+            return self.announce_nothing(true).await;
         }
         tracing::info!(blobs = count, "announced the blobs held here");
         true
+    }
+
+    /// An announce of no blobs (alive, and with `full`, holding nothing);
+    /// whether it got through.
+    async fn announce_nothing(&self, full: bool) -> bool {
+        match Announce::new(
+            self.node.clone(),
+            self.addr.clone(),
+            Vec::new(),
+            Vec::new(),
+            full,
+        ) {
+            Ok(a) => self.tracker.announce(a).await.is_ok(),
+            Err(_) => false,
+        }
     }
 }
 

@@ -31,22 +31,27 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Writes a new cluster CA into `dir` with `shoald cluster-init`.
+fn cluster_init(dir: &std::path::Path) -> Result<()> {
+    let out = Command::new(shoald_binary()?)
+        .arg("cluster-init")
+        .arg(dir)
+        .output()
+        .context("running shoald cluster-init")?;
+    if !out.status.success() {
+        bail!(
+            "shoald cluster-init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Writes a cluster CA with `shoald cluster-init` and starts `shoal-tracker` on loopback.
     pub async fn start() -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let ca = dir.path().join("ca");
-        let out = Command::new(shoald_binary()?)
-            .arg("cluster-init")
-            .arg(&ca)
-            .output()
-            .context("running shoald cluster-init")?;
-        if !out.status.success() {
-            bail!(
-                "shoald cluster-init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        cluster_init(&dir.path().join("ca"))?;
         let port = util::free_port()?;
         let ops = util::free_port()?;
         let tracker = Self::spawn_tracker(dir.path(), port, ops)?;
@@ -135,17 +140,7 @@ impl Cluster {
     /// `shoald cluster-init`): an outsider.
     pub async fn outsider(&self, node: &str, opts: ShoaldOpts) -> Result<Shoald> {
         let other = self.dir.path().join(format!("outsider-{node}"));
-        let out = Command::new(shoald_binary()?)
-            .arg("cluster-init")
-            .arg(&other)
-            .output()
-            .context("running shoald cluster-init")?;
-        if !out.status.success() {
-            bail!(
-                "shoald cluster-init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        cluster_init(&other)?;
         self.start_with_ca(node, opts, &other).await
     }
 

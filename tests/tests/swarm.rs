@@ -6,6 +6,20 @@ use shoal_tests::{fresh_seed, http, random_blob, ShoaldOpts, MIB};
 
 const PEER_RX: &str = "shoal_peer_bytes_received_total";
 
+/// GETs `path` (`/v2/…/blobs/<digest>`) through `member` and checks that
+/// the bytes are the blob's.
+async fn pull(member: &shoal_tests::Shoald, path: &str, digest: &str, size: u64) {
+    http::get_hashed(
+        &http::client(),
+        &format!("{}{path}", member.registry_url()),
+        &[],
+    )
+    .await
+    .unwrap()
+    .expect_complete(digest, size)
+    .unwrap_or_else(|e| panic!("{}: {e:#}", member.registry_url()));
+}
+
 /// Node A pulls a blob from the origin; node B then gets it entirely from A:
 /// the origin sends B nothing, and the bytes are right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,17 +34,11 @@ async fn a_second_member_gets_a_blob_from_the_first_not_the_origin() {
     origin.registry.push_blob("swarm/app", &blob).await.unwrap();
     let path = format!("/v2/swarm/app/blobs/{digest}");
 
-    let r = http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
-        .await
-        .unwrap();
-    r.expect_complete(&digest, size).unwrap();
+    pull(&a, &path, &digest, size).await;
     a.wait_idle().await.unwrap();
     assert!(a.origin_blob_bytes().await.unwrap() >= size as f64);
 
-    let r = http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
-        .await
-        .unwrap();
-    r.expect_complete(&digest, size).unwrap();
+    pull(&b, &path, &digest, size).await;
     assert_eq!(
         b.origin_blob_bytes().await.unwrap(),
         0.0,
@@ -180,10 +188,7 @@ async fn chunks_from_a_member_with_corrupted_storage_are_rejected_and_the_pull_c
     let (blob, digest) = random_blob(size as usize, fresh_seed());
     origin.registry.push_blob("swarm/bad", &blob).await.unwrap();
     let path = format!("/v2/swarm/bad/blobs/{digest}");
-    let r = http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
-        .await
-        .unwrap();
-    r.expect_complete(&digest, size).unwrap();
+    pull(&a, &path, &digest, size).await;
     a.wait_idle().await.unwrap();
 
     // Flip bytes in every chunk of A's stored copy (same length).
@@ -195,10 +200,7 @@ async fn chunks_from_a_member_with_corrupted_storage_are_rejected_and_the_pull_c
     }
     std::fs::write(&file, &data).unwrap();
 
-    let r = http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
-        .await
-        .unwrap();
-    r.expect_complete(&digest, size).unwrap();
+    pull(&b, &path, &digest, size).await;
     let rejected = b
         .metric("shoal_chunks_rejected_total", &[("source", "peer")])
         .await
@@ -320,10 +322,7 @@ async fn after_a_tracker_outage_the_swarm_resumes() {
         .unwrap();
     let path = format!("/v2/swarm/flap/blobs/{digest}");
     for m in [&a, &b] {
-        let r = http::get_hashed(&http::client(), &format!("{}{path}", m.registry_url()), &[])
-            .await
-            .unwrap();
-        r.expect_complete(&digest, size).unwrap();
+        pull(m, &path, &digest, size).await;
         m.wait_idle().await.unwrap();
     }
     assert_eq!(
@@ -349,11 +348,7 @@ async fn a_restarted_member_serves_what_its_store_holds() {
         .await
         .unwrap();
     let path = format!("/v2/swarm/kept/blobs/{digest}");
-    http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
-        .await
-        .unwrap()
-        .expect_complete(&digest, size)
-        .unwrap();
+    pull(&a, &path, &digest, size).await;
     a.wait_idle().await.unwrap();
     a.kill9();
     a.restart().await.unwrap();
@@ -372,11 +367,7 @@ async fn a_restarted_member_serves_what_its_store_holds() {
     .unwrap();
 
     let b = cluster.member("node-b", opts()).await.unwrap();
-    http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
-        .await
-        .unwrap()
-        .expect_complete(&digest, size)
-        .unwrap();
+    pull(&b, &path, &digest, size).await;
     assert_eq!(
         b.origin_blob_bytes().await.unwrap(),
         0.0,
@@ -404,11 +395,7 @@ async fn a_daemon_of_another_ca_gets_nothing_from_the_swarm() {
         .unwrap();
     let path = format!("/v2/swarm/closed/blobs/{digest}");
     for m in [&a, &outsider] {
-        http::get_hashed(&http::client(), &format!("{}{path}", m.registry_url()), &[])
-            .await
-            .unwrap()
-            .expect_complete(&digest, size)
-            .unwrap();
+        pull(m, &path, &digest, size).await;
     }
     assert!(outsider.origin_blob_bytes().await.unwrap() >= size as f64);
     assert_eq!(outsider.metric(PEER_RX, &[]).await.unwrap(), 0.0);
@@ -508,11 +495,7 @@ async fn with_the_origin_down_a_confirmed_blob_comes_from_peers() {
         .await
         .unwrap();
     let path = format!("/v2/swarm/offline/blobs/{digest}");
-    http::get_hashed(&http::client(), &format!("{}{path}", a.registry_url()), &[])
-        .await
-        .unwrap()
-        .expect_complete(&digest, size)
-        .unwrap();
+    pull(&a, &path, &digest, size).await;
     a.wait_idle().await.unwrap();
     let r = http::head(&format!("{}{path}", b.registry_url()), &[])
         .await
@@ -520,11 +503,7 @@ async fn with_the_origin_down_a_confirmed_blob_comes_from_peers() {
     assert_eq!(r.status.as_u16(), 200);
     drop(origin);
 
-    http::get_hashed(&http::client(), &format!("{}{path}", b.registry_url()), &[])
-        .await
-        .unwrap()
-        .expect_complete(&digest, size)
-        .unwrap();
+    pull(&b, &path, &digest, size).await;
     assert_eq!(b.origin_blob_bytes().await.unwrap(), 0.0);
     assert!(b.metric(PEER_RX, &[]).await.unwrap() >= size as f64);
     assert!(b

@@ -1028,70 +1028,54 @@ fn results_map_onto_scheduler_outcomes() {
     );
 }
 
-/// The time a fetch of all 4.5 chunks of [`blob_data`] takes through a cap
-/// of `RATE` bytes a second, at the least: the bucket's burst (64 KiB) is
-/// free, and the wait for the last chunk's bytes comes after it is
-/// delivered, so four chunks less one burst must wait.
+/// Fetches all 4.5 chunks of [`blob_data`] through a cap of [`RATE`] bytes a
+/// second, upload (`upload`) or download, and checks it took at least the
+/// time the cap allows: the bucket's burst (64 KiB) is free, and the wait
+/// for the last chunk's bytes comes after it is delivered, so four chunks
+/// less one burst must wait.
 const RATE: u64 = 256_000;
-fn capped_at_least() -> Duration {
-    Duration::from_secs_f64((4 * MIN_CHUNK as u64 - (64 << 10)) as f64 / RATE as f64)
+async fn fetch_capped(upload: bool) {
+    let data = blob_data(if upload { 11 } else { 12 });
+    let (hashes, digest) = hashes_of(&data);
+    let ca = TestCa::new("cluster");
+    let cap = || crate::rate::RateLimit::new(RATE);
+    let limits = ServeLimits {
+        upload_rate: if upload {
+            cap()
+        } else {
+            crate::rate::RateLimit::unlimited()
+        },
+        ..ServeLimits::default()
+    };
+    let (_server, peer) = serve(&ca, Arc::new(MemSource::with(&data)), limits);
+    let endpoint = ca.client_endpoint(&ca, Some("client-1"));
+    let client = if upload {
+        PeerClient::new(endpoint)
+    } else {
+        PeerClient::with_download_rate(endpoint, cap())
+    };
+    client.connection(&peer).await.unwrap();
+    let started = Instant::now();
+    let got = client
+        .fetch(&peer, &digest, &hashes, &[0, 1, 2, 3, 4], DEADLINE)
+        .await;
+    let took = started.elapsed();
+    assert!(
+        got.iter()
+            .all(|(_, r)| matches!(r, ChunkResult::Verified(_))),
+        "{got:?}"
+    );
+    let at_least =
+        Duration::from_secs_f64((4 * MIN_CHUNK as u64 - (64 << 10)) as f64 / RATE as f64);
+    assert!(took >= at_least, "{took:?}");
 }
 
 #[tokio::test]
 async fn the_upload_cap_holds_a_peer_to_the_rate() {
-    bounded(async {
-        let data = blob_data(11);
-        let (hashes, digest) = hashes_of(&data);
-        let ca = TestCa::new("cluster");
-        let limits = ServeLimits {
-            upload_rate: crate::rate::RateLimit::new(RATE),
-            ..ServeLimits::default()
-        };
-        let (_server, peer) = serve(&ca, Arc::new(MemSource::with(&data)), limits);
-        let client = ca.client(Some("client-1"));
-        client.connection(&peer).await.unwrap();
-        let started = Instant::now();
-        let got = client
-            .fetch(&peer, &digest, &hashes, &[0, 1, 2, 3, 4], DEADLINE)
-            .await;
-        let took = started.elapsed();
-        assert!(
-            got.iter()
-                .all(|(_, r)| matches!(r, ChunkResult::Verified(_))),
-            "{got:?}"
-        );
-        assert!(took >= capped_at_least(), "{took:?}");
-    })
-    .await;
+    bounded(fetch_capped(true)).await;
 }
 
 #[tokio::test]
 async fn the_download_cap_holds_a_client_to_the_rate() {
-    bounded(async {
-        let data = blob_data(12);
-        let (hashes, digest) = hashes_of(&data);
-        let ca = TestCa::new("cluster");
-        let (_server, peer) = serve(
-            &ca,
-            Arc::new(MemSource::with(&data)),
-            ServeLimits::default(),
-        );
-        let client = PeerClient::with_download_rate(
-            ca.client_endpoint(&ca, Some("client-1")),
-            crate::rate::RateLimit::new(RATE),
-        );
-        client.connection(&peer).await.unwrap();
-        let started = Instant::now();
-        let got = client
-            .fetch(&peer, &digest, &hashes, &[0, 1, 2, 3, 4], DEADLINE)
-            .await;
-        let took = started.elapsed();
-        assert!(
-            got.iter()
-                .all(|(_, r)| matches!(r, ChunkResult::Verified(_))),
-            "{got:?}"
-        );
-        assert!(took >= capped_at_least(), "{took:?}");
-    })
-    .await;
+    bounded(fetch_capped(false)).await;
 }
