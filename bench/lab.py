@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Shaped swarm lab: N hosts in network namespaces pull one cold image at once.
+
+Builds a small datacenter in a box with network namespaces only (the root
+namespace's interfaces and routes are never touched; addresses come from
+198.18.0.0/15):
+
+  shoal-lab-sw    a namespace holding one bridge, the switch
+  shoal-lab-o     the origin: a real docker-registry, image pushed by skopeo
+  shoal-lab-t     the tracker (shoal-tracker), its link unshaped
+  shoal-lab-nK    node K: shoald (or a direct puller), K = 1..N
+
+Every host's link is shaped in both directions with HTB (rate = ceil) and a
+bfifo leaf: its upload on its own veth end, its download on the switch's end.
+All nodes start pulling every blob of the image at the same instant T0; a node
+is done when every blob arrived and its SHA-256 matched. Origin egress is read
+from the origin's interface counters, so nothing is hidden.
+
+Runs, in one invocation and on the same lab, Shoal and the direct-pull
+baseline (3 parallel GETs per node, like docker), and prints a table and one
+JSON line per run with t_all, per-node times, origin egress, CPU use and the
+Kumar–Ross bound max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
+
+usage: lab.py --nodes N --rate RATE [--origin-rate RATE] [--layers L]
+              [--layer-mib S] [--runs R] [--targets shoal,direct]
+              [--chunk-size SIZE] [--out FILE] [--bin DIR]
+Run as root (bench/swarm.sh does the setup and calls this).
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+PREFIX = "shoal-lab"
+NET = "198.18"
+ORIGIN_IP = f"{NET}.0.1"
+TRACKER_IP = f"{NET}.0.2"
+REGISTRY_PORT = 5000
+TRACKER_PORT = 4902
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def node_ip(k):
+    return f"{NET}.{1 + k // 250}.{k % 250 + 1}"
+
+
+def rate_bits(s):
+    """'100mbit' -> bits per second."""
+    t = s.strip().lower()
+    for suf, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1)):
+        if t.endswith(suf):
+            return int(float(t[: -len(suf)]) * mult)
+    raise SystemExit(f"lab.py: {s!r} is not a rate like 100mbit or 1gbit")
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(list(args), check=check, **kw)
+
+
+def ns_exec(ns, *args):
+    return ["ip", "netns", "exec", ns, *args]
+
+
+class Lab:
+    """The namespaces, links and shaping; torn down by `close`."""
+
+    def __init__(self, nodes, rate, origin_rate):
+        self.nodes = nodes
+        self.rate = rate
+        self.origin_rate = origin_rate
+        self.namespaces = []
+        self.procs = []
+
+    def add_host(self, name, ip, rate_bps):
+        ns = f"{PREFIX}-{name}"
+        sw = f"{PREFIX}-sw"
+        host_if, sw_if = f"sl{name}a", f"sl{name}b"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", host_if, "netns", ns, "type", "veth", "peer", "name", sw_if, "netns", sw)
+        sh(*ns_exec(ns, "ip", "link", "set", host_if, "name", "eth0"))
+        sh(*ns_exec(ns, "ip", "addr", "add", f"{ip}/15", "dev", "eth0"))
+        sh(*ns_exec(ns, "ip", "link", "set", "eth0", "up"))
+        sh(*ns_exec(sw, "ip", "link", "set", sw_if, "master", "br0"))
+        sh(*ns_exec(sw, "ip", "link", "set", sw_if, "up"))
+        if rate_bps:
+            # Upload: the host's own end; download: the switch's end toward it.
+            shape(ns, "eth0", rate_bps)
+            shape(sw, sw_if, rate_bps)
+        return ns
+
+    def build(self):
+        sw = f"{PREFIX}-sw"
+        sh("ip", "netns", "add", sw)
+        self.namespaces.append(sw)
+        sh(*ns_exec(sw, "ip", "link", "add", "br0", "type", "bridge"))
+        sh(*ns_exec(sw, "ip", "link", "set", "br0", "up"))
+        self.origin = self.add_host("o", ORIGIN_IP, self.origin_rate)
+        self.tracker = self.add_host("t", TRACKER_IP, 0)
+        self.hosts = [self.add_host(f"n{k}", node_ip(k), self.rate) for k in range(1, self.nodes + 1)]
+
+    def spawn(self, ns, args, log):
+        f = open(log, "ab")
+        p = subprocess.Popen(ns_exec(ns, *args), stdout=f, stderr=f, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, procs):
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = [p for p in self.procs if p not in procs]
+
+    def close(self):
+        self.stop(list(self.procs))
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces = []
+
+
+def shape(ns, dev, bps):
+    """HTB rate = ceil with a bfifo leaf of ~50 ms at that rate."""
+    limit = max(64 * 1024, bps // 8 // 20)
+    # r2q so the class quantum (rate / r2q) stays within HTB's bounds.
+    r2q = str(max(10, bps // 8 // 60000))
+    sh(*ns_exec(ns, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10", "r2q", r2q))
+    sh(*ns_exec(ns, "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
+                "rate", f"{bps}bit", "ceil", f"{bps}bit", "burst", "64k", "cburst", "64k"))
+    sh(*ns_exec(ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo", "limit", str(limit)))
+
+
+def tx_bytes(ns):
+    out = subprocess.run(ns_exec(ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"),
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def cpu_ticks():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v), idle
+
+
+def wait_http(url, what, timeout=30, ns=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        cmd = ["curl", "-fsS", "-o", "/dev/null", "--max-time", "2", url]
+        if ns:
+            cmd = ns_exec(ns, *cmd)
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"lab.py: {what} did not answer {url} within {timeout} s")
+
+
+PULLER = r'''
+import hashlib, json, sys, threading, time, urllib.request
+base, start, parallel = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+blobs = json.loads(sys.argv[4])
+todo = list(blobs)
+lock = threading.Lock()
+errors = []
+def work():
+    while True:
+        with lock:
+            if not todo:
+                return
+            d, size = todo.pop(0)
+        h, n = hashlib.sha256(), 0
+        try:
+            with urllib.request.urlopen(f"{base}/{d}", timeout=600) as r:
+                while True:
+                    b = r.read(1 << 20)
+                    if not b:
+                        break
+                    h.update(b)
+                    n += len(b)
+        except Exception as e:
+            errors.append(f"{d}: {e}")
+            continue
+        if "sha256:" + h.hexdigest() != d or n != size:
+            errors.append(f"{d}: got {n} bytes hashing to sha256:{h.hexdigest()}")
+while time.time() < start:
+    time.sleep(min(0.01, max(0, start - time.time())))
+threads = [threading.Thread(target=work) for _ in range(parallel)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"done": time.time(), "errors": errors}))
+'''
+
+
+def kumar_ross(F, us, d, u, N):
+    return max(F / us, F / d, N * F / (us + N * u))
+
+
+def run_once(lab, target, blobs, image_bytes, work, args, run_no):
+    """One pull of the whole image by every node at once."""
+    started = []
+    if target == "shoal":
+        ca = os.path.join(work, f"ca-{run_no}")
+        sh(os.path.join(args.bin, "shoald"), "cluster-init", ca, stdout=subprocess.DEVNULL)
+        tracker = lab.spawn(lab.tracker, [os.path.join(args.bin, "shoal-tracker"),
+                                          "--listen", f"{TRACKER_IP}:{TRACKER_PORT}",
+                                          "--cluster-dir", ca, "--name", TRACKER_IP,
+                                          "--ops-listen", f"{TRACKER_IP}:4903"],
+                            os.path.join(work, f"tracker-{run_no}.log"))
+        started.append(tracker)
+        wait_http(f"http://{TRACKER_IP}:4903/healthz", "shoal-tracker", ns=lab.tracker)
+        for k, ns in enumerate(lab.hosts, 1):
+            data = os.path.join(work, f"data-{run_no}-{k}")
+            cmd = [os.path.join(args.bin, "shoald"), "run",
+                   "--data-dir", data,
+                   "--registry-listen", "127.0.0.1:4900",
+                   "--ops-listen", "127.0.0.1:4903",
+                   "--insecure-upstream", f"{ORIGIN_IP}:{REGISTRY_PORT}",
+                   "--default-upstream", f"{ORIGIN_IP}:{REGISTRY_PORT}",
+                   "--cluster-dir", ca, "--node-id", f"node-{k}",
+                   "--peer-listen", f"{node_ip(k)}:4901",
+                   "--tracker", f"https://{TRACKER_IP}:{TRACKER_PORT}"]
+            if args.chunk_size:
+                cmd += ["--chunk-size", args.chunk_size]
+            started.append(lab.spawn(ns, cmd, os.path.join(work, f"shoald-{run_no}-{k}.log")))
+        for ns in lab.hosts:
+            wait_http("http://127.0.0.1:4903/healthz", "shoald", ns=ns)
+        time.sleep(1.0)  # a first heartbeat, so every member is known
+        base = f"http://127.0.0.1:4900/v2/bench/app/blobs"
+        parallel = len(blobs)
+    else:
+        base = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/blobs"
+        parallel = 3
+
+    egress0 = tx_bytes(lab.origin)
+    cpu0 = cpu_ticks()
+    # The origin's sent bytes over time, to tell when its part was done.
+    sampler = subprocess.Popen(
+        ns_exec(lab.origin, "sh", "-c",
+                "while :; do echo $(date +%s.%N) $(cat /sys/class/net/eth0/statistics/tx_bytes); sleep 0.05; done"),
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time() + 2.0
+    pullers = []
+    for ns in lab.hosts:
+        pullers.append(subprocess.Popen(
+            ns_exec(ns, sys.executable, "-c", PULLER, base, repr(t0), str(parallel), json.dumps(blobs)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    times, errors = [], []
+    for k, p in enumerate(pullers, 1):
+        try:
+            out, err = p.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            errors.append(f"node {k}: no finish within {args.timeout} s")
+            continue
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            errors.append(f"node {k}: puller failed: {err.strip()[-500:]}")
+            continue
+        errors += [f"node {k}: {e}" for e in r["errors"]]
+        times.append(r["done"] - t0)
+    cpu1 = cpu_ticks()
+    egress = tx_bytes(lab.origin) - egress0
+    os.killpg(sampler.pid, signal.SIGKILL)
+    samples = []
+    for line in sampler.communicate()[0].splitlines():
+        try:
+            at, sent = line.split()
+            samples.append((float(at) - t0, int(sent) - egress0))
+        except ValueError:
+            pass
+    origin_done = next((at for at, sent in samples if sent >= 0.99 * egress), None)
+    lab.stop(started)
+    total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    return {
+        "times": times,
+        "errors": errors,
+        "egress": egress,
+        "origin_done": origin_done,
+        "cpu_busy": (total - idle) / total if total else 0.0,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--origin-rate")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--layer-mib", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--targets", default="shoal,direct")
+    ap.add_argument("--chunk-size")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--out")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("lab.py: run as root (network namespaces); bench/swarm.sh does")
+    if not 1 <= args.nodes <= 200:
+        raise SystemExit("lab.py: --nodes must be between 1 and 200")
+    targets = [t for t in args.targets.split(",") if t]
+    for t in targets:
+        if t not in ("shoal", "direct"):
+            raise SystemExit(f"lab.py: unknown target {t!r} (shoal, direct)")
+    rate = rate_bits(args.rate)
+    origin_rate = rate_bits(args.origin_rate or args.rate)
+
+    lock = open("/run/shoal-lab.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit("lab.py: another lab run holds /run/shoal-lab.lock")
+    # Leftovers of a run that was killed hard.
+    for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
+        name = ns.split(" ")[0]
+        if name.startswith(PREFIX + "-"):
+            sh("ip", "netns", "del", name, check=False)
+
+    work = tempfile.mkdtemp(prefix="shoal-lab-")
+    lab = Lab(args.nodes, rate, origin_rate)
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    results = []
+    try:
+        lab.build()
+        # The origin: docker-registry, and the image pushed into it with skopeo.
+        reg_dir = os.path.join(work, "registry")
+        with open(os.path.join(work, "registry.yml"), "w") as f:
+            f.write(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {reg_dir}\n"
+                    f"http:\n  addr: {ORIGIN_IP}:{REGISTRY_PORT}\nlog:\n  level: error\n")
+        lab.spawn(lab.origin, ["docker-registry", "serve", os.path.join(work, "registry.yml")],
+                  os.path.join(work, "registry.log"))
+        wait_http(f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/", "docker-registry", ns=lab.origin)
+        image = os.path.join(work, "image")
+        sh(sys.executable, os.path.join(ROOT, "scripts", "make-image.py"), image, "latest",
+           str(args.layers), str(args.layer_mib), stdout=subprocess.DEVNULL)
+        sh(*ns_exec(lab.origin, "skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                    f"oci:{image}:latest", f"docker://{ORIGIN_IP}:{REGISTRY_PORT}/bench/app:latest"))
+        # skopeo may recompress layers on the way: the registry's manifest
+        # names the blobs the pulls will ask for.
+        got = subprocess.run(ns_exec(lab.origin, "curl", "-fsS", "-H",
+                                     "Accept: application/vnd.oci.image.manifest.v1+json",
+                                     f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/manifests/latest"),
+                             capture_output=True, text=True, check=True)
+        manifest = json.loads(got.stdout)
+        blobs = [(manifest["config"]["digest"], manifest["config"]["size"])]
+        blobs += [(l["digest"], l["size"]) for l in manifest["layers"]]
+        F = sum(s for _, s in blobs)
+        N = args.nodes
+        bound = kumar_ross(F * 8, origin_rate, rate, rate, N)
+
+        for run in range(args.runs):
+            for target in targets:
+                r = run_once(lab, target, blobs, F, work, args, f"{run}-{target}")
+                times = sorted(r["times"])
+                t_all = times[-1] if len(times) == N and not r["errors"] else None
+                median = times[len(times) // 2] if times else None
+                line = {
+                    "bench": "lab", "target": target, "run": run,
+                    "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                    "nodes": N, "rate_bps": rate, "origin_rate_bps": origin_rate,
+                    "layers": args.layers, "layer_mib": args.layer_mib, "image_bytes": F,
+                    "chunk_size": args.chunk_size if target == "shoal" else None,
+                    "t_all_s": t_all, "median_s": median,
+                    "node_times_s": [round(t, 3) for t in r["times"]],
+                    "bound_s": bound, "ratio_to_bound": (t_all / bound) if t_all else None,
+                    "slowest_over_median": (t_all / median) if t_all and median else None,
+                    "origin_egress_bytes": r["egress"], "egress_ratio": r["egress"] / F,
+                    "origin_done_s": round(r["origin_done"], 3) if r["origin_done"] is not None else None,
+                    "cpu_busy": round(r["cpu_busy"], 3), "errors": r["errors"][:20],
+                }
+                results.append(line)
+                print(json.dumps(line), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+    except KeyboardInterrupt:
+        print("lab.py: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        lab.close()
+        if os.environ.get("SHOAL_LAB_KEEP"):
+            print(f"lab.py: logs kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"| {args.nodes} nodes at {args.rate} (origin {args.origin_rate or args.rate}), "
+          f"{args.layers} x {args.layer_mib} MiB | t_all s | × bound | slowest / median | origin egress × image | origin done s | CPU busy |")
+    print("|---|---|---|---|---|---|---|")
+    for l in results:
+        fmt = lambda v, p=2: "–" if v is None else f"{v:.{p}f}"
+        print(f"| {l['target']} (run {l['run']}) | {fmt(l['t_all_s'])} | {fmt(l['ratio_to_bound'])} | "
+              f"{fmt(l['slowest_over_median'])} | {fmt(l['egress_ratio'], 3)} | {fmt(l['origin_done_s'])} | {l['cpu_busy']:.2f} |")
+        if l["errors"]:
+            print(f"  errors: {l['errors'][:3]}")
+    print(f"bound (Kumar–Ross) {bound:.2f} s for F = {F} bytes")
+    return 0 if all(not l["errors"] for l in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
