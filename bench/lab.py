@@ -151,6 +151,13 @@ def tx_bytes(ns):
     return int(out.stdout.strip())
 
 
+def tcp_retransmits(ns):
+    """Segments the host's TCP retransmitted (they count in tx_bytes too)."""
+    out = subprocess.run(ns_exec(ns, "cat", "/proc/net/snmp"), capture_output=True, text=True, check=True)
+    rows = [l.split() for l in out.stdout.splitlines() if l.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("RetransSegs")])
+
+
 def cpu_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -247,6 +254,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         parallel = 3
 
     egress0 = tx_bytes(lab.origin)
+    retrans0 = tcp_retransmits(lab.origin)
     cpu0 = cpu_ticks()
     # The origin's sent bytes over time, to tell when its part was done.
     sampler = subprocess.Popen(
@@ -277,6 +285,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         times.append(r["done"] - t0)
     cpu1 = cpu_ticks()
     egress = tx_bytes(lab.origin) - egress0
+    retrans = tcp_retransmits(lab.origin) - retrans0
     os.killpg(sampler.pid, signal.SIGKILL)
     samples = []
     for line in sampler.communicate()[0].splitlines():
@@ -293,6 +302,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "errors": errors,
         "egress": egress,
         "origin_done": origin_done,
+        "retrans": retrans,
         "cpu_busy": (total - idle) / total if total else 0.0,
     }
 
@@ -387,6 +397,7 @@ def main():
                     "slowest_over_median": (t_all / median) if t_all and median else None,
                     "origin_egress_bytes": r["egress"], "egress_ratio": r["egress"] / F,
                     "origin_done_s": round(r["origin_done"], 3) if r["origin_done"] is not None else None,
+                    "origin_tcp_retransmits": r["retrans"],
                     "cpu_busy": round(r["cpu_busy"], 3), "errors": r["errors"][:20],
                 }
                 results.append(line)
