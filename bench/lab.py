@@ -16,13 +16,16 @@ All nodes start pulling every blob of the image at the same instant T0; a node
 is done when every blob arrived and its SHA-256 matched. Origin egress is read
 from the origin's interface counters, so nothing is hidden.
 
-Runs, in one invocation and on the same lab, Shoal and the direct-pull
-baseline (3 parallel GETs per node, like docker), and prints a table and one
-JSON line per run with t_all, per-node times, origin egress, CPU use and the
-Kumar–Ross bound max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
+Runs, in one invocation and on the same lab, Shoal and the baselines: direct
+pulls (3 parallel GETs per node, like docker) and a tuned BitTorrent swarm
+(Debian's python3-libtorrent peers and opentracker, the origin host the only
+seed, 256 KiB pieces, TCP only, no choking, no DHT). Prints a table and one
+JSON line per run with t_all, per-node times, origin egress (and the origin's
+TCP retransmits), when the origin was done, CPU use and the Kumar–Ross bound
+max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
 
 usage: lab.py --nodes N --rate RATE [--origin-rate RATE] [--layers L]
-              [--layer-mib S] [--runs R] [--targets shoal,direct]
+              [--layer-mib S] [--runs R] [--targets shoal,bittorrent,direct]
               [--chunk-size SIZE] [--out FILE] [--bin DIR]
 Run as root (bench/swarm.sh does the setup and calls this).
 """
@@ -213,6 +216,88 @@ print(json.dumps({"done": time.time(), "errors": errors}))
 '''
 
 
+# A libtorrent peer (Debian's python3-libtorrent, under /usr/bin/python3): TCP
+# only, no DHT/LSD/UPnP, no choking (every interested peer unchoked). A seed
+# serves until killed; a leecher prints its finish time once every file is
+# here and its SHA-256 matches, then keeps seeding until killed.
+BT_WORKER = r'''
+import hashlib, json, os, sys, time
+import libtorrent as lt
+role, torrent, save, ip, start = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+digests = json.loads(sys.argv[6])
+ses = lt.session({
+    "listen_interfaces": f"{ip}:6881", "outgoing_interfaces": ip,
+    "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
+    "enable_outgoing_utp": False, "enable_incoming_utp": False,
+    "unchoke_slots_limit": -1, "connections_limit": 500, "active_downloads": -1, "active_seeds": -1,
+    "announce_ip": ip, "allow_multiple_connections_per_ip": True,
+    "alert_mask": 0,
+})
+info = lt.torrent_info(torrent)
+if role == "leech":
+    while time.time() < start:
+        time.sleep(min(0.01, max(0, start - time.time())))
+params = lt.add_torrent_params()
+params.ti = info
+params.save_path = save
+h = ses.add_torrent(params)
+if role == "seed":
+    while True:
+        time.sleep(1)
+while not h.status().is_seeding:
+    time.sleep(0.02)
+errors = []
+for f, d in digests.items():
+    hs = hashlib.sha256()
+    with open(os.path.join(save, f), "rb") as fh:
+        while True:
+            b = fh.read(1 << 20)
+            if not b:
+                break
+            hs.update(b)
+    if "sha256:" + hs.hexdigest() != d:
+        errors.append(f"{f}: SHA-256 does not match")
+print(json.dumps({"done": time.time(), "errors": errors}), flush=True)
+while True:
+    time.sleep(1)
+'''
+
+
+def make_torrent(lab, blobs, work):
+    """The image's blobs as one torrent (256 KiB pieces) seeded by the origin."""
+    seed = os.path.join(work, "bt-seed")
+    files = os.path.join(seed, "image")
+    os.makedirs(files, exist_ok=True)
+    for d, _ in blobs:
+        sh(*ns_exec(lab.origin, "curl", "-fsS", "-o", os.path.join(files, d.split(":")[1]),
+                    f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/blobs/{d}"))
+    torrent = os.path.join(work, "image.torrent")
+    sh("/usr/bin/python3", "-c",
+       "import libtorrent as lt, sys\n"
+       "fs = lt.file_storage(); lt.add_files(fs, sys.argv[1])\n"
+       "t = lt.create_torrent(fs, 256 * 1024, flags=lt.create_torrent.v1_only)\n"
+       "t.add_tracker(sys.argv[3]); lt.set_piece_hashes(t, sys.argv[2])\n"
+       "open(sys.argv[4], 'wb').write(lt.bencode(t.generate()))\n"
+       "open(sys.argv[5], 'w').write(str(lt.torrent_info(sys.argv[4]).info_hashes().v1) + '\\n')",
+       files, seed, f"http://{TRACKER_IP}:6969/announce", torrent, torrent + ".allow")
+    # opentracker drops to an unprivileged user before it reads the list.
+    os.chmod(work, 0o755)
+    os.chmod(torrent + ".allow", 0o644)
+    return seed, torrent
+
+
+def read_line(p, deadline):
+    """The first line `p` prints before `deadline`, or None."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    while time.time() < deadline:
+        if sel.select(timeout=max(0.0, min(1.0, deadline - time.time()))):
+            line = p.stdout.readline()
+            return line.strip() if line else (p.stderr.read()[-500:] or "(no output)")
+    return None
+
+
 def kumar_ross(F, us, d, u, N):
     return max(F / us, F / d, N * F / (us + N * u))
 
@@ -249,6 +334,18 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         time.sleep(1.0)  # a first heartbeat, so every member is known
         base = f"http://127.0.0.1:4900/v2/bench/app/blobs"
         parallel = len(blobs)
+    elif target == "bittorrent":
+        if not hasattr(lab, "torrent"):
+            lab.seed_dir, lab.torrent = make_torrent(lab, blobs, work)
+        # Debian's opentracker serves only whitelisted torrents (-w).
+        started.append(lab.spawn(lab.tracker, ["opentracker", "-i", TRACKER_IP, "-p", "6969", "-P", "6969",
+                                               "-w", lab.torrent + ".allow"],
+                                 os.path.join(work, f"opentracker-{run_no}.log")))
+        digests = json.dumps({f"image/{d.split(':')[1]}": d for d, _ in blobs})
+        started.append(lab.spawn(lab.origin, ["/usr/bin/python3", "-c", BT_WORKER, "seed", lab.torrent,
+                                              lab.seed_dir, ORIGIN_IP, "0", digests],
+                                 os.path.join(work, f"bt-seed-{run_no}.log")))
+        time.sleep(1.0)
     else:
         base = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/blobs"
         parallel = 3
@@ -263,26 +360,36 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.time() + 2.0
     pullers = []
-    for ns in lab.hosts:
-        pullers.append(subprocess.Popen(
-            ns_exec(ns, sys.executable, "-c", PULLER, base, repr(t0), str(parallel), json.dumps(blobs)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for k, ns in enumerate(lab.hosts, 1):
+        if target == "bittorrent":
+            save = os.path.join(work, f"bt-{run_no}-{k}")
+            os.makedirs(save, exist_ok=True)
+            cmd = ["/usr/bin/python3", "-c", BT_WORKER, "leech", lab.torrent, save, node_ip(k),
+                   repr(t0), digests]
+        else:
+            cmd = [sys.executable, "-c", PULLER, base, repr(t0), str(parallel), json.dumps(blobs)]
+        pullers.append(subprocess.Popen(ns_exec(ns, *cmd), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True))
     times, errors = [], []
+    deadline = time.time() + args.timeout
     for k, p in enumerate(pullers, 1):
-        try:
-            out, err = p.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
+        # The first line is the node's result; BitTorrent leechers then keep
+        # seeding for the others until every node is done.
+        line = read_line(p, deadline)
+        if line is None:
             errors.append(f"node {k}: no finish within {args.timeout} s")
             continue
         try:
-            r = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            errors.append(f"node {k}: puller failed: {err.strip()[-500:]}")
+            r = json.loads(line)
+        except ValueError:
+            errors.append(f"node {k}: puller failed: {line[-500:]}")
             continue
         errors += [f"node {k}: {e}" for e in r["errors"]]
         times.append(r["done"] - t0)
+    for p in pullers:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
     cpu1 = cpu_ticks()
     egress = tx_bytes(lab.origin) - egress0
     retrans = tcp_retransmits(lab.origin) - retrans0
@@ -315,7 +422,7 @@ def main():
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--layer-mib", type=int, default=16)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--targets", default="shoal,direct")
+    ap.add_argument("--targets", default="shoal,bittorrent,direct")
     ap.add_argument("--chunk-size")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out")
@@ -327,8 +434,8 @@ def main():
         raise SystemExit("lab.py: --nodes must be between 1 and 200")
     targets = [t for t in args.targets.split(",") if t]
     for t in targets:
-        if t not in ("shoal", "direct"):
-            raise SystemExit(f"lab.py: unknown target {t!r} (shoal, direct)")
+        if t not in ("shoal", "direct", "bittorrent"):
+            raise SystemExit(f"lab.py: unknown target {t!r} (shoal, direct, bittorrent)")
     rate = rate_bits(args.rate)
     origin_rate = rate_bits(args.origin_rate or args.rate)
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The shaped swarm lab: N hosts in network namespaces (HTB-shaped links both
 # ways, addresses from 198.18.0.0/15, the root namespace untouched) pull one
-# cold image at the same instant through Shoal, and again as direct pulls
+# cold image at the same instant through Shoal, as a tuned BitTorrent swarm
+# (libtorrent + opentracker, the origin the only seed) and as direct pulls
 # from the origin, in the same run. See bench/lab.py for what is measured.
 #
 # Usage: sudo bench/swarm.sh [--nodes N] [--rate 100mbit] [--origin-rate RATE]
 #                            [--layers L] [--layer-mib S] [--runs R]
-#                            [--targets shoal,direct] [--chunk-size SIZE]
+#                            [--targets shoal,bittorrent,direct] [--chunk-size SIZE]
 #                            [--out FILE] [--no-build]
-# Installs what it needs (docker-registry, skopeo, iproute2, curl) with
+# Installs what it needs (docker-registry, skopeo, iproute2, curl,
+# python3-libtorrent, opentracker) with
 # apt-get, builds the release binaries, and appends one JSON line per run to
 # bench/results/lab-<date>.jsonl (or --out). Cleans up on exit and Ctrl-C;
 # a lock keeps two runs apart.
@@ -35,9 +37,11 @@ while [ $# -gt 0 ]; do
 done
 
 missing=()
-for p in docker-registry:docker-registry skopeo:skopeo ip:iproute2 tc:iproute2 curl:curl python3:python3; do
+for p in docker-registry:docker-registry skopeo:skopeo ip:iproute2 tc:iproute2 curl:curl python3:python3 opentracker:opentracker; do
     command -v "${p%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${p%%:*}" ] || missing+=("${p##*:}")
 done
+# The BitTorrent peers run on Debian's Python, where python3-libtorrent lives.
+/usr/bin/python3 -c "import libtorrent" 2>/dev/null || missing+=(python3-libtorrent)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bench/swarm.sh: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
