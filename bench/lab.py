@@ -161,6 +161,18 @@ def tcp_retransmits(ns):
     return int(rows[1][rows[0].index("RetransSegs")])
 
 
+def rss_mb(pid, field):
+    """`VmRSS` or `VmHWM` (peak) of a process in MiB, or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -350,6 +362,9 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         base = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/blobs"
         parallel = 3
 
+    # `ip netns exec` execs the daemon: these are the shoald processes.
+    daemons = [p.pid for p in started[1:]] if target == "shoal" else []
+    rss_idle = [rss_mb(pid, "VmRSS") for pid in daemons]
     egress0 = tx_bytes(lab.origin)
     retrans0 = tcp_retransmits(lab.origin)
     cpu0 = cpu_ticks()
@@ -402,6 +417,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         except ValueError:
             pass
     origin_done = next((at for at, sent in samples if sent >= 0.99 * egress), None)
+    rss_peak = [rss_mb(pid, "VmHWM") for pid in daemons]
     lab.stop(started)
     total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
@@ -410,6 +426,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "egress": egress,
         "origin_done": origin_done,
         "retrans": retrans,
+        "rss_idle": max((r for r in rss_idle if r is not None), default=None),
+        "rss_peak": max((r for r in rss_peak if r is not None), default=None),
         "cpu_busy": (total - idle) / total if total else 0.0,
     }
 
@@ -505,6 +523,8 @@ def main():
                     "origin_egress_bytes": r["egress"], "egress_ratio": r["egress"] / F,
                     "origin_done_s": round(r["origin_done"], 3) if r["origin_done"] is not None else None,
                     "origin_tcp_retransmits": r["retrans"],
+                    "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
+                    "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
                     "cpu_busy": round(r["cpu_busy"], 3), "errors": r["errors"][:20],
                 }
                 results.append(line)
