@@ -875,6 +875,7 @@ impl Net {
             }
         }
         sched.handle(now, Event::HashesKnown(self.hashes.known()));
+        sched.handle(now, Event::LeasedElsewhere(view.leased().clone()));
         for holder in view.holders() {
             if holder.node == self.swarm.node {
                 continue;

@@ -171,6 +171,10 @@ pub enum Event<P> {
     },
     /// The tracker granted origin leases on these chunks (maybe none).
     LeaseGranted(Vec<u32>),
+    /// Chunks other members are fetching from the origin under a lease
+    /// (from a lookup); replaces what was known. The origin is not asked
+    /// for them while their lessees are alive.
+    LeasedElsewhere(Bitfield),
     /// A lookup answered (holders and hashes were fed as events).
     LookedUp,
     /// The tracker became unreachable (`true`) or reachable again.
@@ -281,6 +285,8 @@ pub struct Scheduler<P> {
     inflight: BTreeMap<u32, Vec<Request<P>>>,
     peer_inflight: u32,
     leased: Bitfield,
+    /// Chunks leased to other members, as of the last lookup.
+    elsewhere: Bitfield,
     origin_inflight: u32,
     /// Origin runs in flight: run id → chunks of it still outstanding.
     origin_runs: BTreeMap<u64, u32>,
@@ -326,6 +332,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             inflight: BTreeMap::new(),
             peer_inflight: 0,
             leased: Bitfield::for_layout(&layout),
+            elsewhere: Bitfield::for_layout(&layout),
             origin_inflight: 0,
             origin_runs: BTreeMap::new(),
             origin_run_of: BTreeMap::new(),
@@ -415,6 +422,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 // again only after a lookup interval.
                 if granted == 0 {
                     self.lease_retry_at = now + self.cfg.lookup_interval_ms;
+                }
+            }
+            Event::LeasedElsewhere(bits) => {
+                if bits.len() == self.layout.count() {
+                    self.elsewhere = bits;
                 }
             }
             Event::LookedUp => {
@@ -665,8 +677,15 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             .values()
             .flat_map(|reqs| {
                 reqs.iter().map(move |r| {
-                    if endgame && reqs.len() < 2 && matches!(r.source, Source::Peer(_)) {
-                        r.deadline.min(self.dup_at(r))
+                    // A duplicate time already passed (no peer was free
+                    // then) waits for an event, not a busy loop.
+                    let dup = self.dup_at(r);
+                    if endgame
+                        && reqs.len() < 2
+                        && matches!(r.source, Source::Peer(_))
+                        && dup > self.now
+                    {
+                        r.deadline.min(dup)
                     } else {
                         r.deadline
                     }
@@ -702,9 +721,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        // When waiting chunks may go to the origin without a lease.
-        let orphans = (waiting && self.first_orphan().is_some())
-            .then_some(self.last_progress + self.cfg.orphan_after_ms);
+        // When waiting chunks may go to the origin without a lease (once:
+        // after that, only events change the answer).
+        let orphans = (waiting && (0..self.layout.count()).any(|c| self.stuck_orphan(c)))
+            .then_some(self.last_progress + self.cfg.orphan_after_ms)
+            .filter(|&t| t > self.now);
         let lookup = match (lookup, orphans) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -902,7 +923,20 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     fn origin_ok(&self, c: u32) -> bool {
         let stuck = self.now >= self.last_progress + self.cfg.orphan_after_ms;
         self.idle_missing(c)
-            && (self.leased.get(c) || ((self.tracker_down || stuck) && !self.peer_servable(c)))
+            && (self.leased.get(c)
+                || (self.tracker_down && !self.peer_servable(c))
+                || (stuck && self.stuck_orphan(c)))
+    }
+
+    /// Whether chunk `c` may go to the origin without a lease once no chunk
+    /// has arrived for `orphan_after_ms`: nobody can serve it verifiably and
+    /// no other member is fetching it under a lease (a lessee that dies
+    /// stops renewing, and its lease runs out at the tracker).
+    fn stuck_orphan(&self, c: u32) -> bool {
+        self.idle_missing(c)
+            && !self.leased.get(c)
+            && !self.peer_servable(c)
+            && !self.elsewhere.get(c)
     }
 
     fn next_origin_fetch(&mut self, now: u64) -> Option<Action<P>> {
@@ -1518,6 +1552,52 @@ mod tests {
         assert!(
             acts.contains(&Action::FetchOrigin { chunks: vec![0, 1] }),
             "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn chunks_another_member_is_fetching_are_not_taken_from_the_origin_while_stuck() {
+        let mut s = sched(4);
+        assert_eq!(drain(&mut s, 0), vec![Action::Lease { from: 0, max: 16 }]);
+        s.handle(1, Event::LeaseGranted(vec![]));
+        // Chunks 0-1 are another member's lease; 2-3 nobody's.
+        s.handle(2, Event::LeasedElsewhere(bits(4, [0, 1])));
+        s.handle(2, Event::LookedUp);
+        let _ = drain(&mut s, 2);
+        // Nothing arrives for the orphan period: only 2-3 go to the origin.
+        let acts = drain(&mut s, 5_000);
+        assert!(
+            acts.contains(&Action::FetchOrigin { chunks: vec![2, 3] }),
+            "{acts:?}"
+        );
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, Action::FetchOrigin { chunks } if chunks.contains(&0))),
+            "{acts:?}"
+        );
+        // The lessee died: its lease ran out and the next lookup says so.
+        s.handle(6_000, Event::LeasedElsewhere(bits(4, [])));
+        let acts = drain(&mut s, 6_000);
+        assert!(
+            acts.contains(&Action::FetchOrigin { chunks: vec![0, 1] }),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_that_changes_nothing_is_not_reported_again() {
+        // Both origin runs busy, more orphans waiting: past the orphan time
+        // there is nothing to do until an event, so no deadline in the past.
+        let mut s = sched(200);
+        s.handle(0, Event::TrackerDown(true));
+        let _ = drain(&mut s, 0);
+        s.handle(0, Event::TrackerDown(false));
+        let _ = drain(&mut s, 10_000);
+        assert!(
+            s.next_deadline().is_none_or(|t| t > 10_000),
+            "{:?}",
+            s.next_deadline()
         );
     }
 
