@@ -715,7 +715,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (a, b) => a.or(b),
         };
         let renew =
-            (!self.tracker_down && !self.lease_pending && !self.leased_in_flight().is_empty())
+            (!self.tracker_down && !self.lease_pending && self.leased_in_flight().next().is_some())
                 .then_some(self.last_lease + self.cfg.lease_renew_ms);
         let lookup = match (lookup, renew) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -783,7 +783,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 }
             }
             if !self.lease_pending && now >= self.last_lease + self.cfg.lease_renew_ms {
-                let fetching = self.leased_in_flight();
+                let fetching: Vec<u32> = self.leased_in_flight().collect();
                 if let Some(&from) = fetching.first() {
                     self.lease_pending = true;
                     self.last_lease = now;
@@ -1014,15 +1014,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     /// Leased chunks still in flight from the origin, ascending.
-    fn leased_in_flight(&self) -> Vec<u32> {
-        self.leased
-            .iter_ones()
-            .filter(|c| {
-                self.inflight
-                    .get(c)
-                    .is_some_and(|reqs| reqs.iter().any(|r| r.source == Source::Origin))
-            })
-            .collect()
+    fn leased_in_flight(&self) -> impl Iterator<Item = u32> + '_ {
+        self.leased.iter_ones().filter(|c| {
+            self.inflight
+                .get(c)
+                .is_some_and(|reqs| reqs.iter().any(|r| r.source == Source::Origin))
+        })
     }
 
     /// Whether progress depends on news from the tracker: chunks are missing
