@@ -639,7 +639,9 @@ struct Net {
     blob: Digest,
     layout: ChunkLayout,
     events: mpsc::UnboundedSender<Ev>,
-    hashes: ChunkHashes,
+    /// Shared with the peer requests in flight (copied only when a lookup
+    /// adds hashes while one still holds it).
+    hashes: Arc<ChunkHashes>,
     epoch: u64,
     peers: Vec<PeerAddr>,
     nodes: Vec<NodeId>,
@@ -693,7 +695,7 @@ impl Net {
             blob,
             layout,
             events,
-            hashes: ChunkHashes::new(layout),
+            hashes: Arc::new(ChunkHashes::new(layout)),
             epoch: 0,
             peers: Vec::new(),
             nodes: Vec::new(),
@@ -861,7 +863,7 @@ impl Net {
         }
         if view.epoch() != self.epoch {
             // Withdrawn hashes: only the new epoch's hashes count.
-            self.hashes = ChunkHashes::new(self.layout);
+            self.hashes = Arc::new(ChunkHashes::new(self.layout));
             self.epoch = view.epoch();
             self.cursor = None;
         }
@@ -871,7 +873,7 @@ impl Net {
         }
         for (i, h) in view.hashes().iter().enumerate() {
             if let Some(h) = h {
-                let _ = self.hashes.set(i as u32, *h.as_bytes());
+                let _ = Arc::make_mut(&mut self.hashes).set(i as u32, *h.as_bytes());
             }
         }
         sched.handle(now, Event::HashesKnown(self.hashes.known()));
