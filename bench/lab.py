@@ -26,7 +26,7 @@ max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
 
 usage: lab.py --nodes N --rate RATE [--origin-rate RATE] [--layers L]
               [--layer-mib S] [--runs R] [--targets shoal,bittorrent,direct]
-              [--chunk-size SIZE] [--out FILE] [--bin DIR]
+              [--chunk-size SIZE] [--shoald-arg ARG]... [--out FILE] [--bin DIR]
 Run as root (bench/swarm.sh does the setup and calls this).
 """
 import argparse
@@ -111,6 +111,16 @@ class Lab:
         self.tracker = self.add_host("t", TRACKER_IP, 0)
         self.hosts = [self.add_host(f"n{k}", node_ip(k), self.rate) for k in range(1, self.nodes + 1)]
 
+    def drops(self):
+        """Packets dropped by full queues so far, by where: the origin's
+        upload, the nodes' uploads, the nodes' downloads."""
+        sw = f"{PREFIX}-sw"
+        return {
+            "origin_up": qdisc_drops(self.origin, "eth0") if self.origin_rate else 0,
+            "nodes_up": sum(qdisc_drops(ns, "eth0") for ns in self.hosts) if self.rate else 0,
+            "nodes_down": sum(qdisc_drops(sw, f"sln{k}b") for k in range(1, self.nodes + 1)) if self.rate else 0,
+        }
+
     def spawn(self, ns, args, log):
         f = open(log, "ab")
         p = subprocess.Popen(ns_exec(ns, *args), stdout=f, stderr=f, start_new_session=True)
@@ -159,6 +169,31 @@ def tcp_retransmits(ns):
     out = subprocess.run(ns_exec(ns, "cat", "/proc/net/snmp"), capture_output=True, text=True, check=True)
     rows = [l.split() for l in out.stdout.splitlines() if l.startswith("Tcp:")]
     return int(rows[1][rows[0].index("RetransSegs")])
+
+
+TCP_EXT = ("TCPTimeouts", "TCPLossProbes", "TCPFastRetrans", "TCPSlowStartRetrans",
+           "TCPSpuriousRTOs", "TCPDSACKRecv", "TCPLostRetransmit")
+
+
+def tcp_ext(ns):
+    """The host's TcpExt counters that tell why TCP retransmitted."""
+    out = subprocess.run(ns_exec(ns, "cat", "/proc/net/netstat"), capture_output=True, text=True, check=True)
+    rows = [l.split() for l in out.stdout.splitlines() if l.startswith("TcpExt:")]
+    have = dict(zip(rows[0][1:], rows[1][1:]))
+    return {k: int(have.get(k, 0)) for k in TCP_EXT}
+
+
+def qdisc_drops(ns, dev):
+    """Packets the bfifo leaves of `dev` dropped (full queue) so far."""
+    out = subprocess.run(ns_exec(ns, "tc", "-s", "qdisc", "show", "dev", dev),
+                         capture_output=True, text=True, check=True)
+    drops, leaf = 0, False
+    for line in out.stdout.splitlines():
+        if line.startswith("qdisc "):
+            leaf = line.split()[1] == "bfifo"
+        elif leaf and "dropped" in line:
+            drops += int(line.split("dropped")[1].split(",")[0].strip())
+    return drops
 
 
 def rss_mb(pid, field):
@@ -340,6 +375,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
                    "--tracker", f"https://{TRACKER_IP}:{TRACKER_PORT}"]
             if args.chunk_size:
                 cmd += ["--chunk-size", args.chunk_size]
+            cmd += args.shoald_arg
             started.append(lab.spawn(ns, cmd, os.path.join(work, f"shoald-{run_no}-{k}.log")))
         for ns in lab.hosts:
             wait_http("http://127.0.0.1:4903/healthz", "shoald", ns=ns)
@@ -367,6 +403,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     rss_idle = [rss_mb(pid, "VmRSS") for pid in daemons]
     egress0 = tx_bytes(lab.origin)
     retrans0 = tcp_retransmits(lab.origin)
+    drops0 = lab.drops()
+    ext0 = tcp_ext(lab.origin)
     cpu0 = cpu_ticks()
     # The origin's sent bytes over time, to tell when its part was done.
     sampler = subprocess.Popen(
@@ -408,6 +446,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     cpu1 = cpu_ticks()
     egress = tx_bytes(lab.origin) - egress0
     retrans = tcp_retransmits(lab.origin) - retrans0
+    drops = {k: v - drops0[k] for k, v in lab.drops().items()}
+    ext = {k: v - ext0[k] for k, v in tcp_ext(lab.origin).items()}
     os.killpg(sampler.pid, signal.SIGKILL)
     samples = []
     for line in sampler.communicate()[0].splitlines():
@@ -426,6 +466,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "egress": egress,
         "origin_done": origin_done,
         "retrans": retrans,
+        "drops": drops,
+        "tcp_ext": ext,
         "rss_idle": max((r for r in rss_idle if r is not None), default=None),
         "rss_peak": max((r for r in rss_peak if r is not None), default=None),
         "cpu_busy": (total - idle) / total if total else 0.0,
@@ -442,6 +484,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--targets", default="shoal,bittorrent,direct")
     ap.add_argument("--chunk-size")
+    ap.add_argument("--shoald-arg", action="append", default=[],
+                    help="one more argument for every shoald (repeatable), e.g. --shoald-arg=--peer-upload-rate=22mbit")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
@@ -516,6 +560,7 @@ def main():
                     "nodes": N, "rate_bps": rate, "origin_rate_bps": origin_rate,
                     "layers": args.layers, "layer_mib": args.layer_mib, "image_bytes": F,
                     "chunk_size": args.chunk_size if target == "shoal" else None,
+                    "shoald_args": args.shoald_arg if target == "shoal" else None,
                     "t_all_s": t_all, "median_s": median,
                     "node_times_s": [round(t, 3) for t in r["times"]],
                     "bound_s": bound, "ratio_to_bound": (t_all / bound) if t_all else None,
@@ -523,6 +568,8 @@ def main():
                     "origin_egress_bytes": r["egress"], "egress_ratio": r["egress"] / F,
                     "origin_done_s": round(r["origin_done"], 3) if r["origin_done"] is not None else None,
                     "origin_tcp_retransmits": r["retrans"],
+                    "queue_drops": r["drops"],
+                    "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
                     "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
                     "cpu_busy": round(r["cpu_busy"], 3), "errors": r["errors"][:20],

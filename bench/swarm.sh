@@ -8,6 +8,7 @@
 # Usage: sudo bench/swarm.sh [--nodes N] [--rate 100mbit] [--origin-rate RATE]
 #                            [--layers L] [--layer-mib S] [--runs R]
 #                            [--targets shoal,bittorrent,direct] [--chunk-size SIZE]
+#                            [--shoald-arg ARG]...
 #                            [--out FILE] [--no-build]
 # Installs what it needs (docker-registry, skopeo, iproute2, curl,
 # python3-libtorrent, opentracker) with
@@ -28,10 +29,13 @@ OUT="bench/results/lab-$(date -u +%F).jsonl"
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) BUILD=0; shift ;;
+        # Its value starts with "--": hand it to lab.py glued on.
+        --shoald-arg) ARGS+=("--shoald-arg=$2"); shift 2 ;;
+        --shoald-arg=*) ARGS+=("$1"); shift ;;
         --out) OUT="$2"; shift 2 ;;
         --nodes|--rate|--origin-rate|--layers|--layer-mib|--runs|--targets|--chunk-size|--timeout)
             ARGS+=("$1" "$2"); shift 2 ;;
-        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
         *) echo "bench/swarm.sh: unknown argument $1 (--help lists them)" >&2; exit 2 ;;
     esac
 done
