@@ -175,12 +175,26 @@ TCP_EXT = ("TCPTimeouts", "TCPLossProbes", "TCPFastRetrans", "TCPSlowStartRetran
            "TCPSpuriousRTOs", "TCPDSACKRecv", "TCPLostRetransmit")
 
 
-def tcp_ext(ns):
-    """The host's TcpExt counters that tell why TCP retransmitted."""
+# Receiver-side reasons to drop a segment that arrived.
+TCP_EXT_RX = ("TCPRcvQDrop", "PruneCalled", "RcvPruned", "OfoPruned", "TCPOFODrop",
+              "TCPBacklogDrop", "TCPZeroWindowDrop", "TCPDSACKOldSent", "TCPDSACKOfoSent")
+
+
+def tcp_ext(ns, keys=TCP_EXT):
+    """The host's TcpExt counters `keys` (by default: why TCP retransmitted)."""
     out = subprocess.run(ns_exec(ns, "cat", "/proc/net/netstat"), capture_output=True, text=True, check=True)
     rows = [l.split() for l in out.stdout.splitlines() if l.startswith("TcpExt:")]
     have = dict(zip(rows[0][1:], rows[1][1:]))
-    return {k: int(have.get(k, 0)) for k in TCP_EXT}
+    return {k: int(have.get(k, 0)) for k in keys}
+
+
+def nodes_tcp_rx(lab):
+    """TCP receive-side drop counters summed over the nodes."""
+    total = dict.fromkeys(TCP_EXT_RX, 0)
+    for ns in lab.hosts:
+        for k, v in tcp_ext(ns, TCP_EXT_RX).items():
+            total[k] += v
+    return total
 
 
 def qdisc_drops(ns, dev):
@@ -405,6 +419,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     retrans0 = tcp_retransmits(lab.origin)
     drops0 = lab.drops()
     ext0 = tcp_ext(lab.origin)
+    rx0 = nodes_tcp_rx(lab)
     cpu0 = cpu_ticks()
     # The origin's sent bytes over time, to tell when its part was done.
     sampler = subprocess.Popen(
@@ -448,6 +463,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     retrans = tcp_retransmits(lab.origin) - retrans0
     drops = {k: v - drops0[k] for k, v in lab.drops().items()}
     ext = {k: v - ext0[k] for k, v in tcp_ext(lab.origin).items()}
+    ext.update({f"nodes_{k}": v - rx0[k] for k, v in nodes_tcp_rx(lab).items()})
     os.killpg(sampler.pid, signal.SIGKILL)
     samples = []
     for line in sampler.communicate()[0].splitlines():
@@ -457,6 +473,12 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         except ValueError:
             pass
     origin_done = next((at for at, sent in samples if sent >= 0.99 * egress), None)
+    # The origin's send rate, second by second from T0 (Mbit/s).
+    timeline, last = [], 0
+    for sec in range(1, int(max((at for at, _ in samples), default=0)) + 1):
+        upto = max((sent for at, sent in samples if at <= sec), default=0)
+        timeline.append(round((upto - last) * 8 / 1e6, 1))
+        last = upto
     rss_peak = [rss_mb(pid, "VmHWM") for pid in daemons]
     lab.stop(started)
     total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
@@ -467,6 +489,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "origin_done": origin_done,
         "retrans": retrans,
         "drops": drops,
+        "timeline": timeline,
         "tcp_ext": ext,
         "rss_idle": max((r for r in rss_idle if r is not None), default=None),
         "rss_peak": max((r for r in rss_peak if r is not None), default=None),
@@ -569,6 +592,7 @@ def main():
                     "origin_done_s": round(r["origin_done"], 3) if r["origin_done"] is not None else None,
                     "origin_tcp_retransmits": r["retrans"],
                     "queue_drops": r["drops"],
+                    "origin_mbps_by_second": r["timeline"],
                     "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
                     "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
