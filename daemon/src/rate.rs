@@ -79,7 +79,13 @@ impl RateLimit {
         bytes_per_sec.map_or_else(Self::unlimited, Self::new)
     }
 
-    /// Accounts `n` bytes just moved and waits off any debt.
+    /// Whether this is a cap (not [`RateLimit::unlimited`]).
+    pub fn is_limited(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Accounts `n` bytes just moved (or about to be) and waits off any
+    /// debt.
     pub async fn spend(&self, n: usize) {
         let Some(bucket) = &self.0 else { return };
         let wait = bucket

@@ -18,9 +18,9 @@
 //! 4. the stream is finished. A peer that stops reading for longer than
 //!    [`ServeLimits::write_timeout`] gets its stream reset, freeing the slot.
 //!
-//! With an upload cap ([`ServeLimits::upload_rate`]) every frame written is
-//! charged to one bucket shared by all streams, and a stream in debt waits
-//! (holding its slot) before its next frame.
+//! With an upload cap ([`ServeLimits::upload_rate`]) frames enter their
+//! streams in 16 KiB pieces, each paid for from one bucket shared by all
+//! streams before it is written; a stream waiting for tokens holds its slot.
 //!
 //! Per-connection stream counts are bounded by quinn
 //! ([`transport_config`](super::transport_config)); connections by
@@ -294,16 +294,36 @@ struct Responder {
     rate: RateLimit,
 }
 
+/// Bytes written to a stream at a time under an upload cap.
+const PACED_PIECE: usize = 16 << 10;
+
 /// The stream cannot carry more (reset by us after a stall, or by the peer).
 struct Gone;
 
 impl Responder {
     async fn write(&mut self, bufs: &mut [Bytes]) -> Result<(), Gone> {
+        if !self.rate.is_limited() {
+            return self.write_now(bufs).await;
+        }
+        // Under a cap, bytes enter the stream in small pieces, each paid for
+        // before it is written: paying after writing whole 256 KiB frames
+        // let every upload slot burst a frame into the link's queue at once.
+        for buf in bufs.iter() {
+            let mut rest = buf.clone();
+            while !rest.is_empty() {
+                let piece = rest.split_to(rest.len().min(PACED_PIECE));
+                self.rate.spend(piece.len()).await;
+                self.write_now(&mut [piece]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_now(&mut self, bufs: &mut [Bytes]) -> Result<(), Gone> {
         let len: usize = bufs.iter().map(Bytes::len).sum();
         match tokio::time::timeout(self.write_timeout, self.send.write_all_chunks(bufs)).await {
             Ok(Ok(())) => {
                 metrics::global().peer_bytes_sent.inc_by(len as u64);
-                self.rate.spend(len).await;
                 Ok(())
             }
             Ok(Err(_)) => Err(Gone),

@@ -1030,9 +1030,10 @@ fn results_map_onto_scheduler_outcomes() {
 
 /// Fetches all 4.5 chunks of [`blob_data`] through a cap of [`RATE`] bytes a
 /// second, upload (`upload`) or download, and checks it took at least the
-/// time the cap allows: the bucket's burst (64 KiB) is free, and the wait
-/// for the last chunk's bytes comes after it is delivered, so four chunks
-/// less one burst must wait.
+/// time the cap allows: the bucket's burst (64 KiB) is free, and a download
+/// cap waits for the last chunk's bytes after they are delivered, so four
+/// chunks less one burst must wait (an upload cap pays before each 16 KiB
+/// piece is written, which is stricter still).
 const RATE: u64 = 256_000;
 async fn fetch_capped(upload: bool) {
     let data = blob_data(if upload { 11 } else { 12 });
