@@ -36,7 +36,9 @@
 //!   here (at least `endgame_after_ms`) is also asked of a second peer; the
 //!   loser is cancelled.
 //! * **Never stuck on a lease**: with no chunk arriving for
-//!   `orphan_after_ms`, chunks no peer can serve go to the origin anyway.
+//!   `orphan_after_ms`, chunks no peer can serve go to the origin anyway —
+//!   a bench period later when a benched peer holds them (a live peer on a
+//!   starved CPU stalls too; a dead one stalls again on probation).
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
 //!   ([`Action::Lease`]); leased chunks are fetched from the origin in
 //!   contiguous runs (one Range request each, at most `origin_run` chunks),
@@ -738,11 +740,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        // When waiting chunks may go to the origin without a lease (once:
-        // after that, only events change the answer).
-        let orphans = (waiting && (0..self.layout.count()).any(|c| self.stuck_orphan(c)))
-            .then_some(self.last_progress + self.cfg.orphan_after_ms)
-            .filter(|&t| t > self.now);
+        // When waiting chunks may go to the origin without a lease (once
+        // each time: after that, only events change the answer).
+        let orphans = waiting
+            .then(|| {
+                let benched = self.benched_holdings();
+                (0..self.layout.count())
+                    .filter(|&c| self.stuck_orphan(c))
+                    .map(|c| self.orphan_at(c, &benched))
+                    .filter(|&t| t > self.now)
+                    .min()
+            })
+            .flatten();
         let lookup = match (lookup, orphans) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -941,12 +950,39 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
 
     /// Whether the origin may serve chunk `c` now: leased to this node, or
     /// (tracker down) held by no known peer.
-    fn origin_ok(&self, c: u32) -> bool {
-        let stuck = self.now >= self.last_progress + self.cfg.orphan_after_ms;
+    fn origin_ok(&self, c: u32, benched: &Bitfield) -> bool {
         self.idle_missing(c)
             && (self.leased.get(c)
                 || (self.tracker_down && !self.peer_servable(c))
-                || (stuck && self.stuck_orphan(c)))
+                || (self.stuck_orphan(c) && self.now >= self.orphan_at(c, benched)))
+    }
+
+    /// Chunks that benched (not excluded) peers hold: servable again when
+    /// their bench ends.
+    fn benched_holdings(&self) -> Bitfield {
+        let mut b = Bitfield::for_layout(&self.layout);
+        for p in self.peers.values() {
+            if !p.excluded && p.benched_until > 0 {
+                b.union_with(&p.have);
+            }
+        }
+        b
+    }
+
+    /// When orphan chunk `c` may go to the origin: `orphan_after_ms` after
+    /// the last chunk arrived, or a bench period later if a benched peer
+    /// holds it verifiably. A peer is benched for stalling, and under a
+    /// saturated CPU live peers stall: sending their chunks to the origin
+    /// at once fetched them twice (32 members on 2 cores, 3 % of the
+    /// image). A holder that is really gone stalls again on probation and
+    /// its chunks still reach the origin, one bench period later.
+    fn orphan_at(&self, c: u32, benched: &Bitfield) -> u64 {
+        let wait = if benched.get(c) && self.known.get(c) {
+            self.cfg.orphan_after_ms + self.cfg.stall_bench_ms
+        } else {
+            self.cfg.orphan_after_ms
+        };
+        self.last_progress + wait
     }
 
     /// Whether chunk `c` may go to the origin without a lease once no chunk
@@ -965,13 +1001,22 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             return None;
         }
         let n = self.layout.count();
+        let stuck = self.now >= self.last_progress + self.cfg.orphan_after_ms;
+        let benched = if stuck {
+            self.benched_holdings()
+        } else {
+            Bitfield::for_layout(&self.layout)
+        };
         // Start at the most urgent fetchable chunk, then extend contiguously.
         let first = (0..n)
-            .filter(|&c| self.origin_ok(c))
+            .filter(|&c| self.origin_ok(c, &benched))
             .min_by_key(|&c| self.priority(c))?;
         let mut chunks = vec![first];
         let mut next = first + 1;
-        while (chunks.len() as u32) < self.cfg.origin_run && next < n && self.origin_ok(next) {
+        while (chunks.len() as u32) < self.cfg.origin_run
+            && next < n
+            && self.origin_ok(next, &benched)
+        {
             chunks.push(next);
             next += 1;
         }
@@ -1143,6 +1188,44 @@ mod tests {
         s.handle(0, Event::HashesKnown(bits(4, [2])));
         let f = peer_fetches(&drain(&mut s, 0));
         assert_eq!(f, vec![(1, vec![2])]);
+    }
+
+    #[test]
+    fn chunks_only_a_benched_peer_holds_go_to_the_origin_one_bench_period_later() {
+        let mut s = sched(1);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(1).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0])]);
+        // Two stalls bench the only holder (its chunk is not servable now)
+        // and nothing has arrived for twice `orphan_after_ms`.
+        assert_eq!(peer_fetches(&drain(&mut s, 5_000)), vec![(1, vec![0])]);
+        let acts = drain(&mut s, 10_000);
+        assert!(s.is_benched(&1), "{acts:?}");
+        let bench_end = 10_000 + s.cfg.stall_bench_ms;
+        let orphan_at = s.cfg.orphan_after_ms + s.cfg.stall_bench_ms;
+        assert!(orphan_at < bench_end);
+        // A live but slow holder (a saturated CPU) is not given up on at
+        // once: the origin waits one bench period more than for a chunk
+        // nobody holds.
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::FetchOrigin { .. })),
+            "{acts:?}"
+        );
+        s.handle(10_001, Event::LeaseGranted(vec![]));
+        assert!(drain(&mut s, orphan_at - 1)
+            .iter()
+            .all(|a| !matches!(a, Action::FetchOrigin { .. })));
+        assert!(s.next_deadline().is_some_and(|t| t <= orphan_at));
+        let acts = drain(&mut s, orphan_at);
+        assert!(
+            acts.contains(&Action::FetchOrigin { chunks: vec![0] }),
+            "a holder that stays silent does not stall the pull: {acts:?}"
+        );
     }
 
     #[test]
