@@ -744,9 +744,13 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         // each time: after that, only events change the answer).
         let orphans = waiting
             .then(|| {
-                let benched = self.benched_holdings();
-                (0..self.layout.count())
+                let mut orphans = (0..self.layout.count())
                     .filter(|&c| self.stuck_orphan(c))
+                    .peekable();
+                // Most calls have none: no bitfield of benched holdings then.
+                orphans.peek()?;
+                let benched = self.benched_holdings();
+                orphans
                     .map(|c| self.orphan_at(c, &benched))
                     .filter(|&t| t > self.now)
                     .min()
@@ -948,8 +952,10 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.avail[c as usize] > 0 && self.known.get(c)
     }
 
-    /// Whether the origin may serve chunk `c` now: leased to this node, or
-    /// (tracker down) held by no known peer.
+    /// Whether the origin may serve chunk `c` now: leased to this node;
+    /// (tracker down) held by no known peer; or a stuck orphan whose
+    /// [`orphan_at`](Self::orphan_at) time has come (`benched`: what benched
+    /// peers hold, from [`benched_holdings`](Self::benched_holdings)).
     fn origin_ok(&self, c: u32, benched: &Bitfield) -> bool {
         self.idle_missing(c)
             && (self.leased.get(c)
@@ -986,8 +992,8 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     /// Whether chunk `c` may go to the origin without a lease once no chunk
-    /// has arrived for `orphan_after_ms`: nobody can serve it verifiably and
-    /// no other member is fetching it under a lease (a lessee that dies
+    /// has arrived for a while ([`orphan_at`](Self::orphan_at)): nobody can
+    /// serve it verifiably now and no other member is fetching it under a lease (a lessee that dies
     /// stops renewing, and its lease runs out at the tracker).
     fn stuck_orphan(&self, c: u32) -> bool {
         self.idle_missing(c)
