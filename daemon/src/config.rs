@@ -408,60 +408,14 @@ fn rate_setting(
     })
 }
 
-/// Parses a rate into bytes per second: bits as `tc` writes them
-/// (`100mbit`, `1gbit`, `800kbit`, decimal), or bytes a second as a size
-/// ([`parse_size`], with an optional `/s`: `50MB`, `12MiB/s`).
+/// Parses a rate into bytes per second ([`shoal_proto::units::parse_rate`]).
 pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    if let Some(num) = lower.strip_suffix("bit") {
-        let (num, mult) = match num.char_indices().last() {
-            Some((i, 'k')) => (&num[..i], 1e3),
-            Some((i, 'm')) => (&num[..i], 1e6),
-            Some((i, 'g')) => (&num[..i], 1e9),
-            _ => (num, 1.0),
-        };
-        let n: f64 = num
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{s:?} is not a rate (e.g. 100mbit, 1gbit, 50MB)"))?;
-        let bytes = n * mult / 8.0;
-        if !(1.0..1.8e19).contains(&bytes) {
-            bail!("{s:?} is out of range");
-        }
-        return Ok(bytes as u64);
-    }
-    parse_size(t.strip_suffix("/s").unwrap_or(t))
-        .map_err(|e| anyhow::anyhow!("{e} (a rate: e.g. 100mbit, 1gbit, 50MB)"))
+    Ok(shoal_proto::units::parse_rate(s)?)
 }
 
-/// Parses `1073741824`, `10G`, `512MiB`, `1.5T`.
+/// Parses a size in bytes ([`shoal_proto::units::parse_size`]).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?} is not a size (e.g. 10737418240, 10G, 512MiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" => 1_000,
-        "M" | "MB" => 1_000_000,
-        "G" | "GB" => 1_000_000_000,
-        "T" | "TB" => 1_000_000_000_000,
-        "Ki" | "KiB" => 1 << 10,
-        "Mi" | "MiB" => 1 << 20,
-        "Gi" | "GiB" => 1 << 30,
-        "Ti" | "TiB" => 1 << 40,
-        other => bail!("{s:?}: unknown size unit {other:?} (use K, M, G, T, KiB, MiB, GiB, TiB)"),
-    };
-    let v = n * mult as f64;
-    if !(1.0..1.8e19).contains(&v) {
-        bail!("{s:?} is out of range");
-    }
-    Ok(v as u64)
+    Ok(shoal_proto::units::parse_size(s)?)
 }
 
 #[cfg(test)]

@@ -24,17 +24,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal_proto::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
-use shoal_proto::tracker_api::{
-    Announce, BlobHave, ChunkHash, HashCursor, LeaseRequest, LookupReply, NodeId, PublishHashes,
-    Report,
-};
+use shoal_proto::sched::{Outcome, Source};
+use shoal_proto::session::{HashBook, Io, Member, Notice, Session, SessionConfig, TrackerFailure};
+use shoal_proto::tracker_api::{ChunkHash, LookupReply, NodeId};
 use shoal_proto::{
     Bitfield, ChunkHashes, ChunkLayout, Digest, ErrorCode, OciError, Sha256Verifier,
 };
 use shoal_registry_shim::client::{OriginClient, OriginError};
 use shoal_registry_shim::serve::{ByteStream, Target};
-use shoal_tracker::client::{ApiError, Lease, TrackerApi};
+use shoal_tracker::client::{ApiError, ErrorCode as TrackerCode, Lease, TrackerApi};
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{self, KindLabel, SourceLabel};
@@ -271,7 +269,7 @@ impl Transfers {
             OciError::new(ErrorCode::Unavailable, format!("blob of {size} bytes: {e}"))
         })?;
         let (store, d) = (self.store.clone(), *digest);
-        let (file, mut have) =
+        let (file, have) =
             tokio::task::spawn_blocking(move || store.begin_partial(&d, Kind::Blob, layout))
                 .await
                 .expect("store task")
@@ -300,32 +298,33 @@ impl Transfers {
 
         let clock = tokio::time::Instant::now();
         let now = move || clock.elapsed().as_millis() as u64;
-        let mut sched: Scheduler<u32> =
-            Scheduler::new(SchedConfig::default(), layout, have.clone());
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
         let swarm = self.swarm.get().cloned();
-        let mut net = match &swarm {
-            // Alone: the origin serves every chunk (the scheduler's
-            // tracker-down mode), in Range runs.
-            None => {
-                sched.handle(now(), Event::TrackerDown(true));
-                None
-            }
-            Some(sw) => {
-                let net = Net::new(sw.clone(), *digest, layout, ev_tx.clone());
-                net.lookup();
-                Some(net)
-            }
-        };
+        // Alone (no swarm), the session fetches every chunk from the origin
+        // in Range runs.
+        let member = swarm.as_ref().map(|sw| Member {
+            node: sw.node.clone(),
+            addr: sw.addr.clone(),
+        });
+        let mut session: Session<PeerAddr, Hashes> = Session::new(
+            SessionConfig::default(),
+            *digest,
+            layout,
+            have,
+            member,
+            resolve_peer,
+            Hashes::new(layout),
+        );
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
+        let mut net = swarm.map(|sw| Net::new(sw, *digest, ev_tx.clone()));
         let mut runs: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
         let mut tally = Tally::default();
         let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
         'download: loop {
-            while let Some(action) = sched.poll(now()) {
-                tracing::trace!(digest = %digest, at = now(), ?action, "scheduler");
-                match action {
-                    Action::FetchOrigin { chunks } => {
+            while let Some(io) = session.poll(now()) {
+                tracing::trace!(digest = %digest, at = now(), ?io, "session");
+                match io {
+                    Io::FetchOrigin { chunks } => {
                         let run = OriginRun {
                             origin: self.origin.clone(),
                             target: target.clone(),
@@ -340,42 +339,13 @@ impl Transfers {
                             runs.insert(c, handle.abort_handle());
                         }
                     }
-                    Action::Cancel {
-                        source: Source::Origin,
-                        chunk,
-                    } => {
+                    Io::CancelOrigin { chunk } => {
                         if let Some(h) = runs.remove(&chunk) {
                             h.abort();
                         }
                     }
-                    // A request whose every chunk is cancelled is dropped,
-                    // which stops the peer sending it (its upload is
-                    // better spent on others); a late answer is ignored.
-                    Action::Cancel {
-                        source: Source::Peer(peer),
-                        chunk,
-                    } => {
-                        if let Some(net) = &mut net {
-                            net.cancel_peer(peer, chunk);
-                        }
-                    }
-                    Action::FetchPeer { peer, chunks } => {
-                        if let Some(net) = &mut net {
-                            net.fetch_peer(peer, chunks);
-                        }
-                    }
-                    Action::Lease { from, max } => {
-                        if let Some(net) = &net {
-                            net.lease(from, max);
-                        }
-                    }
-                    Action::Lookup => {
-                        if let Some(net) = &net {
-                            net.lookup();
-                        }
-                    }
-                    Action::Complete => break 'download,
-                    Action::GiveUp => {
+                    Io::Complete => break 'download,
+                    Io::GiveUp => {
                         for h in runs.values() {
                             h.abort();
                         }
@@ -384,20 +354,16 @@ impl Transfers {
                             "the origin transfer kept failing",
                         )));
                     }
+                    other => {
+                        if let Some(net) = &mut net {
+                            net.perform(other, &session);
+                        }
+                    }
                 }
             }
-            if let Some(net) = &mut net {
-                net.flush(&have, now());
-            }
-            let probe = net.as_mut().and_then(|n| {
-                n.probe(now());
-                n.next_probe()
-            });
-            let deadline = match (sched.next_deadline(), probe) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-            .map(|t| clock + Duration::from_millis(t));
+            let deadline = session
+                .next_deadline()
+                .map(|t| clock + Duration::from_millis(t));
             let event = tokio::select! {
                 ev = ev_rx.recv() => ev,
                 () = async {
@@ -422,23 +388,12 @@ impl Transfers {
             let stored = match event {
                 Ev::Stored { chunk, hash } => {
                     runs.remove(&chunk);
-                    if let (Some(net), Some(h)) = (&mut net, hash) {
-                        net.to_publish.push((chunk, ChunkHash::from_bytes(h)));
-                    }
-                    Some((chunk, Source::Origin))
+                    Some((chunk, Source::Origin, hash.map(ChunkHash::from_bytes)))
                 }
                 Ev::Broken(chunk, why) => {
                     runs.remove(&chunk);
                     tracing::info!(digest = %digest, chunk, why, "origin run broke; the rest is asked again");
-                    let (source, outcome) = (Source::Origin, Outcome::Failed);
-                    sched.handle(
-                        now(),
-                        Event::Chunk {
-                            source,
-                            chunk,
-                            outcome,
-                        },
-                    );
+                    session.on_chunk(now(), Source::Origin, chunk, Outcome::Failed, None);
                     None
                 }
                 Ev::Peer {
@@ -450,86 +405,57 @@ impl Transfers {
                     ChunkResult::Verified(bytes) => {
                         let (off, _) = layout.range(chunk).expect("verified against the layout");
                         match file.write_all_at(&bytes, off) {
-                            Ok(()) => Some((chunk, Source::Peer(peer))),
+                            Ok(()) => Some((chunk, Source::Peer(peer), None)),
                             Err(e) => return Err(Fail::from(store_err(e.into()))),
                         }
                     }
+                    // Bad data is reported to the tracker by the session.
                     other => {
-                        let outcome = other.outcome();
-                        if outcome == Outcome::Bad {
-                            if let Some(net) = &net {
-                                net.report_bad(peer, chunk);
-                            }
-                        }
-                        let source = Source::Peer(peer);
-                        sched.handle(
-                            now(),
-                            Event::Chunk {
-                                source,
-                                chunk,
-                                outcome,
-                            },
-                        );
+                        session.on_chunk(now(), Source::Peer(peer), chunk, other.outcome(), None);
                         None
                     }
                 },
                 Ev::Looked(r) => {
-                    if let Some(net) = &mut net {
-                        net.on_lookup(r, &mut sched, now());
-                    }
+                    let notice = session.on_lookup(now(), r.map_err(failure));
+                    log_notice(digest, notice);
                     None
                 }
                 Ev::Leased(r) => {
-                    let grant = match r {
-                        Ok(lease) => lease.grant.chunks,
-                        Err(e) if e.is_down() => {
-                            if let Some(net) = &mut net {
-                                net.went_down(&e, &mut sched, now());
-                            }
-                            Vec::new()
-                        }
-                        Err(_) => Vec::new(),
-                    };
-                    sched.handle(now(), Event::LeaseGranted(grant));
+                    let r = r.map(|lease| lease.grant.chunks).map_err(failure);
+                    let notice = session.on_lease(now(), r);
+                    log_notice(digest, notice);
                     None
                 }
                 Ev::Sent => {
-                    if let Some(net) = &mut net {
-                        net.in_flight -= 1;
-                    }
+                    session.on_sent();
                     None
                 }
             };
-            if let Some((chunk, source)) = stored {
-                tally.count(&source, have.get(chunk));
-                let _ = have.set(chunk);
+            if let Some((chunk, source, hash)) = stored {
+                let new = session.on_chunk(now(), source.clone(), chunk, Outcome::Verified, hash);
+                tally.count(&source, !new);
+                if !new {
+                    continue;
+                }
                 unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
-                let outcome = Outcome::Verified;
-                sched.handle(
-                    now(),
-                    Event::Chunk {
-                        source,
-                        chunk,
-                        outcome,
-                    },
-                );
                 prefix
-                    .advance(&have, &file)
+                    .advance(session.have(), &file)
                     .await
                     .map_err(|e| store_err(e.into()))?;
-                let (written, snapshot) = (prefix.bytes(), have.clone());
+                let (written, snapshot) = (prefix.bytes(), session.have().clone());
                 tx.send_modify(|p| {
                     p.written = written;
                     p.have = Some(snapshot);
                 });
-                if let Some(net) = &mut net {
-                    net.dirty = true;
-                }
                 let idle = checkpoint.as_ref().is_none_or(|h| h.is_finished());
                 if unsynced >= CHECKPOINT_BYTES && idle {
                     unsynced = 0;
-                    let (f, store, d, snapshot) =
-                        (file.clone(), self.store.clone(), *digest, have.clone());
+                    let (f, store, d, snapshot) = (
+                        file.clone(),
+                        self.store.clone(),
+                        *digest,
+                        session.have().clone(),
+                    );
                     checkpoint = Some(tokio::task::spawn_blocking(move || {
                         if f.sync_data().is_ok() {
                             let _ = store.checkpoint(&d, &snapshot);
@@ -549,8 +475,8 @@ impl Transfers {
             tracing::error!(digest = %digest, got = %got, upstream = %target.upstream, repo = %target.repo,
                 "origin served bytes that do not match the digest; discarded, nothing stored");
             let _ = self.store.release(digest);
-            if let Some(net) = &net {
-                net.report_mismatch();
+            if let (Some(net), Some(report)) = (&mut net, session.mismatch()) {
+                net.perform(report, &session);
             }
             return Err(Fail::from(
                 OciError::new(
@@ -565,9 +491,8 @@ impl Transfers {
         // until it is done the transfer stays registered, so new requests
         // read the same verified file.
         tx.send_modify(|p| p.phase = Phase::Done);
-        if let Some(net) = &mut net {
-            // Bounded: a slow tracker must not keep the transfer registered.
-            let _ = tokio::time::timeout(Duration::from_secs(5), net.finish()).await;
+        if let Some(net) = &net {
+            net.finish(session.finish());
         }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
         let stored = tokio::task::spawn_blocking(move || store.complete(&d, &f, None))
@@ -632,30 +557,12 @@ enum Ev {
     Sent,
 }
 
-/// A transfer's link to the swarm: the peers it knows, the chunk map, and
-/// what it still has to tell the tracker.
+/// A transfer's link to the swarm: performs the session's tracker requests
+/// and peer requests, and keeps track of the peer requests in flight.
 struct Net {
     swarm: Arc<Swarm>,
     blob: Digest,
-    layout: ChunkLayout,
     events: mpsc::UnboundedSender<Ev>,
-    /// Shared with the peer requests in flight (copied only when a lookup
-    /// adds hashes while one still holds it).
-    hashes: Arc<ChunkHashes>,
-    epoch: u64,
-    peers: Vec<PeerAddr>,
-    nodes: Vec<NodeId>,
-    ids: HashMap<NodeId, u32>,
-    to_publish: Vec<(u32, ChunkHash)>,
-    dirty: bool,
-    last_announce: u64,
-    in_flight: u32,
-    /// Since when the tracker has not answered, if it is down.
-    down_since: Option<u64>,
-    last_probe: u64,
-    /// Where this transfer's knowledge of the chunk hashes stands: lookups
-    /// ask only for hashes published since.
-    cursor: Option<HashCursor>,
     /// Peer requests in flight, by task id: the task and the chunks it
     /// still owes.
     peer_tasks: HashMap<u64, (tokio::task::AbortHandle, Vec<u32>)>,
@@ -674,107 +581,153 @@ impl Drop for Net {
     }
 }
 
-/// How often a transfer probes a tracker that was down.
-const TRACKER_PROBE_MS: u64 = 2_000;
-
-/// Least time between two announces of one transfer's progress.
-const ANNOUNCE_EVERY_MS: u64 = 200;
 /// How long a peer has to answer a whole request: a backstop; the
 /// scheduler moves stalled chunks (5 s per place in the request) sooner.
 const PEER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The chunk hashes a transfer verifies peer chunks against, shared with the
+/// peer requests in flight (copied only when a lookup adds hashes while one
+/// still holds them).
+struct Hashes {
+    layout: ChunkLayout,
+    map: Arc<ChunkHashes>,
+}
+
+impl Hashes {
+    fn new(layout: ChunkLayout) -> Self {
+        Hashes {
+            layout,
+            map: Arc::new(ChunkHashes::new(layout)),
+        }
+    }
+}
+
+impl HashBook for Hashes {
+    fn reset(&mut self) {
+        self.map = Arc::new(ChunkHashes::new(self.layout));
+    }
+
+    fn learn(&mut self, chunk: u32, hash: &ChunkHash) {
+        let _ = Arc::make_mut(&mut self.map).set(chunk, *hash.as_bytes());
+    }
+}
+
+/// A holder the tracker names is dialled at its advertised QUIC address and
+/// must prove its node name.
+fn resolve_peer(node: &NodeId, addr: &shoal_proto::tracker_api::PeerAddr) -> Option<PeerAddr> {
+    match addr.as_str().parse::<SocketAddr>() {
+        Ok(addr) => Some(PeerAddr {
+            addr,
+            name: node.as_str().to_owned(),
+        }),
+        Err(_) => {
+            tracing::debug!(
+                addr = addr.as_str(),
+                "peer address is not an IP address; skipped"
+            );
+            None
+        }
+    }
+}
+
+/// How a tracker error reads to the session.
+fn failure(e: ApiError) -> TrackerFailure {
+    if e.is_down() {
+        TrackerFailure::Down
+    } else if e.code() == Some(&TrackerCode::Excluded) {
+        TrackerFailure::Excluded
+    } else {
+        TrackerFailure::Refused
+    }
+}
+
+fn log_notice(digest: &Digest, notice: Option<Notice>) {
+    match notice {
+        Some(Notice::TrackerDown) => tracing::warn!(digest = %digest,
+            "tracker unreachable: the origin serves what no known peer has"),
+        Some(Notice::TrackerBack) => {
+            tracing::info!(digest = %digest, "tracker reachable again: back to the swarm")
+        }
+        Some(Notice::LayoutConflict) => tracing::warn!(digest = %digest,
+            "the tracker lays this blob out differently; fetching it alone"),
+        Some(Notice::Excluded) => tracing::error!(digest = %digest,
+            "the tracker excludes this node for bad data it served (check its disk); \
+             the origin serves what no known peer has"),
+        None => {}
+    }
+}
+
 impl Net {
-    fn new(
-        swarm: Arc<Swarm>,
-        blob: Digest,
-        layout: ChunkLayout,
-        events: mpsc::UnboundedSender<Ev>,
-    ) -> Self {
+    fn new(swarm: Arc<Swarm>, blob: Digest, events: mpsc::UnboundedSender<Ev>) -> Self {
         Net {
             swarm,
             blob,
-            layout,
             events,
-            hashes: Arc::new(ChunkHashes::new(layout)),
-            epoch: 0,
-            peers: Vec::new(),
-            nodes: Vec::new(),
-            ids: HashMap::new(),
-            to_publish: Vec::new(),
-            dirty: false,
-            last_announce: 0,
-            in_flight: 0,
-            down_since: None,
-            last_probe: 0,
-            cursor: None,
             peer_tasks: HashMap::new(),
             owed_by: HashMap::new(),
             next_task: 0,
         }
     }
 
-    /// The tracker did not answer: the scheduler falls back to the origin
-    /// for what no known peer has, and lookups probe until it is back.
-    fn went_down(&mut self, e: &ApiError, sched: &mut Scheduler<u32>, now: u64) {
-        if self.down_since.is_none() {
-            tracing::warn!(digest = %self.blob, error = %e, "tracker unreachable: the origin serves what no known peer has");
-            self.down_since = Some(now);
-            self.last_probe = now;
-        }
-        sched.handle(now, Event::TrackerDown(true));
-    }
-
-    /// While the tracker is down: when to probe it next.
-    fn next_probe(&self) -> Option<u64> {
-        self.down_since.map(|_| self.last_probe + TRACKER_PROBE_MS)
-    }
-
-    /// Probes the tracker (a lookup) if it is down and a probe is due.
-    fn probe(&mut self, now: u64) {
-        if self.next_probe().is_some_and(|t| now >= t) {
-            self.last_probe = now;
-            self.lookup();
-        }
-    }
-
-    fn lookup(&self) {
+    /// Performs a tracker or peer request of the session; its answer comes
+    /// back as an [`Ev`].
+    fn perform(&mut self, io: Io, session: &Session<PeerAddr, Hashes>) {
         let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
-        // Only the hashes published since the last answer.
-        let since = self.cursor;
-        tokio::spawn(async move {
-            let r = sw.tracker.lookup(&sw.node, &blob, since).await;
-            let _ = ev.send(Ev::Looked(r));
-        });
+        match io {
+            Io::Lookup { since } => {
+                tokio::spawn(async move {
+                    let r = sw.tracker.lookup(&sw.node, &blob, since).await;
+                    let _ = ev.send(Ev::Looked(r));
+                });
+            }
+            Io::Lease(req) => {
+                tokio::spawn(async move {
+                    let _ = ev.send(Ev::Leased(sw.tracker.lease(req).await));
+                });
+            }
+            Io::Publish(p) => {
+                tokio::spawn(async move {
+                    if let Err(e) = sw.tracker.publish_hashes(p).await {
+                        tracing::debug!(error = %e, "publishing chunk hashes failed");
+                    }
+                    let _ = ev.send(Ev::Sent);
+                });
+            }
+            Io::Announce(a) => {
+                tokio::spawn(async move {
+                    if let Err(e) = sw.tracker.announce(a).await {
+                        tracing::debug!(error = %e, "announce failed");
+                    }
+                    let _ = ev.send(Ev::Sent);
+                });
+            }
+            Io::Report(r) => {
+                tokio::spawn(async move {
+                    let _ = sw.tracker.report(r).await;
+                });
+            }
+            Io::FetchPeer { peer, chunks } => {
+                if let Some((_, addr)) = session.peer(peer) {
+                    let hashes = session.hashes().map.clone();
+                    self.fetch_peer(peer, addr.clone(), hashes, chunks);
+                }
+            }
+            Io::CancelPeer { peer, chunk } => self.cancel_peer(peer, chunk),
+            // The transfer's own loop handles the origin and the end.
+            Io::FetchOrigin { .. } | Io::CancelOrigin { .. } | Io::Complete | Io::GiveUp => {}
+        }
     }
 
-    fn lease(&self, from: u32, max: u32) {
-        let (sw, blob, layout, ev) = (
-            self.swarm.clone(),
-            self.blob,
-            self.layout,
-            self.events.clone(),
-        );
-        tokio::spawn(async move {
-            let r = match LeaseRequest::new(sw.node.clone(), blob, layout, max.max(1), from) {
-                Ok(req) => sw.tracker.lease(req).await,
-                Err(e) => Err(ApiError::Unreachable(e.to_string())),
-            };
-            let _ = ev.send(Ev::Leased(r));
-        });
-    }
-
-    fn fetch_peer(&mut self, peer: u32, chunks: Vec<u32>) {
-        let Some(addr) = self.peers.get(peer as usize).cloned() else {
-            return;
-        };
+    fn fetch_peer(
+        &mut self,
+        peer: u32,
+        addr: PeerAddr,
+        hashes: Arc<ChunkHashes>,
+        chunks: Vec<u32>,
+    ) {
         let task = self.next_task;
         self.next_task += 1;
-        let (sw, blob, hashes, ev) = (
-            self.swarm.clone(),
-            self.blob,
-            self.hashes.clone(),
-            self.events.clone(),
-        );
+        let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
         let owed = chunks.clone();
         let handle = tokio::spawn(async move {
             sw.peers
@@ -830,196 +783,23 @@ impl Net {
         }
     }
 
-    fn on_lookup(
-        &mut self,
-        r: Result<LookupReply, ApiError>,
-        sched: &mut Scheduler<u32>,
-        now: u64,
-    ) {
-        let view = match r {
-            Err(e) if e.is_down() => {
-                self.went_down(&e, sched, now);
-                return;
-            }
-            other => {
-                if self.down_since.take().is_some() {
-                    tracing::info!(digest = %self.blob, "tracker reachable again: back to the swarm");
-                    sched.handle(now, Event::TrackerDown(false));
-                }
-                match other {
-                    Ok(view) => view,
-                    // Unknown to the tracker: nobody holds it yet.
-                    Err(_) => {
-                        sched.handle(now, Event::LookedUp);
-                        return;
-                    }
-                }
-            }
-        };
-        if view.layout() != self.layout {
-            tracing::warn!(digest = %self.blob, "the tracker lays this blob out differently; fetching it alone");
-            sched.handle(now, Event::TrackerDown(true));
-            return;
-        }
-        if view.epoch() != self.epoch {
-            // Withdrawn hashes: only the new epoch's hashes count.
-            self.hashes = Arc::new(ChunkHashes::new(self.layout));
-            self.epoch = view.epoch();
-            self.cursor = None;
-        }
-        // Answers may come back out of order: the cursor only moves on.
-        if self.cursor.is_none_or(|c| c.seq < view.hash_seq()) {
-            self.cursor = Some(view.cursor());
-        }
-        for (i, h) in view.hashes().iter().enumerate() {
-            if let Some(h) = h {
-                let _ = Arc::make_mut(&mut self.hashes).set(i as u32, *h.as_bytes());
-            }
-        }
-        sched.handle(now, Event::HashesKnown(self.hashes.known()));
-        sched.handle(now, Event::LeasedElsewhere(view.leased().clone()));
-        for holder in view.holders() {
-            if holder.node == self.swarm.node {
-                continue;
-            }
-            let Ok(addr) = holder.addr.as_str().parse::<SocketAddr>() else {
-                tracing::debug!(
-                    addr = holder.addr.as_str(),
-                    "peer address is not an IP address; skipped"
-                );
-                continue;
-            };
-            let id = match self.ids.get(&holder.node) {
-                Some(id) => *id,
-                None => {
-                    let id = self.peers.len() as u32;
-                    self.peers.push(PeerAddr {
-                        addr,
-                        name: holder.node.as_str().to_owned(),
-                    });
-                    self.nodes.push(holder.node.clone());
-                    self.ids.insert(holder.node.clone(), id);
-                    id
-                }
-            };
-            let have = if holder.complete {
-                full(&self.layout)
-            } else {
-                holder.have.clone()
-            };
-            sched.handle(now, Event::PeerHas { peer: id, have });
-        }
-        sched.handle(now, Event::LookedUp);
-    }
-
-    /// Publishes pending chunk hashes and announces progress (at most one
-    /// message of each in flight, announces at most every 200 ms).
-    fn flush(&mut self, have: &Bitfield, now: u64) {
-        if self.in_flight > 0 {
-            return;
-        }
+    /// The blob is complete and verified: sends the session's closing
+    /// publish and announce, in order, without holding the transfer up.
+    fn finish(&self, msgs: Vec<Io>) {
         let sw = self.swarm.clone();
-        if !self.to_publish.is_empty() {
-            let hashes = std::mem::take(&mut self.to_publish);
-            if let Ok(p) = PublishHashes::new(sw.node.clone(), self.blob, hashes) {
-                self.in_flight += 1;
-                let ev = self.events.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sw.tracker.publish_hashes(p).await {
-                        tracing::debug!(error = %e, "publishing chunk hashes failed");
-                    }
-                    let _ = ev.send(Ev::Sent);
-                });
-            }
-            return;
-        }
-        if self.dirty && now.saturating_sub(self.last_announce) >= ANNOUNCE_EVERY_MS {
-            self.dirty = false;
-            self.last_announce = now;
-            let Ok(bh) = BlobHave::new(self.blob, self.layout, have.clone(), false) else {
-                return;
-            };
-            if let Ok(a) = Announce::new(
-                sw.node.clone(),
-                sw.addr.clone(),
-                vec![bh],
-                Vec::new(),
-                false,
-            ) {
-                self.in_flight += 1;
-                let ev = self.events.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sw.tracker.announce(a).await {
-                        tracing::debug!(error = %e, "announce failed");
-                    }
-                    let _ = ev.send(Ev::Sent);
-                });
-            }
-        }
-    }
-
-    /// The blob is complete and verified: publish the chunk hashes not sent
-    /// yet (whatever is in flight), then announce the whole blob.
-    async fn finish(&mut self) {
-        let sw = self.swarm.clone();
-        let hashes = std::mem::take(&mut self.to_publish);
-        let publish = (!hashes.is_empty())
-            .then(|| PublishHashes::new(sw.node.clone(), self.blob, hashes).ok())
-            .flatten();
-        let bh = BlobHave::complete(self.blob, self.layout);
-        let announce = Announce::new(
-            sw.node.clone(),
-            sw.addr.clone(),
-            vec![bh],
-            Vec::new(),
-            false,
-        )
-        .ok();
         tokio::spawn(async move {
-            if let Some(p) = publish {
-                if let Err(e) = sw.tracker.publish_hashes(p).await {
-                    tracing::debug!(error = %e, "publishing chunk hashes failed");
-                }
-            }
-            if let Some(a) = announce {
-                if let Err(e) = sw.tracker.announce(a).await {
-                    tracing::debug!(error = %e, "announce failed");
+            for io in msgs {
+                let r = match io {
+                    Io::Publish(p) => sw.tracker.publish_hashes(p).await.map(|_| ()),
+                    Io::Announce(a) => sw.tracker.announce(a).await.map(|_| ()),
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "telling the tracker the blob is complete failed");
                 }
             }
         });
     }
-
-    fn report_bad(&self, peer: u32, chunk: u32) {
-        let Some(bad) = self.nodes.get(peer as usize).cloned() else {
-            return;
-        };
-        let sw = self.swarm.clone();
-        let r = Report::BadChunk {
-            node: sw.node.clone(),
-            blob: self.blob,
-            peer: bad,
-            chunk,
-        };
-        tokio::spawn(async move {
-            let _ = sw.tracker.report(r).await;
-        });
-    }
-
-    fn report_mismatch(&self) {
-        let sw = self.swarm.clone();
-        let r = Report::DigestMismatch {
-            node: sw.node.clone(),
-            blob: self.blob,
-            epoch: self.epoch,
-        };
-        tokio::spawn(async move {
-            let _ = sw.tracker.report(r).await;
-        });
-    }
-}
-
-fn full(layout: &ChunkLayout) -> Bitfield {
-    Bitfield::full(layout.count()).expect("a layout has at most MAX_CHUNKS chunks")
 }
 
 /// One contiguous Range request to the origin, writing chunks at their

@@ -11,7 +11,9 @@ pub mod media;
 pub mod range;
 pub mod reference;
 pub mod sched;
+pub mod session;
 pub mod tracker_api;
+pub mod units;
 pub mod wire;
 
 pub use chunk::{Bitfield, ChunkError, ChunkHasher, ChunkHashes, ChunkLayout};

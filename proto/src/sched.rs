@@ -26,9 +26,9 @@
 //!   a request: `k + 1` periods, as they come in order; `origin_stall_ms`
 //!   for the origin, whose slowness is usually its shared link) is cancelled
 //!   and its chunk asked elsewhere; after `max_stalls` stalls a peer is benched for
-//!   `stall_bench_ms`, then comes back on probation, one chunk at a time
-//!   until it delivers. An overloaded seed thus recovers instead of being
-//!   lost to the whole swarm.
+//!   `stall_bench_ms` (and reported to the tracker as unresponsive), then
+//!   comes back on probation, one chunk at a time until it delivers. An
+//!   overloaded seed thus recovers instead of being lost to the whole swarm.
 //! * **Lacks data vs bad data**: a peer that lacks a chunk loses that bit; a
 //!   peer that sent bytes failing verification is excluded for this blob.
 //! * **Endgame**: when every missing chunk is already in flight and few are
@@ -177,7 +177,9 @@ pub enum Event<P> {
         /// The peer.
         peer: P,
     },
-    /// These chunk hashes are known (cumulative).
+    /// These chunk hashes are known, and no others: replaces what was
+    /// known (the tracker withdraws hashes when their publisher turns out to
+    /// be bad, and a chunk must not be asked of a peer without one).
     HashesKnown(Bitfield),
     /// A request ended.
     Chunk {
@@ -232,6 +234,13 @@ pub enum Action<P> {
         source: Source<P>,
         /// Which chunk.
         chunk: u32,
+    },
+    /// A peer stalled `max_stalls` times and was benched: tell the tracker,
+    /// which forgets it as a holder once enough members say so (so its
+    /// chunks can be leased to one live member rather than waited on).
+    Unresponsive {
+        /// The peer.
+        peer: P,
     },
     /// Every chunk is here: check the whole digest.
     Complete,
@@ -306,6 +315,9 @@ pub struct Scheduler<P> {
     leased: Bitfield,
     /// Chunks leased to other members, as of the last lookup.
     elsewhere: Bitfield,
+    /// Chunks held by peers excluded here (they sent bad data): the tracker
+    /// may still list them as served, so it will not lease them.
+    unusable: Bitfield,
     origin_inflight: u32,
     /// Origin runs in flight: run id → chunks of it still outstanding.
     origin_runs: BTreeMap<u64, u32>,
@@ -314,6 +326,8 @@ pub struct Scheduler<P> {
     next_run: u64,
     origin_failures: u32,
     lease_pending: bool,
+    /// The pending lease request only renews leases held.
+    renewing: bool,
     /// After a grant that left chunks without any source, when to ask again.
     lease_retry_at: u64,
     /// When leases were last asked for (granted or renewed).
@@ -352,12 +366,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             peer_inflight: 0,
             leased: Bitfield::for_layout(&layout),
             elsewhere: Bitfield::for_layout(&layout),
+            unusable: Bitfield::for_layout(&layout),
             origin_inflight: 0,
             origin_runs: BTreeMap::new(),
             origin_run_of: BTreeMap::new(),
             next_run: 0,
             origin_failures: 0,
             lease_pending: false,
+            renewing: false,
             lease_retry_at: 0,
             last_lease: 0,
             lookup_pending: false,
@@ -406,6 +422,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                     .entry(peer)
                     .or_insert_with(|| PeerState::new(&layout));
                 if state.excluded {
+                    self.unusable.union_with(&have);
                     return;
                 }
                 if state.counted() {
@@ -421,7 +438,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             Event::PeerGone { peer } => self.drop_peer(&peer, true),
             Event::HashesKnown(bits) => {
                 if bits.len() == self.known.len() {
-                    self.known.union_with(&bits);
+                    self.known = bits;
                 }
             }
             Event::Chunk {
@@ -431,15 +448,19 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             } => self.on_chunk(source, chunk, outcome),
             Event::LeaseGranted(chunks) => {
                 self.lease_pending = false;
-                let granted = chunks.len();
+                let mut fresh = 0;
                 for c in chunks {
-                    if c < self.layout.count() && !self.have.get(c) {
+                    if c < self.layout.count() && !self.have.get(c) && !self.leased.get(c) {
                         let _ = self.leased.set(c);
+                        fresh += 1;
                     }
                 }
-                // Nothing granted: the rest is someone else's lease; ask
-                // again only after a lookup interval.
-                if granted == 0 {
+                // Nothing new granted (at most the leases held already
+                // renewed): the rest is someone else's lease or served; ask
+                // again only after a lookup interval. Asking at once
+                // would loop on the tracker: the simulator caught members
+                // sending thousands of lease requests a second that way.
+                if fresh == 0 && !self.renewing {
                     self.lease_retry_at = now + self.cfg.lookup_interval_ms;
                 }
             }
@@ -468,13 +489,20 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             return;
         }
         // Was this request still outstanding?
-        let Some(reqs) = self.inflight.get_mut(&chunk) else {
+        let pos = self
+            .inflight
+            .get(&chunk)
+            .and_then(|reqs| reqs.iter().position(|r| r.source == source));
+        let Some(pos) = pos else {
+            // A late answer (its request was moved or cancelled). Verified
+            // bytes are stored all the same: keep them rather than fetch
+            // them again.
+            if outcome == Outcome::Verified && !self.have.get(chunk) {
+                self.arrived(chunk);
+            }
             return;
         };
-        let Some(pos) = reqs.iter().position(|r| r.source == source) else {
-            return;
-        };
-        let req = reqs.remove(pos);
+        let req = self.inflight.get_mut(&chunk).expect("found").remove(pos);
         let run = match source {
             Source::Origin => self.origin_run_of.get(&chunk).copied(),
             Source::Peer(_) => None,
@@ -482,7 +510,6 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.release(&source, chunk);
         match (&source, outcome) {
             (_, Outcome::Verified) => {
-                self.last_progress = self.last_progress.max(self.now);
                 if let Source::Peer(p) = &source {
                     if let Some(state) = self.peers.get_mut(p) {
                         state.probation = false;
@@ -495,16 +522,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                         Some(avg) => (avg * 7 + sample) / 8,
                     });
                 }
-                let _ = self.have.set(chunk);
-                let _ = self.leased.clear(chunk);
-                // Duplicates of an endgame request are no longer needed.
-                for other in self.inflight.remove(&chunk).unwrap_or_default() {
-                    self.release(&other.source, chunk);
-                    self.queue.push_back(Action::Cancel {
-                        source: other.source,
-                        chunk,
-                    });
-                }
+                self.arrived(chunk);
             }
             (Source::Peer(p), Outcome::Bad) => {
                 // Bad data: this peer is out for this blob.
@@ -564,6 +582,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
     }
 
+    /// Chunk `chunk` is verified and stored: other requests for it (endgame
+    /// duplicates, the one it was moved to) are no longer needed.
+    fn arrived(&mut self, chunk: u32) {
+        self.last_progress = self.last_progress.max(self.now);
+        let _ = self.have.set(chunk);
+        let _ = self.leased.clear(chunk);
+        for other in self.inflight.remove(&chunk).unwrap_or_default() {
+            self.release(&other.source, chunk);
+            self.queue.push_back(Action::Cancel {
+                source: other.source,
+                chunk,
+            });
+        }
+    }
+
     fn release(&mut self, source: &Source<P>, chunk: u32) {
         match source {
             Source::Origin => {
@@ -613,6 +646,10 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         state.benched_until = until;
         state.stalls = 0;
         self.cancel_all(peer);
+        if !self.tracker_down {
+            self.queue
+                .push_back(Action::Unresponsive { peer: peer.clone() });
+        }
     }
 
     /// Brings benched peers whose time is up back, on probation.
@@ -629,6 +666,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn exclude(&mut self, peer: &P) {
+        if let Some(state) = self.peers.get(peer) {
+            self.unusable.union_with(&state.have);
+        }
         self.drop_peer(peer, false);
     }
 
@@ -727,7 +767,10 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let lookup = (waiting && !self.lookup_pending)
             .then(|| self.last_lookup.map(|t| t + self.cfg.lookup_interval_ms))
             .flatten();
-        let lease = (waiting && !self.lease_pending && self.lease_retry_at > 0)
+        // Only while still ahead: once passed, poll has decided whether to
+        // lease (an origin request may be busy), and a deadline in the past
+        // would have the driver spin until an event.
+        let lease = (waiting && !self.lease_pending && self.lease_retry_at > self.now)
             .then_some(self.lease_retry_at);
         let lookup = match (lookup, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -799,16 +842,21 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
         if !self.tracker_down {
             // Lease just in time: only when the chunks leased so far are
-            // all fetched or in flight, so no node hoards leases it cannot
-            // serve soon.
+            // all fetched or in flight and an origin request is free, so no
+            // node hoards leases it cannot serve soon. The tracker lists a
+            // node's own live leases first, so the request's budget covers
+            // those in flight plus a fresh batch.
             let idle_leases = self.leased.iter_ones().any(|c| self.idle_missing(c));
-            if !self.lease_pending && !idle_leases && now >= self.lease_retry_at {
+            let origin_free = (self.origin_runs.len() as u32) < self.cfg.origin_requests;
+            if !self.lease_pending && !idle_leases && origin_free && now >= self.lease_retry_at {
                 if let Some(from) = self.first_orphan() {
+                    let fetching = self.leased_in_flight().count() as u32;
                     self.lease_pending = true;
+                    self.renewing = false;
                     self.last_lease = now;
                     return Some(Action::Lease {
                         from,
-                        max: self.cfg.lease_batch,
+                        max: self.cfg.lease_batch + fetching,
                     });
                 }
             }
@@ -816,6 +864,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 let fetching: Vec<u32> = self.leased_in_flight().collect();
                 if let Some(&from) = fetching.first() {
                     self.lease_pending = true;
+                    self.renewing = true;
                     self.last_lease = now;
                     return Some(Action::Lease {
                         from,
@@ -976,17 +1025,27 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     /// When orphan chunk `c` may go to the origin: `orphan_after_ms` after
-    /// the last chunk arrived, or a bench period later if a benched peer
-    /// holds it verifiably. A peer is benched for stalling, and under a
+    /// the last chunk arrived if only peers excluded here hold it (the
+    /// tracker, which still lists them, will not lease it), or a bench
+    /// period later if a benched peer holds it verifiably. A peer is benched for stalling, and under a
     /// saturated CPU live peers stall: sending their chunks to the origin
     /// at once fetched them twice (32 members on 2 cores, 3 % of the
     /// image). A holder that is really gone stalls again on probation and
     /// its chunks still reach the origin, one bench period later.
+    ///
+    /// A chunk that no peer known here holds at all is leasable at the
+    /// tracker, which leases it to one member: going to the origin without
+    /// a lease is then a last resort, two bench periods later (the tracker
+    /// may know holders this node never heard of). Every member that waited
+    /// on a lessee that froze used to fetch its chunks at once when the
+    /// lease ran out — in the simulator, twice the image from the origin.
     fn orphan_at(&self, c: u32, benched: &Bitfield) -> u64 {
-        let wait = if benched.get(c) && self.known.get(c) {
+        let wait = if self.unusable.get(c) {
+            self.cfg.orphan_after_ms
+        } else if benched.get(c) && self.known.get(c) {
             self.cfg.orphan_after_ms + self.cfg.stall_bench_ms
         } else {
-            self.cfg.orphan_after_ms
+            self.cfg.orphan_after_ms + 2 * self.cfg.stall_bench_ms
         };
         self.last_progress + wait
     }
@@ -1235,6 +1294,36 @@ mod tests {
     }
 
     #[test]
+    fn a_verified_chunk_from_a_moved_request_is_kept_and_its_new_request_cancelled() {
+        let mut s = sched(2);
+        s.cfg.endgame_chunks = 0;
+        for peer in [1, 2] {
+            let have = Bitfield::full(2).unwrap();
+            s.handle(0, Event::PeerHas { peer, have });
+        }
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f, vec![(1, vec![0, 1])]);
+        // Chunk 0 stalls at peer 1 and moves to peer 2...
+        let acts = drain(&mut s, 5_000);
+        assert_eq!(peer_fetches(&acts), vec![(2, vec![0])]);
+        // ...then peer 1's answer arrives after all: it is kept, and the
+        // request at peer 2 is cancelled rather than fetched again.
+        let late = Event::Chunk {
+            source: Source::Peer(1),
+            chunk: 0,
+            outcome: Outcome::Verified,
+        };
+        s.handle(5_100, late);
+        assert!(s.have().get(0));
+        let acts = drain(&mut s, 5_100);
+        assert!(acts.contains(&Action::Cancel {
+            source: Source::Peer(2),
+            chunk: 0
+        }));
+        assert!(peer_fetches(&acts).is_empty(), "{acts:?}");
+    }
+
+    #[test]
     fn stalled_request_moves_elsewhere_and_a_repeat_staller_is_benched_then_on_probation() {
         let mut s = sched(4);
         s.cfg.endgame_chunks = 0;
@@ -1290,6 +1379,7 @@ mod tests {
             );
         }
         assert!(s.is_benched(&1) && !s.is_excluded(&1));
+        assert!(acts.contains(&Action::Unresponsive { peer: 1 }), "{acts:?}");
         assert_eq!(peer_fetches(&acts), vec![(2, vec![1])]);
         s.handle(
             10_500,
@@ -1435,7 +1525,9 @@ mod tests {
             chunk: 2
         }));
         assert_eq!(peer_fetches(&acts), vec![(2, vec![1, 2, 3])]);
-        // A late answer from the excluded peer changes nothing.
+        // A late answer from the excluded peer that verified against the
+        // chunk hash is kept (the bytes are good; the peer stays out), and
+        // the request it replaces is cancelled.
         s.handle(
             3,
             Event::Chunk {
@@ -1444,7 +1536,11 @@ mod tests {
                 outcome: Outcome::Verified,
             },
         );
-        assert!(!s.have().get(2));
+        assert!(s.have().get(2) && s.is_excluded(&1));
+        assert!(drain(&mut s, 3).contains(&Action::Cancel {
+            source: Source::Peer(2),
+            chunk: 2
+        }));
     }
 
     #[test]
@@ -1484,20 +1580,49 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_of_only_the_leases_held_does_not_ask_again_at_once() {
+        let mut s = sched(16);
+        assert_eq!(drain(&mut s, 0), vec![lease(0)]);
+        s.handle(1, Event::LeaseGranted(vec![0, 1, 2, 3]));
+        let acts = drain(&mut s, 1);
+        assert_eq!(acts.last(), Some(&Action::Lease { from: 4, max: 8 }));
+        // The tracker renewed the four held and had nothing fresh.
+        s.handle(2, Event::LeaseGranted(vec![0, 1, 2, 3]));
+        assert_eq!(drain(&mut s, 2), vec![]);
+        // Asked again after a lookup interval, not in a loop.
+        let acts = drain(&mut s, 502);
+        assert!(
+            acts.contains(&Action::Lease { from: 4, max: 8 }),
+            "{acts:?}"
+        );
+        // Two runs in flight fill the origin requests: no lease then.
+        s.handle(503, Event::LeaseGranted(vec![0, 1, 2, 3, 8, 9, 10, 11]));
+        let acts = drain(&mut s, 503);
+        assert_eq!(
+            acts,
+            vec![Action::FetchOrigin {
+                chunks: vec![8, 9, 10, 11]
+            }]
+        );
+    }
+
+    #[test]
     fn cold_blob_goes_to_origin_under_lease_then_completes() {
         let mut s = sched(6);
         let acts = drain(&mut s, 0);
         assert_eq!(acts, vec![lease(0)]);
         s.handle(1, Event::LeaseGranted(vec![0, 1, 2, 3, 4]));
         // The leased run goes out as one Range request; with every leased
-        // chunk in flight, the next lease is asked for just in time.
+        // chunk in flight and an origin request free, the next lease is
+        // asked for just in time (its budget covers the 5 held, which the
+        // tracker renews first, plus a fresh batch).
         assert_eq!(
             drain(&mut s, 1),
             vec![
                 Action::FetchOrigin {
                     chunks: vec![0, 1, 2, 3, 4]
                 },
-                lease(5),
+                Action::Lease { from: 5, max: 9 },
             ]
         );
         // Chunk 5 is someone else's lease: look again once the interval passed.
@@ -1679,8 +1804,23 @@ mod tests {
         s.handle(2, Event::LeasedElsewhere(bits(4, [0, 1])));
         s.handle(2, Event::LookedUp);
         let _ = drain(&mut s, 2);
-        // Nothing arrives for the orphan period: only 2-3 go to the origin.
+        // Nothing arrives for the orphan period: chunks nobody holds are
+        // leasable, so they are asked for under a lease, not fetched bare
+        // (every waiting member would fetch them at once).
         let acts = drain(&mut s, 5_000);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Lease { .. })),
+            "{acts:?}"
+        );
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::FetchOrigin { .. })),
+            "{acts:?}"
+        );
+        s.handle(5_001, Event::LeaseGranted(vec![]));
+        // Still refused two bench periods on: the last resort, and only
+        // for the chunks nobody is fetching.
+        let _ = drain(&mut s, 20_000);
+        let acts = drain(&mut s, 25_000);
         assert!(
             acts.contains(&Action::FetchOrigin { chunks: vec![2, 3] }),
             "{acts:?}"
@@ -1692,8 +1832,8 @@ mod tests {
             "{acts:?}"
         );
         // The lessee died: its lease ran out and the next lookup says so.
-        s.handle(6_000, Event::LeasedElsewhere(bits(4, [])));
-        let acts = drain(&mut s, 6_000);
+        s.handle(26_000, Event::LeasedElsewhere(bits(4, [])));
+        let acts = drain(&mut s, 26_000);
         assert!(
             acts.contains(&Action::FetchOrigin { chunks: vec![0, 1] }),
             "{acts:?}"

@@ -972,6 +972,19 @@ pub enum Report {
         /// The chunk.
         chunk: u32,
     },
+    /// `peer` let requests for `blob` stall again and again (it is dead,
+    /// hung or unreachable from here). Enough distinct reporters make the
+    /// tracker forget it as a holder until it announces again, so its chunks
+    /// can be leased to one live member instead of every member waiting on it
+    /// (or all fetching them from the origin).
+    Unresponsive {
+        /// The reporter.
+        node: NodeId,
+        /// The blob the stalled requests were for.
+        blob: Digest,
+        /// The peer that stopped answering.
+        peer: NodeId,
+    },
     /// Every chunk matched its published hash, yet the whole blob did not
     /// match its digest: some published hash of `epoch` is wrong.
     DigestMismatch {
@@ -992,6 +1005,11 @@ enum RawReport {
         blob: Digest,
         peer: NodeId,
         chunk: u32,
+    },
+    Unresponsive {
+        node: NodeId,
+        blob: Digest,
+        peer: NodeId,
     },
     DigestMismatch {
         node: NodeId,
@@ -1016,6 +1034,9 @@ impl TryFrom<RawReport> for Report {
                 peer,
                 chunk,
             },
+            RawReport::Unresponsive { node, blob, peer } => {
+                Report::Unresponsive { node, blob, peer }
+            }
             RawReport::DigestMismatch { node, blob, epoch } => {
                 Report::DigestMismatch { node, blob, epoch }
             }
@@ -1029,7 +1050,11 @@ impl Report {
     /// Checks what the type cannot express: a node never reports itself.
     pub fn validate(&self) -> Result<(), TrackerError> {
         match self {
-            Report::BadChunk { node, peer, .. } if node == peer => Err(TrackerError::SelfReport),
+            Report::BadChunk { node, peer, .. } | Report::Unresponsive { node, peer, .. }
+                if node == peer =>
+            {
+                Err(TrackerError::SelfReport)
+            }
             _ => Ok(()),
         }
     }
@@ -1037,14 +1062,18 @@ impl Report {
     /// The reporting node.
     pub fn node(&self) -> &NodeId {
         match self {
-            Report::BadChunk { node, .. } | Report::DigestMismatch { node, .. } => node,
+            Report::BadChunk { node, .. }
+            | Report::Unresponsive { node, .. }
+            | Report::DigestMismatch { node, .. } => node,
         }
     }
 
     /// The blob concerned.
     pub fn blob(&self) -> &Digest {
         match self {
-            Report::BadChunk { blob, .. } | Report::DigestMismatch { blob, .. } => blob,
+            Report::BadChunk { blob, .. }
+            | Report::Unresponsive { blob, .. }
+            | Report::DigestMismatch { blob, .. } => blob,
         }
     }
 }
@@ -1054,6 +1083,10 @@ impl Report {
 pub struct ReportReply {
     /// Nodes excluded as a result (their hashes withdrawn).
     pub excluded: Vec<NodeId>,
+    /// Nodes forgotten as holders as a result (unresponsive; they are back
+    /// with their next announce).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<NodeId>,
     /// Chunk hashes withdrawn as a result.
     pub withdrawn: u32,
 }

@@ -150,18 +150,28 @@ impl Cluster {
         mut opts: ShoaldOpts,
         ca: &std::path::Path,
     ) -> Result<Shoald> {
-        let peer = util::free_port()?;
         opts.extra_args.extend([
             "--cluster-dir".into(),
             ca.display().to_string(),
             "--node-id".into(),
             node.into(),
-            "--peer-listen".into(),
-            format!("127.0.0.1:{peer}"),
             "--tracker".into(),
             format!("https://{}", self.tracker_addr),
         ]);
-        Shoald::start(opts).await
+        // The QUIC port, picked free, can be taken before shoald binds it
+        // (`Shoald::start` retries only its own ports): retry on that too.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut o = opts.clone();
+            let peer = util::free_udp_port()?;
+            o.extra_args
+                .extend(["--peer-listen".into(), format!("127.0.0.1:{peer}")]);
+            match Shoald::start(o).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("in use") => continue,
+                r => return r,
+            }
+        }
     }
 }
 

@@ -15,6 +15,13 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A UDP port on 127.0.0.1 that was free a moment ago (for QUIC).
+pub fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")
+        .context("binding UDP 127.0.0.1:0 to find a free port")?;
+    Ok(s.local_addr()?.port())
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(data))

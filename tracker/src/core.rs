@@ -90,6 +90,10 @@ pub struct TrackerConfig {
     /// Distinct members reporting bad chunks from a peer before it is
     /// excluded. Default 3.
     pub bad_reports_to_exclude: u32,
+    /// Distinct members reporting a peer unresponsive (requests to it stalled
+    /// until they benched it) before it is forgotten as a holder — until its
+    /// next announce, so a live peer is back within a heartbeat. Default 2.
+    pub unresponsive_reports_to_drop: u32,
     /// Strikes (hash conflicts, digest mismatches of blobs it published
     /// hashes for) before a publisher is excluded. Default 2.
     pub strikes_to_exclude: u32,
@@ -109,6 +113,7 @@ impl Default for TrackerConfig {
             max_blobs: 100_000,
             max_blobs_per_member: 10_000,
             bad_reports_to_exclude: 3,
+            unresponsive_reports_to_drop: 2,
             strikes_to_exclude: 2,
             exclusion_ms: 3_600_000,
         }
@@ -133,6 +138,10 @@ impl TrackerConfig {
             (self.max_blobs == 0, "max_blobs"),
             (self.max_blobs_per_member == 0, "max_blobs_per_member"),
             (self.bad_reports_to_exclude == 0, "bad_reports_to_exclude"),
+            (
+                self.unresponsive_reports_to_drop == 0,
+                "unresponsive_reports_to_drop",
+            ),
             (self.strikes_to_exclude == 0, "strikes_to_exclude"),
             (self.exclusion_ms == 0, "exclusion_ms"),
         ];
@@ -169,6 +178,9 @@ struct Member {
     blobs: BTreeSet<Digest>,
     /// Blobs where it holds, or held, leases (may name dropped blobs).
     lease_blobs: BTreeSet<Digest>,
+    /// Members that reported it unresponsive (fewer than
+    /// `unresponsive_reports_to_drop`: at that many it is forgotten).
+    stalled_for: BTreeSet<NodeId>,
 }
 
 /// What the tracker remembers about a node's trustworthiness. Kept while the
@@ -335,6 +347,7 @@ impl Tracker {
                         deadline,
                         blobs: BTreeSet::new(),
                         lease_blobs: BTreeSet::new(),
+                        stalled_for: BTreeSet::new(),
                     },
                 );
             }
@@ -574,6 +587,11 @@ impl Tracker {
     /// at `bad_reports_to_exclude` it is excluded. Reports against nodes that
     /// are not members are ignored (they are in no reply already).
     ///
+    /// `Unresponsive`: one report per distinct reporter; at
+    /// `unresponsive_reports_to_drop` the peer is forgotten like a member
+    /// whose TTL ran out (holdings and leases go; nothing is withdrawn, and
+    /// its next announce makes it a member again).
+    ///
     /// `DigestMismatch` (for the blob's current hash epoch; stale reports are
     /// ignored): every hash of the blob is withdrawn, every *partial* holding
     /// of it cleared (those chunks were verified against suspect hashes;
@@ -603,6 +621,17 @@ impl Tracker {
                 if rec.reporters.len() >= self.cfg.bad_reports_to_exclude as usize {
                     reply.withdrawn += self.exclude(&peer);
                     reply.excluded.push(peer);
+                }
+            }
+            Report::Unresponsive { peer, .. } => {
+                let threshold = self.cfg.unresponsive_reports_to_drop as usize;
+                let Some(m) = self.members.get_mut(&peer) else {
+                    return Ok(reply);
+                };
+                m.stalled_for.insert(reporter);
+                if m.stalled_for.len() >= threshold {
+                    self.remove_member(&peer);
+                    reply.dropped.push(peer);
                 }
             }
             Report::DigestMismatch { epoch, .. } => {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use shoal_proto::tracker_api::{
     Announce, BlobHave, ChunkHash, HashCursor, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
-    PublishRejection, PublishReply, Report, TrackerError,
+    PublishRejection, PublishReply, Report, ReportReply, TrackerError,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
@@ -866,6 +866,11 @@ enum Op {
         blob: u8,
         chunk: u32,
     },
+    Unresponsive {
+        node: usize,
+        peer: usize,
+        blob: u8,
+    },
     Mismatch {
         node: usize,
         blob: u8,
@@ -902,6 +907,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(node, blob, extra, honest)| Op::PublishMine { node, blob, extra, honest }),
         2 => (node.clone(), node.clone(), b.clone(), 0u32..9)
             .prop_map(|(node, peer, blob, chunk)| Op::BadChunk { node, peer, blob, chunk }),
+        1 => (node.clone(), node.clone(), b.clone())
+            .prop_map(|(node, peer, blob)| Op::Unresponsive { node, peer, blob }),
         1 => (node.clone(), b.clone(), any::<bool>())
             .prop_map(|(node, blob, stale)| Op::Mismatch { node, blob, stale }),
         2 => (node, b).prop_map(|(node, blob)| Op::Lookup { node, blob }),
@@ -920,6 +927,7 @@ fn small_config() -> TrackerConfig {
         max_blobs: 2,
         max_blobs_per_member: 2,
         bad_reports_to_exclude: 2,
+        unresponsive_reports_to_drop: 2,
         strikes_to_exclude: 2,
         exclusion_ms: 60_000,
     }
@@ -1066,6 +1074,21 @@ fn step(t: &mut Tracker, now: u64, op: &Op) -> Result<String, TestCaseError> {
             };
             format!("{:?}", t.report(now, r))
         }
+        Op::Unresponsive {
+            node,
+            peer,
+            blob: b,
+        } => {
+            if node == peer {
+                return Ok("self".into());
+            }
+            let r = Report::Unresponsive {
+                node: id(node),
+                blob: blob(b),
+                peer: id(peer),
+            };
+            format!("{:?}", t.report(now, r))
+        }
         Op::Mismatch {
             node,
             blob: b,
@@ -1132,4 +1155,55 @@ proptest! {
         }
         prop_assert_eq!(format!("{:?}", a.stats()), format!("{:?}", b.stats()));
     }
+}
+
+#[test]
+fn a_peer_reported_unresponsive_by_two_members_is_forgotten_until_it_announces() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..4 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    // Node 0 fetched chunks 0 and 1 from the origin and holds them.
+    h.lease(0, 0, d, l, 2, 0);
+    h.publish_true(1, 0, d, &[0, 1]);
+    assert!(!h.t.is_leasable(&d, 0));
+    let stalled = |by: usize| Report::Unresponsive {
+        node: id(by),
+        blob: d,
+        peer: id(0),
+    };
+    // One reporter (twice) is not enough.
+    for _ in 0..2 {
+        let r = h.t.report(2, stalled(1)).unwrap();
+        assert!(r.dropped.is_empty() && r.excluded.is_empty());
+    }
+    assert!(!h.t.is_leasable(&d, 0));
+    // A second one drops it: its chunks are leasable to a live member, its
+    // hashes stay, and it is not excluded.
+    let r = h.t.report(3, stalled(2)).unwrap();
+    assert_eq!(r.dropped, [id(0)]);
+    assert!(h.t.is_leasable(&d, 0) && !h.t.is_excluded(&id(0)));
+    let v = h.t.lookup(3, &id(3), &d).unwrap();
+    assert!(v.holders().is_empty());
+    assert!(v.hashes()[0].is_some());
+    h.check();
+    // Alive after all: its next announce brings it back as a holder.
+    h.announce(4, 0, vec![BlobHave::complete(d, l)]).unwrap();
+    let v = h.t.lookup(4, &id(3), &d).unwrap();
+    assert_eq!(v.holders().len(), 1);
+    // Reports of oneself are refused; of non-members, ignored.
+    let me = Report::Unresponsive {
+        node: id(1),
+        blob: d,
+        peer: id(1),
+    };
+    assert_eq!(h.t.report(5, me), Err(TrackerError::SelfReport));
+    let ghost = Report::Unresponsive {
+        node: id(1),
+        blob: d,
+        peer: id(9),
+    };
+    assert_eq!(h.t.report(5, ghost).unwrap(), ReportReply::default());
+    h.check();
 }

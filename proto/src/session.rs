@@ -1,0 +1,841 @@
+//! One blob download's swarm session: the scheduler ([`crate::sched`]) and
+//! its conversation with the tracker, as one pure state machine.
+//!
+//! The scheduler decides what to fetch from where; a session adds what a
+//! member says and hears around it: lookups (with the hash cursor, so only
+//! new chunk hashes come back), turning holders into scheduler peers, hash
+//! epochs, origin leases, publishing the hashes of chunks fetched from the
+//! origin, announcing progress at most every `announce_every_ms`, probing a
+//! tracker that went down, and reporting bad chunks. The driver performs the
+//! [`Io`]s it asks for and feeds back what came of them; time is passed in.
+//! The daemon's transfers and the swarm simulator drive this same code, so
+//! the simulator measures the policy the daemon runs.
+//!
+//! Peers are numbered in the order lookups first name them; the driver maps
+//! a number back to where the peer is reached with [`Session::peer`], whose
+//! address type `A` comes from the resolver given to [`Session::new`] (a
+//! socket address in the daemon, a node index in the simulator). Holders
+//! the resolver rejects are never scheduled.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::chunk::{Bitfield, ChunkLayout};
+use crate::digest::Digest;
+use crate::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
+use crate::tracker_api::{
+    Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
+    PublishHashes, Report,
+};
+
+/// Tunables of a session around its scheduler.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The scheduler's.
+    pub sched: SchedConfig,
+    /// Least time between two announces of this download's progress.
+    pub announce_every_ms: u64,
+    /// How often a tracker that is down is probed (with a lookup).
+    pub probe_every_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            sched: SchedConfig::default(),
+            announce_every_ms: 200,
+            probe_every_ms: 2_000,
+        }
+    }
+}
+
+/// Where the chunk hashes a session learns are kept. The daemon keeps the
+/// hash bytes (it verifies peer chunks against them); the simulator needs
+/// only which are known, which the session tracks itself (`()`).
+pub trait HashBook {
+    /// The tracker withdrew every hash (a new epoch): forget them all.
+    fn reset(&mut self);
+    /// Chunk `chunk` verifies against `hash`.
+    fn learn(&mut self, chunk: u32, hash: &ChunkHash);
+}
+
+impl HashBook for () {
+    fn reset(&mut self) {}
+    fn learn(&mut self, _: u32, _: &ChunkHash) {}
+}
+
+/// Why a tracker request got no answer to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerFailure {
+    /// Unreachable (or failing): the scheduler falls back to the origin for
+    /// what no known peer has, and lookups probe until it answers again.
+    Down,
+    /// It answered with an error (the blob is unknown to it, a limit).
+    Refused,
+    /// It refuses this node: excluded for bad data it served (disk rot,
+    /// say). The swarm will not serve it, so the download goes on as with
+    /// the tracker down (the origin serves what no known peer has) and the
+    /// tracker is asked again every probe interval, as exclusions end.
+    Excluded,
+}
+
+/// A change the driver may want to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The tracker stopped answering: the origin serves what no known peer
+    /// has until it is back.
+    TrackerDown,
+    /// The tracker answers again: back to the swarm.
+    TrackerBack,
+    /// The tracker lays the blob out differently: it is fetched alone.
+    LayoutConflict,
+    /// The tracker excludes this node: the origin serves what no known peer
+    /// has until the exclusion ends.
+    Excluded,
+}
+
+/// What the session asks its driver to do. Tracker requests are answered
+/// with [`Session::on_lookup`], [`Session::on_lease`] and, for publishes
+/// and announces, [`Session::on_sent`]; chunk requests with
+/// [`Session::on_chunk`] (one call per chunk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Io {
+    /// Look the blob up at the tracker.
+    Lookup {
+        /// Only hashes published after this ([`BlobView::cursor`]).
+        since: Option<HashCursor>,
+    },
+    /// Ask the tracker for origin leases.
+    Lease(LeaseRequest),
+    /// Publish hashes of chunks fetched from the origin.
+    Publish(PublishHashes),
+    /// Announce this node's holdings of the blob.
+    Announce(Announce),
+    /// Report bad data to the tracker (fire and forget).
+    Report(Report),
+    /// Ask peer `peer` ([`Session::peer`]) for these chunks, in order.
+    FetchPeer {
+        /// The peer's number.
+        peer: u32,
+        /// The chunks.
+        chunks: Vec<u32>,
+    },
+    /// Stop waiting for `chunk` from `peer`.
+    CancelPeer {
+        /// The peer's number.
+        peer: u32,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Fetch these contiguous chunks from the origin in one Range request.
+    FetchOrigin {
+        /// Ascending, contiguous.
+        chunks: Vec<u32>,
+    },
+    /// Stop the origin request that carries `chunk`.
+    CancelOrigin {
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Every chunk is here: check the whole digest, then call
+    /// [`Session::finish`] (or [`Session::mismatch`]).
+    Complete,
+    /// The origin keeps failing: give up.
+    GiveUp,
+}
+
+/// Resolves a holder named by the tracker to where the driver reaches it;
+/// `None` skips the holder.
+pub type Resolve<A> = fn(&NodeId, &PeerAddr) -> Option<A>;
+
+/// A member's identity in the swarm.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its node name.
+    pub node: NodeId,
+    /// Where peers reach it.
+    pub addr: PeerAddr,
+}
+
+/// One blob download: the scheduler and the tracker conversation around it.
+#[derive(Debug)]
+pub struct Session<A, H = ()> {
+    cfg: SessionConfig,
+    sched: Scheduler<u32>,
+    blob: Digest,
+    layout: ChunkLayout,
+    /// `None`: alone, no tracker; the origin serves every chunk.
+    me: Option<Member>,
+    resolve: Resolve<A>,
+    hashes: H,
+    known: Bitfield,
+    epoch: u64,
+    cursor: Option<HashCursor>,
+    peers: Vec<(NodeId, A)>,
+    ids: HashMap<NodeId, u32>,
+    to_publish: Vec<(u32, ChunkHash)>,
+    dirty: bool,
+    last_announce: u64,
+    /// Publishes and announces in flight (at most one at a time).
+    in_flight: u32,
+    /// Since when the tracker has not answered, if it is down.
+    down_since: Option<u64>,
+    last_probe: u64,
+    out: VecDeque<Io>,
+}
+
+impl<A: Clone, H: HashBook> Session<A, H> {
+    /// A download of `blob` (laid out as `layout`, `have` already stored).
+    /// With `me`, it is a member of a swarm and looks the blob up first;
+    /// without, it fetches everything from the origin.
+    pub fn new(
+        cfg: SessionConfig,
+        blob: Digest,
+        layout: ChunkLayout,
+        have: Bitfield,
+        me: Option<Member>,
+        resolve: Resolve<A>,
+        hashes: H,
+    ) -> Self {
+        let mut sched = Scheduler::new(cfg.sched.clone(), layout, have);
+        // In a swarm the scheduler's first poll asks for a lookup.
+        if me.is_none() {
+            sched.handle(0, Event::TrackerDown(true));
+        }
+        Session {
+            cfg,
+            sched,
+            blob,
+            layout,
+            me,
+            resolve,
+            hashes,
+            known: Bitfield::for_layout(&layout),
+            epoch: 0,
+            cursor: None,
+            peers: Vec::new(),
+            ids: HashMap::new(),
+            to_publish: Vec::new(),
+            dirty: false,
+            last_announce: 0,
+            in_flight: 0,
+            down_since: None,
+            last_probe: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The chunks verified and stored so far.
+    pub fn have(&self) -> &Bitfield {
+        self.sched.have()
+    }
+
+    /// The blob's layout.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The chunk hashes learned so far.
+    pub fn hashes(&self) -> &H {
+        &self.hashes
+    }
+
+    /// The hash epoch the session verifies against.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Peer number `peer`: its node name and where it is reached.
+    pub fn peer(&self, peer: u32) -> Option<&(NodeId, A)> {
+        self.peers.get(peer as usize)
+    }
+
+    /// The scheduler (read-only: for inspection and tests).
+    pub fn scheduler(&self) -> &Scheduler<u32> {
+        &self.sched
+    }
+
+    /// Whether the tracker is taken to be down.
+    pub fn tracker_down(&self) -> bool {
+        self.down_since.is_some()
+    }
+
+    /// The next thing to do, if any; call until `None`, then wait for an
+    /// answer or until [`next_deadline`](Self::next_deadline).
+    pub fn poll(&mut self, now: u64) -> Option<Io> {
+        if let Some(io) = self.out.pop_front() {
+            return Some(io);
+        }
+        while let Some(action) = self.sched.poll(now) {
+            if let Some(io) = self.io_of(now, action) {
+                return Some(io);
+            }
+        }
+        if self.me.is_some() {
+            if self.next_probe().is_some_and(|t| now >= t) {
+                self.last_probe = now;
+                return Some(Io::Lookup { since: self.cursor });
+            }
+            if let Some(io) = self.flush(now) {
+                return Some(io);
+            }
+        }
+        None
+    }
+
+    fn io_of(&mut self, now: u64, action: Action<u32>) -> Option<Io> {
+        Some(match action {
+            Action::FetchPeer { peer, chunks } => Io::FetchPeer { peer, chunks },
+            Action::FetchOrigin { chunks } => Io::FetchOrigin { chunks },
+            Action::Cancel {
+                source: Source::Origin,
+                chunk,
+            } => Io::CancelOrigin { chunk },
+            Action::Cancel {
+                source: Source::Peer(peer),
+                chunk,
+            } => Io::CancelPeer { peer, chunk },
+            Action::Lease { from, max } => {
+                let me = self.me.as_ref().expect("leases only in a swarm");
+                match LeaseRequest::new(me.node.clone(), self.blob, self.layout, max.max(1), from) {
+                    Ok(r) => Io::Lease(r),
+                    // Cannot happen for a layout the scheduler accepted;
+                    // answered as a refusal all the same.
+                    Err(_) => {
+                        self.sched.handle(now, Event::LeaseGranted(Vec::new()));
+                        return None;
+                    }
+                }
+            }
+            Action::Lookup => Io::Lookup { since: self.cursor },
+            Action::Unresponsive { peer } => {
+                let (me, (stalled, _)) = (self.me.as_ref()?, self.peers.get(peer as usize)?);
+                Io::Report(Report::Unresponsive {
+                    node: me.node.clone(),
+                    blob: self.blob,
+                    peer: stalled.clone(),
+                })
+            }
+            Action::Complete => Io::Complete,
+            Action::GiveUp => Io::GiveUp,
+        })
+    }
+
+    /// The earliest time [`poll`](Self::poll) may have something new to do
+    /// without an answer arriving.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut at = self.sched.next_deadline();
+        let mut consider = |t: Option<u64>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |a: u64| a.min(t)));
+            }
+        };
+        consider(self.next_probe());
+        if self.me.is_some() && self.dirty && self.in_flight == 0 && self.to_publish.is_empty() {
+            consider(Some(self.last_announce + self.cfg.announce_every_ms));
+        }
+        at
+    }
+
+    fn next_probe(&self) -> Option<u64> {
+        self.down_since
+            .map(|_| self.last_probe + self.cfg.probe_every_ms)
+    }
+
+    /// Publishes pending chunk hashes, else announces progress (at most one
+    /// message in flight, announces at most every `announce_every_ms`).
+    fn flush(&mut self, now: u64) -> Option<Io> {
+        if self.in_flight > 0 {
+            return None;
+        }
+        let me = self.me.as_ref()?;
+        if !self.to_publish.is_empty() {
+            let hashes = std::mem::take(&mut self.to_publish);
+            let p = PublishHashes::new(me.node.clone(), self.blob, hashes).ok()?;
+            self.in_flight += 1;
+            return Some(Io::Publish(p));
+        }
+        if self.dirty && now.saturating_sub(self.last_announce) >= self.cfg.announce_every_ms {
+            self.dirty = false;
+            self.last_announce = now;
+            let bh = BlobHave::new(self.blob, self.layout, self.have().clone(), false).ok()?;
+            let a = Announce::new(
+                me.node.clone(),
+                me.addr.clone(),
+                vec![bh],
+                Vec::new(),
+                false,
+            )
+            .ok()?;
+            self.in_flight += 1;
+            return Some(Io::Announce(a));
+        }
+        None
+    }
+
+    /// A publish or an announce finished (whatever its outcome).
+    pub fn on_sent(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    fn went_down(&mut self, now: u64, why: TrackerFailure) -> Option<Notice> {
+        self.sched.handle(now, Event::TrackerDown(true));
+        if self.down_since.is_some() {
+            return None;
+        }
+        self.down_since = Some(now);
+        self.last_probe = now;
+        Some(match why {
+            TrackerFailure::Excluded => Notice::Excluded,
+            _ => Notice::TrackerDown,
+        })
+    }
+
+    /// A lookup answered.
+    pub fn on_lookup(
+        &mut self,
+        now: u64,
+        reply: Result<BlobView, TrackerFailure>,
+    ) -> Option<Notice> {
+        let (view, notice) = match reply {
+            Err(why @ (TrackerFailure::Down | TrackerFailure::Excluded)) => {
+                return self.went_down(now, why)
+            }
+            Err(TrackerFailure::Refused) => {
+                let notice = self.back_up(now);
+                // Unknown to the tracker: nobody holds it yet.
+                self.sched.handle(now, Event::LookedUp);
+                return notice;
+            }
+            Ok(view) => (view, self.back_up(now)),
+        };
+        if view.layout() != self.layout {
+            self.sched.handle(now, Event::TrackerDown(true));
+            return Some(Notice::LayoutConflict);
+        }
+        if view.epoch() != self.epoch {
+            // Withdrawn hashes: only the new epoch's count.
+            self.hashes.reset();
+            self.known = Bitfield::for_layout(&self.layout);
+            self.epoch = view.epoch();
+            self.cursor = None;
+        }
+        // Answers may come back out of order: the cursor only moves on.
+        if self.cursor.is_none_or(|c| c.seq < view.hash_seq()) {
+            self.cursor = Some(view.cursor());
+        }
+        for (i, h) in view.hashes().iter().enumerate() {
+            if let Some(h) = h {
+                self.hashes.learn(i as u32, h);
+                let _ = self.known.set(i as u32);
+            }
+        }
+        self.sched
+            .handle(now, Event::HashesKnown(self.known.clone()));
+        self.sched
+            .handle(now, Event::LeasedElsewhere(view.leased().clone()));
+        let me = self.me.as_ref().map(|m| m.node.clone());
+        for holder in view.holders() {
+            if Some(&holder.node) == me.as_ref() {
+                continue;
+            }
+            let id = match self.ids.get(&holder.node) {
+                Some(id) => *id,
+                None => {
+                    let Some(at) = (self.resolve)(&holder.node, &holder.addr) else {
+                        continue;
+                    };
+                    let id = self.peers.len() as u32;
+                    self.peers.push((holder.node.clone(), at));
+                    self.ids.insert(holder.node.clone(), id);
+                    id
+                }
+            };
+            let have = if holder.complete {
+                full(&self.layout)
+            } else {
+                holder.have.clone()
+            };
+            self.sched.handle(now, Event::PeerHas { peer: id, have });
+        }
+        self.sched.handle(now, Event::LookedUp);
+        notice
+    }
+
+    fn back_up(&mut self, now: u64) -> Option<Notice> {
+        self.down_since.take()?;
+        self.sched.handle(now, Event::TrackerDown(false));
+        Some(Notice::TrackerBack)
+    }
+
+    /// A lease request answered (the chunks granted).
+    pub fn on_lease(
+        &mut self,
+        now: u64,
+        reply: Result<Vec<u32>, TrackerFailure>,
+    ) -> Option<Notice> {
+        let (grant, notice) = match reply {
+            Ok(chunks) => (chunks, None),
+            Err(why @ (TrackerFailure::Down | TrackerFailure::Excluded)) => {
+                (Vec::new(), self.went_down(now, why))
+            }
+            Err(TrackerFailure::Refused) => (Vec::new(), None),
+        };
+        self.sched.handle(now, Event::LeaseGranted(grant));
+        notice
+    }
+
+    /// A chunk request ended. For a chunk stored from the origin, `hash` is
+    /// its SHA-256, published to the tracker (as its lessee). Returns whether
+    /// a verified chunk was new here (not a duplicate of one stored).
+    pub fn on_chunk(
+        &mut self,
+        now: u64,
+        source: Source<u32>,
+        chunk: u32,
+        outcome: Outcome,
+        hash: Option<ChunkHash>,
+    ) -> bool {
+        let new = outcome == Outcome::Verified
+            && chunk < self.layout.count()
+            && !self.sched.have().get(chunk);
+        if let (Source::Origin, Outcome::Verified, Some(h), Some(_)) =
+            (&source, outcome, hash, &self.me)
+        {
+            if new {
+                self.to_publish.push((chunk, h));
+            }
+        }
+        if let (Source::Peer(p), Outcome::Bad, Some(me)) = (&source, outcome, &self.me) {
+            if let Some((bad, _)) = self.peers.get(*p as usize) {
+                self.out.push_back(Io::Report(Report::BadChunk {
+                    node: me.node.clone(),
+                    blob: self.blob,
+                    peer: bad.clone(),
+                    chunk,
+                }));
+            }
+        }
+        self.sched.handle(
+            now,
+            Event::Chunk {
+                source,
+                chunk,
+                outcome,
+            },
+        );
+        if new {
+            self.dirty = true;
+        }
+        new
+    }
+
+    /// The blob is complete and its digest checked: the hashes not published
+    /// yet, then an announce of the whole blob (send both, in this order,
+    /// whatever else is in flight).
+    pub fn finish(&mut self) -> Vec<Io> {
+        let Some(me) = &self.me else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let hashes = std::mem::take(&mut self.to_publish);
+        if !hashes.is_empty() {
+            if let Ok(p) = PublishHashes::new(me.node.clone(), self.blob, hashes) {
+                out.push(Io::Publish(p));
+            }
+        }
+        let bh = BlobHave::complete(self.blob, self.layout);
+        if let Ok(a) = Announce::new(
+            me.node.clone(),
+            me.addr.clone(),
+            vec![bh],
+            Vec::new(),
+            false,
+        ) {
+            out.push(Io::Announce(a));
+        }
+        out
+    }
+
+    /// Every chunk verified against its hash, yet the blob failed its digest:
+    /// the report that withdraws this epoch's hashes.
+    pub fn mismatch(&self) -> Option<Io> {
+        let me = self.me.as_ref()?;
+        Some(Io::Report(Report::DigestMismatch {
+            node: me.node.clone(),
+            blob: self.blob,
+            epoch: self.epoch,
+        }))
+    }
+}
+
+/// Every chunk of `layout`.
+pub fn full(layout: &ChunkLayout) -> Bitfield {
+    Bitfield::full(layout.count()).expect("a layout has at most MAX_CHUNKS chunks")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker_api::Holder;
+
+    const MIB: u32 = 1 << 20;
+
+    fn layout() -> ChunkLayout {
+        ChunkLayout::new(4 * u64::from(MIB), MIB).unwrap()
+    }
+
+    fn blob() -> Digest {
+        Digest::of(b"a blob")
+    }
+
+    fn me() -> Member {
+        Member {
+            node: "me".parse().unwrap(),
+            addr: "10.0.0.1:7000".parse().unwrap(),
+        }
+    }
+
+    /// Peers are reached by their node name in these tests.
+    fn by_name(node: &NodeId, _: &PeerAddr) -> Option<String> {
+        (node.as_str() != "unreachable").then(|| node.as_str().to_owned())
+    }
+
+    fn session() -> Session<String, Vec<(u32, ChunkHash)>> {
+        Session::new(
+            SessionConfig::default(),
+            blob(),
+            layout(),
+            Bitfield::for_layout(&layout()),
+            Some(me()),
+            by_name,
+            Vec::new(),
+        )
+    }
+
+    impl HashBook for Vec<(u32, ChunkHash)> {
+        fn reset(&mut self) {
+            self.clear();
+        }
+        fn learn(&mut self, chunk: u32, hash: &ChunkHash) {
+            self.push((chunk, *hash));
+        }
+    }
+
+    fn drain<A: Clone, H: HashBook>(s: &mut Session<A, H>, now: u64) -> Vec<Io> {
+        let mut out = Vec::new();
+        while let Some(io) = s.poll(now) {
+            out.push(io);
+            assert!(out.len() < 1000, "poll never settles");
+        }
+        out
+    }
+
+    fn holder(name: &str, have: &[u32], complete: bool) -> Holder {
+        let mut bits = Bitfield::for_layout(&layout());
+        let all = [0, 1, 2, 3];
+        for &c in if complete { &all[..] } else { have } {
+            bits.set(c).unwrap();
+        }
+        Holder {
+            node: name.parse().unwrap(),
+            addr: "10.0.0.9:7000".parse().unwrap(),
+            have: bits,
+            complete,
+        }
+    }
+
+    fn view(epoch: u64, hashes: &[u32], holders: Vec<Holder>) -> BlobView {
+        let all: Vec<Option<ChunkHash>> = (0..4)
+            .map(|c| hashes.contains(&c).then(|| ChunkHash::of(&[c as u8])))
+            .collect();
+        BlobView::new(
+            blob(),
+            layout(),
+            epoch,
+            all,
+            holders,
+            Bitfield::for_layout(&layout()),
+        )
+        .unwrap()
+        .with_hash_seq(hashes.len() as u64)
+    }
+
+    #[test]
+    fn a_lookup_names_peers_once_and_skips_itself_and_unresolvable_holders() {
+        let mut s = session();
+        let first = drain(&mut s, 0);
+        assert!(first.contains(&Io::Lookup { since: None }), "{first:?}");
+        assert_eq!(first.len(), 2, "a lookup and a lease: {first:?}");
+        let holders = vec![
+            holder("me", &[0, 1, 2, 3], true),
+            holder("unreachable", &[0, 1, 2, 3], true),
+            holder("a", &[0, 1], false),
+            holder("b", &[1], false),
+        ];
+        assert_eq!(s.on_lookup(1, Ok(view(7, &[0, 1, 2, 3], holders))), None);
+        assert_eq!(s.peer(0).map(|p| p.1.as_str()), Some("a"));
+        assert_eq!(s.peer(1).map(|p| p.1.as_str()), Some("b"));
+        assert!(s.peer(2).is_none());
+        assert_eq!(s.hashes().len(), 4);
+        let fetches: Vec<Io> = drain(&mut s, 1)
+            .into_iter()
+            .filter(|io| matches!(io, Io::FetchPeer { .. }))
+            .collect();
+        assert_eq!(
+            fetches,
+            vec![Io::FetchPeer {
+                peer: 0,
+                chunks: vec![0, 1]
+            }]
+        );
+        // Chunks 2 and 3 have no holder: the next lookup asks only for
+        // hashes published since the last answer.
+        let later = drain(&mut s, 600);
+        assert!(later.contains(&Io::Lookup {
+            since: Some(HashCursor { epoch: 7, seq: 4 })
+        }));
+        // A new epoch withdraws what was learned.
+        s.on_lookup(601, Ok(view(8, &[2], vec![])));
+        assert_eq!(s.hashes().len(), 1);
+        assert_eq!(s.epoch(), 8);
+    }
+
+    #[test]
+    fn origin_chunks_are_published_before_an_announce_one_message_at_a_time() {
+        let mut s = session();
+        let acts = drain(&mut s, 0);
+        let Some(Io::Lease(req)) = acts.first() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!((req.from(), req.max_chunks()), (0, 4));
+        s.on_lookup(1, Err(TrackerFailure::Refused));
+        s.on_lease(2, Ok(vec![0, 1, 2, 3]));
+        let acts = drain(&mut s, 2);
+        assert_eq!(
+            acts,
+            vec![Io::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            }]
+        );
+        let h = ChunkHash::of(b"zero");
+        assert!(s.on_chunk(300, Source::Origin, 0, Outcome::Verified, Some(h)));
+        // A duplicate is not new and publishes nothing more.
+        assert!(!s.on_chunk(300, Source::Origin, 0, Outcome::Verified, Some(h)));
+        let acts = drain(&mut s, 300);
+        let Some(Io::Publish(p)) = acts.first() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(p.hashes(), &[(0, h)]);
+        assert_eq!(acts.len(), 1, "one message in flight: {acts:?}");
+        s.on_sent();
+        let acts = drain(&mut s, 301);
+        assert!(matches!(acts.as_slice(), [Io::Announce(a)] if a.blobs()[0].have().count() == 1));
+        s.on_sent();
+        // Announces are spaced: the next one waits for the interval.
+        s.on_chunk(302, Source::Origin, 1, Outcome::Verified, Some(h));
+        let acts = drain(&mut s, 302);
+        assert!(matches!(acts.as_slice(), [Io::Publish(_)]), "{acts:?}");
+        s.on_sent();
+        assert_eq!(drain(&mut s, 303), vec![]);
+        assert_eq!(s.next_deadline(), Some(501));
+        assert!(matches!(drain(&mut s, 501).as_slice(), [Io::Announce(_)]));
+    }
+
+    #[test]
+    fn a_tracker_that_went_down_is_probed_and_the_origin_steps_in() {
+        let mut s = session();
+        drain(&mut s, 0);
+        assert_eq!(
+            s.on_lookup(1, Err(TrackerFailure::Down)),
+            Some(Notice::TrackerDown)
+        );
+        assert!(s.tracker_down());
+        // Tracker down: no known peer holds anything, so the origin serves.
+        let acts = drain(&mut s, 1);
+        assert!(
+            matches!(acts.first(), Some(Io::FetchOrigin { .. })),
+            "{acts:?}"
+        );
+        assert_eq!(s.next_deadline(), Some(2_001));
+        assert_eq!(drain(&mut s, 2_001), vec![Io::Lookup { since: None }]);
+        assert_eq!(
+            s.on_lookup(2_002, Ok(view(1, &[], vec![]))),
+            Some(Notice::TrackerBack)
+        );
+        assert!(!s.tracker_down());
+    }
+
+    #[test]
+    fn an_excluded_node_still_completes_from_the_origin() {
+        let mut s = session();
+        drain(&mut s, 0);
+        assert_eq!(
+            s.on_lease(1, Err(TrackerFailure::Excluded)),
+            Some(Notice::Excluded)
+        );
+        s.on_lookup(2, Err(TrackerFailure::Excluded));
+        let acts = drain(&mut s, 2);
+        assert!(
+            matches!(acts.first(), Some(Io::FetchOrigin { .. })),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn bad_chunks_are_reported_and_finish_publishes_then_announces_the_whole_blob() {
+        let mut s = session();
+        drain(&mut s, 0);
+        s.on_lookup(
+            1,
+            Ok(view(
+                3,
+                &[0, 1, 2, 3],
+                vec![holder("a", &[0, 1, 2, 3], true)],
+            )),
+        );
+        drain(&mut s, 1);
+        s.on_chunk(2, Source::Peer(0), 0, Outcome::Bad, None);
+        let acts = drain(&mut s, 2);
+        assert!(acts.contains(&Io::Report(Report::BadChunk {
+            node: me().node,
+            blob: blob(),
+            peer: "a".parse().unwrap(),
+            chunk: 0,
+        })));
+        let done = s.finish();
+        assert!(matches!(done.as_slice(), [Io::Announce(a)] if a.blobs()[0].is_complete()));
+        assert_eq!(
+            s.mismatch(),
+            Some(Io::Report(Report::DigestMismatch {
+                node: me().node,
+                blob: blob(),
+                epoch: 3
+            }))
+        );
+    }
+
+    #[test]
+    fn alone_everything_comes_from_the_origin_and_nothing_is_said_to_a_tracker() {
+        let mut s: Session<String> = Session::new(
+            SessionConfig::default(),
+            blob(),
+            layout(),
+            Bitfield::for_layout(&layout()),
+            None,
+            by_name,
+            (),
+        );
+        let acts = drain(&mut s, 0);
+        assert_eq!(
+            acts,
+            vec![Io::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            },]
+        );
+        for c in 0..4 {
+            s.on_chunk(1, Source::Origin, c, Outcome::Verified, None);
+        }
+        assert_eq!(drain(&mut s, 1), vec![Io::Complete]);
+        assert!(s.finish().is_empty() && s.mismatch().is_none());
+    }
+}

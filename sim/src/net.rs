@@ -1,0 +1,335 @@
+//! The flow-level network: links with capacities, flows across up to four
+//! links (sender's uplink, its rack's uplink, the receiver's rack downlink,
+//! the receiver's downlink), and how the links' capacity is shared.
+//!
+//! A flow's progress is `done` bytes at time `at` plus `rate` since; rates
+//! change only when a flow starts or stops, and [`FlowNet::start`] and
+//! [`FlowNet::stop`] return the flows whose rate may have changed, so the
+//! simulator reschedules just those. Time is in microseconds, rates in bytes
+//! per microsecond.
+
+use crate::scenario::Sharing;
+
+/// A link's index.
+pub type LinkId = u32;
+/// A flow's index (reused after the flow stops).
+pub type FlowId = u32;
+
+#[derive(Debug)]
+struct Link {
+    /// Bytes per microsecond.
+    cap: f64,
+    flows: Vec<FlowId>,
+}
+
+/// A flow and what the simulator keeps with it.
+#[derive(Debug)]
+pub struct Flow<T> {
+    links: [LinkId; 4],
+    nlinks: u8,
+    /// Bytes per microsecond.
+    pub rate: f64,
+    /// Bytes sent up to `at`.
+    pub done: f64,
+    /// When `done` was last brought up to date.
+    pub at: u64,
+    /// Bumped at every rate change: events scheduled for an older version
+    /// are stale.
+    pub version: u32,
+    /// The simulator's own data.
+    pub data: T,
+}
+
+impl<T> Flow<T> {
+    /// The flow's links.
+    pub fn links(&self) -> &[LinkId] {
+        &self.links[..self.nlinks as usize]
+    }
+
+    /// When `done` reaches `target` at the current rate (`None`: never).
+    pub fn reaches(&self, target: f64) -> Option<u64> {
+        if self.done >= target {
+            return Some(self.at);
+        }
+        (self.rate > 0.0).then(|| self.at + ((target - self.done) / self.rate).ceil() as u64)
+    }
+}
+
+/// Links and the flows across them.
+#[derive(Debug)]
+pub struct FlowNet<T> {
+    sharing: Sharing,
+    links: Vec<Link>,
+    flows: Vec<Option<Flow<T>>>,
+    /// The last version each slot's flows reached: a flow that reuses a slot
+    /// goes on from there, so a (flow id, version) pair is never repeated.
+    versions: Vec<u32>,
+    free: Vec<FlowId>,
+    live: usize,
+}
+
+impl<T> FlowNet<T> {
+    /// An empty network.
+    pub fn new(sharing: Sharing) -> Self {
+        FlowNet {
+            sharing,
+            links: Vec::new(),
+            flows: Vec::new(),
+            versions: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
+    }
+
+    /// A link carrying `bytes_per_s` (`f64::INFINITY`: unlimited).
+    pub fn add_link(&mut self, bytes_per_s: f64) -> LinkId {
+        self.links.push(Link {
+            cap: bytes_per_s / 1e6,
+            flows: Vec::new(),
+        });
+        (self.links.len() - 1) as LinkId
+    }
+
+    /// Flows in the network.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// A flow.
+    pub fn get(&self, id: FlowId) -> Option<&Flow<T>> {
+        self.flows.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// A flow, to change its data.
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow<T>> {
+        self.flows.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// Brings a flow's `done` up to `now`.
+    pub fn advance(&mut self, id: FlowId, now: u64) {
+        if let Some(f) = self.get_mut(id) {
+            if now > f.at {
+                f.done += f.rate * (now - f.at) as f64;
+                f.at = now;
+            }
+        }
+    }
+
+    /// Starts a flow across `links` (none: a flow that never moves, as from
+    /// a hung sender). Returns it and every flow whose rate may have changed
+    /// (the new one included); their `done` is up to date.
+    pub fn start(&mut self, now: u64, links: &[LinkId], data: T) -> (FlowId, Vec<FlowId>) {
+        assert!(links.len() <= 4, "a flow crosses at most four links");
+        let mut l = [0; 4];
+        l[..links.len()].copy_from_slice(links);
+        let mut flow = Flow {
+            links: l,
+            nlinks: links.len() as u8,
+            rate: 0.0,
+            done: 0.0,
+            at: now,
+            version: 0,
+            data,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                flow.version = self.versions[id as usize].wrapping_add(1);
+                self.flows[id as usize] = Some(flow);
+                id
+            }
+            None => {
+                self.flows.push(Some(flow));
+                self.versions.push(0);
+                (self.flows.len() - 1) as FlowId
+            }
+        };
+        self.live += 1;
+        for &link in links {
+            self.links[link as usize].flows.push(id);
+        }
+        let changed = self.rerate(now, links);
+        (id, changed)
+    }
+
+    /// Stops a flow (its `done` brought up to `now`). Returns it and the
+    /// flows whose rate may have changed.
+    pub fn stop(&mut self, now: u64, id: FlowId) -> Option<(Flow<T>, Vec<FlowId>)> {
+        self.advance(id, now);
+        let flow = self.flows.get_mut(id as usize)?.take()?;
+        self.versions[id as usize] = flow.version;
+        self.free.push(id);
+        self.live -= 1;
+        for &link in flow.links() {
+            let flows = &mut self.links[link as usize].flows;
+            let pos = flows
+                .iter()
+                .position(|&f| f == id)
+                .expect("flow on its link");
+            flows.swap_remove(pos);
+        }
+        let changed = self.rerate(now, flow.links());
+        Some((flow, changed))
+    }
+
+    /// The live flows' ids, in ascending order.
+    pub fn ids(&self) -> impl Iterator<Item = FlowId> + '_ {
+        self.flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some())
+            .map(|(i, _)| i as FlowId)
+    }
+
+    /// Takes a flow off its links: it stays, but never moves again (its
+    /// sender hung). Returns the flows whose rate may have changed.
+    pub fn detach(&mut self, now: u64, id: FlowId) -> Vec<FlowId> {
+        self.advance(id, now);
+        let Some(f) = self.get_mut(id) else {
+            return Vec::new();
+        };
+        let links: Vec<LinkId> = f.links().to_vec();
+        f.nlinks = 0;
+        f.rate = 0.0;
+        f.version = f.version.wrapping_add(1);
+        for &link in &links {
+            let flows = &mut self.links[link as usize].flows;
+            let pos = flows
+                .iter()
+                .position(|&x| x == id)
+                .expect("flow on its link");
+            flows.swap_remove(pos);
+        }
+        self.rerate(now, &links)
+    }
+
+    /// Recomputes rates after the flow counts of `links` changed.
+    fn rerate(&mut self, now: u64, links: &[LinkId]) -> Vec<FlowId> {
+        match self.sharing {
+            Sharing::FairShare => {
+                let mut touched: Vec<FlowId> = links
+                    .iter()
+                    .flat_map(|&l| self.links[l as usize].flows.iter().copied())
+                    .collect();
+                touched.sort_unstable();
+                touched.dedup();
+                for &id in &touched {
+                    let rate = self.fair_share(id);
+                    self.set_rate(id, now, rate);
+                }
+                touched
+            }
+            Sharing::MaxMin => self.max_min(now),
+        }
+    }
+
+    fn fair_share(&self, id: FlowId) -> f64 {
+        let f = self.get(id).expect("live flow");
+        f.links()
+            .iter()
+            .map(|&l| {
+                let link = &self.links[l as usize];
+                link.cap / link.flows.len() as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    fn set_rate(&mut self, id: FlowId, now: u64, rate: f64) {
+        self.advance(id, now);
+        let f = self.get_mut(id).expect("live flow");
+        let rate = if rate.is_finite() { rate } else { 0.0 };
+        if f.rate != rate {
+            f.rate = rate;
+            f.version = f.version.wrapping_add(1);
+        }
+    }
+
+    /// Exact max-min rates by progressive filling; returns every flow whose
+    /// rate changed.
+    fn max_min(&mut self, now: u64) -> Vec<FlowId> {
+        let mut left: Vec<f64> = self.links.iter().map(|l| l.cap).collect();
+        let mut open: Vec<usize> = self.links.iter().map(|l| l.flows.len()).collect();
+        let mut fixed = vec![false; self.flows.len()];
+        let mut rates = vec![0.0f64; self.flows.len()];
+        loop {
+            // The link whose equal share of what is left is smallest.
+            let bottleneck = (0..self.links.len())
+                .filter(|&l| open[l] > 0)
+                .map(|l| (left[l] / open[l] as f64, l))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let Some((share, l)) = bottleneck else { break };
+            let flows: Vec<FlowId> = self.links[l]
+                .flows
+                .iter()
+                .copied()
+                .filter(|&f| !fixed[f as usize])
+                .collect();
+            for f in flows {
+                fixed[f as usize] = true;
+                rates[f as usize] = share;
+                for &k in self.get(f).expect("live flow").links() {
+                    left[k as usize] = (left[k as usize] - share).max(0.0);
+                    open[k as usize] -= 1;
+                }
+            }
+        }
+        let mut changed = Vec::new();
+        for id in 0..self.flows.len() as FlowId {
+            if let Some(f) = self.get(id) {
+                // Flows across no link never move.
+                let rate = if f.nlinks == 0 {
+                    0.0
+                } else {
+                    rates[id as usize]
+                };
+                if f.rate != rate {
+                    self.set_rate(id, now, rate);
+                    changed.push(id);
+                }
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1e6;
+
+    #[test]
+    fn fair_share_splits_a_link_and_frees_it_again() {
+        let mut n = FlowNet::new(Sharing::FairShare);
+        let up = n.add_link(10.0 * MB);
+        let (d1, d2) = (n.add_link(100.0 * MB), n.add_link(100.0 * MB));
+        let (a, _) = n.start(0, &[up, d1], ());
+        assert_eq!(n.get(a).unwrap().rate, 10.0);
+        let (b, changed) = n.start(1_000_000, &[up, d2], ());
+        assert_eq!(changed, vec![a, b]);
+        assert_eq!(n.get(a).unwrap().rate, 5.0);
+        assert_eq!(n.get(a).unwrap().done, 10.0 * MB);
+        let (_, changed) = n.stop(2_000_000, b).unwrap();
+        assert_eq!(changed, vec![a]);
+        assert_eq!(n.get(a).unwrap().done, 15.0 * MB);
+        assert_eq!(n.get(a).unwrap().reaches(25.0 * MB), Some(3_000_000));
+        // A flow across no link never moves.
+        let (c, _) = n.start(0, &[], ());
+        assert_eq!(n.get(c).unwrap().reaches(1.0), None);
+    }
+
+    #[test]
+    fn max_min_hands_unused_share_to_the_others() {
+        // Two flows share a 10 MB/s uplink; one is limited to 2 MB/s by its
+        // downlink, so max-min gives the other 8 — the fair share gives 5.
+        for (sharing, other) in [(Sharing::MaxMin, 8.0), (Sharing::FairShare, 5.0)] {
+            let mut n = FlowNet::new(sharing);
+            let up = n.add_link(10.0 * MB);
+            let slow = n.add_link(2.0 * MB);
+            let fast = n.add_link(100.0 * MB);
+            let (a, _) = n.start(0, &[up, slow], ());
+            let (b, _) = n.start(0, &[up, fast], ());
+            assert_eq!(n.get(a).unwrap().rate, 2.0);
+            assert_eq!(n.get(b).unwrap().rate, other, "{sharing:?}");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! What a simulation run models: the cluster, the image, the network and
+//! what goes wrong. Read from TOML (`--scenario FILE`) and overridden by
+//! command-line flags; every field has a default.
+
+use serde::Deserialize;
+use shoal_proto::chunk::{is_valid_chunk_size, DEFAULT_CHUNK_SIZE};
+use shoal_proto::units::{parse_rate, parse_size};
+
+/// How bandwidth is shared among the flows on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sharing {
+    /// Each flow gets the smallest of its links' equal shares
+    /// (`capacity / flows on it`), updated only for the links whose flow
+    /// count changed: cheap enough for 100,000 nodes, and never above what a
+    /// link carries (capacity a flow bottlenecked elsewhere leaves unused is
+    /// not handed to the others).
+    FairShare,
+    /// Exact max-min fairness (progressive filling over every link at every
+    /// change): the reference the fair share is checked against, for
+    /// clusters of a few hundred nodes.
+    MaxMin,
+}
+
+/// When the members start pulling.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Start {
+    /// Every member at once.
+    AllAtOnce,
+    /// Spread evenly over `over_ms`.
+    Staggered {
+        /// The spread.
+        over_ms: u64,
+    },
+    /// `count` equal waves, `gap_ms` apart.
+    Waves {
+        /// Waves.
+        count: u32,
+        /// Time between waves.
+        gap_ms: u64,
+    },
+}
+
+/// A window during which the tracker does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Outage {
+    /// From (ms after the pull starts).
+    pub from_ms: u64,
+    /// Until.
+    pub until_ms: u64,
+}
+
+/// A simulation scenario. Rates are bytes per second; sizes bytes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Members pulling the image.
+    pub nodes: u32,
+    /// Layers of the image (all pulled at once, as a runtime does).
+    pub layers: u32,
+    /// Bytes per layer.
+    pub layer_bytes: u64,
+    /// The cluster's chunk size.
+    pub chunk_size: u32,
+    /// Each member's upload and download rate.
+    pub rate: u64,
+    /// The origin's upload rate (default: `rate`).
+    pub origin_rate: Option<u64>,
+    /// A fraction of members with a different rate (heterogeneity).
+    pub slow_fraction: f64,
+    /// Their rate.
+    pub slow_rate: Option<u64>,
+    /// Round-trip time between any two hosts, in microseconds.
+    pub rtt_us: u64,
+    /// Tracker service time per request in microseconds, on one core (0:
+    /// unlimited). The HTTPS tracker measured 33–41 µs per request.
+    pub tracker_us: u64,
+    /// Upload slots per member (requests served at once; more get `Busy`).
+    pub upload_slots: u32,
+    /// When members start.
+    pub start: Start,
+    /// Fraction of members that die mid-pull (stop answering anyone).
+    pub churn: f64,
+    /// Deaths happen uniformly within this long after the start.
+    pub churn_window_ms: u64,
+    /// Fraction of members that freeze at the start of the pull: they take
+    /// requests and never answer (a hung process).
+    pub frozen: f64,
+    /// Fraction of members that serve corrupt chunks.
+    pub malicious: f64,
+    /// Windows during which the tracker is down.
+    pub tracker_outages: Vec<Outage>,
+    /// Racks (0: a flat network). Members are spread over them evenly.
+    pub racks: u32,
+    /// Each rack's uplink (both ways; default: unlimited).
+    pub rack_uplink: Option<u64>,
+    /// How bandwidth is shared.
+    pub sharing: Sharing,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Simulated time after which the run stops, finished or not.
+    pub max_sim_ms: u64,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            nodes: 8,
+            layers: 3,
+            layer_bytes: 16 << 20,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            rate: 100_000_000 / 8,
+            origin_rate: None,
+            slow_fraction: 0.0,
+            slow_rate: None,
+            rtt_us: 200,
+            tracker_us: 40,
+            upload_slots: 16,
+            start: Start::AllAtOnce,
+            churn: 0.0,
+            churn_window_ms: 5_000,
+            frozen: 0.0,
+            malicious: 0.0,
+            tracker_outages: Vec::new(),
+            racks: 0,
+            rack_uplink: None,
+            sharing: Sharing::FairShare,
+            seed: 1,
+            max_sim_ms: 3_600_000,
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads a scenario from TOML. Sizes and rates may be written as strings
+    /// (`"16MiB"`, `"10gbit"`).
+    pub fn from_toml(text: &str) -> anyhow::Result<Scenario> {
+        let mut v: toml::Table = toml::from_str(text)?;
+        for key in ["layer_bytes", "chunk_size"] {
+            if let Some(toml::Value::String(s)) = v.get(key) {
+                let n = parse_size(s).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+                v.insert(key.into(), toml::Value::Integer(n as i64));
+            }
+        }
+        for key in ["rate", "origin_rate", "slow_rate", "rack_uplink"] {
+            if let Some(toml::Value::String(s)) = v.get(key) {
+                let n = parse_rate(s).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+                v.insert(key.into(), toml::Value::Integer(n as i64));
+            }
+        }
+        let s: Scenario = v.try_into()?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks that the scenario can run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let fraction = |name: &str, f: f64| {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&f),
+                "{name} must be within 0..=1, not {f}"
+            );
+            Ok(())
+        };
+        anyhow::ensure!(self.nodes >= 1, "nodes must be at least 1");
+        anyhow::ensure!(self.nodes <= 1_000_000, "nodes must be at most 1,000,000");
+        anyhow::ensure!((1..=64).contains(&self.layers), "layers must be 1..=64");
+        anyhow::ensure!(self.layer_bytes >= 1, "layer_bytes must be at least 1");
+        anyhow::ensure!(
+            is_valid_chunk_size(self.chunk_size),
+            "chunk_size {} is not a valid chunk size (a power of two from 64 KiB to 16 MiB)",
+            self.chunk_size
+        );
+        shoal_proto::ChunkLayout::new(self.layer_bytes, self.chunk_size)
+            .map_err(|e| anyhow::anyhow!("layer_bytes: {e}"))?;
+        anyhow::ensure!(self.rate > 0, "rate must be positive");
+        anyhow::ensure!(self.origin_rate != Some(0), "origin_rate must be positive");
+        anyhow::ensure!(self.slow_rate != Some(0), "slow_rate must be positive");
+        anyhow::ensure!(self.rack_uplink != Some(0), "rack_uplink must be positive");
+        anyhow::ensure!(self.upload_slots >= 1, "upload_slots must be at least 1");
+        fraction("slow_fraction", self.slow_fraction)?;
+        fraction("churn", self.churn)?;
+        fraction("frozen", self.frozen)?;
+        fraction("malicious", self.malicious)?;
+        anyhow::ensure!(
+            self.churn + self.frozen + self.malicious <= 1.0,
+            "churn + frozen + malicious must be at most 1"
+        );
+        if let Start::Waves { count, .. } = self.start {
+            anyhow::ensure!(count >= 1, "waves need a count of at least 1");
+        }
+        for o in &self.tracker_outages {
+            anyhow::ensure!(
+                o.from_ms < o.until_ms,
+                "a tracker outage must end after it starts"
+            );
+        }
+        anyhow::ensure!(self.max_sim_ms > 0, "max_sim_ms must be positive");
+        Ok(())
+    }
+
+    /// The origin's upload rate.
+    pub fn origin_rate(&self) -> u64 {
+        self.origin_rate.unwrap_or(self.rate)
+    }
+
+    /// The whole image in bytes.
+    pub fn image_bytes(&self) -> u64 {
+        self.layer_bytes * u64::from(self.layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_units_and_errors_that_name_the_field() {
+        let s = Scenario::from_toml(
+            r#"
+            nodes = 100
+            layer_bytes = "200MiB"
+            rate = "10gbit"
+            racks = 4
+            rack_uplink = "20gbit"
+            start = { kind = "waves", count = 2, gap_ms = 1000 }
+            tracker_outages = [{ from_ms = 100, until_ms = 900 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.nodes, 100);
+        assert_eq!(s.layer_bytes, 200 << 20);
+        assert_eq!(s.rate, 1_250_000_000);
+        assert_eq!(s.rack_uplink, Some(2_500_000_000));
+        assert_eq!(
+            s.start,
+            Start::Waves {
+                count: 2,
+                gap_ms: 1000
+            }
+        );
+        let e = Scenario::from_toml("rate = \"fastbit\"").unwrap_err();
+        assert!(e.to_string().contains("rate"), "{e}");
+        let e = Scenario::from_toml("nodez = 3").unwrap_err();
+        assert!(e.to_string().contains("nodez"), "{e}");
+        let e = Scenario::from_toml("churn = 1.5").unwrap_err();
+        assert!(e.to_string().contains("churn"), "{e}");
+        let e = Scenario::from_toml("chunk_size = 1000").unwrap_err();
+        assert!(e.to_string().contains("chunk_size"), "{e}");
+    }
+}

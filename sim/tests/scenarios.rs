@@ -1,0 +1,166 @@
+//! Small swarms with asserted outcomes: every member completes with
+//! verified data, the origin sends about one copy, corrupt chunks are never
+//! stored, failures do not stall anyone, and a seed gives one result.
+
+use shoal_sim::scenario::Outage;
+use shoal_sim::{run, Report, Scenario, Sharing};
+
+fn base(nodes: u32) -> Scenario {
+    Scenario {
+        nodes,
+        layers: 2,
+        layer_bytes: 4 << 20,
+        rate: 100_000_000 / 8,
+        ..Scenario::default()
+    }
+}
+
+/// What every run must hold, whatever it models.
+fn sound(r: &Report) {
+    assert!(r.finished, "not everyone finished: {}", r.table());
+    let c = &r.counters;
+    assert_eq!(c.corrupt_stored, 0, "{}", r.table());
+    assert_eq!(c.unverifiable_requests, 0, "{}", r.table());
+    assert_eq!(
+        c.past_deadlines,
+        0,
+        "a session asked to spin: {}",
+        r.table()
+    );
+    // Every member that finished received at least the whole image.
+    assert!(r.down_per_node.min >= 0.999, "{}", r.table());
+}
+
+#[test]
+fn a_cold_swarm_costs_the_origin_one_copy_and_stays_near_the_bound() {
+    for nodes in [10, 50] {
+        let r = run(Scenario {
+            layer_bytes: 16 << 20,
+            ..base(nodes)
+        })
+        .unwrap();
+        sound(&r);
+        assert!(
+            r.egress_ratio < 1.01,
+            "origin sent {:.3} copies: {}",
+            r.egress_ratio,
+            r.table()
+        );
+        // Measured 1.72× (10) and 2.14× (50): what is left above the bound
+        // is members learning of new chunks through the tracker's
+        // announce/lookup cycle (docs/BENCHMARKS.md).
+        let ratio = r.ratio_to_bound.unwrap();
+        assert!(ratio < 2.5, "{ratio:.2}× the bound: {}", r.table());
+        assert!(r.slowest_over_median.unwrap() < 1.3, "{}", r.table());
+    }
+}
+
+#[test]
+fn two_hundred_members_finish() {
+    let r = run(Scenario {
+        layers: 1,
+        ..base(200)
+    })
+    .unwrap();
+    sound(&r);
+    assert!(r.egress_ratio < 1.05, "{}", r.table());
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run_and_another_seed_another() {
+    let sc = Scenario {
+        churn: 0.1,
+        malicious: 0.1,
+        ..base(30)
+    };
+    let strip = |mut r: Report| {
+        r.wall_s = 0.0;
+        r.peak_rss_mib = None;
+        r
+    };
+    let a = strip(run(sc.clone()).unwrap());
+    let b = strip(run(sc.clone()).unwrap());
+    assert_eq!(a, b);
+    let c = strip(run(Scenario { seed: 2, ..sc }).unwrap());
+    assert_ne!(a.per_node, c.per_node);
+}
+
+#[test]
+fn corrupt_chunks_are_rejected_reported_and_their_senders_excluded() {
+    let r = run(Scenario {
+        malicious: 0.2,
+        ..base(30)
+    })
+    .unwrap();
+    sound(&r);
+    assert!(r.counters.bad_chunks > 0, "{}", r.table());
+    assert!(
+        r.excluded > 0,
+        "no corrupt member was excluded: {}",
+        r.table()
+    );
+    // Honest members cost the origin one copy; excluded members are
+    // served by the origin alone.
+    let honest = r.egress_ratio - r.egress_ratio_malicious;
+    assert!(honest < 1.05, "honest members: {honest:.3}: {}", r.table());
+}
+
+#[test]
+fn members_dying_or_frozen_mid_pull_stall_nobody() {
+    for (churn, frozen) in [(0.1, 0.0), (0.0, 0.1)] {
+        let r = run(Scenario {
+            churn,
+            churn_window_ms: 2_000,
+            frozen,
+            ..base(40)
+        })
+        .unwrap();
+        sound(&r);
+        // Chunks only a dead member held, or leased, go to the origin
+        // once more under a lease: no stampede of every waiting member.
+        assert!(r.egress_ratio < 1.05, "{}", r.table());
+    }
+}
+
+#[test]
+fn a_tracker_outage_mid_pull_falls_back_to_the_origin_and_completes() {
+    let r = run(Scenario {
+        tracker_outages: vec![Outage {
+            from_ms: 300,
+            until_ms: 3_000,
+        }],
+        ..base(20)
+    })
+    .unwrap();
+    sound(&r);
+    assert!(r.egress_ratio >= 1.0, "{}", r.table());
+}
+
+#[test]
+fn racks_behind_narrow_uplinks_complete() {
+    let r = run(Scenario {
+        racks: 4,
+        rack_uplink: Some(2 * 100_000_000 / 8),
+        ..base(40)
+    })
+    .unwrap();
+    sound(&r);
+    assert!(r.egress_ratio < 1.05, "{}", r.table());
+}
+
+#[test]
+fn the_fair_share_model_agrees_with_exact_max_min() {
+    let fair = run(base(40)).unwrap();
+    let exact = run(Scenario {
+        sharing: Sharing::MaxMin,
+        ..base(40)
+    })
+    .unwrap();
+    sound(&fair);
+    sound(&exact);
+    let (a, b) = (fair.t_all_s.unwrap(), exact.t_all_s.unwrap());
+    assert!(
+        (a / b - 1.0).abs() < 0.15,
+        "fair share {a:.2} s against max-min {b:.2} s"
+    );
+}
