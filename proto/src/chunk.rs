@@ -424,6 +424,15 @@ impl Bitfield {
         b
     }
 
+    /// The chunks set in both, in increasing order (a word at a time).
+    pub fn iter_and<'a>(&'a self, other: &'a Bitfield) -> impl Iterator<Item = u32> + 'a {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .enumerate()
+            .flat_map(|(wi, (&a, &b))| BitsOf(a & b).map(move |bit| wi as u32 * 64 + bit))
+    }
+
     /// Whether some chunk is set in both.
     pub fn intersects(&self, other: &Bitfield) -> bool {
         self.words.iter().zip(&other.words).any(|(a, b)| a & b != 0)
@@ -1290,6 +1299,12 @@ mod tests {
             let inter = (0..a.len()).any(|i| a[i] && at(&b, i));
             prop_assert_eq!(fa.intersects(&fb), inter);
             prop_assert_eq!(fb.intersects(&fa), inter);
+            let both: Vec<u32> = (0..a.len())
+                .filter(|&i| a[i] && at(&b, i))
+                .map(|i| i as u32)
+                .collect();
+            prop_assert_eq!(fa.iter_and(&fb).collect::<Vec<_>>(), both.clone());
+            prop_assert_eq!(fb.iter_and(&fa).collect::<Vec<_>>(), both);
         }
 
         #[test]

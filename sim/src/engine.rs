@@ -44,6 +44,7 @@ use crate::net::{FlowId, FlowNet, LinkId};
 use crate::report::{NodeResult, Outcome as RunOutcome, Report as RunReport};
 use crate::rng::Rng;
 use crate::scenario::{Scenario, Start};
+use crate::timers::Timers;
 
 /// The hashes a member learned, as 8-byte fingerprints (enough to tell a
 /// corrupt chunk from a good one in the simulation, at a quarter of the
@@ -176,7 +177,7 @@ enum Ev {
         chunks: Vec<u32>,
         outcome: Outcome,
     },
-    Boundary(FlowId, u32),
+    Boundary(FlowId),
 }
 
 struct Queued {
@@ -252,6 +253,8 @@ pub struct Sim {
     trace: Option<u32>,
     /// Network jitter (seeded from the scenario's seed).
     rng: Rng,
+    /// Each moving flow's next chunk boundary.
+    boundaries: Timers,
 }
 
 fn node_name(i: u32) -> String {
@@ -390,6 +393,7 @@ impl Sim {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             rng: Rng::new(sc_seed ^ 0x6a09_e667_f3bc_c909),
+            boundaries: Timers::default(),
         };
         for i in 0..n {
             // Joins spread over the first half second, as daemons start.
@@ -432,14 +436,26 @@ impl Sim {
         let limit = self.t0 + self.sc.max_sim_ms * 1000;
         let mut pending = self.nodes.iter().filter(|n| n.halts_at.is_none()).count();
         while pending > 0 {
-            let Some(q) = self.queue.pop() else { break };
-            if q.at > limit {
+            // The earlier of the next event and the next chunk boundary.
+            let event = self.queue.peek().map(|q| (q.at, q.seq));
+            let ev = match (event, self.boundaries.peek()) {
+                (None, None) => break,
+                (e, Some((at, seq, f))) if e.is_none_or(|e| (at, seq) < e) => {
+                    self.boundaries.remove(f);
+                    Queued {
+                        at,
+                        seq,
+                        ev: Ev::Boundary(f),
+                    }
+                }
+                _ => self.queue.pop().expect("peeked"),
+            };
+            if ev.at > limit {
                 break;
             }
-            self.now = q.at;
+            self.now = ev.at;
             self.counters.events += 1;
-            let finished = self.handle(q.ev);
-            if finished {
+            if self.handle(ev.ev) {
                 pending -= 1;
             }
         }
@@ -519,7 +535,7 @@ impl Sim {
                 }
                 return self.drive(node, layer);
             }
-            Ev::Boundary(f, version) => return self.boundary(f, version),
+            Ev::Boundary(f) => return self.boundary(f),
         }
         false
     }
@@ -609,6 +625,7 @@ impl Sim {
         for f in uploads {
             self.credit(f);
             let changed = self.net.detach(self.now, f);
+            self.boundaries.remove(f);
             self.reschedule(&changed);
         }
     }
@@ -935,22 +952,23 @@ impl Sim {
         }
     }
 
-    /// Schedules the next chunk boundary of each flow whose rate changed.
-    /// Each new schedule supersedes the flow's earlier ones (its version
-    /// moves on), so a boundary is never delivered twice.
+    /// Schedules the next chunk boundary of each flow whose rate changed
+    /// (replacing its timer, so a boundary is never delivered twice).
     fn reschedule(&mut self, flows: &[FlowId]) {
         for &f in flows {
-            let Some(fl) = self.net.get_mut(f) else {
+            let Some(fl) = self.net.get(f) else {
                 continue;
             };
             if !fl.data.active {
                 continue;
             }
-            fl.version = fl.version.wrapping_add(1);
             let target = fl.data.ends[fl.data.next];
-            if let Some(t) = fl.reaches(target) {
-                let v = fl.version;
-                self.at(t, Ev::Boundary(f, v));
+            match fl.reaches(target) {
+                Some(t) => {
+                    self.seq += 1;
+                    self.boundaries.set(f, t.max(self.now), self.seq);
+                }
+                None => self.boundaries.remove(f),
             }
         }
     }
@@ -982,6 +1000,7 @@ impl Sim {
     /// Ends a flow (done, cancelled or its requester gone): its bytes are
     /// counted and its sender's slot freed.
     fn end_flow(&mut self, f: FlowId) {
+        self.boundaries.remove(f);
         self.credit(f);
         let Some((fl, changed)) = self.net.stop(self.now, f) else {
             return;
@@ -1009,9 +1028,9 @@ impl Sim {
     }
 
     /// A flow's next chunk is through: deliver it.
-    fn boundary(&mut self, f: FlowId, version: u32) -> bool {
+    fn boundary(&mut self, f: FlowId) -> bool {
         match self.net.get(f) {
-            Some(fl) if fl.version == version && fl.data.active => {}
+            Some(fl) if fl.data.active => {}
             _ => return false,
         }
         self.credit(f);

@@ -12,6 +12,7 @@ pub mod net;
 pub mod report;
 pub mod rng;
 pub mod scenario;
+pub mod timers;
 
 pub use engine::Sim;
 pub use report::Report;

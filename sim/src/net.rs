@@ -212,10 +212,13 @@ impl<T> FlowNet<T> {
                     .collect();
                 touched.sort_unstable();
                 touched.dedup();
-                for &id in &touched {
+                // Only flows whose rate changed need a new schedule.
+                touched.retain(|&id| {
                     let rate = self.fair_share(id);
+                    let before = self.get(id).expect("live flow").rate;
                     self.set_rate(id, now, rate);
-                }
+                    self.get(id).expect("live flow").rate != before
+                });
                 touched
             }
             Sharing::MaxMin => self.max_min(now),
