@@ -963,7 +963,13 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             .map(|(p, s)| (s.inflight, p.clone()))
             .collect();
         order.sort();
+        // Every open peer is served in this one pass (each filled to its
+        // depth, so a pass per peer would find the same order again).
+        let mut wanted = wanted;
         for (_, peer) in order {
+            if self.peer_inflight >= self.cfg.max_inflight || wanted.count() == 0 {
+                break;
+            }
             let state = &self.peers[&peer];
             let depth = if state.probation {
                 1
@@ -988,10 +994,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             let chunks: Vec<u32> = best.into_iter().map(|(_, _, c)| c).collect();
             for (k, &c) in chunks.iter().enumerate() {
                 self.start(c, Source::Peer(peer.clone()), now, k as u32);
+                let _ = wanted.clear(c);
             }
-            return Some(Action::FetchPeer { peer, chunks });
+            self.queue.push_back(Action::FetchPeer { peer, chunks });
         }
-        None
+        self.queue.pop_front()
     }
 
     /// Records a request for `chunk` at position `pos` of its request: the

@@ -974,9 +974,9 @@ pub enum Report {
     },
     /// `peer` let requests for `blob` stall again and again (it is dead,
     /// hung or unreachable from here). Enough distinct reporters make the
-    /// tracker forget it as a holder until it announces again, so its chunks
-    /// can be leased to one live member instead of every member waiting on it
-    /// (or all fetching them from the origin).
+    /// tracker forget it unless it announces within two announce intervals,
+    /// so a dead holder's chunks become leasable to one live member instead
+    /// of every member waiting on it (or all fetching them from the origin).
     Unresponsive {
         /// The reporter.
         node: NodeId,
@@ -1083,10 +1083,10 @@ impl Report {
 pub struct ReportReply {
     /// Nodes excluded as a result (their hashes withdrawn).
     pub excluded: Vec<NodeId>,
-    /// Nodes forgotten as holders as a result (unresponsive; they are back
-    /// with their next announce).
+    /// Nodes whose membership now ends in two announce intervals unless
+    /// they announce (reported unresponsive).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dropped: Vec<NodeId>,
+    pub suspected: Vec<NodeId>,
     /// Chunk hashes withdrawn as a result.
     pub withdrawn: u32,
 }

@@ -91,8 +91,9 @@ pub struct TrackerConfig {
     /// excluded. Default 3.
     pub bad_reports_to_exclude: u32,
     /// Distinct members reporting a peer unresponsive (requests to it stalled
-    /// until they benched it) before it is forgotten as a holder — until its
-    /// next announce, so a live peer is back within a heartbeat. Default 2.
+    /// until they benched it) before its membership deadline is cut to two
+    /// announce intervals: a live peer announces in time and keeps its
+    /// place, a dead one is forgotten 20 s sooner. Default 2.
     pub unresponsive_reports_to_drop: u32,
     /// Strikes (hash conflicts, digest mismatches of blobs it published
     /// hashes for) before a publisher is excluded. Default 2.
@@ -178,8 +179,8 @@ struct Member {
     blobs: BTreeSet<Digest>,
     /// Blobs where it holds, or held, leases (may name dropped blobs).
     lease_blobs: BTreeSet<Digest>,
-    /// Members that reported it unresponsive (fewer than
-    /// `unresponsive_reports_to_drop`: at that many it is forgotten).
+    /// Members that reported it unresponsive since its deadline was last
+    /// cut (fewer than `unresponsive_reports_to_drop`).
     stalled_for: BTreeSet<NodeId>,
 }
 
@@ -588,9 +589,10 @@ impl Tracker {
     /// are not members are ignored (they are in no reply already).
     ///
     /// `Unresponsive`: one report per distinct reporter; at
-    /// `unresponsive_reports_to_drop` the peer is forgotten like a member
-    /// whose TTL ran out (holdings and leases go; nothing is withdrawn, and
-    /// its next announce makes it a member again).
+    /// `unresponsive_reports_to_drop` the peer's membership deadline is cut
+    /// to two announce intervals: a live peer's next announce restores its
+    /// TTL, a dead one is forgotten then (holdings and leases go; nothing is
+    /// withdrawn), so its chunks become leasable to one live member.
     ///
     /// `DigestMismatch` (for the blob's current hash epoch; stale reports are
     /// ignored): every hash of the blob is withdrawn, every *partial* holding
@@ -625,13 +627,23 @@ impl Tracker {
             }
             Report::Unresponsive { peer, .. } => {
                 let threshold = self.cfg.unresponsive_reports_to_drop as usize;
+                let soon = self.now + 2 * self.cfg.announce_interval_ms;
                 let Some(m) = self.members.get_mut(&peer) else {
                     return Ok(reply);
                 };
                 m.stalled_for.insert(reporter);
-                if m.stalled_for.len() >= threshold {
-                    self.remove_member(&peer);
-                    reply.dropped.push(peer);
+                if m.stalled_for.len() >= threshold && m.deadline > soon {
+                    // Dead, or alive and slow? Its announces tell: a live
+                    // member announces every interval and gets its full TTL
+                    // back; a dead one is forgotten in two intervals, not a
+                    // whole TTL. (Forgetting it at once made a slow live
+                    // holder's chunks leasable, and the origin served them
+                    // again: 1.67x egress in the lab at 16 members.)
+                    self.deadlines.remove(&(m.deadline, peer.clone()));
+                    m.deadline = soon;
+                    m.stalled_for.clear();
+                    self.deadlines.insert((soon, peer.clone()));
+                    reply.suspected.push(peer);
                 }
             }
             Report::DigestMismatch { epoch, .. } => {

@@ -1158,7 +1158,7 @@ proptest! {
 }
 
 #[test]
-fn a_peer_reported_unresponsive_by_two_members_is_forgotten_until_it_announces() {
+fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces() {
     let (d, l) = (blob(1), layout(4));
     let mut h = Harness::new();
     for n in 0..4 {
@@ -1176,34 +1176,46 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_until_it_announces()
     // One reporter (twice) is not enough.
     for _ in 0..2 {
         let r = h.t.report(2, stalled(1)).unwrap();
-        assert!(r.dropped.is_empty() && r.excluded.is_empty());
+        assert!(r.suspected.is_empty() && r.excluded.is_empty());
     }
-    assert!(!h.t.is_leasable(&d, 0));
-    // A second one drops it: its chunks are leasable to a live member, its
-    // hashes stay, and it is not excluded.
+    // A second one cuts its membership to two announce intervals.
     let r = h.t.report(3, stalled(2)).unwrap();
-    assert_eq!(r.dropped, [id(0)]);
-    assert!(h.t.is_leasable(&d, 0) && !h.t.is_excluded(&id(0)));
-    let v = h.t.lookup(3, &id(3), &d).unwrap();
+    assert_eq!(r.suspected, [id(0)]);
+    assert!(!h.t.is_excluded(&id(0)));
+    h.check();
+    // Alive after all: it announces and keeps its place past that.
+    h.announce(5_000, 0, vec![]).unwrap();
+    for n in 1..4 {
+        h.announce(9_000, n, vec![]).unwrap();
+    }
+    let v = h.t.lookup(10_010, &id(3), &d).unwrap();
+    assert_eq!(v.holders().len(), 1);
+    // Reported again and silent this time: forgotten two intervals later;
+    // its chunks are leasable to a live member and its hashes stay.
+    h.t.report(10_020, stalled(1)).unwrap();
+    h.t.report(10_020, stalled(3)).unwrap();
+    for n in 1..4 {
+        h.announce(19_000, n, vec![]).unwrap();
+    }
+    let v = h.t.lookup(19_000, &id(3), &d).unwrap();
+    assert_eq!(v.holders().len(), 1, "not before its deadline");
+    let v = h.t.lookup(20_021, &id(3), &d).unwrap();
     assert!(v.holders().is_empty());
     assert!(v.hashes()[0].is_some());
+    assert!(h.t.is_leasable(&d, 0));
     h.check();
-    // Alive after all: its next announce brings it back as a holder.
-    h.announce(4, 0, vec![BlobHave::complete(d, l)]).unwrap();
-    let v = h.t.lookup(4, &id(3), &d).unwrap();
-    assert_eq!(v.holders().len(), 1);
     // Reports of oneself are refused; of non-members, ignored.
     let me = Report::Unresponsive {
         node: id(1),
         blob: d,
         peer: id(1),
     };
-    assert_eq!(h.t.report(5, me), Err(TrackerError::SelfReport));
+    assert_eq!(h.t.report(20_022, me), Err(TrackerError::SelfReport));
     let ghost = Report::Unresponsive {
         node: id(1),
         blob: d,
         peer: id(9),
     };
-    assert_eq!(h.t.report(5, ghost).unwrap(), ReportReply::default());
+    assert_eq!(h.t.report(20_022, ghost).unwrap(), ReportReply::default());
     h.check();
 }
