@@ -255,6 +255,8 @@ pub struct Sim {
     rng: Rng,
     /// Each moving flow's next chunk boundary.
     boundaries: Timers,
+    /// Print progress to stderr every two million events.
+    pub progress: bool,
 }
 
 fn node_name(i: u32) -> String {
@@ -293,7 +295,7 @@ impl Sim {
     pub fn new(sc: Scenario) -> anyhow::Result<Sim> {
         sc.validate()?;
         let mut rng = Rng::new(sc.seed);
-        let mut net = FlowNet::new(sc.sharing);
+        let mut net = FlowNet::new(sc.sharing());
         let origin_up = net.add_link(sc.origin_rate() as f64);
         let rack_cap = sc.rack_uplink.map_or(f64::INFINITY, |r| r as f64);
         let rack_links = (0..sc.racks)
@@ -371,9 +373,16 @@ impl Sim {
             });
         }
         let sc_seed = sc.seed;
+        let mut cfg = SessionConfig::default();
+        if let Some(ms) = sc.lookup_interval_ms {
+            cfg.sched.lookup_interval_ms = ms;
+        }
+        if let Some(ms) = sc.announce_every_ms {
+            cfg.announce_every_ms = ms;
+        }
         let mut sim = Sim {
             sc,
-            cfg: SessionConfig::default(),
+            cfg,
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -394,6 +403,7 @@ impl Sim {
                 .and_then(|v| v.parse().ok()),
             rng: Rng::new(sc_seed ^ 0x6a09_e667_f3bc_c909),
             boundaries: Timers::default(),
+            progress: false,
         };
         for i in 0..n {
             // Joins spread over the first half second, as daemons start.
@@ -457,6 +467,14 @@ impl Sim {
             self.counters.events += 1;
             if self.handle(ev.ev) {
                 pending -= 1;
+            }
+            if self.progress && self.counters.events % 2_000_000 == 0 {
+                eprintln!(
+                    "shoal-sim: {} events, {:.3} s simulated, {} members still pulling",
+                    self.counters.events,
+                    self.now.saturating_sub(self.t0) as f64 / 1e6,
+                    pending
+                );
             }
         }
         self.report(pending == 0)

@@ -67,18 +67,28 @@ struct Cli {
     /// Each rack's uplink rate.
     #[arg(long, value_parser = rate)]
     rack_uplink: Option<u64>,
-    /// Bandwidth sharing: `fair-share` or `max-min`.
+    /// Bandwidth sharing: `auto` (max-min up to 300 members, fair share
+    /// above), `fair-share` or `max-min`.
     #[arg(long)]
     sharing: Option<String>,
     /// Seed of every random choice.
     #[arg(long)]
     seed: Option<u64>,
+    /// Try another lookup interval (ms) than the daemon's.
+    #[arg(long)]
+    lookup_interval_ms: Option<u64>,
+    /// Try another least time between announces (ms) than the daemon's.
+    #[arg(long)]
+    announce_every_ms: Option<u64>,
     /// Print the report as one JSON line.
     #[arg(long)]
     json: bool,
     /// Write an SVG of completions over time.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Print progress to stderr every two million events (long runs).
+    #[arg(long)]
+    progress: bool,
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -150,6 +160,12 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;
     }
+    if cli.lookup_interval_ms.is_some() {
+        sc.lookup_interval_ms = cli.lookup_interval_ms;
+    }
+    if cli.announce_every_ms.is_some() {
+        sc.announce_every_ms = cli.announce_every_ms;
+    }
     if cli.origin_rate.is_some() {
         sc.origin_rate = cli.origin_rate;
     }
@@ -171,9 +187,10 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if let Some(s) = &cli.sharing {
         sc.sharing = match s.as_str() {
+            "auto" => Sharing::Auto,
             "fair-share" => Sharing::FairShare,
             "max-min" => Sharing::MaxMin,
-            other => anyhow::bail!("--sharing {other:?}: expected fair-share or max-min"),
+            other => anyhow::bail!("--sharing {other:?}: expected auto, fair-share or max-min"),
         };
     }
     sc.validate()?;
@@ -184,7 +201,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let sc = scenario(&cli)?;
     let started = Instant::now();
-    let mut report = shoal_sim::run(sc)?;
+    let mut sim = shoal_sim::Sim::new(sc)?;
+    sim.progress = cli.progress;
+    let mut report = sim.run();
     report.wall_s = started.elapsed().as_secs_f64();
     report.peak_rss_mib = shoal_sim::report::peak_rss_mib();
     if let Some(p) = &cli.svg {

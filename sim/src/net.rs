@@ -20,7 +20,19 @@ struct Link {
     /// Bytes per microsecond.
     cap: f64,
     flows: Vec<FlowId>,
+    /// Flows on it when its flows were last re-rated together.
+    rated: usize,
 }
+
+/// A link with more flows than this re-rates them all only once their
+/// number moved by more than [`DRIFT`] since the last time; meanwhile a
+/// new flow gets the current share. (The origin's uplink carries every
+/// member's origin runs: re-rating ten thousand flows whenever one starts
+/// made a thousand-member run quadratic.) Rates stay within 2 % of the
+/// equal share.
+const BIG_LINK: usize = 64;
+/// See [`BIG_LINK`].
+const DRIFT: f64 = 0.02;
 
 /// A flow and what the simulator keeps with it.
 #[derive(Debug)]
@@ -86,6 +98,7 @@ impl<T> FlowNet<T> {
         self.links.push(Link {
             cap: bytes_per_s / 1e6,
             flows: Vec::new(),
+            rated: 0,
         });
         (self.links.len() - 1) as LinkId
     }
@@ -147,7 +160,7 @@ impl<T> FlowNet<T> {
         for &link in links {
             self.links[link as usize].flows.push(id);
         }
-        let changed = self.rerate(now, links);
+        let changed = self.rerate(now, links, Some(id));
         (id, changed)
     }
 
@@ -167,7 +180,7 @@ impl<T> FlowNet<T> {
                 .expect("flow on its link");
             flows.swap_remove(pos);
         }
-        let changed = self.rerate(now, flow.links());
+        let changed = self.rerate(now, flow.links(), None);
         Some((flow, changed))
     }
 
@@ -199,17 +212,27 @@ impl<T> FlowNet<T> {
                 .expect("flow on its link");
             flows.swap_remove(pos);
         }
-        self.rerate(now, &links)
+        self.rerate(now, &links, None)
     }
 
     /// Recomputes rates after the flow counts of `links` changed.
-    fn rerate(&mut self, now: u64, links: &[LinkId]) -> Vec<FlowId> {
+    fn rerate(&mut self, now: u64, links: &[LinkId], new_flow: Option<FlowId>) -> Vec<FlowId> {
         match self.sharing {
-            Sharing::FairShare => {
-                let mut touched: Vec<FlowId> = links
-                    .iter()
-                    .flat_map(|&l| self.links[l as usize].flows.iter().copied())
-                    .collect();
+            Sharing::FairShare | Sharing::Auto => {
+                let mut touched: Vec<FlowId> = Vec::new();
+                for &l in links {
+                    let link = &mut self.links[l as usize];
+                    let n = link.flows.len();
+                    let drift = (n as f64 - link.rated as f64).abs();
+                    if n <= BIG_LINK || drift > DRIFT * link.rated as f64 {
+                        link.rated = n;
+                        touched.extend(link.flows.iter().copied());
+                    }
+                }
+                // A new flow is rated whatever its links did.
+                if let Some(&newest) = new_flow.as_ref() {
+                    touched.push(newest);
+                }
                 touched.sort_unstable();
                 touched.dedup();
                 // Only flows whose rate changed need a new schedule.

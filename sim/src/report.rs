@@ -95,6 +95,8 @@ pub struct Report {
     pub origin_rate_bps: u64,
     /// Racks (0: flat).
     pub racks: u32,
+    /// The bandwidth model used.
+    pub sharing: crate::scenario::Sharing,
     /// The seed.
     pub seed: u64,
     /// Every member that had to finish did.
@@ -207,6 +209,7 @@ impl Report {
             rate_bps: sc.rate * 8,
             origin_rate_bps: sc.origin_rate() * 8,
             racks: sc.racks,
+            sharing: sc.sharing(),
             seed: sc.seed,
             finished: o.finished && incomplete == 0,
             incomplete,
@@ -219,7 +222,7 @@ impl Report {
                 .iter()
                 .filter(|n| n.malicious)
                 .map(|n| n.origin_bytes)
-                .sum::<f64>()
+                .fold(0.0, |a, b| a + b)
                 / f,
             pull,
             slowest_over_median,
@@ -256,13 +259,14 @@ impl Report {
         row(
             "scenario",
             format!(
-                "{} members, {} × {:.1} MiB, {} bit/s, origin {} bit/s, racks {}, seed {}",
+                "{} members, {} × {:.1} MiB, {} bit/s, origin {} bit/s, racks {}, {:?}, seed {}",
                 self.nodes,
                 self.layers,
                 self.image_bytes as f64 / f64::from(self.layers) / 1048576.0,
                 human(self.rate_bps as f64),
                 human(self.origin_rate_bps as f64),
                 self.racks,
+                self.sharing,
                 self.seed
             ),
         );

@@ -149,18 +149,32 @@ fn racks_behind_narrow_uplinks_complete() {
 }
 
 #[test]
-fn the_fair_share_model_agrees_with_exact_max_min() {
-    let fair = run(base(40)).unwrap();
-    let exact = run(Scenario {
-        sharing: Sharing::MaxMin,
-        ..base(40)
-    })
-    .unwrap();
-    sound(&fair);
-    sound(&exact);
-    let (a, b) = (fair.t_all_s.unwrap(), exact.t_all_s.unwrap());
-    assert!(
-        (a / b - 1.0).abs() < 0.15,
-        "fair share {a:.2} s against max-min {b:.2} s"
-    );
+fn the_fair_share_model_is_a_bounded_pessimistic_approximation_of_max_min() {
+    // The fair share never hands a flow more than max-min would, so it is
+    // never faster; how much slower depends on how many flows are limited
+    // elsewhere (23 % at 8 members on 25 mbit, docs/BENCHMARKS.md).
+    for (nodes, rate) in [(40, 100_000_000 / 8), (8, 25_000_000 / 8)] {
+        let sc = Scenario {
+            rate,
+            layer_bytes: 16 << 20,
+            ..base(nodes)
+        };
+        let fair = run(Scenario {
+            sharing: Sharing::FairShare,
+            ..sc.clone()
+        })
+        .unwrap();
+        let exact = run(Scenario {
+            sharing: Sharing::MaxMin,
+            ..sc
+        })
+        .unwrap();
+        sound(&fair);
+        sound(&exact);
+        let (a, b) = (fair.t_all_s.unwrap(), exact.t_all_s.unwrap());
+        assert!(
+            a >= b * 0.97 && a <= b * 1.35,
+            "{nodes} members: fair share {a:.2} s against max-min {b:.2} s"
+        );
+    }
 }
