@@ -58,6 +58,12 @@ use crate::chunk::{Bitfield, ChunkLayout};
 pub struct SchedConfig {
     /// Chunks in flight per peer (pipelining depth).
     pub peer_depth: u32,
+    /// Peers kept (excluded ones aside). Lookups name up to 32 holders and
+    /// the tracker's window moves, so over a long pull in a big cluster a
+    /// download would otherwise collect every member — and scan them all
+    /// after every event. A newcomer past the limit replaces the idle peer
+    /// that has the fewest chunks still needed here.
+    pub max_peers: u32,
     /// Chunks in flight from peers, all peers together.
     pub max_inflight: u32,
     /// Range requests to the origin in flight at once.
@@ -116,6 +122,7 @@ impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
             peer_depth: 4,
+            max_peers: 64,
             max_inflight: 32,
             origin_requests: 2,
             origin_run: 64,
@@ -416,6 +423,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 if have.len() != self.layout.count() {
                     return;
                 }
+                if !self.peers.contains_key(&peer) && !self.make_room() {
+                    return;
+                }
                 let layout = self.layout;
                 let state = self
                     .peers
@@ -663,6 +673,35 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 }
             }
         }
+    }
+
+    /// Makes room for one more peer under `max_peers` (excluded peers do
+    /// not count: they stay, to stay excluded): drops the idle peer — no
+    /// request in flight, not benched, not backing off — with the fewest
+    /// chunks still needed here. False if every peer is busy.
+    fn make_room(&mut self) -> bool {
+        let live = self.peers.values().filter(|p| !p.excluded).count();
+        if live < self.cfg.max_peers as usize {
+            return true;
+        }
+        let now = self.now;
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(_, s)| {
+                !s.excluded && s.inflight == 0 && s.benched_until == 0 && s.busy_until <= now
+            })
+            .map(|(p, s)| (s.have.difference(&self.have).count(), p))
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+            .map(|(_, p)| p.clone());
+        let Some(victim) = victim else {
+            return false;
+        };
+        let state = self.peers.remove(&victim).expect("listed");
+        for i in state.have.iter_ones() {
+            self.avail[i as usize] -= 1;
+        }
+        true
     }
 
     fn exclude(&mut self, peer: &P) {
@@ -1274,6 +1313,55 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn past_max_peers_a_newcomer_replaces_the_least_useful_idle_peer() {
+        let mut s = sched(4);
+        s.cfg.max_peers = 2;
+        // Peer 1 has what we need, peer 2 only chunk 0, which we get.
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: bits(4, [1, 2]),
+            },
+        );
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 2,
+                have: bits(4, [0]),
+            },
+        );
+        s.handle(
+            0,
+            Event::Chunk {
+                source: Source::Origin,
+                chunk: 0,
+                outcome: Outcome::Verified,
+            },
+        );
+        // Peer 3 arrives: peer 2 (nothing needed from it) makes room.
+        s.handle(
+            1,
+            Event::PeerHas {
+                peer: 3,
+                have: bits(4, [3]),
+            },
+        );
+        let f = peer_fetches(&drain(&mut s, 1));
+        assert!(f.iter().all(|(p, _)| *p != 2), "{f:?}");
+        assert!(f.iter().any(|(p, _)| *p == 3), "{f:?}");
+        // Every peer busy: a newcomer is not taken.
+        s.handle(
+            2,
+            Event::PeerHas {
+                peer: 4,
+                have: bits(4, [1, 2, 3]),
+            },
+        );
+        assert!(peer_fetches(&drain(&mut s, 2)).is_empty());
     }
 
     #[test]

@@ -172,7 +172,14 @@ impl<T> FlowNet<T> {
         self.versions[id as usize] = flow.version;
         self.free.push(id);
         self.live -= 1;
-        for &link in flow.links() {
+        self.unlink(id, flow.links());
+        let changed = self.rerate(now, flow.links(), None);
+        Some((flow, changed))
+    }
+
+    /// Takes flow `id` out of the flow lists of `links`.
+    fn unlink(&mut self, id: FlowId, links: &[LinkId]) {
+        for &link in links {
             let flows = &mut self.links[link as usize].flows;
             let pos = flows
                 .iter()
@@ -180,8 +187,6 @@ impl<T> FlowNet<T> {
                 .expect("flow on its link");
             flows.swap_remove(pos);
         }
-        let changed = self.rerate(now, flow.links(), None);
-        Some((flow, changed))
     }
 
     /// The live flows' ids, in ascending order.
@@ -204,14 +209,7 @@ impl<T> FlowNet<T> {
         f.nlinks = 0;
         f.rate = 0.0;
         f.version = f.version.wrapping_add(1);
-        for &link in &links {
-            let flows = &mut self.links[link as usize].flows;
-            let pos = flows
-                .iter()
-                .position(|&x| x == id)
-                .expect("flow on its link");
-            flows.swap_remove(pos);
-        }
+        self.unlink(id, &links);
         self.rerate(now, &links, None)
     }
 
