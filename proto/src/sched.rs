@@ -20,8 +20,9 @@
 //!   origin), so every byte can be checked before it is stored or forwarded.
 //! * **Load spread**: at most `peer_depth` chunks in flight per peer, and the
 //!   least loaded peers are served first. A peer that answers `Busy` (its
-//!   upload slots are full) is left alone for a back-off that doubles while
-//!   it stays busy, without counting against it.
+//!   upload slots are full) is left alone for a back-off — at first about
+//!   the usual chunk time here — that doubles while it stays busy, without
+//!   counting against it. At most `max_peers` peers are kept.
 //! * **Stalls move**: a request unanswered for `stall_ms` (the k-th chunk of
 //!   a request: `k + 1` periods, as they come in order; `origin_stall_ms`
 //!   for the origin, whose slowness is usually its shared link) is cancelled
@@ -86,9 +87,15 @@ pub struct SchedConfig {
     pub max_stalls: u32,
     /// How long a peer that stalled `max_stalls` times gets no requests.
     pub stall_bench_ms: u64,
-    /// The first back-off after a peer answered `Busy`; it doubles while the
-    /// peer stays busy, up to 16 times this.
+    /// The first back-off after a peer answered `Busy` — the usual time a
+    /// chunk takes here, within `busy_backoff_min_ms..=busy_backoff_ms` (this
+    /// until a chunk has arrived); it doubles while the peer stays busy, up
+    /// to 16 times that. In the simulator a fixed 200 ms idled members of a
+    /// 300-member 10 gbit swarm, where chunks take a millisecond, behind
+    /// busy holders: 5.3× the bound against 3.5× with 50 ms.
     pub busy_backoff_ms: u64,
+    /// The shortest first back-off after `Busy`.
+    pub busy_backoff_min_ms: u64,
     /// Chunks after the client's position that are fetched in order first.
     pub urgent_window: u32,
     /// Missing chunks at or below which in-flight chunks are duplicated.
@@ -131,6 +138,7 @@ impl Default for SchedConfig {
             max_stalls: 2,
             stall_bench_ms: 10_000,
             busy_backoff_ms: 200,
+            busy_backoff_min_ms: 10,
             urgent_window: 4,
             endgame_chunks: 4,
             endgame_after_ms: 300,
@@ -549,7 +557,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             }
             (Source::Peer(p), Outcome::Busy) => {
                 let now = self.now;
-                let base = self.cfg.busy_backoff_ms;
+                // Scaled to how long a chunk takes here: a peer's slots free
+                // up in a chunk time or so, and at 10 gbit that is a
+                // millisecond, not the 200 ms a slow link needs.
+                let base = self.chunk_ms.map_or(self.cfg.busy_backoff_ms, |ms| {
+                    ms.clamp(self.cfg.busy_backoff_min_ms, self.cfg.busy_backoff_ms)
+                });
                 if let Some(state) = self.peers.get_mut(p) {
                     // One back-off per refusal, however many chunks it named.
                     if state.busy_until <= now {
@@ -1553,6 +1566,49 @@ mod tests {
             },
         );
         assert_eq!(peer_fetches(&drain(&mut s, 20_100)), vec![(1, vec![3])]);
+    }
+
+    #[test]
+    fn on_a_fast_link_a_busy_peer_is_tried_again_after_about_a_chunk_time() {
+        let mut s = sched(8);
+        for peer in [1, 2] {
+            let have = Bitfield::full(8).unwrap();
+            s.handle(0, Event::PeerHas { peer, have });
+        }
+        let f = peer_fetches(&drain(&mut s, 0));
+        assert_eq!(f[0], (1, vec![0, 1, 2, 3]));
+        // Peer 1's chunks take 2 ms each here.
+        for (k, c) in [0, 1, 2, 3].into_iter().enumerate() {
+            let (source, outcome) = (Source::Peer(1), Outcome::Verified);
+            s.handle(
+                2 * (k as u64 + 1),
+                Event::Chunk {
+                    source,
+                    chunk: c,
+                    outcome,
+                },
+            );
+        }
+        // Peer 2 was busy: it is left alone for the floor (10 ms), not
+        // the 200 ms a slow link needs.
+        for c in [4, 5, 6, 7] {
+            let (source, outcome) = (Source::Peer(2), Outcome::Busy);
+            s.handle(
+                8,
+                Event::Chunk {
+                    source,
+                    chunk: c,
+                    outcome,
+                },
+            );
+        }
+        let f = peer_fetches(&drain(&mut s, 8));
+        assert_eq!(f, vec![(1, vec![4, 5, 6, 7])]);
+        assert!(
+            s.next_deadline().is_some_and(|t| t <= 18),
+            "{:?}",
+            s.next_deadline()
+        );
     }
 
     #[test]
