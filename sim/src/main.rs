@@ -4,6 +4,10 @@
 //! shoal-sim --nodes 10000 --layers 5 --layer-bytes 200MiB --rate 10gbit --json
 //! shoal-sim --scenario churn.toml --seed 7 --svg completions.svg
 //! ```
+//!
+//! For digging into a run: `SHOAL_SIM_TRACE=INDEX` prints every request,
+//! answer and chunk of member `INDEX` to stderr; `SHOAL_SIM_NODES=1` prints
+//! each member's result line.
 
 use std::path::PathBuf;
 use std::time::Instant;
