@@ -312,7 +312,7 @@ impl Transfers {
             have,
             member,
             resolve_peer,
-            Hashes::new(layout),
+            Hashes(Arc::new(ChunkHashes::new(layout))),
         );
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
         let mut net = swarm.map(|sw| Net::new(sw, *digest, ev_tx.clone()));
@@ -588,27 +588,15 @@ const PEER_DEADLINE: Duration = Duration::from_secs(30);
 /// The chunk hashes a transfer verifies peer chunks against, shared with the
 /// peer requests in flight (copied only when a lookup adds hashes while one
 /// still holds them).
-struct Hashes {
-    layout: ChunkLayout,
-    map: Arc<ChunkHashes>,
-}
-
-impl Hashes {
-    fn new(layout: ChunkLayout) -> Self {
-        Hashes {
-            layout,
-            map: Arc::new(ChunkHashes::new(layout)),
-        }
-    }
-}
+struct Hashes(Arc<ChunkHashes>);
 
 impl HashBook for Hashes {
     fn reset(&mut self) {
-        self.map = Arc::new(ChunkHashes::new(self.layout));
+        self.0 = Arc::new(ChunkHashes::new(self.0.layout()));
     }
 
     fn learn(&mut self, chunk: u32, hash: &ChunkHash) {
-        let _ = Arc::make_mut(&mut self.map).set(chunk, *hash.as_bytes());
+        let _ = Arc::make_mut(&mut self.0).set(chunk, *hash.as_bytes());
     }
 }
 
@@ -708,7 +696,7 @@ impl Net {
             }
             Io::FetchPeer { peer, chunks } => {
                 if let Some((_, addr)) = session.peer(peer) {
-                    let hashes = session.hashes().map.clone();
+                    let hashes = session.hashes().0.clone();
                     self.fetch_peer(peer, addr.clone(), hashes, chunks);
                 }
             }

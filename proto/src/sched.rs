@@ -37,9 +37,12 @@
 //!   here (at least `endgame_after_ms`) is also asked of a second peer; the
 //!   loser is cancelled.
 //! * **Never stuck on a lease**: with no chunk arriving for
-//!   `orphan_after_ms`, chunks no peer can serve go to the origin anyway —
-//!   a bench period later when a benched peer holds them (a live peer on a
-//!   starved CPU stalls too; a dead one stalls again on probation).
+//!   `orphan_after_ms`, chunks no peer can serve go to the origin without a
+//!   lease when only peers excluded here hold them (the tracker still lists
+//!   them, so it will not lease them); a bench period later when a benched
+//!   peer holds them (a live peer on a starved CPU stalls too; a dead one
+//!   stalls again on probation); two bench periods later, as a last resort,
+//!   when nobody known holds them (the tracker leases those to one member).
 //! * **Origin under lease**: chunks no peer holds are leased from the tracker
 //!   ([`Action::Lease`]); leased chunks are fetched from the origin in
 //!   contiguous runs (one Range request each, at most `origin_run` chunks),
@@ -250,9 +253,10 @@ pub enum Action<P> {
         /// Which chunk.
         chunk: u32,
     },
-    /// A peer stalled `max_stalls` times and was benched: tell the tracker,
-    /// which forgets it as a holder once enough members say so (so its
-    /// chunks can be leased to one live member rather than waited on).
+    /// A peer stalled `max_stalls` times and was benched: tell the tracker.
+    /// Once enough members say so, the tracker forgets the peer unless it
+    /// announces soon, so a dead holder's chunks can be leased to one live
+    /// member rather than waited on.
     Unresponsive {
         /// The peer.
         peer: P,
@@ -1110,11 +1114,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// When orphan chunk `c` may go to the origin: `orphan_after_ms` after
     /// the last chunk arrived if only peers excluded here hold it (the
     /// tracker, which still lists them, will not lease it), or a bench
-    /// period later if a benched peer holds it verifiably. A peer is benched for stalling, and under a
-    /// saturated CPU live peers stall: sending their chunks to the origin
-    /// at once fetched them twice (32 members on 2 cores, 3 % of the
-    /// image). A holder that is really gone stalls again on probation and
-    /// its chunks still reach the origin, one bench period later.
+    /// period later if a benched peer holds it verifiably. A peer is benched
+    /// for stalling, and under a saturated CPU live peers stall: sending
+    /// their chunks to the origin at once fetched them twice (32 members on
+    /// 2 cores, 3 % of the image). A holder that is really gone stalls again
+    /// on probation and its chunks still reach the origin, one bench period
+    /// later.
     ///
     /// A chunk that no peer known here holds at all is leasable at the
     /// tracker, which leases it to one member: going to the origin without
@@ -1135,8 +1140,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
 
     /// Whether chunk `c` may go to the origin without a lease once no chunk
     /// has arrived for a while ([`orphan_at`](Self::orphan_at)): nobody can
-    /// serve it verifiably now and no other member is fetching it under a lease (a lessee that dies
-    /// stops renewing, and its lease runs out at the tracker).
+    /// serve it verifiably now and no other member is fetching it under a
+    /// lease (a lessee that dies stops renewing, and its lease runs out at
+    /// the tracker).
     fn stuck_orphan(&self, c: u32) -> bool {
         self.idle_missing(c)
             && !self.leased.get(c)
@@ -1157,16 +1163,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         };
         // Start at the most urgent fetchable chunk, then extend contiguously.
         // Unless stuck or alone, only leased chunks qualify.
-        let first = if stuck || self.tracker_down {
-            (0..n)
-                .filter(|&c| self.origin_ok(c, &benched))
-                .min_by_key(|&c| self.priority(c))?
+        let candidates: Box<dyn Iterator<Item = u32> + '_> = if stuck || self.tracker_down {
+            Box::new(0..n)
         } else {
-            self.leased
-                .iter_ones()
-                .filter(|&c| self.origin_ok(c, &benched))
-                .min_by_key(|&c| self.priority(c))?
+            Box::new(self.leased.iter_ones())
         };
+        let first = candidates
+            .filter(|&c| self.origin_ok(c, &benched))
+            .min_by_key(|&c| self.priority(c))?;
         let mut chunks = vec![first];
         let mut next = first + 1;
         while (chunks.len() as u32) < self.cfg.origin_run

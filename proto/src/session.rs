@@ -229,11 +229,6 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         self.sched.have()
     }
 
-    /// The blob's layout.
-    pub fn layout(&self) -> ChunkLayout {
-        self.layout
-    }
-
     /// The chunk hashes learned so far.
     pub fn hashes(&self) -> &H {
         &self.hashes
@@ -247,11 +242,6 @@ impl<A: Clone, H: HashBook> Session<A, H> {
     /// Peer number `peer`: its node name and where it is reached.
     pub fn peer(&self, peer: u32) -> Option<&(NodeId, A)> {
         self.peers.get(peer as usize)
-    }
-
-    /// The scheduler (read-only: for inspection and tests).
-    pub fn scheduler(&self) -> &Scheduler<u32> {
-        &self.sched
     }
 
     /// Whether the tracker is taken to be down.
@@ -569,7 +559,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
 }
 
 /// Every chunk of `layout`.
-pub fn full(layout: &ChunkLayout) -> Bitfield {
+fn full(layout: &ChunkLayout) -> Bitfield {
     Bitfield::full(layout.count()).expect("a layout has at most MAX_CHUNKS chunks")
 }
 

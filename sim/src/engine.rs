@@ -285,6 +285,18 @@ fn mix(a: u64, b: u64) -> [u8; 32] {
     out
 }
 
+/// Where each of `chunks`, sent in order, is through: cumulative bytes.
+fn ends_of(layout: &ChunkLayout, chunks: &[u32]) -> Vec<f64> {
+    let mut end = 0.0;
+    chunks
+        .iter()
+        .map(|&c| {
+            end += f64::from(layout.chunk_len(c).unwrap_or(0));
+            end
+        })
+        .collect()
+}
+
 /// The true hash of a chunk of a layer.
 fn chunk_hash(layer: u16, chunk: u32) -> ChunkHash {
     ChunkHash::from_bytes(mix(u64::from(layer) + 1, u64::from(chunk)))
@@ -799,15 +811,7 @@ impl Sim {
     /// A request of member `i` for `chunks` of layer `l`: it reaches its
     /// sender a round trip from now (request out, first byte back).
     fn request(&mut self, i: u32, l: u16, from: Sender, chunks: Vec<u32>) -> FlowId {
-        let layout = self.blobs[l as usize].1;
-        let mut end = 0.0;
-        let ends = chunks
-            .iter()
-            .map(|&c| {
-                end += f64::from(layout.chunk_len(c).unwrap_or(0));
-                end
-            })
-            .collect();
+        let ends = ends_of(&self.blobs[l as usize].1, &chunks);
         let n = chunks.len();
         let data = FlowData {
             to: i,
@@ -910,15 +914,7 @@ impl Sim {
                 let layout = self.blobs[layer as usize].1;
                 let d = &mut self.net.get_mut(f).expect("live").data;
                 d.chunks.retain(|c| !lacks.contains(c));
-                let mut end = 0.0;
-                d.ends = d
-                    .chunks
-                    .iter()
-                    .map(|&c| {
-                        end += f64::from(layout.chunk_len(c).unwrap_or(0));
-                        end
-                    })
-                    .collect();
+                d.ends = ends_of(&layout, &d.chunks);
                 d.cancelled = vec![false; d.chunks.len()];
                 for &c in &lacks {
                     self.nodes[to as usize].peer_reqs.remove(&(layer, id, c));

@@ -45,8 +45,8 @@ pub struct Flow<T> {
     pub done: f64,
     /// When `done` was last brought up to date.
     pub at: u64,
-    /// Bumped at every rate change: events scheduled for an older version
-    /// are stale.
+    /// Tells this flow from earlier ones in its slot (and moves on when its
+    /// rate changes): an event naming another version is stale.
     pub version: u32,
     /// The simulator's own data.
     pub data: T,
