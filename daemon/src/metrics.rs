@@ -45,6 +45,8 @@ pub struct Metrics {
     pub peer_bytes_received: Counter,
     /// Bytes sent to peers (the swarm).
     pub peer_bytes_sent: Counter,
+    /// Bitfields received from watched peers.
+    pub watch_frames: Counter,
     /// Body bytes handed to clients on the registry endpoint.
     pub client_bytes_served: Counter,
     /// Chunks (or whole blobs) that failed verification.
@@ -83,6 +85,7 @@ impl Metrics {
             origin_bytes: Family::default(),
             peer_bytes_received: Counter::default(),
             peer_bytes_sent: Counter::default(),
+            watch_frames: Counter::default(),
             client_bytes_served: Counter::default(),
             chunks_rejected: Family::default(),
             transfers_active: Gauge::default(),
@@ -113,6 +116,11 @@ impl Metrics {
             "shoal_peer_bytes_sent",
             "Bytes sent to peers",
             m.peer_bytes_sent.clone(),
+        );
+        r.register(
+            "shoal_peer_watch_frames",
+            "Bitfields received from watched peers (each says which chunks the peer holds now)",
+            m.watch_frames.clone(),
         );
         r.register(
             "shoal_client_bytes_served",

@@ -146,6 +146,13 @@ impl Transfers {
         running.get(digest).map(|t| t.progress.borrow().clone())
     }
 
+    /// The progress of the running transfer of `digest` as it changes, if
+    /// one runs.
+    pub fn watch(&self, digest: &Digest) -> Option<watch::Receiver<Progress>> {
+        let running = self.running.lock().expect("transfers lock");
+        running.get(digest).map(|t| t.reader())
+    }
+
     /// Whether a transfer of `digest` is running.
     pub fn is_running(&self, digest: &Digest) -> bool {
         self.running
@@ -430,6 +437,10 @@ impl Transfers {
                     session.on_sent();
                     None
                 }
+                Ev::Watched(peer, bits) => {
+                    session.on_watch(now(), peer, bits);
+                    None
+                }
             };
             if let Some((chunk, source, hash)) = stored {
                 let new = session.on_chunk(now(), source.clone(), chunk, Outcome::Verified, hash);
@@ -555,6 +566,8 @@ enum Ev {
     Leased(Result<Lease, ApiError>),
     /// An announce or publish finished.
     Sent,
+    /// A watched peer's bitfield, or (`None`) the end of its watch.
+    Watched(u32, Option<Bitfield>),
 }
 
 /// A transfer's link to the swarm: performs the session's tracker requests
@@ -569,6 +582,8 @@ struct Net {
     /// Which task owes (peer, chunk).
     owed_by: HashMap<(u32, u32), u64>,
     next_task: u64,
+    /// Watches of peers, dropped with the transfer.
+    watches: Vec<tokio::task::AbortHandle>,
 }
 
 impl Drop for Net {
@@ -578,8 +593,14 @@ impl Drop for Net {
         for (abort, _) in self.peer_tasks.values() {
             abort.abort();
         }
+        for w in &self.watches {
+            w.abort();
+        }
     }
 }
+
+/// How long a watched peer has to send its first bitfield.
+const WATCH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a peer has to answer a whole request: a backstop; the
 /// scheduler moves stalled chunks (5 s per place in the request) sooner.
@@ -654,6 +675,7 @@ impl Net {
             peer_tasks: HashMap::new(),
             owed_by: HashMap::new(),
             next_task: 0,
+            watches: Vec::new(),
         }
     }
 
@@ -701,6 +723,11 @@ impl Net {
                 }
             }
             Io::CancelPeer { peer, chunk } => self.cancel_peer(peer, chunk),
+            Io::Watch { peer } => {
+                if let Some((_, addr)) = session.peer(peer) {
+                    self.watch(peer, addr.clone(), *session.layout());
+                }
+            }
             // The transfer's own loop handles the origin and the end.
             Io::FetchOrigin { .. } | Io::CancelOrigin { .. } | Io::Complete | Io::GiveUp => {}
         }
@@ -740,6 +767,26 @@ impl Net {
             self.owed_by.insert((peer, c), task);
         }
         self.peer_tasks.insert(task, (handle.abort_handle(), owed));
+    }
+
+    /// Watches peer `peer`: its bitfields come back as [`Ev::Watched`],
+    /// then `None` when the watch ends, however it ends.
+    fn watch(&mut self, peer: u32, addr: PeerAddr, layout: ChunkLayout) {
+        let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
+        let handle = tokio::spawn(async move {
+            let r = sw
+                .peers
+                .watch(&addr, &blob, layout, WATCH_DEADLINE, |bits| {
+                    metrics::global().watch_frames.inc();
+                    let _ = ev.send(Ev::Watched(peer, Some(bits)));
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(peer = %addr, error = %e, "watch of a peer ended");
+            }
+            let _ = ev.send(Ev::Watched(peer, None));
+        });
+        self.watches.push(handle.abort_handle());
     }
 
     /// `task` answered for `chunk`: it owes one chunk less.

@@ -438,6 +438,32 @@ impl Bitfield {
         self.words.iter().zip(&other.words).any(|(a, b)| a & b != 0)
     }
 
+    /// The chunks whose bit differs between `self` and `new` (lengths
+    /// normally match; past the shorter one nothing is compared), each with
+    /// whether `new` has it, in increasing order (a word at a time, so
+    /// replacing a peer's bitfield costs what changed, not what it holds).
+    pub fn changes<'a>(&'a self, new: &'a Bitfield) -> impl Iterator<Item = (u32, bool)> + 'a {
+        let common = self.len.min(new.len);
+        self.words
+            .iter()
+            .zip(&new.words)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .flat_map(|(wi, (&a, &b))| {
+                BitsOf(a ^ b).map(move |bit| (wi as u32 * 64 + bit, b >> bit & 1 == 1))
+            })
+            .take_while(move |&(i, _)| i < common)
+    }
+
+    /// Whether `self` has a chunk that neither `a` nor `b` has.
+    pub fn has_any_outside(&self, a: &Bitfield, b: &Bitfield) -> bool {
+        self.words.iter().enumerate().any(|(i, w)| {
+            let covered =
+                a.words.get(i).copied().unwrap_or(0) | b.words.get(i).copied().unwrap_or(0);
+            w & !covered != 0
+        })
+    }
+
     /// The number of bytes of the wire form of a bitfield of `len` chunks.
     pub fn byte_len(len: u32) -> usize {
         len.div_ceil(8) as usize
@@ -1305,6 +1331,17 @@ mod tests {
                 .collect();
             prop_assert_eq!(fa.iter_and(&fb).collect::<Vec<_>>(), both.clone());
             prop_assert_eq!(fb.iter_and(&fa).collect::<Vec<_>>(), both);
+            let common = a.len().min(b.len());
+            let changed: Vec<(u32, bool)> = (0..common)
+                .filter(|&i| a[i] != b[i])
+                .map(|i| (i as u32, b[i]))
+                .collect();
+            prop_assert_eq!(fa.changes(&fb).collect::<Vec<_>>(), changed);
+            let none = Bitfield::new(0).unwrap();
+            let outside = (0..a.len()).any(|i| a[i] && !at(&b, i));
+            prop_assert_eq!(fa.has_any_outside(&fb, &none), outside);
+            prop_assert_eq!(fa.has_any_outside(&none, &fb), outside);
+            prop_assert!(!fa.has_any_outside(&fa, &none));
         }
 
         #[test]

@@ -119,6 +119,12 @@ pub struct SchedConfig {
     pub lease_renew_ms: u64,
     /// How often to refresh holders and hashes while waiting for chunks.
     pub lookup_interval_ms: u64,
+    /// How soon to look up again when that is worth it: a peer holds
+    /// chunks this node lacks whose hashes it has not learned (a watched
+    /// peer just stored them; they cannot be asked for before their hash is
+    /// known), or the tracker leased the chunks this node asked for to
+    /// others (a lookup names them, to be watched).
+    pub hurried_lookup_ms: u64,
     /// Origin failures (after the origin client's own retries) before the
     /// download gives up.
     pub max_origin_failures: u32,
@@ -148,6 +154,7 @@ impl Default for SchedConfig {
             lease_batch: 4,
             lease_renew_ms: 4_000,
             lookup_interval_ms: 500,
+            hurried_lookup_ms: 100,
             max_origin_failures: 3,
             orphan_after_ms: 5_000,
         }
@@ -353,6 +360,10 @@ pub struct Scheduler<P> {
     last_lease: u64,
     lookup_pending: bool,
     last_lookup: Option<u64>,
+    /// A lookup soon is worth it (cleared by each lookup): a peer holds
+    /// chunks this node lacks whose hashes are unknown here, or the tracker
+    /// leased the chunks asked for to others, whom a lookup names.
+    hurry: bool,
     want: u32,
     tracker_down: bool,
     /// When a chunk last arrived (or the download started).
@@ -397,6 +408,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             last_lease: 0,
             lookup_pending: false,
             last_lookup: None,
+            hurry: false,
             want: 0,
             tracker_down: false,
             last_progress: 0,
@@ -448,12 +460,16 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                     return;
                 }
                 if state.counted() {
-                    for i in state.have.iter_ones() {
-                        self.avail[i as usize] -= 1;
+                    for (i, on) in state.have.changes(&have) {
+                        if on {
+                            self.avail[i as usize] += 1;
+                        } else {
+                            self.avail[i as usize] -= 1;
+                        }
                     }
-                    for i in have.iter_ones() {
-                        self.avail[i as usize] += 1;
-                    }
+                }
+                if have.has_any_outside(&self.known, &self.have) {
+                    self.hurry = true;
                 }
                 state.have = have;
             }
@@ -484,6 +500,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 // sending thousands of lease requests a second that way.
                 if fresh == 0 && !self.renewing {
                     self.lease_retry_at = now + self.cfg.lookup_interval_ms;
+                    self.hurry = true;
                 }
             }
             Event::LeasedElsewhere(bits) => {
@@ -494,6 +511,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             Event::LookedUp => {
                 self.lookup_pending = false;
                 self.last_lookup = Some(now);
+                self.hurry = false;
             }
             Event::TrackerDown(down) => {
                 self.tracker_down = down;
@@ -821,7 +839,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         };
         let waiting = !self.tracker_down && self.waiting_on_others();
         let lookup = (waiting && !self.lookup_pending)
-            .then(|| self.last_lookup.map(|t| t + self.cfg.lookup_interval_ms))
+            .then(|| self.last_lookup.map(|t| t + self.lookup_gap()))
             .flatten();
         // Only while still ahead: once passed, poll has decided whether to
         // lease (an origin request may be busy), and a deadline in the past
@@ -937,13 +955,22 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             }
             let due = self
                 .last_lookup
-                .is_none_or(|t| now >= t + self.cfg.lookup_interval_ms);
+                .is_none_or(|t| now >= t + self.lookup_gap());
             if !self.lookup_pending && due && self.waiting_on_others() {
                 self.lookup_pending = true;
                 return Some(Action::Lookup);
             }
         }
         None
+    }
+
+    /// Time between lookups: shorter while one soon is worth it.
+    fn lookup_gap(&self) -> u64 {
+        if self.hurry {
+            self.cfg.hurried_lookup_ms.min(self.cfg.lookup_interval_ms)
+        } else {
+            self.cfg.lookup_interval_ms
+        }
     }
 
     fn expire_stalls(&mut self, now: u64) {

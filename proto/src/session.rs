@@ -36,6 +36,10 @@ pub struct SessionConfig {
     pub announce_every_ms: u64,
     /// How often a tracker that is down is probed (with a lookup).
     pub probe_every_ms: u64,
+    /// Peers watched at once ([`Io::Watch`]): partial holders that tell
+    /// this node of each chunk they store, within a round trip, where the
+    /// tracker would tell it a lookup interval later. 0 turns watching off.
+    pub watch_peers: u32,
 }
 
 impl Default for SessionConfig {
@@ -44,6 +48,7 @@ impl Default for SessionConfig {
             sched: SchedConfig::default(),
             announce_every_ms: 200,
             probe_every_ms: 2_000,
+            watch_peers: 16,
         }
     }
 }
@@ -136,6 +141,14 @@ pub enum Io {
         /// The chunk.
         chunk: u32,
     },
+    /// Watch peer `peer`: ask it for its bitfield of the blob now and each
+    /// time it grows, and feed each to [`Session::on_watch`] (`None` when
+    /// the watch ends: refused, the peer complete or gone). The driver
+    /// drops its watches when the session ends.
+    Watch {
+        /// The peer's number.
+        peer: u32,
+    },
     /// Every chunk is here: check the whole digest, then call
     /// [`Session::finish`] (or [`Session::mismatch`]).
     Complete,
@@ -156,6 +169,18 @@ pub struct Member {
     pub addr: PeerAddr,
 }
 
+/// Where a peer's watch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Not watched (yet).
+    No,
+    /// Asked for; the peer's bitfields come from it, not from lookups.
+    Open,
+    /// Ended (refused, or the peer completed or went away): not asked again
+    /// in this download; lookups say what the peer holds.
+    Ended,
+}
+
 /// One blob download: the scheduler and the tracker conversation around it.
 #[derive(Debug)]
 pub struct Session<A, H = ()> {
@@ -172,6 +197,10 @@ pub struct Session<A, H = ()> {
     cursor: Option<HashCursor>,
     peers: Vec<(NodeId, A)>,
     ids: HashMap<NodeId, u32>,
+    /// Each peer's watch, by peer number (missing: never watched).
+    watches: Vec<Watch>,
+    /// Watches open now.
+    watching: u32,
     to_publish: Vec<(u32, ChunkHash)>,
     dirty: bool,
     last_announce: u64,
@@ -214,6 +243,8 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             cursor: None,
             peers: Vec::new(),
             ids: HashMap::new(),
+            watches: Vec::new(),
+            watching: 0,
             to_publish: Vec::new(),
             dirty: false,
             last_announce: 0,
@@ -222,6 +253,11 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             last_probe: 0,
             out: VecDeque::new(),
         }
+    }
+
+    /// The blob's layout.
+    pub fn layout(&self) -> &ChunkLayout {
+        &self.layout
     }
 
     /// The chunks verified and stored so far.
@@ -440,15 +476,50 @@ impl<A: Clone, H: HashBook> Session<A, H> {
                     id
                 }
             };
+            let watch = self.watches.get(id as usize).copied().unwrap_or(Watch::No);
             let have = if holder.complete {
                 full(&self.layout)
+            } else if watch == Watch::Open {
+                // The watch is fresher than the tracker's view.
+                continue;
             } else {
                 holder.have.clone()
             };
             self.sched.handle(now, Event::PeerHas { peer: id, have });
+            if !holder.complete && watch == Watch::No && self.watching < self.cfg.watch_peers {
+                self.set_watch(id, Watch::Open);
+                self.watching += 1;
+                self.out.push_back(Io::Watch { peer: id });
+            }
         }
         self.sched.handle(now, Event::LookedUp);
         notice
+    }
+
+    fn set_watch(&mut self, peer: u32, w: Watch) {
+        let i = peer as usize;
+        if self.watches.len() <= i {
+            self.watches.resize(i + 1, Watch::No);
+        }
+        self.watches[i] = w;
+    }
+
+    /// What a watch of peer `peer` ([`Io::Watch`]) brought: the peer's
+    /// whole bitfield of the blob (laid out as here, or it is ignored), or
+    /// `None` when the watch ended.
+    pub fn on_watch(&mut self, now: u64, peer: u32, have: Option<Bitfield>) {
+        if self.watches.get(peer as usize) != Some(&Watch::Open) {
+            return;
+        }
+        match have {
+            Some(have) if have.len() == self.layout.count() => {
+                self.sched.handle(now, Event::PeerHas { peer, have });
+            }
+            _ => {
+                self.set_watch(peer, Watch::Ended);
+                self.watching -= 1;
+            }
+        }
     }
 
     fn back_up(&mut self, now: u64) -> Option<Notice> {
@@ -827,5 +898,89 @@ mod tests {
         }
         assert_eq!(drain(&mut s, 1), vec![Io::Complete]);
         assert!(s.finish().is_empty() && s.mismatch().is_none());
+    }
+
+    fn bits(chunks: &[u32]) -> Bitfield {
+        let mut b = Bitfield::for_layout(&layout());
+        for &c in chunks {
+            b.set(c).unwrap();
+        }
+        b
+    }
+
+    fn watched(out: &[Io]) -> Vec<u32> {
+        out.iter()
+            .filter_map(|io| match io {
+                Io::Watch { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partial_holders_are_watched_up_to_the_limit_and_their_frames_name_new_chunks() {
+        let mut s = session();
+        s.cfg.watch_peers = 1;
+        drain(&mut s, 0);
+        let holders = vec![holder("a", &[0], false), holder("b", &[0], false)];
+        s.on_lookup(1, Ok(view(1, &[0, 1, 2, 3], holders)));
+        let out = drain(&mut s, 1);
+        assert_eq!(watched(&out), [0], "one watch fits: {out:?}");
+        // Its frame says it stored chunk 3: asked for at once.
+        s.on_watch(2, 0, Some(bits(&[0, 3])));
+        let out = drain(&mut s, 2);
+        assert!(
+            out.iter()
+                .any(|io| matches!(io, Io::FetchPeer { peer: 0, chunks } if chunks.contains(&3))),
+            "{out:?}"
+        );
+        // A frame of another layout is not believed and ends the watch.
+        s.on_watch(3, 0, Some(Bitfield::new(9).unwrap()));
+        assert_eq!(s.watching, 0);
+        // The slot is free: the next lookup watches `b`, not `a` (its watch
+        // ended) nor the complete holder `c` (nothing more to hear).
+        let holders = vec![
+            holder("c", &[], true),
+            holder("a", &[0], false),
+            holder("b", &[0], false),
+        ];
+        s.on_lookup(600, Ok(view(1, &[], holders)));
+        assert_eq!(watched(&drain(&mut s, 600)), [1]);
+        // A frame for a peer not watched changes nothing.
+        s.on_watch(601, 2, None);
+        assert_eq!(s.watching, 1);
+    }
+
+    #[test]
+    fn a_watched_peer_holding_chunks_of_unknown_hash_hurries_the_next_lookup() {
+        let mut s = session();
+        drain(&mut s, 0);
+        s.on_lookup(1, Ok(view(1, &[0], vec![holder("a", &[0], false)])));
+        let out = drain(&mut s, 1);
+        assert_eq!(watched(&out), [0]);
+        assert!(!out.iter().any(|io| matches!(io, Io::Lookup { .. })));
+        // Chunk 1's hash is not known yet: it cannot be asked for, and the
+        // tracker is asked again after `hurried_lookup_ms`, not the interval.
+        s.on_watch(5, 0, Some(bits(&[0, 1])));
+        let out = drain(&mut s, 50);
+        assert!(
+            !out.iter().any(|io| matches!(io, Io::Lookup { .. })),
+            "{out:?}"
+        );
+        assert!(
+            !out.iter()
+                .any(|io| matches!(io, Io::FetchPeer { chunks, .. } if chunks.contains(&1))),
+            "{out:?}"
+        );
+        assert!(
+            s.next_deadline().is_some_and(|t| t <= 101),
+            "{:?}",
+            s.next_deadline()
+        );
+        let out = drain(&mut s, 101);
+        assert!(
+            out.iter().any(|io| matches!(io, Io::Lookup { .. })),
+            "{out:?}"
+        );
     }
 }

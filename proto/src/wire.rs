@@ -10,6 +10,13 @@
 //! - [`Request::GetBitfield`] → one [`Response::Bitfield`], or
 //!   [`Response::DontHave`] with index 0 when the server holds nothing of the
 //!   blob (and may not even know its size), or one [`Response::Error`].
+//! - [`Request::Watch`] → a `Bitfield` now and again each time the server's
+//!   holdings of the blob grew (coalesced: each frame is the whole current
+//!   bitfield, so a slow reader skips states, never loses chunks), until the
+//!   server holds it all (its last frame is full) or stops watching;
+//!   `DontHave{0}` or an `Error` (`Busy`: too many watchers) instead ends it.
+//!   A member watches the peers it downloads from, so it learns of their new
+//!   chunks within a round trip instead of a tracker lookup interval.
 //!
 //! `DontHave` means "lacks data" and is not an error: a client scores a peer
 //! that lacks data differently from one that sends bad data. Chunk data is
@@ -28,6 +35,7 @@
 //! | --- | --- | --- |
 //! | `0x01` | `GetChunks` | blob `[32]`, chunk_size `u32`, 1..=64 strictly increasing indices `u32` |
 //! | `0x02` | `GetBitfield` | blob `[32]` |
+//! | `0x03` | `Watch` | blob `[32]` |
 //! | `0x40` | `Chunk` | index `u32`, data (≤ [`MAX_CHUNK_SIZE`]) |
 //! | `0x41` | `DontHave` | index `u32` |
 //! | `0x42` | `Bitfield` | blob `[32]`, chunk_size `u32`, len `u32`, bits `[ceil(len/8)]` ([`Bitfield::to_bytes`]) |
@@ -101,6 +109,11 @@ pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_CHUNK_PAYLOAD as usize;
 pub const MAX_INDICES: usize = 64;
 /// Longest `Error` message, in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 512;
+/// Least time between two `Bitfield` frames of one watch: chunks stored
+/// meanwhile share a frame.
+pub const WATCH_FRAME_GAP_MS: u64 = 10;
+/// Watchers a server takes per blob by default; more get `Error{Busy}`.
+pub const WATCHERS_PER_BLOB: usize = 64;
 
 const GET_CHUNKS_FIXED: u32 = 32 + 4;
 const BITFIELD_FIXED: u32 = 32 + 4 + 4;
@@ -114,6 +127,7 @@ const _: () = assert!(MAX_BITFIELD_PAYLOAD <= MAX_CHUNK_PAYLOAD);
 mod tag {
     pub(super) const GET_CHUNKS: u8 = 0x01;
     pub(super) const GET_BITFIELD: u8 = 0x02;
+    pub(super) const WATCH: u8 = 0x03;
     pub(super) const CHUNK: u8 = 0x40;
     pub(super) const DONT_HAVE: u8 = 0x41;
     pub(super) const BITFIELD: u8 = 0x42;
@@ -124,6 +138,7 @@ fn tag_name(tag: u8) -> &'static str {
     match tag {
         tag::GET_CHUNKS => "GetChunks",
         tag::GET_BITFIELD => "GetBitfield",
+        tag::WATCH => "Watch",
         tag::CHUNK => "Chunk",
         tag::DONT_HAVE => "DontHave",
         tag::BITFIELD => "Bitfield",
@@ -279,6 +294,11 @@ pub enum Request {
         /// The blob.
         blob: Digest,
     },
+    /// Asks for the server's bitfield of a blob now and whenever it grows.
+    Watch {
+        /// The blob.
+        blob: Digest,
+    },
 }
 
 /// A response frame; a server sends one or more on the request's stream.
@@ -396,6 +416,10 @@ impl Request {
                 put_header(dst, tag::GET_BITFIELD, 32);
                 dst.put_slice(blob.as_bytes());
             }
+            Request::Watch { blob } => {
+                put_header(dst, tag::WATCH, 32);
+                dst.put_slice(blob.as_bytes());
+            }
         }
         Ok(())
     }
@@ -426,7 +450,7 @@ impl Request {
                 // Increasing, so checking the last checks all.
                 indices.last().map_or(Ok(()), |&i| check_index(i))
             }
-            Request::GetBitfield { .. } => Ok(()),
+            Request::GetBitfield { .. } | Request::Watch { .. } => Ok(()),
         }
     }
 
@@ -446,6 +470,9 @@ impl Request {
                 }
             }
             tag::GET_BITFIELD => Request::GetBitfield {
+                blob: take_digest(&mut p),
+            },
+            tag::WATCH => Request::Watch {
                 blob: take_digest(&mut p),
             },
             // `check_header` lets only request tags through.
@@ -587,7 +614,7 @@ fn take_digest(p: &mut Bytes) -> Digest {
 fn check_header(tag: u8, len: u32, requests: bool) -> Result<(), WireError> {
     let (is_request, min, max) = match tag {
         tag::GET_CHUNKS => (true, GET_CHUNKS_FIXED + 4, u32::MAX),
-        tag::GET_BITFIELD => (true, 32, 32),
+        tag::GET_BITFIELD | tag::WATCH => (true, 32, 32),
         tag::CHUNK => (false, 4, MAX_CHUNK_PAYLOAD),
         tag::DONT_HAVE => (false, 4, 4),
         tag::BITFIELD => (false, BITFIELD_FIXED, MAX_BITFIELD_PAYLOAD),
@@ -1087,7 +1114,15 @@ mod tests {
         let blob = "00".repeat(32);
         let cases: Vec<(String, WireError)> = vec![
             ("00 00000000".into(), WireError::UnknownTag(0)),
-            ("03 00000000".into(), WireError::UnknownTag(3)),
+            ("04 00000000".into(), WireError::UnknownTag(4)),
+            (
+                "03 00000000".into(),
+                WireError::Undersize {
+                    tag: 3,
+                    len: 0,
+                    min: 32,
+                },
+            ),
             ("80 00000000".into(), WireError::UnknownTag(0x80)),
             (
                 "40 00000004 00000000".into(),
@@ -1283,6 +1318,7 @@ mod tests {
                     indices: set.into_iter().collect(),
                 }),
             arb_digest().prop_map(|blob| Request::GetBitfield { blob }),
+            arb_digest().prop_map(|blob| Request::Watch { blob }),
         ]
     }
 

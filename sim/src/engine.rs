@@ -37,6 +37,7 @@ use shoal_proto::tracker_api::{
     Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
     PublishHashes, Report, TrackerError,
 };
+use shoal_proto::wire::{WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS};
 use shoal_proto::{ChunkLayout, Digest};
 use shoal_tracker::{Tracker, TrackerConfig};
 
@@ -133,6 +134,11 @@ struct Node {
     peer_reqs: HashMap<(u16, u32, u32), FlowId>,
     /// Open origin runs: (layer, chunk) → flow.
     origin_reqs: HashMap<(u16, u32), FlowId>,
+    /// Per layer, the members watching this one: (watcher, this member's
+    /// number in the watcher's session).
+    watchers: Vec<Vec<(u32, u32)>>,
+    /// Per layer, whether a watch frame is on its way out.
+    flushing: Vec<bool>,
     up_bytes: f64,
     peer_bytes: f64,
     origin_bytes: f64,
@@ -178,6 +184,23 @@ enum Ev {
         outcome: Outcome,
     },
     Boundary(FlowId),
+    /// A watch request reaches `holder`.
+    WatchOpen {
+        watcher: u32,
+        layer: u16,
+        /// The holder's number in the watcher's session.
+        id: u32,
+        holder: u32,
+    },
+    /// `holder` sends its watchers of `layer` its current bitfield.
+    WatchFlush(u32, u16),
+    /// A watch frame (or its end, `None`) reaches the watcher.
+    WatchFrame {
+        watcher: u32,
+        layer: u16,
+        id: u32,
+        have: Option<shoal_proto::Bitfield>,
+    },
 }
 
 struct Queued {
@@ -226,7 +249,13 @@ pub struct Counters {
     pub past_deadlines: u64,
     /// Corrupt chunks stored (must be 0).
     pub corrupt_stored: u64,
+    /// Watch frames (bitfields of watched peers) delivered.
+    pub watch_frames: u64,
 }
+
+/// How long a connection to a halted member lives on (the daemon's QUIC
+/// idle timeout).
+const IDLE_TIMEOUT_US: u64 = 30_000_000;
 
 /// A simulation in progress.
 pub struct Sim {
@@ -378,6 +407,8 @@ impl Sim {
                 left: sc.layers,
                 peer_reqs: HashMap::new(),
                 origin_reqs: HashMap::new(),
+                watchers: vec![Vec::new(); sc.layers as usize],
+                flushing: vec![false; sc.layers as usize],
                 up_bytes: 0.0,
                 peer_bytes: 0.0,
                 origin_bytes: 0.0,
@@ -391,6 +422,9 @@ impl Sim {
         }
         if let Some(ms) = sc.announce_every_ms {
             cfg.announce_every_ms = ms;
+        }
+        if let Some(w) = sc.watch_peers {
+            cfg.watch_peers = w;
         }
         let mut sim = Sim {
             sc,
@@ -566,8 +600,133 @@ impl Sim {
                 return self.drive(node, layer);
             }
             Ev::Boundary(f) => return self.boundary(f),
+            Ev::WatchOpen {
+                watcher,
+                layer,
+                id,
+                holder,
+            } => self.watch_open(watcher, layer, id, holder),
+            Ev::WatchFlush(holder, layer) => self.watch_flush(holder, layer),
+            Ev::WatchFrame {
+                watcher,
+                layer,
+                id,
+                have,
+            } => {
+                let now = self.ms();
+                let Some(s) = self.session(watcher, layer) else {
+                    return false;
+                };
+                s.on_watch(now, id, have);
+                self.counters.watch_frames += 1;
+                return self.drive(watcher, layer);
+            }
         }
         false
+    }
+
+    /// What member `node` holds of layer `l`, as a watch frame carries it
+    /// (`None`: nothing to say, it has not started the layer).
+    fn bitfield(&self, node: u32, l: u16) -> Option<shoal_proto::Bitfield> {
+        match &self.nodes[node as usize].layers[l as usize] {
+            LayerState::Done => shoal_proto::Bitfield::full(self.blobs[l as usize].1.count()).ok(),
+            LayerState::Active(s) => Some(s.have().clone()),
+            LayerState::Waiting | LayerState::Running => None,
+        }
+    }
+
+    fn watch_open(&mut self, watcher: u32, l: u16, id: u32, holder: u32) {
+        let h = &self.nodes[holder as usize];
+        if h.halted {
+            return; // the watch hangs until the watcher's session ends
+        }
+        let bits = self.bitfield(holder, l);
+        let refused = h.watchers[l as usize].len() >= WATCHERS_PER_BLOB
+            || bits.as_ref().is_none_or(|b| b.is_full());
+        if !refused {
+            self.nodes[holder as usize].watchers[l as usize].push((watcher, id));
+        }
+        let at = self.now + self.half_rtt();
+        self.at(
+            at,
+            Ev::WatchFrame {
+                watcher,
+                layer: l,
+                id,
+                have: bits.clone(),
+            },
+        );
+        if refused {
+            // A complete holder's full bitfield ends the watch; a refusal
+            // ends it at once.
+            self.at(
+                at,
+                Ev::WatchFrame {
+                    watcher,
+                    layer: l,
+                    id,
+                    have: None,
+                },
+            );
+        }
+    }
+
+    /// Member `node` stored a chunk of layer `l`: its watchers hear of it
+    /// after the server's frame gap (frames coalesce) and half a round trip.
+    fn watch_stored(&mut self, node: u32, l: u16) {
+        let n = &mut self.nodes[node as usize];
+        if n.flushing[l as usize] || n.watchers[l as usize].is_empty() {
+            return;
+        }
+        n.flushing[l as usize] = true;
+        let at = self.now + WATCH_FRAME_GAP_MS * 1000;
+        self.at(at, Ev::WatchFlush(node, l));
+    }
+
+    fn watch_flush(&mut self, holder: u32, l: u16) {
+        self.nodes[holder as usize].flushing[l as usize] = false;
+        if self.nodes[holder as usize].halted {
+            return;
+        }
+        let Some(bits) = self.bitfield(holder, l) else {
+            return;
+        };
+        let full = bits.is_full();
+        let watchers = std::mem::take(&mut self.nodes[holder as usize].watchers[l as usize]);
+        let mut kept = Vec::with_capacity(watchers.len());
+        for (w, id) in watchers {
+            // Watchers done with the layer closed their streams.
+            if !matches!(
+                self.nodes[w as usize].layers[l as usize],
+                LayerState::Active(_)
+            ) {
+                continue;
+            }
+            let at = self.now + self.half_rtt();
+            self.at(
+                at,
+                Ev::WatchFrame {
+                    watcher: w,
+                    layer: l,
+                    id,
+                    have: Some(bits.clone()),
+                },
+            );
+            if full {
+                self.at(
+                    at,
+                    Ev::WatchFrame {
+                        watcher: w,
+                        layer: l,
+                        id,
+                        have: None,
+                    },
+                );
+            } else {
+                kept.push((w, id));
+            }
+        }
+        self.nodes[holder as usize].watchers[l as usize] = kept;
     }
 
     fn session(&mut self, i: u32, l: u16) -> Option<&mut Sess> {
@@ -638,6 +797,29 @@ impl Sim {
             .collect();
         node.peer_reqs.clear();
         node.origin_reqs.clear();
+        // Its watchers' streams die with the connection's idle timeout.
+        let watchers: Vec<(u16, u32, u32)> = node
+            .watchers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(l, ws)| {
+                std::mem::take(ws)
+                    .into_iter()
+                    .map(move |(w, id)| (l as u16, w, id))
+            })
+            .collect();
+        let at = self.now + IDLE_TIMEOUT_US;
+        for (layer, watcher, id) in watchers {
+            self.at(
+                at,
+                Ev::WatchFrame {
+                    watcher,
+                    layer,
+                    id,
+                    have: None,
+                },
+            );
+        }
         for f in mine {
             if self.net.get(f).is_some_and(|fl| fl.data.to == i) {
                 self.end_flow(f);
@@ -703,6 +885,9 @@ impl Sim {
             let node = &mut self.nodes[i as usize];
             node.layers[l as usize] = LayerState::Done;
             node.left -= 1;
+            // Its watchers get the full bitfield, which ends their watches.
+            self.watch_stored(i, l);
+            let node = &mut self.nodes[i as usize];
             if node.left == 0 {
                 node.done_at = Some(self.now);
                 // Members that halt later are not waited for.
@@ -782,6 +967,21 @@ impl Sim {
                 if self.owns(f, i, l, chunk) {
                     self.end_flow(f);
                 }
+            }
+            Io::Watch { peer } => {
+                let Some(&(_, holder)) = s.peer(peer) else {
+                    return;
+                };
+                let at = self.now + self.half_rtt();
+                self.at(
+                    at,
+                    Ev::WatchOpen {
+                        watcher: i,
+                        layer: l,
+                        id: peer,
+                        holder,
+                    },
+                );
             }
             Io::Complete | Io::GiveUp => {}
         }
@@ -1110,7 +1310,9 @@ impl Sim {
             self.counters.corrupt_stored += 1;
         }
         let s = self.session(to, l).expect("just found");
-        s.on_chunk(now, source, chunk, outcome, hash);
+        if s.on_chunk(now, source, chunk, outcome, hash) {
+            self.watch_stored(to, l);
+        }
         self.drive(to, l)
     }
 

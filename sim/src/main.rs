@@ -84,6 +84,10 @@ struct Cli {
     /// Try another least time between announces (ms) than the daemon's.
     #[arg(long)]
     announce_every_ms: Option<u64>,
+    /// Try another number of peers watched per download than the daemon's
+    /// (0: learn of peers' chunks from the tracker only).
+    #[arg(long)]
+    watch_peers: Option<u32>,
     /// Print the report as one JSON line.
     #[arg(long)]
     json: bool,
@@ -169,6 +173,9 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if cli.announce_every_ms.is_some() {
         sc.announce_every_ms = cli.announce_every_ms;
+    }
+    if cli.watch_peers.is_some() {
+        sc.watch_peers = cli.watch_peers;
     }
     if cli.origin_rate.is_some() {
         sc.origin_rate = cli.origin_rate;

@@ -317,8 +317,11 @@ impl Report {
         row(
             "peers",
             format!(
-                "{} busy answers, {} bad chunks rejected, {} excluded",
-                self.counters.busy, self.counters.bad_chunks, self.excluded
+                "{} busy answers, {} bad chunks rejected, {} excluded, {} watch frames",
+                self.counters.busy,
+                self.counters.bad_chunks,
+                self.excluded,
+                self.counters.watch_frames
             ),
         );
         row(

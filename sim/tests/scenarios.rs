@@ -56,6 +56,34 @@ fn a_cold_swarm_costs_the_origin_one_copy_and_stays_near_the_bound() {
 }
 
 #[test]
+fn watching_peers_spreads_chunks_sooner_than_the_tracker_alone() {
+    let sc = Scenario {
+        layer_bytes: 16 << 20,
+        ..base(50)
+    };
+    let watching = run(sc.clone()).unwrap();
+    let alone = run(Scenario {
+        watch_peers: Some(0),
+        ..sc
+    })
+    .unwrap();
+    sound(&watching);
+    sound(&alone);
+    assert_eq!(alone.counters.watch_frames, 0);
+    assert!(watching.counters.watch_frames > 0);
+    let (w, a) = (
+        watching.ratio_to_bound.unwrap(),
+        alone.ratio_to_bound.unwrap(),
+    );
+    eprintln!("watching {w:.3}× the bound, tracker alone {a:.3}×");
+    assert!(
+        w < a,
+        "watching {w:.3}× against {a:.3}×: {}",
+        watching.table()
+    );
+}
+
+#[test]
 fn two_hundred_members_finish() {
     let r = run(Scenario {
         layers: 1,

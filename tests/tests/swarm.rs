@@ -106,17 +106,25 @@ async fn eight_members_pulling_a_cold_image_at_once_cost_the_origin_about_one_co
     let egress = (origin.egress() - before) as f64;
     let mut origin_total = 0.0;
     let mut peer_total = 0.0;
+    let mut watch_frames = 0.0;
     for n in &nodes {
         origin_total += n.origin_blob_bytes().await.unwrap();
         peer_total += n.metric(PEER_RX, &[]).await.unwrap();
+        watch_frames += n
+            .metric("shoal_peer_watch_frames_total", &[])
+            .await
+            .unwrap();
     }
     let f = image_bytes as f64;
     eprintln!(
         "{MEMBERS} members, image {image_bytes} bytes: the origin sent {egress} bytes ({:.3}x; \
-         {origin_total} blob bytes by the members' metric), peers {peer_total} ({:.2}x)",
+         {origin_total} blob bytes by the members' metric), peers {peer_total} ({:.2}x), \
+         {watch_frames} watch frames",
         egress / f,
         peer_total / f
     );
+    // Members watched each other: chunks became known peer to peer.
+    assert!(watch_frames > 0.0, "no member heard from a watched peer");
     assert!(
         egress <= 1.10 * f,
         "the origin sent {egress} bytes for a {image_bytes}-byte image"

@@ -424,13 +424,30 @@ impl Tracker {
             .ok_or(TrackerError::UnknownBlob(*blob))?;
         let count = b.count();
         let epoch = now / self.cfg.announce_interval_ms;
-        let picked = b.pick(node, epoch, self.cfg.max_peers_per_lookup as usize);
+        let k = self.cfg.max_peers_per_lookup as usize;
+        let mut picked = b.pick(node, epoch, k);
+        // Where there is room, members fetching chunks from the origin under
+        // lease are named too, holdings or not: a member watching them hears
+        // of each chunk as it lands, instead of a lookup interval after
+        // their next announce.
+        for lease in b.leases.values() {
+            if picked.len() >= k {
+                break;
+            }
+            if lease.node != *node
+                && self.members.contains_key(&lease.node)
+                && !picked.contains(&lease.node)
+            {
+                picked.push(lease.node.clone());
+            }
+        }
         let holders = picked
             .into_iter()
             .map(|n| {
-                let (have, complete) = match &b.holders[&n].have {
-                    Have::Complete => (full(count), true),
-                    Have::Partial(bits) => (bits.clone(), false),
+                let (have, complete) = match b.holders.get(&n).map(|h| &h.have) {
+                    Some(Have::Complete) => (full(count), true),
+                    Some(Have::Partial(bits)) => (bits.clone(), false),
+                    None => (Bitfield::for_layout(&b.layout), false),
                 };
                 Holder {
                     addr: self.members[&n].addr.clone(),

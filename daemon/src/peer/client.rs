@@ -257,6 +257,56 @@ async fn next_frame(
     }
 }
 
+/// The first frame of an answer; an empty answer breaks the protocol.
+async fn first_frame(
+    recv: &mut RecvStream,
+    dec: &mut ResponseDecoder,
+) -> Result<Response, FetchError> {
+    match next_frame(recv, dec).await {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(FetchError::Protocol("the answer was empty".into())),
+        Err(Stop::Failed(e)) => Err(e),
+        Err(Stop::Bad(e)) => Err(FetchError::Protocol(e.to_string())),
+    }
+}
+
+/// A `Bitfield` answer to `asked` about `blob`, checked against `layout`;
+/// `None` for `DontHave{0}` (the peer holds nothing of it).
+fn bitfield_of(
+    frame: Response,
+    blob: &Digest,
+    layout: ChunkLayout,
+    asked: &str,
+) -> Result<Option<Bitfield>, FetchError> {
+    match frame {
+        Response::Bitfield {
+            blob: b,
+            chunk_size,
+            bits,
+        } => {
+            if b != *blob {
+                return Err(FetchError::Protocol(format!(
+                    "a bitfield of {b} in answer to one of {blob}"
+                )));
+            }
+            if chunk_size != layout.chunk_size() || bits.len() != layout.count() {
+                return Err(FetchError::LayoutMismatch {
+                    peer_chunk_size: chunk_size,
+                    peer_chunks: bits.len(),
+                    chunk_size: layout.chunk_size(),
+                    chunks: layout.count(),
+                });
+            }
+            Ok(Some(bits))
+        }
+        Response::DontHave { index: 0 } => Ok(None),
+        Response::Error { code, message } => Err(refusal(code, message)),
+        other => Err(FetchError::Protocol(format!(
+            "{other:?} in answer to {asked}"
+        ))),
+    }
+}
+
 impl PeerClient {
     /// A client dialling from `endpoint`, whose default client config must
     /// carry the cluster's mutual-TLS settings (and
@@ -520,7 +570,7 @@ impl PeerClient {
 
     /// Which chunks of `blob` `peer` holds, if it lays the blob out as
     /// `layout`: `Ok(None)` if it holds nothing of it.
-    #[allow(dead_code)] // transfers learn bitfields from the tracker; the tests use this
+    #[allow(dead_code)] // transfers watch peers instead; the tests use this
     pub(crate) async fn bitfield(
         &self,
         peer: &PeerAddr,
@@ -529,51 +579,74 @@ impl PeerClient {
         deadline: Duration,
     ) -> Result<Option<Bitfield>, FetchError> {
         let ask = async {
-            let mut req = BytesMut::new();
-            Request::GetBitfield { blob: *blob }.encode(&mut req)?;
-            let conn = self.connection(peer).await?;
-            let (mut send, mut recv) = conn.open_bi().await?;
-            send.write_all(&req).await?;
-            let _ = send.finish();
+            let (_send, mut recv) = self
+                .open(peer, Request::GetBitfield { blob: *blob })
+                .await?;
             let mut dec = ResponseDecoder::new();
-            let frame = match next_frame(&mut recv, &mut dec).await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Err(FetchError::Protocol("the answer was empty".into())),
-                Err(Stop::Failed(e)) => return Err(e),
-                Err(Stop::Bad(e)) => return Err(FetchError::Protocol(e.to_string())),
-            };
+            let frame = first_frame(&mut recv, &mut dec).await?;
             let _ = recv.stop(stream_code::DONE);
-            match frame {
-                Response::Bitfield {
-                    blob: b,
-                    chunk_size,
-                    bits,
-                } => {
-                    if b != *blob {
-                        return Err(FetchError::Protocol(format!(
-                            "a bitfield of {b} in answer to one of {blob}"
-                        )));
-                    }
-                    if chunk_size != layout.chunk_size() || bits.len() != layout.count() {
-                        return Err(FetchError::LayoutMismatch {
-                            peer_chunk_size: chunk_size,
-                            peer_chunks: bits.len(),
-                            chunk_size: layout.chunk_size(),
-                            chunks: layout.count(),
-                        });
-                    }
-                    Ok(Some(bits))
-                }
-                Response::DontHave { index: 0 } => Ok(None),
-                Response::Error { code, message } => Err(refusal(code, message)),
-                other => Err(FetchError::Protocol(format!(
-                    "{other:?} in answer to GetBitfield"
-                ))),
-            }
+            bitfield_of(frame, blob, layout, "GetBitfield")
         };
         tokio::time::timeout(deadline, ask)
             .await
             .unwrap_or(Err(FetchError::Timeout))
+    }
+
+    /// Watches which chunks of `blob` (laid out as `layout`) `peer` holds:
+    /// calls `on_bits` with its bitfield now and each time it grows, until
+    /// the peer holds the whole blob or ends the watch (`Ok`), or refuses,
+    /// fails or breaks the protocol (`Err`). The first answer must come
+    /// within `deadline`; after that the connection's keep-alives and idle
+    /// timeout bound a peer gone silent, and the caller drops the future
+    /// when it no longer cares.
+    pub(crate) async fn watch(
+        &self,
+        peer: &PeerAddr,
+        blob: &Digest,
+        layout: ChunkLayout,
+        deadline: Duration,
+        mut on_bits: impl FnMut(Bitfield),
+    ) -> Result<(), FetchError> {
+        let mut dec = ResponseDecoder::new();
+        let first = async {
+            let (send, mut recv) = self.open(peer, Request::Watch { blob: *blob }).await?;
+            let frame = first_frame(&mut recv, &mut dec).await?;
+            Ok::<_, FetchError>((send, recv, frame))
+        };
+        let (_send, mut recv, frame) = tokio::time::timeout(deadline, first)
+            .await
+            .unwrap_or(Err(FetchError::Timeout))?;
+        let Some(bits) = bitfield_of(frame, blob, layout, "Watch")? else {
+            return Ok(());
+        };
+        on_bits(bits);
+        loop {
+            let frame = match next_frame(&mut recv, &mut dec).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(Stop::Failed(e)) => return Err(e),
+                Err(Stop::Bad(e)) => return Err(FetchError::Protocol(e.to_string())),
+            };
+            match bitfield_of(frame, blob, layout, "Watch")? {
+                Some(bits) => on_bits(bits),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Opens a stream to `peer` and sends `req` on it.
+    async fn open(
+        &self,
+        peer: &PeerAddr,
+        req: Request,
+    ) -> Result<(quinn::SendStream, RecvStream), FetchError> {
+        let mut buf = BytesMut::new();
+        req.encode(&mut buf)?;
+        let conn = self.connection(peer).await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(&buf).await?;
+        let _ = send.finish();
+        Ok((send, recv))
     }
 
     /// Fetches every chunk of `blob` over `streams` concurrent requests of

@@ -15,7 +15,13 @@
 //!    while the current one is written;
 //! 3. `GetBitfield` gets a `Bitfield`, or `DontHave{0}` when nothing of the
 //!    blob is here;
-//! 4. the stream is finished. A peer that stops reading for longer than
+//! 4. `Watch` takes one of [`ServeLimits::watchers_per_blob`] watch slots
+//!    of that blob (or gets `Error{Busy}`), then a `Bitfield` now and another
+//!    each time the blob's transfer stored more, at most one per
+//!    [`WATCH_FRAME_GAP_MS`], until the blob is complete (the last frame is
+//!    full), its transfer ends, the peer stops reading, or the server shuts
+//!    down. Watches hold no upload slot;
+//! 5. the stream is finished. A peer that stops reading for longer than
 //!    [`ServeLimits::write_timeout`] gets its stream reset, freeing the slot.
 //!
 //! With an upload cap ([`ServeLimits::upload_rate`]) frames enter their
@@ -26,9 +32,10 @@
 //! ([`transport_config`](super::transport_config)); connections by
 //! [`ServeLimits::max_connections`].
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -36,8 +43,9 @@ use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use shoal_proto::wire::{
     encode_chunk_header, ErrorKind, Request, RequestDecoder, Response, WireError, ALPN,
+    WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS,
 };
-use shoal_proto::{ChunkLayout, Digest};
+use shoal_proto::{Bitfield, ChunkLayout, Digest};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -68,6 +76,11 @@ pub struct ServeLimits {
     /// The cap on bytes per second sent to all peers together
     /// (`--peer-upload-rate`; default none).
     pub upload_rate: RateLimit,
+    /// Watches of one blob at once; more get `Error{Busy}` (default
+    /// [`WATCHERS_PER_BLOB`]).
+    pub watchers_per_blob: usize,
+    /// Watches at once across all blobs (default 1024).
+    pub max_watches: usize,
 }
 
 impl Default for ServeLimits {
@@ -79,6 +92,8 @@ impl Default for ServeLimits {
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             upload_rate: RateLimit::unlimited(),
+            watchers_per_blob: WATCHERS_PER_BLOB,
+            max_watches: 1024,
         }
     }
 }
@@ -100,6 +115,42 @@ struct Shared {
     source: Arc<dyn ChunkSource>,
     limits: ServeLimits,
     uploads: Arc<Semaphore>,
+    /// Open watches per blob.
+    watches: Mutex<HashMap<Digest, usize>>,
+}
+
+/// One open watch, counted against the limits while it lives.
+struct WatchSlot {
+    shared: Arc<Shared>,
+    blob: Digest,
+}
+
+impl WatchSlot {
+    fn take(shared: &Arc<Shared>, blob: Digest) -> Option<WatchSlot> {
+        let mut w = shared.watches.lock().expect("watch slots lock");
+        let total: usize = w.values().sum();
+        let of_blob = w.get(&blob).copied().unwrap_or(0);
+        if total >= shared.limits.max_watches || of_blob >= shared.limits.watchers_per_blob {
+            return None;
+        }
+        *w.entry(blob).or_default() += 1;
+        Some(WatchSlot {
+            shared: shared.clone(),
+            blob,
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self.shared.watches.lock().expect("watch slots lock");
+        if let Some(n) = w.get_mut(&self.blob) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.blob);
+            }
+        }
+    }
 }
 
 impl PeerServer {
@@ -115,6 +166,7 @@ impl PeerServer {
             source,
             uploads: Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
             limits,
+            watches: Mutex::default(),
         });
         let task = tokio::spawn(accept_loop(endpoint.clone(), shared, stop_rx));
         PeerServerHandle {
@@ -235,7 +287,7 @@ async fn serve_connection(
             }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, shared.clone()));
+                    streams.spawn(serve_stream(send, recv, shared.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(%remote, error = %e, "peer connection ended");
@@ -370,7 +422,12 @@ impl Responder {
     }
 }
 
-async fn serve_stream(send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+async fn serve_stream(
+    send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
     let mut out = Responder {
         send,
         write_timeout: shared.limits.write_timeout,
@@ -396,6 +453,7 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, shared: Arc<Shared
             };
             out.frame(&resp).await
         }
+        Ok(Ok(Request::Watch { blob })) => serve_watch(&mut out, &shared, blob, stop).await,
         Ok(Err(RequestError::Gone)) => return,
         Ok(Err(RequestError::Wire(e))) => {
             tracing::debug!(error = %e, "malformed peer request");
@@ -420,6 +478,62 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, shared: Arc<Shared
     };
     if answered.is_ok() {
         out.finish().await;
+    }
+}
+
+/// Answers a `Watch`: the blob's bitfield now and each time it grows
+/// (see the module docs).
+async fn serve_watch(
+    out: &mut Responder,
+    shared: &Arc<Shared>,
+    blob: Digest,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Gone> {
+    let Some(_slot) = WatchSlot::take(shared, blob) else {
+        return out
+            .frame(&Response::error(ErrorKind::Busy, "too many watchers"))
+            .await;
+    };
+    let mut arrivals = shared.source.arrivals(&blob);
+    let mut sent: Option<Bitfield> = None;
+    loop {
+        let Some((layout, bits)) = shared.source.bitfield(&blob) else {
+            if sent.is_none() {
+                out.frame(&Response::DontHave { index: 0 }).await?;
+            }
+            // Nothing of it here (any more): the watch ends.
+            return Ok(());
+        };
+        if sent.as_ref() != Some(&bits) {
+            let full = bits.is_full();
+            out.frame(&Response::Bitfield {
+                blob,
+                chunk_size: layout.chunk_size(),
+                bits: bits.clone(),
+            })
+            .await?;
+            if full {
+                return Ok(());
+            }
+            sent = Some(bits);
+        }
+        // A partial blob nothing is adding to: nothing more will come.
+        let Some(rx) = arrivals.as_mut() else {
+            return Ok(());
+        };
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The transfer ended: one last look (complete, or not).
+                    arrivals = None;
+                    continue;
+                }
+            }
+            _ = out.send.stopped() => return Err(Gone),
+            _ = stop.changed() => return Ok(()),
+        }
+        // Chunks stored meanwhile share the next frame.
+        tokio::time::sleep(Duration::from_millis(WATCH_FRAME_GAP_MS)).await;
     }
 }
 

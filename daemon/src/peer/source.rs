@@ -18,8 +18,10 @@ use std::os::unix::fs::FileExt;
 
 use bytes::{Bytes, BytesMut};
 use shoal_proto::{Bitfield, ChunkError, ChunkLayout, Digest};
+use tokio::sync::watch;
 
 use crate::store::Store;
+use crate::transfer::Progress;
 
 /// Verified chunks this node can serve.
 pub trait ChunkSource: Send + Sync {
@@ -37,6 +39,13 @@ pub trait ChunkSource: Send + Sync {
     /// The layout this node uses for `blob` and which of its chunks it
     /// holds, or `None` if it holds nothing of it. Must be cheap.
     fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)>;
+
+    /// While `blob` is still arriving here, a receiver that changes as its
+    /// chunks are stored (and closes when its transfer ends), so watchers
+    /// hear of them; `None` otherwise.
+    fn arrivals(&self, _blob: &Digest) -> Option<watch::Receiver<Progress>> {
+        None
+    }
 }
 
 /// Serves the complete (digest-verified) blobs of the store.
@@ -161,5 +170,9 @@ impl ChunkSource for NodeSource {
         self.store
             .bitfield(blob)
             .or_else(|| self.arriving(blob).map(|(l, h, _)| (l, h)))
+    }
+
+    fn arrivals(&self, blob: &Digest) -> Option<watch::Receiver<Progress>> {
+        self.transfers.watch(blob)
     }
 }

@@ -1080,3 +1080,205 @@ async fn the_upload_cap_holds_a_peer_to_the_rate() {
 async fn the_download_cap_holds_a_client_to_the_rate() {
     bounded(fetch_capped(false)).await;
 }
+
+/// A blob arriving chunk by chunk at the test's command, as a transfer
+/// stores it.
+struct Arriving {
+    blob: Digest,
+    layout: ChunkLayout,
+    progress: tokio::sync::watch::Sender<crate::transfer::Progress>,
+}
+
+impl Arriving {
+    fn new(data: &[u8]) -> Arc<Self> {
+        let layout = layout_of(data);
+        let (progress, _) = tokio::sync::watch::channel(crate::transfer::Progress {
+            phase: crate::transfer::Phase::Running,
+            size: layout.size(),
+            written: 0,
+            file: None,
+            layout: Some(layout),
+            have: Some(Bitfield::for_layout(&layout)),
+            confirmed: true,
+        });
+        Arc::new(Arriving {
+            blob: Digest::of(data),
+            layout,
+            progress,
+        })
+    }
+
+    fn store(&self, chunks: &[u32]) {
+        self.progress.send_modify(|p| {
+            let have = p.have.as_mut().unwrap();
+            for &c in chunks {
+                have.set(c).unwrap();
+            }
+        });
+    }
+}
+
+impl ChunkSource for Arriving {
+    fn layout(&self, blob: &Digest, _: u32) -> Result<Option<ChunkLayout>, ChunkError> {
+        Ok((*blob == self.blob).then_some(self.layout))
+    }
+
+    fn chunk(&self, _: &Digest, _: ChunkLayout, _: u32) -> std::io::Result<Option<Bytes>> {
+        Ok(None)
+    }
+
+    fn bitfield(&self, blob: &Digest) -> Option<(ChunkLayout, Bitfield)> {
+        let p = self.progress.borrow();
+        (*blob == self.blob).then(|| (self.layout, p.have.clone().unwrap()))
+    }
+
+    fn arrivals(
+        &self,
+        blob: &Digest,
+    ) -> Option<tokio::sync::watch::Receiver<crate::transfer::Progress>> {
+        (*blob == self.blob).then(|| self.progress.subscribe())
+    }
+}
+
+#[tokio::test]
+async fn a_watch_hears_of_stored_chunks_until_the_blob_is_complete() {
+    bounded(async {
+        let data = blob_data(21);
+        let source = Arriving::new(&data);
+        let (blob, layout) = (source.blob, source.layout);
+        let ca = TestCa::new("cluster");
+        let (_server, peer) = serve(&ca, source.clone(), ServeLimits::default());
+        let client = Arc::new(ca.client(Some("client-1")));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watch = {
+            let (client, peer) = (client.clone(), peer.clone());
+            tokio::spawn(async move {
+                client
+                    .watch(&peer, &blob, layout, DEADLINE, |bits| {
+                        tx.send(bits).unwrap();
+                    })
+                    .await
+            })
+        };
+        let first = rx.recv().await.unwrap();
+        assert_eq!(first.count(), 0, "{first:?}");
+        source.store(&[1]);
+        let next = rx.recv().await.unwrap();
+        assert_eq!(next.iter_ones().collect::<Vec<_>>(), [1]);
+        // Chunks stored close together may share a frame; none is lost.
+        source.store(&[0]);
+        source.store(&[3]);
+        let mut seen = rx.recv().await.unwrap();
+        while seen.count() < 3 {
+            seen = rx.recv().await.unwrap();
+        }
+        assert_eq!(seen.iter_ones().collect::<Vec<_>>(), [0, 1, 3]);
+        source.store(&[2, 4]);
+        let last = rx.recv().await.unwrap();
+        assert!(last.is_full(), "{last:?}");
+        // The full bitfield ends the watch.
+        watch.await.unwrap().unwrap();
+        assert!(rx.recv().await.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_watch_of_a_complete_blob_is_one_bitfield_and_of_an_unknown_one_none() {
+    bounded(async {
+        let data = blob_data(22);
+        let ca = TestCa::new("cluster");
+        let (_server, peer) = serve(
+            &ca,
+            Arc::new(MemSource::with(&data)),
+            ServeLimits::default(),
+        );
+        let client = ca.client(Some("client-1"));
+        // `MemSource` lays blobs out with the default chunk size.
+        let layout = ChunkLayout::for_blob(data.len() as u64).unwrap();
+        let mut got = Vec::new();
+        client
+            .watch(&peer, &Digest::of(&data), layout, DEADLINE, |b| got.push(b))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_full());
+
+        let other = blob_data(23);
+        let mut got = Vec::new();
+        client
+            .watch(&peer, &Digest::of(&other), layout, DEADLINE, |b| {
+                got.push(b)
+            })
+            .await
+            .unwrap();
+        assert!(got.is_empty(), "{got:?}");
+
+        // A bitfield laid out otherwise is refused, not believed.
+        let err = client
+            .watch(
+                &peer,
+                &Digest::of(&data),
+                layout_of(&data),
+                DEADLINE,
+                |_| panic!("a mismatched layout was passed on"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::LayoutMismatch { .. }), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watchers_past_the_limit_are_told_busy_and_a_closed_watch_frees_its_slot() {
+    bounded(async {
+        let data = blob_data(24);
+        let source = Arriving::new(&data);
+        let (blob, layout) = (source.blob, source.layout);
+        let ca = TestCa::new("cluster");
+        let limits = ServeLimits {
+            watchers_per_blob: 1,
+            ..ServeLimits::default()
+        };
+        let (_server, peer) = serve(&ca, source.clone(), limits);
+        let client = Arc::new(ca.client(Some("client-1")));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let first = {
+            let (client, peer) = (client.clone(), peer.clone());
+            tokio::spawn(async move {
+                client
+                    .watch(&peer, &blob, layout, DEADLINE, |b| tx.send(b).unwrap())
+                    .await
+            })
+        };
+        rx.recv().await.unwrap();
+        let err = client
+            .watch(&peer, &blob, layout, DEADLINE, |_| panic!("over the limit"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Busy(_)), "{err:?}");
+        // Dropping the first watch resets its stream; the server notices
+        // and frees the slot.
+        first.abort();
+        let _ = first.await;
+        let started = Instant::now();
+        loop {
+            let mut got = 0;
+            let r = tokio::time::timeout(
+                SECOND,
+                client.watch(&peer, &blob, layout, DEADLINE, |_| got += 1),
+            )
+            .await;
+            match r {
+                // Still open (the blob is not complete): it was accepted.
+                Err(_) => break,
+                Ok(Err(FetchError::Busy(_))) if started.elapsed() < 10 * SECOND => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+}
