@@ -347,6 +347,7 @@ impl Bitfield {
     }
 
     /// Whether chunk `index` is set; false past the end.
+    #[inline]
     pub fn get(&self, index: u32) -> bool {
         index < self.len && self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
     }
@@ -433,7 +434,18 @@ impl Bitfield {
             .flat_map(|(wi, (&a, &b))| BitsOf(a & b).map(move |bit| wi as u32 * 64 + bit))
     }
 
+    /// How many chunks are set in both.
+    #[inline]
+    pub fn count_and(&self, other: &Bitfield) -> u32 {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| (a & b).count_ones())
+            .sum()
+    }
+
     /// Whether some chunk is set in both.
+    #[inline]
     pub fn intersects(&self, other: &Bitfield) -> bool {
         self.words.iter().zip(&other.words).any(|(a, b)| a & b != 0)
     }

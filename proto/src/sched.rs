@@ -360,6 +360,13 @@ pub struct Scheduler<P> {
     last_lease: u64,
     lookup_pending: bool,
     last_lookup: Option<u64>,
+    /// Orders equally rare chunks ([`Scheduler::set_tie_seed`]; by index
+    /// without one).
+    tie_seed: Option<u64>,
+    /// When the last pass over the peers ran, if nothing changed since.
+    last_pass: Option<u64>,
+    /// No benched peer comes back before this.
+    next_unbench: u64,
     /// A lookup soon is worth it (cleared by each lookup): a peer holds
     /// chunks this node lacks whose hashes are unknown here, or the tracker
     /// leased the chunks asked for to others, whom a lookup names.
@@ -409,6 +416,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             lookup_pending: false,
             last_lookup: None,
             hurry: false,
+            tie_seed: None,
+            last_pass: None,
+            next_unbench: u64::MAX,
             want: 0,
             tracker_down: false,
             last_progress: 0,
@@ -417,6 +427,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             queue: VecDeque::new(),
             finished: false,
         }
+    }
+
+    /// Orders equally rare chunks by `seed` (each member its own, such as a
+    /// hash of its name and the blob) rather than by index.
+    pub fn set_tie_seed(&mut self, seed: u64) {
+        self.tie_seed = Some(seed);
     }
 
     /// Chunks verified and stored so far.
@@ -434,6 +450,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.peers.get(peer).is_some_and(|p| p.excluded)
     }
 
+    /// What a peer is known to hold.
+    pub fn peer_have(&self, peer: &P) -> Option<&Bitfield> {
+        self.peers.get(peer).map(|p| &p.have)
+    }
+
     /// Whether a peer is benched after stalls (excluded or not).
     pub fn is_benched(&self, peer: &P) -> bool {
         self.peers.get(peer).is_some_and(|p| p.benched_until > 0)
@@ -442,6 +463,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// Feeds an event.
     pub fn handle(&mut self, now: u64, event: Event<P>) {
         self.now = self.now.max(now);
+        self.last_pass = None;
         match event {
             Event::PeerHas { peer, have } => {
                 if have.len() != self.layout.count() {
@@ -588,7 +610,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 if let Some(state) = self.peers.get_mut(p) {
                     // One back-off per refusal, however many chunks it named.
                     if state.busy_until <= now {
-                        state.busy_streak = (state.busy_streak + 1).min(5);
+                        state.busy_streak = (state.busy_streak + 1).min(3);
                         state.busy_until = now + (base << (state.busy_streak - 1));
                     }
                 }
@@ -690,6 +712,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
         state.benched_until = until;
         state.stalls = 0;
+        self.next_unbench = self.next_unbench.min(until);
         self.cancel_all(peer);
         if !self.tracker_down {
             self.queue
@@ -697,17 +720,28 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
     }
 
-    /// Brings benched peers whose time is up back, on probation.
-    fn unbench(&mut self, now: u64) {
+    /// Takes back peers whose bench time is over, on probation; returns
+    /// whether there were any.
+    fn unbench(&mut self, now: u64) -> bool {
+        if now < self.next_unbench {
+            return false;
+        }
+        self.next_unbench = u64::MAX;
+        let mut any = false;
         for state in self.peers.values_mut() {
+            if state.benched_until > now && !state.excluded {
+                self.next_unbench = self.next_unbench.min(state.benched_until);
+            }
             if state.benched_until > 0 && now >= state.benched_until && !state.excluded {
                 state.benched_until = 0;
                 state.probation = true;
                 for i in state.have.iter_ones() {
                     self.avail[i as usize] += 1;
                 }
+                any = true;
             }
         }
+        any
     }
 
     /// Makes room for one more peer under `max_peers` (excluded peers do
@@ -907,8 +941,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             self.finished = true;
             return Some(Action::GiveUp);
         }
-        self.expire_stalls(now);
-        self.unbench(now);
+        if self.expire_stalls(now) | self.unbench(now) {
+            self.last_pass = None;
+        }
         if let Some(a) = self.queue.pop_front() {
             return Some(a);
         }
@@ -973,7 +1008,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
     }
 
-    fn expire_stalls(&mut self, now: u64) {
+    /// Moves requests past their deadline; returns whether there were any.
+    fn expire_stalls(&mut self, now: u64) -> bool {
+        if !self.inflight.values().flatten().any(|r| r.deadline <= now) {
+            return false;
+        }
         let expired: Vec<(u32, Source<P>)> = self
             .inflight
             .iter()
@@ -999,6 +1038,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             });
             self.on_chunk(source, chunk, Outcome::Failed);
         }
+        true
     }
 
     /// Chunks still needed and not being fetched: missing, not in flight.
@@ -1007,13 +1047,17 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     /// Order in which missing chunks are considered: the urgent window after
-    /// the client's position first, in order; then by rarity, then index.
-    fn priority(&self, c: u32) -> (u8, u32, u32) {
+    /// the client's position first, in order; then by rarity, equally rare
+    /// ones in an order of this download's own ([`Scheduler::set_tie_seed`]),
+    /// so members learning of the same chunks at once do not all ask for the
+    /// same one first.
+    fn priority(&self, c: u32) -> (u8, u32, u32, u32) {
         let urgent = c >= self.want && c < self.want.saturating_add(self.cfg.urgent_window);
         if urgent {
-            (0, 0, c)
+            (0, 0, 0, c)
         } else {
-            (1, self.avail[c as usize], c)
+            let tie = self.tie_seed.map_or(c, |seed| tie(seed, c));
+            (1, self.avail[c as usize], tie, c)
         }
     }
 
@@ -1028,14 +1072,19 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 
     fn next_peer_request(&mut self, now: u64) -> Option<Action<P>> {
-        if self.peer_inflight >= self.cfg.max_inflight {
+        // A pass at this time with nothing changed since finds nothing new:
+        // every open peer was filled then.
+        if self.peer_inflight >= self.cfg.max_inflight || self.last_pass == Some(now) {
             return None;
         }
+        self.last_pass = Some(now);
         // Word-wise set operations: this runs after every event, and a scan
         // of every chunk of every peer was 40 % of the simulator's time
         // (and of a member's CPU) with a hundred peers.
         let wanted = self.wanted();
-        if wanted.count() == 0 {
+        // Most passes in a busy swarm find nothing a peer holds: say so
+        // without walking the peers.
+        if !wanted.iter_ones().any(|c| self.avail[c as usize] > 0) {
             return None;
         }
         // Least loaded peers first; ties by id, deterministically.
@@ -1049,6 +1098,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         // Every open peer is served in this one pass (each filled to its
         // depth, so a pass per peer would find the same order again).
         let mut wanted = wanted;
+        // Wanted chunks by priority, ranked once per pass when a peer can
+        // give more than it has room for (priorities do not change within
+        // the pass): then the first `room` of the ranking it holds are its
+        // best, found without weighing each chunk it holds.
+        let mut ranked: Option<Vec<(u8, u32, u32, u32)>> = None;
         for (_, peer) in order {
             if self.peer_inflight >= self.cfg.max_inflight || wanted.count() == 0 {
                 break;
@@ -1060,21 +1114,33 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 self.cfg.peer_depth
             };
             let room = (depth - state.inflight).min(self.cfg.max_inflight - self.peer_inflight);
-            // The `room` most urgent, then rarest, of what it can give.
-            let mut best: Vec<(u8, u32, u32)> = Vec::with_capacity(room as usize + 1);
-            for c in state.have.iter_and(&wanted) {
-                let p = self.priority(c);
-                if best.len() == room as usize && best.last().is_some_and(|worst| p >= *worst) {
-                    continue;
-                }
-                let at = best.partition_point(|x| *x < p);
-                best.insert(at, p);
-                best.truncate(room as usize);
-            }
-            if best.is_empty() {
+            let useful = state.have.count_and(&wanted);
+            if useful == 0 {
                 continue;
             }
-            let chunks: Vec<u32> = best.into_iter().map(|(_, _, c)| c).collect();
+            // The `room` most urgent, then rarest, of what it can give.
+            let best: Vec<(u8, u32, u32, u32)> = if useful <= room {
+                let mut all: Vec<_> = state
+                    .have
+                    .iter_and(&wanted)
+                    .map(|c| self.priority(c))
+                    .collect();
+                all.sort_unstable();
+                all
+            } else {
+                let ranked = ranked.get_or_insert_with(|| {
+                    let mut r: Vec<_> = wanted.iter_ones().map(|c| self.priority(c)).collect();
+                    r.sort_unstable();
+                    r
+                });
+                ranked
+                    .iter()
+                    .filter(|&&(_, _, _, c)| wanted.get(c) && state.have.get(c))
+                    .take(room as usize)
+                    .copied()
+                    .collect()
+            };
+            let chunks: Vec<u32> = best.into_iter().map(|(_, _, _, c)| c).collect();
             for (k, &c) in chunks.iter().enumerate() {
                 self.start(c, Source::Peer(peer.clone()), now, k as u32);
                 let _ = wanted.clear(c);
@@ -1306,6 +1372,14 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     }
 }
 
+/// A chunk's place among equally rare ones under `seed` (SplitMix64).
+fn tie(seed: u64, c: u32) -> u32 {
+    let mut z = seed ^ u64::from(c).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1433,6 +1507,35 @@ mod tests {
         assert_eq!(f[0], (1, vec![7, 5, 0, 1]));
         assert_eq!(f[1], (2, vec![2, 3, 4, 6]));
         assert!(f.iter().all(|(_, c)| c.len() <= 4));
+    }
+
+    #[test]
+    fn members_with_their_own_tie_seeds_ask_one_holder_for_different_chunks() {
+        // One holder of 60 equally rare chunks (the urgent window, 0–3, is
+        // here already): each member's first request takes 4 of them, in
+        // its own order rather than all the same four.
+        let fresh = |seed: Option<u64>| {
+            let mut s: Scheduler<u32> =
+                Scheduler::new(SchedConfig::default(), layout(64), bits(64, 0..4));
+            if let Some(seed) = seed {
+                s.set_tie_seed(seed);
+            }
+            s.handle(0, Event::HashesKnown(Bitfield::full(64).unwrap()));
+            s.handle(0, Event::LookedUp);
+            s.handle(
+                0,
+                Event::PeerHas {
+                    peer: 1,
+                    have: Bitfield::full(64).unwrap(),
+                },
+            );
+            peer_fetches(&drain(&mut s, 0)).remove(0).1
+        };
+        let firsts: Vec<Vec<u32>> = (1..=8).map(|seed| fresh(Some(seed))).collect();
+        let distinct: std::collections::BTreeSet<u32> = firsts.iter().flatten().copied().collect();
+        assert!(distinct.len() > 16, "{firsts:?}");
+        // Without a seed, by index.
+        assert_eq!(fresh(None), vec![4, 5, 6, 7]);
     }
 
     #[test]
@@ -1863,7 +1966,8 @@ mod tests {
                 Action::Lease { from: 5, max: 9 },
             ]
         );
-        // Chunk 5 is someone else's lease: look again once the interval passed.
+        // Chunk 5 is someone else's lease: look again soon (the lookup
+        // names its lessee, whose chunks are then watched as they land).
         s.handle(2, Event::LeaseGranted(vec![]));
         assert_eq!(drain(&mut s, 2), vec![]);
         for c in 0..5 {
@@ -1878,8 +1982,8 @@ mod tests {
             );
         }
         assert_eq!(drain(&mut s, 3), vec![]);
-        assert_eq!(s.next_deadline(), Some(500));
-        assert_eq!(drain(&mut s, 500), vec![Action::Lookup]);
+        assert_eq!(s.next_deadline(), Some(100));
+        assert_eq!(drain(&mut s, 100), vec![Action::Lookup]);
         // The lease holder of chunk 5 published it and holds it.
         s.handle(
             501,
@@ -2021,9 +2125,9 @@ mod tests {
         assert!(drain(&mut s, 11)
             .iter()
             .all(|a| !matches!(a, Action::FetchOrigin { .. })));
-        assert_eq!(s.next_deadline(), Some(500));
-        let _ = drain(&mut s, 500);
-        s.handle(501, Event::LookedUp);
+        assert_eq!(s.next_deadline(), Some(100));
+        let _ = drain(&mut s, 100);
+        s.handle(101, Event::LookedUp);
         // No chunk for orphan_after_ms: the origin it is.
         assert!(s.next_deadline().unwrap() <= 5_000);
         let acts = drain(&mut s, 5_000);

@@ -226,6 +226,12 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         hashes: H,
     ) -> Self {
         let mut sched = Scheduler::new(cfg.sched.clone(), layout, have);
+        if let Some(m) = &me {
+            // Members order equally rare chunks each their own way.
+            let d = Digest::of(format!("{}/{blob}", m.node.as_str()).as_bytes());
+            let seed = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"));
+            sched.set_tie_seed(seed);
+        }
         // In a swarm the scheduler's first poll asks for a lookup.
         if me.is_none() {
             sched.handle(0, Event::TrackerDown(true));
@@ -506,18 +512,27 @@ impl<A: Clone, H: HashBook> Session<A, H> {
 
     /// What a watch of peer `peer` ([`Io::Watch`]) brought: the peer's
     /// whole bitfield of the blob (laid out as here, or it is ignored), or
-    /// `None` when the watch ended.
-    pub fn on_watch(&mut self, now: u64, peer: u32, have: Option<Bitfield>) {
+    /// `None` when the watch ended. Returns whether the peer now offers a
+    /// chunk missing here that it did not before: only then can
+    /// [`poll`](Self::poll) have something new to do (a driver may skip it
+    /// otherwise; the simulator does).
+    pub fn on_watch(&mut self, now: u64, peer: u32, have: Option<Bitfield>) -> bool {
         if self.watches.get(peer as usize) != Some(&Watch::Open) {
-            return;
+            return false;
         }
         match have {
             Some(have) if have.len() == self.layout.count() => {
+                let news = match self.sched.peer_have(&peer) {
+                    Some(old) => have.has_any_outside(old, self.sched.have()),
+                    None => true,
+                };
                 self.sched.handle(now, Event::PeerHas { peer, have });
+                news
             }
             _ => {
                 self.set_watch(peer, Watch::Ended);
                 self.watching -= 1;
+                false
             }
         }
     }

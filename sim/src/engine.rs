@@ -6,9 +6,12 @@
 //! - **Time**: microseconds in an event queue ordered by (time, insertion),
 //!   so equal times run in a fixed order and a seed gives one result.
 //!   Sessions and the tracker see milliseconds, as in the daemon.
-//! - **Tracker**: the real core, behind one server that takes
-//!   `tracker_us` per request in arrival order (0: no queueing), half a
-//!   round trip each way. During an outage requests are refused at once
+//! - **Tracker**: the real core, behind `tracker_cores` servers that each
+//!   take `tracker_us` per request, in arrival order on the first one free
+//!   (0 µs: no queueing), half a round trip each way. The last
+//!   `tracker_serial_us` of each request hold the core's lock, one request
+//!   at a time across all cores (the daemon's tracker serialises its JSON
+//!   and speaks TLS outside the lock). During an outage requests are refused at once
 //!   (`TrackerFailure::Down`). Members join with an announce before the pull
 //!   and repeat it every announce interval, as the daemon's heartbeat does.
 //! - **Chunk requests**: reach the holder after a round trip (request out,
@@ -139,6 +142,8 @@ struct Node {
     watchers: Vec<Vec<(u32, u32)>>,
     /// Per layer, whether a watch frame is on its way out.
     flushing: Vec<bool>,
+    /// Requests waiting for an upload slot: (flow, its version).
+    waiting: std::collections::VecDeque<(FlowId, u32)>,
     up_bytes: f64,
     peer_bytes: f64,
     origin_bytes: f64,
@@ -173,7 +178,8 @@ enum Ev {
     Halt(u32),
     Wake(u32, u16),
     TrackerIn(Box<Rpc>),
-    TrackerServe(Box<Rpc>),
+    /// The request takes the core's lock; answered (sent) at the time given.
+    TrackerServe(Box<Rpc>, u64),
     Reply(u32, u16, Box<Answer>),
     Arrive(FlowId, u32),
     Refused {
@@ -269,7 +275,10 @@ pub struct Sim {
     origin_up: LinkId,
     rack_links: Vec<(LinkId, LinkId)>,
     tracker: Tracker,
-    tracker_free_at: u64,
+    /// When each tracker core is free again.
+    tracker_free_at: Vec<u64>,
+    /// When the tracker core's lock is free again.
+    tracker_lock_free_at: u64,
     announce_every_us: u64,
     blobs: Vec<(Digest, ChunkLayout)>,
     /// When the pull starts (µs); reported times count from here.
@@ -409,6 +418,7 @@ impl Sim {
                 origin_reqs: HashMap::new(),
                 watchers: vec![Vec::new(); sc.layers as usize],
                 flushing: vec![false; sc.layers as usize],
+                waiting: std::collections::VecDeque::new(),
                 up_bytes: 0.0,
                 peer_bytes: 0.0,
                 origin_bytes: 0.0,
@@ -416,6 +426,7 @@ impl Sim {
             });
         }
         let sc_seed = sc.seed;
+        let tracker_cores = sc.tracker_cores.max(1) as usize;
         let mut cfg = SessionConfig::default();
         if let Some(ms) = sc.lookup_interval_ms {
             cfg.sched.lookup_interval_ms = ms;
@@ -437,7 +448,8 @@ impl Sim {
             origin_up,
             rack_links,
             tracker,
-            tracker_free_at: 0,
+            tracker_free_at: vec![0; tracker_cores],
+            tracker_lock_free_at: 0,
             announce_every_us,
             blobs,
             t0,
@@ -551,7 +563,7 @@ impl Sim {
                 }
             }
             Ev::TrackerIn(rpc) => self.tracker_in(rpc),
-            Ev::TrackerServe(rpc) => self.tracker_serve(*rpc),
+            Ev::TrackerServe(rpc, done) => self.tracker_serve(*rpc, done),
             Ev::Reply(i, l, answer) => {
                 let now = self.ms();
                 let Some(s) = self.session(i, l) else {
@@ -614,12 +626,13 @@ impl Sim {
                 have,
             } => {
                 let now = self.ms();
+                self.counters.watch_frames += 1;
                 let Some(s) = self.session(watcher, layer) else {
                     return false;
                 };
-                s.on_watch(now, id, have);
-                self.counters.watch_frames += 1;
-                return self.drive(watcher, layer);
+                if s.on_watch(now, id, have) {
+                    return self.drive(watcher, layer);
+                }
             }
         }
         false
@@ -1086,12 +1099,41 @@ impl Sim {
                 );
             };
             if holder.slots >= self.sc.upload_slots {
+                // Queued for a slot while the queue has room, as the
+                // daemon's server holds a request until a slot frees.
+                if holder.waiting.len() < self.sc.upload_queue as usize {
+                    let v = self.net.get(f).expect("live").version;
+                    self.nodes[node as usize].waiting.push_back((f, v));
+                    return;
+                }
                 self.counters.busy += 1;
                 let (d, _) = self.net.stop(self.now, f).expect("live");
                 self.forget(&d.data);
                 refuse(self, d.data.chunks, Outcome::Busy);
                 return;
             }
+        }
+        self.serve(f);
+    }
+
+    /// A request takes an upload slot (if to a peer) and starts moving.
+    fn serve(&mut self, f: FlowId) {
+        let fl = self.net.get(f).expect("checked by the caller");
+        let (to, layer, from) = (fl.data.to, fl.data.layer, fl.data.from);
+        if let Sender::Peer { node, id } = from {
+            let refuse = |sim: &mut Sim, chunks: Vec<u32>, outcome: Outcome| {
+                let at = sim.now + sim.half_rtt();
+                sim.at(
+                    at,
+                    Ev::Refused {
+                        node: to,
+                        layer,
+                        peer: id,
+                        chunks,
+                        outcome,
+                    },
+                );
+            };
             // Chunks the holder lacks are answered at once.
             let lacks: Vec<u32> = {
                 let d = &self.net.get(f).expect("live").data;
@@ -1219,11 +1261,29 @@ impl Sim {
         let Some((fl, changed)) = self.net.stop(self.now, f) else {
             return;
         };
-        if let (true, Sender::Peer { node, .. }) = (fl.data.slot, fl.data.from) {
-            self.nodes[node as usize].slots -= 1;
-        }
         self.forget(&fl.data);
         self.reschedule(&changed);
+        if let (true, Sender::Peer { node, .. }) = (fl.data.slot, fl.data.from) {
+            self.nodes[node as usize].slots -= 1;
+            self.admit(node);
+        }
+    }
+
+    /// Hands member `node`'s free upload slots to the requests waiting for
+    /// one, oldest first (those cancelled meanwhile are gone).
+    fn admit(&mut self, node: u32) {
+        while self.nodes[node as usize].slots < self.sc.upload_slots {
+            let Some((f, v)) = self.nodes[node as usize].waiting.pop_front() else {
+                return;
+            };
+            if self
+                .net
+                .get(f)
+                .is_some_and(|fl| fl.version == v && !fl.data.active)
+            {
+                self.serve(f);
+            }
+        }
     }
 
     /// Drops the requester's cancel keys of a finished request.
@@ -1351,13 +1411,25 @@ impl Sim {
             self.reply(&rpc, answer, at);
             return;
         }
-        let start = self.tracker_free_at.max(self.now);
-        self.counters.tracker_max_wait_us = self.counters.tracker_max_wait_us.max(start - self.now);
-        self.tracker_free_at = start + self.sc.tracker_us;
-        self.at(start, Ev::TrackerServe(rpc));
+        let core = (0..self.tracker_free_at.len())
+            .min_by_key(|&c| self.tracker_free_at[c])
+            .expect("at least one core");
+        let start = self.tracker_free_at[core].max(self.now);
+        // Outside the lock first (TLS, HTTP, parsing), then the core's work
+        // under it; the core waits for the lock (a blocking mutex).
+        let serial = self.sc.tracker_serial_us.min(self.sc.tracker_us);
+        let locked = (start + self.sc.tracker_us - serial).max(self.tracker_lock_free_at);
+        self.tracker_lock_free_at = locked + serial;
+        let done = locked + serial;
+        self.counters.tracker_max_wait_us = self
+            .counters
+            .tracker_max_wait_us
+            .max(done - self.now - self.sc.tracker_us);
+        self.tracker_free_at[core] = done;
+        self.at(locked, Ev::TrackerServe(rpc, done));
     }
 
-    fn tracker_serve(&mut self, rpc: Rpc) {
+    fn tracker_serve(&mut self, rpc: Rpc, done: u64) {
         self.counters.tracker_requests += 1;
         let k = match &rpc.call {
             Call::Lookup(_) => 0,
@@ -1400,7 +1472,7 @@ impl Sim {
                 Answer::Sent
             }
         };
-        let at = self.now + self.sc.tracker_us + self.half_rtt();
+        let at = done + self.half_rtt();
         self.reply(&rpc, answer, at);
     }
 

@@ -50,6 +50,19 @@ struct Cli {
     /// Tracker service time per request in microseconds (0: unlimited).
     #[arg(long)]
     tracker_us: Option<u64>,
+    /// Requests each member serves at once (more wait or get `Busy`).
+    #[arg(long)]
+    upload_slots: Option<u32>,
+    /// Requests each member holds while its upload slots are taken.
+    #[arg(long)]
+    upload_queue: Option<u32>,
+    /// Tracker cores serving requests at once.
+    #[arg(long)]
+    tracker_cores: Option<u32>,
+    /// Of --tracker-us, microseconds under the core's lock (serial across
+    /// cores).
+    #[arg(long)]
+    tracker_serial_us: Option<u64>,
     /// Start: `all`, `stagger:MS` or `waves:COUNT:GAP_MS`.
     #[arg(long)]
     start: Option<String>,
@@ -165,6 +178,10 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(racks);
     set!(seed);
     set!(tracker_us);
+    set!(tracker_cores);
+    set!(upload_slots);
+    set!(upload_queue);
+    set!(tracker_serial_us);
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;
     }

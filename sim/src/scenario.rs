@@ -84,8 +84,18 @@ pub struct Scenario {
     /// Tracker service time per request in microseconds, on one core (0:
     /// unlimited). The HTTPS tracker measured 33–41 µs per request.
     pub tracker_us: u64,
+    /// Cores serving tracker requests at once (the measured cost is CPU
+    /// per request of the whole process: TLS, HTTP/2 and JSON, most of it
+    /// outside the core's lock).
+    pub tracker_cores: u32,
+    /// Of `tracker_us`, the part spent holding the core's lock, one request
+    /// at a time (the core's own work; its JSON, HTTP/2 and TLS run outside).
+    pub tracker_serial_us: u64,
     /// Upload slots per member (requests served at once; more get `Busy`).
     pub upload_slots: u32,
+    /// Requests a member holds while its upload slots are all taken (more
+    /// get `Busy`).
+    pub upload_queue: u32,
     /// When members start.
     pub start: Start,
     /// Fraction of members that die mid-pull (stop answering anyone).
@@ -130,7 +140,10 @@ impl Default for Scenario {
             slow_rate: None,
             rtt_us: 200,
             tracker_us: 40,
+            tracker_cores: 1,
+            tracker_serial_us: 5,
             upload_slots: 16,
+            upload_queue: 4,
             start: Start::AllAtOnce,
             churn: 0.0,
             churn_window_ms: 5_000,
@@ -186,12 +199,16 @@ impl Scenario {
         anyhow::ensure!(self.layer_bytes >= 1, "layer_bytes must be at least 1");
         anyhow::ensure!(
             is_valid_chunk_size(self.chunk_size),
-            "chunk_size {} is not a valid chunk size (a power of two from 64 KiB to 16 MiB)",
+            "chunk_size {} is not a valid chunk size (a power of two from 64 KiB to 4 MiB)",
             self.chunk_size
         );
         shoal_proto::ChunkLayout::new(self.layer_bytes, self.chunk_size)
             .map_err(|e| anyhow::anyhow!("layer_bytes: {e}"))?;
         anyhow::ensure!(self.rate > 0, "rate must be positive");
+        anyhow::ensure!(
+            (1..=1024).contains(&self.tracker_cores),
+            "tracker_cores must be 1..=1024"
+        );
         anyhow::ensure!(self.origin_rate != Some(0), "origin_rate must be positive");
         anyhow::ensure!(self.slow_rate != Some(0), "slow_rate must be positive");
         anyhow::ensure!(self.rack_uplink != Some(0), "rack_uplink must be positive");

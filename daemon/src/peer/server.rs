@@ -9,7 +9,9 @@
 //! 1. the request is read within [`ServeLimits::request_timeout`] (the
 //!    decoder bounds its size); a malformed one gets `Error{BadRequest}`;
 //! 2. `GetChunks` takes one of [`ServeLimits::max_concurrent_uploads`] upload
-//!    slots, shared by all connections, or gets `Error{Busy}` at once; then
+//!    slots, shared by all connections — waiting for one in a short queue
+//!    ([`ServeLimits::upload_queue`]) when all are taken, or getting
+//!    `Error{Busy}` when the queue is full too; then
 //!    per requested index, in order, a `Chunk` (header, then the chunk's
 //!    bytes without a copy) or `DontHave`. The next chunk is read from disk
 //!    while the current one is written;
@@ -35,6 +37,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +79,14 @@ pub struct ServeLimits {
     /// The cap on bytes per second sent to all peers together
     /// (`--peer-upload-rate`; default none).
     pub upload_rate: RateLimit,
+    /// `GetChunks` requests held, first come first served, while every
+    /// upload slot is taken; more get `Error{Busy}` at once (default 4).
+    /// Holding a few spares the requester a round trip and a back-off when
+    /// a slot frees within a chunk's time, as on fast links it does.
+    pub upload_queue: usize,
+    /// Longest a request waits in that queue before it gets `Error{Busy}`
+    /// (default 2 s).
+    pub upload_queue_wait: Duration,
     /// Watches of one blob at once; more get `Error{Busy}` (default
     /// [`WATCHERS_PER_BLOB`]).
     pub watchers_per_blob: usize,
@@ -92,6 +103,8 @@ impl Default for ServeLimits {
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             upload_rate: RateLimit::unlimited(),
+            upload_queue: 4,
+            upload_queue_wait: Duration::from_secs(2),
             watchers_per_blob: WATCHERS_PER_BLOB,
             max_watches: 1024,
         }
@@ -117,6 +130,8 @@ struct Shared {
     uploads: Arc<Semaphore>,
     /// Open watches per blob.
     watches: Mutex<HashMap<Digest, usize>>,
+    /// Requests waiting for an upload slot.
+    queued: AtomicUsize,
 }
 
 /// One open watch, counted against the limits while it lives.
@@ -167,6 +182,7 @@ impl PeerServer {
             uploads: Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
             limits,
             watches: Mutex::default(),
+            queued: AtomicUsize::new(0),
         });
         let task = tokio::spawn(accept_loop(endpoint.clone(), shared, stop_rx));
         PeerServerHandle {
@@ -481,6 +497,43 @@ async fn serve_stream(
     }
 }
 
+/// With every upload slot taken: waits for one in the queue (first come,
+/// first served) if the queue has room, for at most
+/// [`ServeLimits::upload_queue_wait`]; `None`: answer `Busy`.
+async fn wait_for_slot(
+    out: &mut Responder,
+    shared: &Shared,
+) -> Result<Option<OwnedSemaphorePermit>, Gone> {
+    let (_place, ahead) = QueuePlace::enter(&shared.queued);
+    if ahead >= shared.limits.upload_queue {
+        return Ok(None);
+    }
+    tokio::select! {
+        slot = shared.uploads.clone().acquire_owned() => {
+            Ok(Some(slot.expect("the upload semaphore is never closed")))
+        }
+        _ = out.send.stopped() => Err(Gone),
+        () = tokio::time::sleep(shared.limits.upload_queue_wait) => Ok(None),
+    }
+}
+
+/// A place in the upload queue, counted while it lives.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl<'a> QueuePlace<'a> {
+    /// Enters the queue; also returns how many were in it already.
+    fn enter(count: &'a AtomicUsize) -> (Self, usize) {
+        let ahead = count.fetch_add(1, Ordering::AcqRel);
+        (QueuePlace(count), ahead)
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Answers a `Watch`: the blob's bitfield now and each time it grows
 /// (see the module docs).
 async fn serve_watch(
@@ -560,12 +613,18 @@ async fn serve_chunks(
     chunk_size: u32,
     indices: &[u32],
 ) -> Result<(), Gone> {
-    let Ok(slot) = shared.uploads.clone().try_acquire_owned() else {
-        let msg = format!(
-            "all {} upload slots are in use",
-            shared.limits.max_concurrent_uploads
-        );
-        return out.frame(&Response::error(ErrorKind::Busy, msg)).await;
+    let slot = match shared.uploads.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => match wait_for_slot(out, shared).await? {
+            Some(slot) => slot,
+            None => {
+                let msg = format!(
+                    "all {} upload slots are in use",
+                    shared.limits.max_concurrent_uploads
+                );
+                return out.frame(&Response::error(ErrorKind::Busy, msg)).await;
+            }
+        },
     };
     let layout = match shared.source.layout(&blob, chunk_size) {
         Ok(Some(layout)) => layout,

@@ -650,9 +650,11 @@ async fn busy_when_upload_slots_are_taken() {
         let ca = TestCa::new("cluster");
         let client = ca.client(Some("client-1"));
 
-        // No slots at all: every chunk request is refused at once.
+        // No slots at all (and no queue): every chunk request is refused at
+        // once.
         let limits = ServeLimits {
             max_concurrent_uploads: 0,
+            upload_queue: 0,
             ..ServeLimits::default()
         };
         let (_s0, peer0) = serve(&ca, Arc::new(MemSource::with(&data)), limits);
@@ -687,6 +689,7 @@ async fn busy_when_upload_slots_are_taken() {
         };
         let limits = ServeLimits {
             max_concurrent_uploads: 1,
+            upload_queue: 0,
             ..ServeLimits::default()
         };
         let (_s1, peer) = serve(&ca, Arc::new(source), limits);
@@ -721,6 +724,64 @@ async fn busy_when_upload_slots_are_taken() {
         assert!(
             matches!(got[..], [(1, ChunkResult::Verified(_))]),
             "{got:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_every_slot_taken_requests_queue_for_one_until_the_queue_is_full() {
+    bounded(async {
+        let data = blob_data(16);
+        let (hashes, digest) = hashes_of(&data);
+        let ca = TestCa::new("cluster");
+        let client = ca.client(Some("client-1"));
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let (release, release_rx) = mpsc::channel();
+        let source = MemSource {
+            gate: Some(Gate {
+                entered: entered_tx,
+                release: Mutex::new(release_rx),
+            }),
+            ..MemSource::with(&data)
+        };
+        let limits = ServeLimits {
+            max_concurrent_uploads: 1,
+            upload_queue: 1,
+            ..ServeLimits::default()
+        };
+        let (_server, peer) = serve(&ca, Arc::new(source), limits);
+        let first = client.fetch(&peer, &digest, &hashes, &[0], DEADLINE);
+        let rest = async {
+            // The first request holds the slot; the second waits for it.
+            assert_eq!(entered.recv().await, Some(0));
+            let queued = client.fetch(&peer, &digest, &hashes, &[1], DEADLINE);
+            let then = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                // The queue is full: a third is refused at once.
+                let started = Instant::now();
+                let third = client.fetch(&peer, &digest, &hashes, &[2], DEADLINE).await;
+                assert!(started.elapsed() < SECOND);
+                // The slot passes to the waiting request when it frees.
+                release.send(()).unwrap();
+                assert_eq!(entered.recv().await, Some(1));
+                release.send(()).unwrap();
+                third
+            };
+            tokio::join!(queued, then)
+        };
+        let (first, (queued, third)) = tokio::join!(first, rest);
+        assert!(
+            matches!(first[..], [(0, ChunkResult::Verified(_))]),
+            "{first:?}"
+        );
+        assert!(
+            matches!(queued[..], [(1, ChunkResult::Verified(_))]),
+            "{queued:?}"
+        );
+        assert!(
+            matches!(third[..], [(2, ChunkResult::Failed(FetchError::Busy(_)))]),
+            "{third:?}"
         );
     })
     .await;
