@@ -57,6 +57,10 @@ use std::fmt::Debug;
 
 use crate::chunk::{Bitfield, ChunkLayout};
 
+/// A peer request counts as stalled after at least this many usual chunk
+/// times (see [`SchedConfig::stall_ms`]).
+const STALL_CHUNKS: u64 = 4;
+
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
 pub struct SchedConfig {
@@ -74,7 +78,11 @@ pub struct SchedConfig {
     pub origin_requests: u32,
     /// Most chunks in one origin Range request.
     pub origin_run: u32,
-    /// A peer request unanswered this long is moved to another source.
+    /// A peer request unanswered this long is moved to another source — or
+    /// four times the usual chunk time here, if longer: in the simulator, 32
+    /// members on 10 mbit (16 upload slots each, so a chunk takes ~3.4 s)
+    /// stalled, benched and reported one another with a fixed 5 s until
+    /// members had downloaded the image 89 times over and 10 never finished.
     pub stall_ms: u64,
     /// An origin chunk not stored after this long counts as stalled (its
     /// run is abandoned and fetched again). Much longer than `stall_ms`:
@@ -1164,7 +1172,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 if let Some(s) = self.peers.get_mut(p) {
                     s.inflight += 1;
                 }
-                self.cfg.stall_ms
+                // On a slow link a healthy peer's chunk takes seconds (its
+                // uplink split among its upload slots): a stall is then
+                // several usual chunk times, not a fixed 5 s.
+                self.cfg
+                    .stall_ms
+                    .max(self.chunk_ms.unwrap_or(0).saturating_mul(STALL_CHUNKS))
             }
         };
         self.inflight.entry(chunk).or_default().push(Request {
@@ -1536,6 +1549,37 @@ mod tests {
         assert!(distinct.len() > 16, "{firsts:?}");
         // Without a seed, by index.
         assert_eq!(fresh(None), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn on_a_slow_link_a_request_stalls_only_after_several_usual_chunk_times() {
+        let mut s = sched(8);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(8).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1, 2, 3])]);
+        // A chunk takes 3 s here.
+        s.handle(
+            3_000,
+            Event::Chunk {
+                source: Source::Peer(1),
+                chunk: 0,
+                outcome: Outcome::Verified,
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 3_000)), vec![(1, vec![4])]);
+        let cancelled = |acts: &[Action<u32>], c: u32| {
+            acts.iter()
+                .any(|a| matches!(a, Action::Cancel { chunk, .. } if *chunk == c))
+        };
+        // Not after the fixed 5 s (at 8 s)...
+        assert!(!cancelled(&drain(&mut s, 11_000), 4));
+        // ...but after four usual chunk times (12 s, at 15 s).
+        assert!(cancelled(&drain(&mut s, 15_000), 4));
     }
 
     #[test]
