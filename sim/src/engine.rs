@@ -1085,19 +1085,6 @@ impl Sim {
             if holder.halted {
                 return; // it hangs until the requester gives up
             }
-            let refuse = |sim: &mut Sim, chunks: Vec<u32>, outcome: Outcome| {
-                let at = sim.now + sim.half_rtt();
-                sim.at(
-                    at,
-                    Ev::Refused {
-                        node: to,
-                        layer,
-                        peer: id,
-                        chunks,
-                        outcome,
-                    },
-                );
-            };
             if holder.slots >= self.sc.upload_slots {
                 // Queued for a slot while the queue has room, as the
                 // daemon's server holds a request until a slot frees.
@@ -1109,11 +1096,27 @@ impl Sim {
                 self.counters.busy += 1;
                 let (d, _) = self.net.stop(self.now, f).expect("live");
                 self.forget(&d.data);
-                refuse(self, d.data.chunks, Outcome::Busy);
+                self.refuse(to, layer, id, d.data.chunks, Outcome::Busy);
                 return;
             }
         }
         self.serve(f);
+    }
+
+    /// Member `to`'s request of layer `layer` to its peer `id` is answered
+    /// `outcome` for `chunks`, half a round trip from now.
+    fn refuse(&mut self, to: u32, layer: u16, id: u32, chunks: Vec<u32>, outcome: Outcome) {
+        let at = self.now + self.half_rtt();
+        self.at(
+            at,
+            Ev::Refused {
+                node: to,
+                layer,
+                peer: id,
+                chunks,
+                outcome,
+            },
+        );
     }
 
     /// A request takes an upload slot (if to a peer) and starts moving.
@@ -1121,19 +1124,6 @@ impl Sim {
         let fl = self.net.get(f).expect("checked by the caller");
         let (to, layer, from) = (fl.data.to, fl.data.layer, fl.data.from);
         if let Sender::Peer { node, id } = from {
-            let refuse = |sim: &mut Sim, chunks: Vec<u32>, outcome: Outcome| {
-                let at = sim.now + sim.half_rtt();
-                sim.at(
-                    at,
-                    Ev::Refused {
-                        node: to,
-                        layer,
-                        peer: id,
-                        chunks,
-                        outcome,
-                    },
-                );
-            };
             // Chunks the holder lacks are answered at once.
             let lacks: Vec<u32> = {
                 let d = &self.net.get(f).expect("live").data;
@@ -1161,7 +1151,7 @@ impl Sim {
                 for &c in &lacks {
                     self.nodes[to as usize].peer_reqs.remove(&(layer, id, c));
                 }
-                refuse(self, lacks, Outcome::DontHave);
+                self.refuse(to, layer, id, lacks, Outcome::DontHave);
                 if self.net.get(f).expect("live").data.chunks.is_empty() {
                     self.net.stop(self.now, f);
                     return;

@@ -678,21 +678,7 @@ async fn busy_when_upload_slots_are_taken() {
             .is_some());
 
         // One slot, held by a request whose read is stalled.
-        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-        let (release, release_rx) = mpsc::channel();
-        let source = MemSource {
-            gate: Some(Gate {
-                entered: entered_tx,
-                release: Mutex::new(release_rx),
-            }),
-            ..MemSource::with(&data)
-        };
-        let limits = ServeLimits {
-            max_concurrent_uploads: 1,
-            upload_queue: 0,
-            ..ServeLimits::default()
-        };
-        let (_s1, peer) = serve(&ca, Arc::new(source), limits);
+        let (_s1, peer, mut entered, release) = gated(&ca, &data, 0);
         let first = client.fetch(&peer, &digest, &hashes, &[0], DEADLINE);
         let second = async {
             // The first request holds the slot once its read started.
@@ -729,6 +715,37 @@ async fn busy_when_upload_slots_are_taken() {
     .await;
 }
 
+/// A server of `data` with one upload slot and `queue` places in its
+/// queue, each chunk read held until the test releases it: the index of
+/// each read that started comes out of the receiver.
+fn gated(
+    ca: &TestCa,
+    data: &[u8],
+    queue: usize,
+) -> (
+    PeerServerHandle,
+    PeerAddr,
+    tokio::sync::mpsc::UnboundedReceiver<u32>,
+    mpsc::Sender<()>,
+) {
+    let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel();
+    let (release, release_rx) = mpsc::channel();
+    let source = MemSource {
+        gate: Some(Gate {
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        }),
+        ..MemSource::with(data)
+    };
+    let limits = ServeLimits {
+        max_concurrent_uploads: 1,
+        upload_queue: queue,
+        ..ServeLimits::default()
+    };
+    let (server, peer) = serve(ca, Arc::new(source), limits);
+    (server, peer, entered, release)
+}
+
 #[tokio::test]
 async fn with_every_slot_taken_requests_queue_for_one_until_the_queue_is_full() {
     bounded(async {
@@ -736,21 +753,7 @@ async fn with_every_slot_taken_requests_queue_for_one_until_the_queue_is_full() 
         let (hashes, digest) = hashes_of(&data);
         let ca = TestCa::new("cluster");
         let client = ca.client(Some("client-1"));
-        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-        let (release, release_rx) = mpsc::channel();
-        let source = MemSource {
-            gate: Some(Gate {
-                entered: entered_tx,
-                release: Mutex::new(release_rx),
-            }),
-            ..MemSource::with(&data)
-        };
-        let limits = ServeLimits {
-            max_concurrent_uploads: 1,
-            upload_queue: 1,
-            ..ServeLimits::default()
-        };
-        let (_server, peer) = serve(&ca, Arc::new(source), limits);
+        let (_server, peer, mut entered, release) = gated(&ca, &data, 1);
         let first = client.fetch(&peer, &digest, &hashes, &[0], DEADLINE);
         let rest = async {
             // The first request holds the slot; the second waits for it.
