@@ -41,7 +41,7 @@ use shoal_proto::tracker_api::{
     PublishHashes, Report, TrackerError,
 };
 use shoal_proto::wire::{WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS};
-use shoal_proto::{ChunkLayout, Digest};
+use shoal_proto::{Bitfield, ChunkLayout, Digest};
 use shoal_tracker::{Tracker, TrackerConfig};
 
 use crate::net::{FlowId, FlowNet, LinkId};
@@ -205,7 +205,7 @@ enum Ev {
         watcher: u32,
         layer: u16,
         id: u32,
-        have: Option<shoal_proto::Bitfield>,
+        have: Option<Bitfield>,
     },
 }
 
@@ -638,11 +638,24 @@ impl Sim {
         false
     }
 
+    /// A watch frame (or, `None`, the watch's end) reaches `watcher` at `at`.
+    fn frame(&mut self, at: u64, watcher: u32, layer: u16, id: u32, have: Option<Bitfield>) {
+        self.at(
+            at,
+            Ev::WatchFrame {
+                watcher,
+                layer,
+                id,
+                have,
+            },
+        );
+    }
+
     /// What member `node` holds of layer `l`, as a watch frame carries it
     /// (`None`: nothing to say, it has not started the layer).
-    fn bitfield(&self, node: u32, l: u16) -> Option<shoal_proto::Bitfield> {
+    fn bitfield(&self, node: u32, l: u16) -> Option<Bitfield> {
         match &self.nodes[node as usize].layers[l as usize] {
-            LayerState::Done => shoal_proto::Bitfield::full(self.blobs[l as usize].1.count()).ok(),
+            LayerState::Done => Bitfield::full(self.blobs[l as usize].1.count()).ok(),
             LayerState::Active(s) => Some(s.have().clone()),
             LayerState::Waiting | LayerState::Running => None,
         }
@@ -660,27 +673,11 @@ impl Sim {
             self.nodes[holder as usize].watchers[l as usize].push((watcher, id));
         }
         let at = self.now + self.half_rtt();
-        self.at(
-            at,
-            Ev::WatchFrame {
-                watcher,
-                layer: l,
-                id,
-                have: bits.clone(),
-            },
-        );
+        self.frame(at, watcher, l, id, bits.clone());
         if refused {
             // A complete holder's full bitfield ends the watch; a refusal
             // ends it at once.
-            self.at(
-                at,
-                Ev::WatchFrame {
-                    watcher,
-                    layer: l,
-                    id,
-                    have: None,
-                },
-            );
+            self.frame(at, watcher, l, id, None);
         }
     }
 
@@ -716,25 +713,9 @@ impl Sim {
                 continue;
             }
             let at = self.now + self.half_rtt();
-            self.at(
-                at,
-                Ev::WatchFrame {
-                    watcher: w,
-                    layer: l,
-                    id,
-                    have: Some(bits.clone()),
-                },
-            );
+            self.frame(at, w, l, id, Some(bits.clone()));
             if full {
-                self.at(
-                    at,
-                    Ev::WatchFrame {
-                        watcher: w,
-                        layer: l,
-                        id,
-                        have: None,
-                    },
-                );
+                self.frame(at, w, l, id, None);
             } else {
                 kept.push((w, id));
             }
@@ -776,7 +757,7 @@ impl Sim {
                 self.cfg.clone(),
                 digest,
                 layout,
-                shoal_proto::Bitfield::for_layout(&layout),
+                Bitfield::for_layout(&layout),
                 Some(me),
                 resolve,
                 known,
@@ -823,15 +804,7 @@ impl Sim {
             .collect();
         let at = self.now + IDLE_TIMEOUT_US;
         for (layer, watcher, id) in watchers {
-            self.at(
-                at,
-                Ev::WatchFrame {
-                    watcher,
-                    layer,
-                    id,
-                    have: None,
-                },
-            );
+            self.frame(at, watcher, layer, id, None);
         }
         for f in mine {
             if self.net.get(f).is_some_and(|fl| fl.data.to == i) {
