@@ -57,6 +57,9 @@ use std::fmt::Debug;
 
 use crate::chunk::{Bitfield, ChunkLayout};
 
+/// Back-offs after `Busy` in a row that keep doubling (the base, 2×, 4×).
+const BUSY_STEPS: u32 = 3;
+
 /// A peer request counts as stalled after at least this many usual chunk
 /// times (see [`SchedConfig::stall_ms`]).
 const STALL_CHUNKS: u64 = 4;
@@ -101,7 +104,8 @@ pub struct SchedConfig {
     /// The first back-off after a peer answered `Busy` — the usual time a
     /// chunk takes here, within `busy_backoff_min_ms..=busy_backoff_ms` (this
     /// until a chunk has arrived); it doubles while the peer stays busy, up
-    /// to 16 times that. In the simulator a fixed 200 ms idled members of a
+    /// to 4 times that (16 times idled 100 mbit members for seconds behind
+    /// the holders of a layer's last chunks). In the simulator a fixed 200 ms idled members of a
     /// 300-member 10 gbit swarm, where chunks take a millisecond, behind
     /// busy holders: 5.3× the bound against 3.5× with 50 ms.
     pub busy_backoff_ms: u64,
@@ -618,7 +622,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 if let Some(state) = self.peers.get_mut(p) {
                     // One back-off per refusal, however many chunks it named.
                     if state.busy_until <= now {
-                        state.busy_streak = (state.busy_streak + 1).min(3);
+                        state.busy_streak = (state.busy_streak + 1).min(BUSY_STEPS);
                         state.busy_until = now + (base << (state.busy_streak - 1));
                     }
                 }
