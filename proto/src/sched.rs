@@ -233,6 +233,10 @@ pub enum Event<P> {
     /// (from a lookup); replaces what was known. The origin is not asked
     /// for them while their lessees are alive.
     LeasedElsewhere(Bitfield),
+    /// Chunks some member holds with a published hash, named to this node
+    /// or not (from a lookup); replaces what was known. The tracker leases
+    /// none of them, so none is asked for.
+    Served(Bitfield),
     /// A lookup answered (holders and hashes were fed as events).
     LookedUp,
     /// The tracker became unreachable (`true`) or reachable again.
@@ -416,6 +420,8 @@ pub struct Scheduler<P> {
     leased: Bitfield,
     /// Chunks leased to other members, as of the last lookup.
     elsewhere: Bitfield,
+    /// Chunks some member serves, as of the last lookup.
+    served: Bitfield,
     /// Chunks held by peers excluded here (they sent bad data): the tracker
     /// may still list them as served, so it will not lease them.
     unusable: Bitfield,
@@ -486,6 +492,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             peer_inflight: 0,
             leased: Bitfield::for_layout(&layout),
             elsewhere: Bitfield::for_layout(&layout),
+            served: Bitfield::for_layout(&layout),
             unusable: Bitfield::for_layout(&layout),
             origin_inflight: 0,
             origin_runs: BTreeMap::new(),
@@ -620,6 +627,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             Event::LeasedElsewhere(bits) => {
                 if bits.len() == self.layout.count() {
                     self.elsewhere = bits;
+                }
+            }
+            Event::Served(bits) => {
+                if bits.len() == self.layout.count() {
+                    self.served = bits;
                 }
             }
             Event::LookedUp => {
@@ -1432,8 +1444,13 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// can serve verifiably, that is not leased to this node and not in
     /// flight.
     fn first_orphan(&self) -> Option<u32> {
+        // Chunks the tracker would not lease (another member's lease, or
+        // served by a member this node may not know yet) are not asked for:
+        // at 10,000 members most lease requests were refused that way.
         let mut taken = self.have.clone();
         taken.union_with(&self.leased);
+        taken.union_with(&self.elsewhere);
+        taken.union_with(&self.served);
         let n = self.layout.count();
         let mut from = self.want;
         let mut wrapped = false;
@@ -2082,6 +2099,35 @@ mod tests {
                 chunks: vec![8, 9, 10, 11]
             }]
         );
+    }
+
+    #[test]
+    fn chunks_served_or_leased_elsewhere_are_not_asked_for_a_lease() {
+        let mut s = sched(8);
+        // A lookup: chunks 0-2 served by members not named here, 3 leased
+        // to another member. The first lease request starts at 4.
+        s.handle(0, Event::Served(bits(8, [0, 1, 2])));
+        s.handle(0, Event::LeasedElsewhere(bits(8, [3])));
+        assert_eq!(drain(&mut s, 0), vec![lease(4)]);
+        s.handle(1, Event::LeaseGranted(vec![4, 5, 6, 7]));
+        let acts = drain(&mut s, 1);
+        assert_eq!(
+            acts,
+            vec![Action::FetchOrigin {
+                chunks: vec![4, 5, 6, 7]
+            }]
+        );
+        // Everything else is someone's: no lease request, only lookups.
+        for t in [2, 600, 1_200] {
+            let acts = drain(&mut s, t);
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Lease { .. })),
+                "{t}: {acts:?}"
+            );
+        }
+        // Chunk 3's lessee went away: the next lookup shows it unclaimed.
+        s.handle(1_300, Event::LeasedElsewhere(bits(8, [])));
+        assert!(drain(&mut s, 1_300).contains(&Action::Lease { from: 3, max: 8 }));
     }
 
     #[test]

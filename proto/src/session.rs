@@ -465,6 +465,9 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             .handle(now, Event::HashesKnown(self.known.clone()));
         self.sched
             .handle(now, Event::LeasedElsewhere(view.leased().clone()));
+        if let Some(served) = view.served() {
+            self.sched.handle(now, Event::Served(served.clone()));
+        }
         let me = self.me.as_ref().map(|m| m.node.clone());
         for holder in view.holders() {
             if Some(&holder.node) == me.as_ref() {

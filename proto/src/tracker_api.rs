@@ -609,6 +609,10 @@ pub struct BlobView {
     /// cursor of the requester's next lookup ([`HashCursor`]).
     #[serde(default)]
     hash_seq: u64,
+    /// Chunks some member holds with a published hash, named here or not
+    /// (absent from older trackers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    served: Option<Bitfield>,
 }
 
 /// Where a requester's knowledge of a blob's chunk hashes stands: the epoch
@@ -662,6 +666,8 @@ struct RawBlobView {
     leased: Bitfield,
     #[serde(default)]
     hash_seq: u64,
+    #[serde(default)]
+    served: Option<Bitfield>,
 }
 
 impl TryFrom<RawBlobView> for BlobView {
@@ -669,10 +675,12 @@ impl TryFrom<RawBlobView> for BlobView {
 
     fn try_from(r: RawBlobView) -> Result<Self, TrackerError> {
         let layout = ChunkLayout::new(r.size, r.chunk_size)?;
-        Ok(
-            BlobView::new(r.blob, layout, r.epoch, r.hashes, r.holders, r.leased)?
-                .with_hash_seq(r.hash_seq),
-        )
+        let view = BlobView::new(r.blob, layout, r.epoch, r.hashes, r.holders, r.leased)?
+            .with_hash_seq(r.hash_seq);
+        match r.served {
+            Some(served) => view.with_served(served),
+            None => Ok(view),
+        }
     }
 }
 
@@ -711,7 +719,29 @@ impl BlobView {
             holders,
             leased,
             hash_seq: 0,
+            served: None,
         })
+    }
+
+    /// The same view saying which chunks are served ([`BlobView::served`]).
+    pub fn with_served(mut self, served: Bitfield) -> Result<Self, TrackerError> {
+        if served.len() != self.layout.count() {
+            return Err(TrackerError::BadView {
+                blob: self.blob,
+                what: "served bitfield length differs from the chunk count",
+            });
+        }
+        self.served = Some(served);
+        Ok(self)
+    }
+
+    /// Chunks some member holds with a published hash, whether or not a
+    /// holder of them is named here: no lease is granted for them, so a
+    /// requester that cannot fetch one from a named holder waits for a
+    /// lookup that names one rather than asking for a lease. `None` from a
+    /// tracker that does not say.
+    pub fn served(&self) -> Option<&Bitfield> {
+        self.served.as_ref()
     }
 
     /// The same view carrying the blob's hash sequence number.
@@ -1349,6 +1379,27 @@ mod tests {
         let mut short = j.clone();
         short["hashes"] = json!([null]);
         assert!(serde_json::from_value::<BlobView>(short).is_err());
+        // A view without `served` (an older tracker's) reads as None; one
+        // with it round-trips, and a wrong length is refused.
+        assert!(j.get("served").is_none());
+        assert_eq!(
+            serde_json::from_value::<BlobView>(j.clone())
+                .unwrap()
+                .served(),
+            None
+        );
+        let served = Bitfield::full(2).unwrap();
+        let v2 = v.clone().with_served(served.clone()).unwrap();
+        let j2 = serde_json::to_value(&v2).unwrap();
+        let back = serde_json::from_value::<BlobView>(j2.clone()).unwrap();
+        assert_eq!(back.served(), Some(&served));
+        assert!(v.clone().with_served(Bitfield::new(3).unwrap()).is_err());
+        let mut long = j2;
+        long["served"] = serde_json::to_value(Bitfield::new(9).unwrap()).unwrap();
+        let err = serde_json::from_value::<BlobView>(long)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("served bitfield length"), "{err}");
         let mut h = holder;
         h.have = Bitfield::new(2).unwrap();
         assert!(BlobView::new(d(1), layout, 1, vec![None, None], vec![h], leased).is_err());

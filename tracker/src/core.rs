@@ -467,10 +467,13 @@ impl Tracker {
             .iter()
             .map(|h| h.as_ref().filter(|p| p.seq > after).map(|p| p.hash))
             .collect();
-        Ok(
-            BlobView::new(*blob, b.layout, b.epoch, hashes, holders, leased)?
-                .with_hash_seq(b.hash_seq),
-        )
+        let mut served = Bitfield::for_layout(&b.layout);
+        for i in (0..count).filter(|&i| b.served(i)) {
+            served.set(i).expect("chunks are in range");
+        }
+        BlobView::new(*blob, b.layout, b.epoch, hashes, holders, leased)?
+            .with_hash_seq(b.hash_seq)
+            .with_served(served)
     }
 
     /// Makes this tracker number hash epochs from `first` on (default 1).

@@ -329,6 +329,9 @@ fn hashes_only_from_the_lease_holder() {
     assert_eq!(v.hashes()[0], Some(truth(&d, 0)));
     assert_eq!(v.hashes()[1], None);
     assert_eq!(v.leased().iter_ones().collect::<Vec<_>>(), [1]);
+    // Chunk 0 is served (held, hash published), whoever is named.
+    let served = v.served().expect("this tracker says what is served");
+    assert_eq!(served.iter_ones().collect::<Vec<_>>(), [0]);
     h.check();
 }
 
