@@ -98,6 +98,12 @@ pub struct RunArgs {
     /// member (a power of two, 64KiB to 4MiB). Default 256KiB.
     #[arg(long, env = "SHOAL_CHUNK_SIZE", value_name = "SIZE")]
     pub chunk_size: Option<String>,
+    /// Where this node sits: a rack or zone name (`[A-Za-z0-9._-]`, e.g.
+    /// the node's `topology.kubernetes.io/zone`) shared by nodes behind one
+    /// uplink. Nodes of a rack are asked first, so a chunk crosses the
+    /// uplink about once [default: none, every peer alike].
+    #[arg(long, env = "SHOAL_RACK", value_name = "NAME")]
+    pub rack: Option<String>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -126,6 +132,7 @@ struct FileConfig {
     peer_download_rate: Option<toml::Value>,
     peer_max_uploads: Option<usize>,
     chunk_size: Option<toml::Value>,
+    rack: Option<String>,
 }
 
 /// Log output format.
@@ -181,6 +188,8 @@ pub struct SwarmConfig {
     pub upload_rate: Option<u64>,
     /// Cap on bytes per second from peers.
     pub download_rate: Option<u64>,
+    /// Where this node sits, if the operator said.
+    pub rack: Option<shoal_proto::tracker_api::Rack>,
     /// Chunk requests served at once.
     pub max_uploads: usize,
     /// Chunk size of new blobs.
@@ -342,6 +351,14 @@ impl RunArgs {
                 if advertise.port() == 0 || advertise.ip().is_unspecified() {
                     bail!("`advertise`: {advertise} is not an address other nodes can dial");
                 }
+                let rack = match self.rack.or(file.rack) {
+                    None => None,
+                    Some(r) => Some(r.parse().map_err(|_| {
+                        anyhow::anyhow!(
+                            "`rack`: {r:?} must be 1 to 64 characters of [A-Za-z0-9._-]"
+                        )
+                    })?),
+                };
                 let trackers: Vec<String> =
                     trackers.into_iter().filter(|t| t != "embedded").collect();
                 for t in &trackers {
@@ -359,6 +376,7 @@ impl RunArgs {
                     download_rate,
                     max_uploads,
                     chunk_size,
+                    rack,
                 })
             }
         };
@@ -471,6 +489,17 @@ mod tests {
         assert!(format!("{err:#}").contains("peer-max-uploads"), "{err:#}");
         let err = member(|a| a.peer_download_rate = Some("quick".into())).unwrap_err();
         assert!(format!("{err:#}").contains("peer-download-rate"), "{err:#}");
+        assert_eq!(member(|_| {}).unwrap().swarm.unwrap().rack, None);
+        let sc = member(|a| a.rack = Some("eu-west-1b".into()))
+            .unwrap()
+            .swarm
+            .unwrap();
+        assert_eq!(
+            sc.rack.map(|r| r.to_string()).as_deref(),
+            Some("eu-west-1b")
+        );
+        let err = member(|a| a.rack = Some("rack 9".into())).unwrap_err();
+        assert!(format!("{err:#}").contains("`rack`: \"rack 9\""), "{err:#}");
     }
 
     #[test]

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shoal_proto::tracker_api::MAX_ANNOUNCE_BLOBS;
-use shoal_proto::ChunkLayout;
+use shoal_proto::{ChunkLayout, Digest};
 use shoal_tracker::client::{AnyTracker, Embedded, TrackerApi};
 use shoal_tracker::clock::MonotonicClock;
 use shoal_tracker::https_client::{HttpsConfig, HttpsTracker};
-use shoal_tracker::tracker_api::{Announce, BlobHave, NodeId, PeerAddr};
+use shoal_tracker::tracker_api::{Announce, BlobHave, NodeId, PeerAddr, Rack, TrackerError};
 use shoal_tracker::{Tracker, TrackerConfig};
 
 use crate::config::SwarmConfig;
@@ -34,6 +34,8 @@ pub struct Swarm {
     pub peers: PeerClient,
     /// The cluster's chunk size for new blobs.
     pub chunk_size: u32,
+    /// Where this node sits (`--rack`), said in every announce.
+    pub rack: Option<Rack>,
 }
 
 impl Swarm {
@@ -94,6 +96,7 @@ impl Swarm {
                 RateLimit::from_option(cfg.download_rate),
             ),
             chunk_size: cfg.chunk_size,
+            rack: cfg.rack.clone(),
         });
         Ok((swarm, handle))
     }
@@ -115,13 +118,7 @@ impl Swarm {
                 continue;
             }
             let dropped = store.take_dropped(MAX_ANNOUNCE_BLOBS);
-            let Ok(a) = Announce::new(
-                self.node.clone(),
-                self.addr.clone(),
-                Vec::new(),
-                dropped,
-                false,
-            ) else {
+            let Ok(a) = self.announce(Vec::new(), dropped, false) else {
                 continue;
             };
             match self.tracker.announce(a).await {
@@ -157,14 +154,9 @@ impl Swarm {
         let count = held.len();
         let mut first = true;
         for batch in announce_batches(held) {
-            let sent = Announce::new(
-                self.node.clone(),
-                self.addr.clone(),
-                batch,
-                Vec::new(),
-                first,
-            )
-            .map_err(|e| e.to_string());
+            let sent = self
+                .announce(batch, Vec::new(), first)
+                .map_err(|e| e.to_string());
             let result = match sent {
                 Ok(a) => self.tracker.announce(a).await.map_err(|e| {
                     let down = e.is_down();
@@ -192,16 +184,23 @@ impl Swarm {
         true
     }
 
+    /// An announce from this node (its rack said).
+    fn announce(
+        &self,
+        blobs: Vec<BlobHave>,
+        dropped: Vec<Digest>,
+        full: bool,
+    ) -> Result<Announce, TrackerError> {
+        Ok(
+            Announce::new(self.node.clone(), self.addr.clone(), blobs, dropped, full)?
+                .with_rack(self.rack.clone()),
+        )
+    }
+
     /// An announce of no blobs (alive, and with `full`, holding nothing);
     /// whether it got through.
     async fn announce_nothing(&self, full: bool) -> bool {
-        match Announce::new(
-            self.node.clone(),
-            self.addr.clone(),
-            Vec::new(),
-            Vec::new(),
-            full,
-        ) {
+        match self.announce(Vec::new(), Vec::new(), full) {
             Ok(a) => self.tracker.announce(a).await.is_ok(),
             Err(_) => false,
         }
@@ -262,6 +261,7 @@ mod tests {
             tracker: AnyTracker::Embedded(Embedded::new(tracker, clock)),
             peers: PeerClient::new(endpoint),
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
+            rack: None,
         }
     }
 

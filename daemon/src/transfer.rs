@@ -311,6 +311,7 @@ impl Transfers {
         let member = swarm.as_ref().map(|sw| Member {
             node: sw.node.clone(),
             addr: sw.addr.clone(),
+            rack: sw.rack.clone(),
         });
         let mut session: Session<PeerAddr, Hashes> = Session::new(
             SessionConfig::default(),

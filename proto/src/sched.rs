@@ -233,6 +233,9 @@ pub enum Event<P> {
     /// (from a lookup); replaces what was known. The origin is not asked
     /// for them while their lessees are alive.
     LeasedElsewhere(Bitfield),
+    /// The peer sits in this node's rack (from a lookup): it is asked
+    /// first, and a chunk it holds is not fetched from outside the rack.
+    Near(P),
     /// Chunks some member holds with a published hash, named to this node
     /// or not (from a lookup); replaces what was known. The tracker leases
     /// none of them, so none is asked for.
@@ -305,6 +308,8 @@ struct PeerState {
     busy_until: u64,
     /// `Busy` answers in a row.
     busy_streak: u32,
+    /// In this node's rack.
+    near: bool,
 }
 
 impl PeerState {
@@ -318,6 +323,7 @@ impl PeerState {
             probation: false,
             busy_until: 0,
             busy_streak: 0,
+            near: false,
         }
     }
 
@@ -422,6 +428,9 @@ pub struct Scheduler<P> {
     elsewhere: Bitfield,
     /// Chunks some member serves, as of the last lookup.
     served: Bitfield,
+    /// Some peer was ever in this node's rack (what near peers hold is
+    /// then weighed in each pass).
+    any_near: bool,
     /// Chunks held by peers excluded here (they sent bad data): the tracker
     /// may still list them as served, so it will not lease them.
     unusable: Bitfield,
@@ -493,6 +502,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             leased: Bitfield::for_layout(&layout),
             elsewhere: Bitfield::for_layout(&layout),
             served: Bitfield::for_layout(&layout),
+            any_near: false,
             unusable: Bitfield::for_layout(&layout),
             origin_inflight: 0,
             origin_runs: BTreeMap::new(),
@@ -627,6 +637,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             Event::LeasedElsewhere(bits) => {
                 if bits.len() == self.layout.count() {
                     self.elsewhere = bits;
+                }
+            }
+            Event::Near(peer) => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.near = true;
+                    self.any_near = true;
                 }
             }
             Event::Served(bits) => {
@@ -1210,24 +1226,40 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         if !wanted.iter_ones().any(|c| self.avail[c as usize] > 0) {
             return None;
         }
-        // Least loaded peers first; ties by id, deterministically. Only
-        // those holding something wanted (usually none or a few).
-        let mut order: Vec<(u32, P)> = self
+        // Peers in this rack first, then the least loaded; ties by id,
+        // deterministically. Only those holding something wanted (usually
+        // none or a few).
+        let mut order: Vec<(bool, u32, P)> = self
             .peers
             .iter()
             .filter(|(_, s)| s.open(now, self.cfg.peer_depth) && s.have.intersects(&wanted))
-            .map(|(p, s)| (s.inflight, p.clone()))
+            .map(|(p, s)| (!s.near, s.inflight, p.clone()))
             .collect();
         order.sort();
+        // What the rack holds (near peers not benched or excluded, busy or
+        // not) is not fetched from outside it: each chunk should cross the
+        // rack's uplink about once, then spread inside.
+        let near_have = self.any_near.then(|| {
+            let mut h = Bitfield::for_layout(&self.layout);
+            for s in self.peers.values().filter(|s| s.near && s.counted()) {
+                h.union_with(&s.have);
+            }
+            h
+        });
         // Every open peer is served in this one pass (each filled to its
         // depth, so a pass per peer would find the same order again).
         let mut wanted = wanted;
-        for (_, peer) in order {
+        let mut far_wanted: Option<Bitfield> = None;
+        for (far, _, peer) in order {
             if self.peer_inflight >= self.cfg.max_inflight || wanted.count() == 0 {
                 break;
             }
             let Some(state) = self.peers.get(&peer) else {
                 continue;
+            };
+            let pool = match (far, &near_have) {
+                (true, Some(near)) => &*far_wanted.get_or_insert_with(|| wanted.difference(near)),
+                _ => &wanted,
             };
             let depth = if state.probation {
                 1
@@ -1239,7 +1271,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             // kept in a small sorted list as its chunks go by (`room` is a
             // few; ranking every wanted chunk per pass cost more).
             let mut best: Vec<(u8, u32, u32, u32)> = Vec::with_capacity(room as usize + 1);
-            for c in state.have.iter_and(&wanted) {
+            for c in state.have.iter_and(pool) {
                 let p = self.priority(c);
                 if best.len() == room as usize && best.last().is_some_and(|&b| p >= b) {
                     continue;
@@ -1255,6 +1287,9 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             for (k, &c) in chunks.iter().enumerate() {
                 self.start(c, Source::Peer(peer.clone()), now, k as u32);
                 let _ = wanted.clear(c);
+                if let Some(f) = far_wanted.as_mut() {
+                    let _ = f.clear(c);
+                }
             }
             self.queue.push_back(Action::FetchPeer { peer, chunks });
         }
@@ -2099,6 +2134,45 @@ mod tests {
                 chunks: vec![8, 9, 10, 11]
             }]
         );
+    }
+
+    #[test]
+    fn a_peer_outside_the_rack_is_asked_only_for_what_the_rack_lacks() {
+        let mut s = sched(8);
+        s.cfg.endgame_chunks = 0;
+        // Peer 1 (outside) holds everything; peer 2 (this rack) holds 0-5.
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(8).unwrap(),
+            },
+        );
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 2,
+                have: bits(8, 0..6),
+            },
+        );
+        s.handle(0, Event::Near(2));
+        let fetches = peer_fetches(&drain(&mut s, 0));
+        // The rack mate first (its depth is 4); the outsider only for 6, 7.
+        assert_eq!(fetches.len(), 2, "{fetches:?}");
+        assert_eq!(fetches[0].0, 2);
+        assert_eq!(fetches[1], (1, vec![6, 7]));
+        // The rack mate is busy: what it holds still waits for it.
+        for &c in &fetches[0].1 {
+            s.handle(
+                1,
+                Event::Chunk {
+                    source: Source::Peer(2),
+                    chunk: c,
+                    outcome: Outcome::Busy,
+                },
+            );
+        }
+        assert!(peer_fetches(&drain(&mut s, 1)).is_empty());
     }
 
     #[test]

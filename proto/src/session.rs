@@ -24,7 +24,7 @@ use crate::digest::Digest;
 use crate::sched::{Action, Event, Outcome, SchedConfig, Scheduler, Source};
 use crate::tracker_api::{
     Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
-    PublishHashes, Report,
+    PublishHashes, Rack, Report,
 };
 
 /// Tunables of a session around its scheduler.
@@ -167,6 +167,8 @@ pub struct Member {
     pub node: NodeId,
     /// Where peers reach it.
     pub addr: PeerAddr,
+    /// Where it sits, if the operator said ([`Rack`]).
+    pub rack: Option<Rack>,
 }
 
 /// Where a peer's watch stands.
@@ -397,7 +399,8 @@ impl<A: Clone, H: HashBook> Session<A, H> {
                 Vec::new(),
                 false,
             )
-            .ok()?;
+            .ok()?
+            .with_rack(me.rack.clone());
             self.in_flight += 1;
             return Some(Io::Announce(a));
         }
@@ -495,6 +498,9 @@ impl<A: Clone, H: HashBook> Session<A, H> {
                 holder.have.clone()
             };
             self.sched.handle(now, Event::PeerHas { peer: id, have });
+            if holder.near {
+                self.sched.handle(now, Event::Near(id));
+            }
             if !holder.complete && watch == Watch::No && self.watching < self.cfg.watch_peers {
                 self.set_watch(id, Watch::Open);
                 self.watching += 1;
@@ -630,7 +636,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             Vec::new(),
             false,
         ) {
-            out.push(Io::Announce(a));
+            out.push(Io::Announce(a.with_rack(me.rack.clone())));
         }
         out
     }
@@ -671,6 +677,7 @@ mod tests {
         Member {
             node: "me".parse().unwrap(),
             addr: "10.0.0.1:7000".parse().unwrap(),
+            rack: None,
         }
     }
 
@@ -720,6 +727,7 @@ mod tests {
             addr: "10.0.0.9:7000".parse().unwrap(),
             have: bits,
             complete,
+            near: false,
         }
     }
 

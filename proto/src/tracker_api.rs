@@ -45,6 +45,10 @@ pub enum TrackerError {
     /// A node id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
     #[error("node id {0:?} is not 1 to 64 characters of [A-Za-z0-9._-]")]
     BadNodeId(String),
+    /// A rack name is empty, too long or has characters outside
+    /// `[A-Za-z0-9._-]`.
+    #[error("rack {0:?} is not 1 to 64 characters of [A-Za-z0-9._-]")]
+    BadRack(String),
     /// A peer address is not `host:port`.
     #[error("peer address {addr:?} is invalid: {reason}")]
     BadAddr {
@@ -206,6 +210,56 @@ impl serde::Serialize for NodeId {
 }
 
 impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a member sits in the network: a rack, or a zone — whatever shares
+/// an uplink that is narrower than its hosts together. Same grammar as a
+/// [`NodeId`] (`rack-12`, `us-east-1a`). Members of one rack are named to
+/// each other first, so each chunk crosses a rack's uplink about once.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rack(Arc<str>);
+
+impl Rack {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Rack {
+    type Err = TrackerError;
+
+    fn from_str(s: &str) -> Result<Self, TrackerError> {
+        match s.parse::<NodeId>() {
+            Ok(id) => Ok(Rack(id.0)),
+            Err(_) => Err(TrackerError::BadRack(truncate(s))),
+        }
+    }
+}
+
+impl fmt::Display for Rack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Rack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl serde::Serialize for Rack {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rack {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
@@ -470,7 +524,8 @@ impl BlobHave {
 /// the node's bitfield for that blob; `dropped` blobs are no longer held; if
 /// `full`, the list is the node's complete holdings and blobs not listed are
 /// forgotten. A node that holds nothing announces an empty list to stay a
-/// member.
+/// member. A `rack`, if given, is where the node sits ([`Rack`]); the
+/// tracker keeps the last one given.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawAnnounce")]
 pub struct Announce {
@@ -479,6 +534,8 @@ pub struct Announce {
     blobs: Vec<BlobHave>,
     dropped: Vec<Digest>,
     full: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rack: Option<Rack>,
 }
 
 #[derive(serde::Deserialize)]
@@ -491,13 +548,15 @@ struct RawAnnounce {
     dropped: Vec<Digest>,
     #[serde(default)]
     full: bool,
+    #[serde(default)]
+    rack: Option<Rack>,
 }
 
 impl TryFrom<RawAnnounce> for Announce {
     type Error = TrackerError;
 
     fn try_from(r: RawAnnounce) -> Result<Self, TrackerError> {
-        Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)
+        Ok(Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?.with_rack(r.rack))
     }
 }
 
@@ -529,7 +588,19 @@ impl Announce {
             blobs,
             dropped,
             full,
+            rack: None,
         })
+    }
+
+    /// The same announce saying where the node sits.
+    pub fn with_rack(mut self, rack: Option<Rack>) -> Self {
+        self.rack = rack;
+        self
+    }
+
+    /// Where the node sits, if it says.
+    pub fn rack(&self) -> Option<&Rack> {
+        self.rack.as_ref()
     }
 
     /// The announcing node.
@@ -590,6 +661,10 @@ pub struct Holder {
     pub have: Bitfield,
     /// Whether it holds the whole blob, verified against the digest.
     pub complete: bool,
+    /// Whether it sits in the requester's rack (both announced the same
+    /// [`Rack`]): such holders are named first and asked first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub near: bool,
 }
 
 /// What the tracker knows about one blob, as seen by one requester: the
@@ -1153,6 +1228,30 @@ mod tests {
     }
 
     #[test]
+    fn racks_parse_and_ride_in_announces() {
+        assert_eq!("us-east-1a".parse::<Rack>().unwrap().as_str(), "us-east-1a");
+        for bad in ["", "rack 1", "a/b", &"r".repeat(65)] {
+            let err = bad.parse::<Rack>().unwrap_err();
+            assert!(matches!(err, TrackerError::BadRack(_)), "{bad}");
+            assert!(err.to_string().starts_with("rack "), "{err}");
+        }
+        let addr: PeerAddr = "10.0.0.1:4901".parse().unwrap();
+        let a = Announce::new(node("n1"), addr, vec![], vec![], false).unwrap();
+        let j = serde_json::to_value(&a).unwrap();
+        assert!(j.get("rack").is_none(), "no rack, no field: {j}");
+        let a = a.with_rack(Some("rack-7".parse().unwrap()));
+        let j = serde_json::to_value(&a).unwrap();
+        assert_eq!(j["rack"], json!("rack-7"));
+        assert_eq!(serde_json::from_value::<Announce>(j.clone()).unwrap(), a);
+        let mut bad = j;
+        bad["rack"] = json!("rack 7");
+        let err = serde_json::from_value::<Announce>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rack \"rack 7\" is not"), "{err}");
+    }
+
+    #[test]
     fn peer_addrs() {
         for ok in [
             "10.0.0.1:4901",
@@ -1363,6 +1462,7 @@ mod tests {
             addr: "h:1".parse().unwrap(),
             have: Bitfield::full(2).unwrap(),
             complete: true,
+            near: false,
         };
         let leased = Bitfield::new(2).unwrap();
         let v = BlobView::new(

@@ -38,7 +38,7 @@ use shoal_proto::sched::{Outcome, Source};
 use shoal_proto::session::{HashBook, Io, Member, Session, SessionConfig, TrackerFailure};
 use shoal_proto::tracker_api::{
     Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
-    PublishHashes, Report, TrackerError,
+    PublishHashes, Rack, Report, TrackerError,
 };
 use shoal_proto::wire::{WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS};
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
@@ -121,6 +121,8 @@ struct Node {
     up: LinkId,
     down: LinkId,
     rack: Option<u32>,
+    /// What it tells the tracker of its rack.
+    rack_label: Option<Rack>,
     layers: Vec<LayerState>,
     wake: Vec<u64>,
     slots: u32,
@@ -403,6 +405,11 @@ impl Sim {
                 up: net.add_link(rate),
                 down: net.add_link(rate),
                 rack: (sc.racks > 0).then(|| i % sc.racks),
+                rack_label: (sc.racks > 0 && sc.rack_labels).then(|| {
+                    format!("rack-{}", i % sc.racks)
+                        .parse()
+                        .expect("a valid rack name")
+                }),
                 layers: (0..sc.layers).map(|_| LayerState::Waiting).collect(),
                 wake: vec![0; sc.layers as usize],
                 slots: 0,
@@ -737,6 +744,7 @@ impl Sim {
     fn announce(&mut self, i: u32, full: bool) {
         let node = &self.nodes[i as usize];
         if let Ok(a) = Announce::new(node.id.clone(), node.addr.clone(), vec![], vec![], full) {
+            let a = a.with_rack(node.rack_label.clone());
             self.rpc(i, None, Call::Announce(a));
         }
     }
@@ -751,6 +759,7 @@ impl Sim {
             let me = Member {
                 node: node.id.clone(),
                 addr: node.addr.clone(),
+                rack: node.rack_label.clone(),
             };
             let known = Known(vec![0; layout.count() as usize]);
             let s = Session::new(
@@ -1456,6 +1465,7 @@ impl Sim {
             .collect();
         Announce::new(node.id.clone(), node.addr.clone(), blobs, vec![], true)
             .expect("at most one entry per layer")
+            .with_rack(node.rack_label.clone())
     }
 
     fn reply(&mut self, rpc: &Rpc, answer: Answer, at: u64) {

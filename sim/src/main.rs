@@ -84,6 +84,9 @@ struct Cli {
     /// Each rack's uplink rate.
     #[arg(long, value_parser = rate)]
     rack_uplink: Option<u64>,
+    /// Members say their rack to the tracker (`true`, the default) or not.
+    #[arg(long)]
+    rack_labels: Option<bool>,
     /// Bandwidth sharing: `auto` (max-min up to 300 members, fair share
     /// above), `fair-share` or `max-min`.
     #[arg(long)]
@@ -193,6 +196,9 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if cli.watch_peers.is_some() {
         sc.watch_peers = cli.watch_peers;
+    }
+    if let Some(l) = cli.rack_labels {
+        sc.rack_labels = l;
     }
     if cli.origin_rate.is_some() {
         sc.origin_rate = cli.origin_rate;

@@ -113,6 +113,9 @@ pub struct Scenario {
     pub racks: u32,
     /// Each rack's uplink (both ways; default: unlimited).
     pub rack_uplink: Option<u64>,
+    /// Members tell the tracker their rack (`rack-K`), as a daemon run with
+    /// `--rack` does; false: they do not, and nobody is preferred.
+    pub rack_labels: bool,
     /// How bandwidth is shared.
     pub sharing: Sharing,
     /// Overrides the session's lookup interval (ms), to try a policy.
@@ -152,6 +155,7 @@ impl Default for Scenario {
             tracker_outages: Vec::new(),
             racks: 0,
             rack_uplink: None,
+            rack_labels: true,
             sharing: Sharing::Auto,
             lookup_interval_ms: None,
             announce_every_ms: None,

@@ -164,15 +164,29 @@ fn a_tracker_outage_mid_pull_falls_back_to_the_origin_and_completes() {
 }
 
 #[test]
-fn racks_behind_narrow_uplinks_complete() {
-    let r = run(Scenario {
+fn racks_behind_narrow_uplinks_complete_sooner_when_members_say_their_rack() {
+    let sc = Scenario {
         racks: 4,
         rack_uplink: Some(2 * 100_000_000 / 8),
+        layer_bytes: 16 << 20,
         ..base(40)
+    };
+    let labelled = run(sc.clone()).unwrap();
+    let unlabelled = run(Scenario {
+        rack_labels: false,
+        ..sc
     })
     .unwrap();
-    sound(&r);
-    assert!(r.egress_ratio < 1.05, "{}", r.table());
+    for r in [&labelled, &unlabelled] {
+        sound(r);
+        assert!(r.egress_ratio < 1.05, "{}", r.table());
+    }
+    let (l, u) = (
+        labelled.ratio_to_bound.unwrap(),
+        unlabelled.ratio_to_bound.unwrap(),
+    );
+    eprintln!("racks said {l:.3}× the bound, not said {u:.3}×");
+    assert!(l < 0.95 * u, "racks said {l:.3}× against {u:.3}×");
 }
 
 #[test]

@@ -57,7 +57,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
-    NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Report, ReportReply,
+    NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Rack, Report, ReportReply,
     TrackerError,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
@@ -182,6 +182,8 @@ struct Member {
     /// Members that reported it unresponsive since its deadline was last
     /// cut (fewer than `unresponsive_reports_to_drop`).
     stalled_for: BTreeSet<NodeId>,
+    /// Where it sits, as it last said.
+    rack: Option<Rack>,
 }
 
 /// What the tracker remembers about a node's trustworthiness. Kept while the
@@ -195,6 +197,9 @@ struct Record {
     published: BTreeSet<Digest>,
 }
 
+/// Members of a rack a lookup looks at for near holders, at most.
+const RACK_SCAN: usize = 4_096;
+
 /// The tracker state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Tracker {
@@ -204,6 +209,8 @@ pub struct Tracker {
     /// Source of blob hash epochs.
     next_epoch: u64,
     members: BTreeMap<NodeId, Member>,
+    /// Members by rack (those that said where they sit).
+    racks: BTreeMap<Rack, BTreeSet<NodeId>>,
     /// Member expiry queue: `(deadline, node)`.
     deadlines: BTreeSet<(u64, NodeId)>,
     blobs: BTreeMap<Digest, Blob>,
@@ -229,6 +236,7 @@ impl Tracker {
             now: 0,
             next_epoch: 1,
             members: BTreeMap::new(),
+            racks: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             blobs: BTreeMap::new(),
             idle: BTreeSet::new(),
@@ -349,11 +357,15 @@ impl Tracker {
                         blobs: BTreeSet::new(),
                         lease_blobs: BTreeSet::new(),
                         stalled_for: BTreeSet::new(),
+                        rack: None,
                     },
                 );
             }
         }
         self.deadlines.insert((deadline, node.clone()));
+        if let Some(rack) = a.rack() {
+            self.set_rack(&node, rack);
+        }
 
         // Forget what is no longer held.
         let member = &self.members[&node];
@@ -425,7 +437,19 @@ impl Tracker {
         let count = b.count();
         let epoch = now / self.cfg.announce_interval_ms;
         let k = self.cfg.max_peers_per_lookup as usize;
-        let mut picked = b.pick(node, epoch, k);
+        // Holders in the requester's rack first, leaving a quarter of the
+        // places to the rest of the swarm (where the rack's missing chunks
+        // are).
+        let near = self.near_holders(node, b, k - k / 4);
+        let mut picked = near.clone();
+        for n in b.pick(node, epoch, k) {
+            if picked.len() >= k {
+                break;
+            }
+            if !picked.contains(&n) {
+                picked.push(n);
+            }
+        }
         // Where there is room, members fetching chunks from the origin under
         // lease are named too, holdings or not: a member watching them hears
         // of each chunk as it lands, instead of a lookup interval after
@@ -451,6 +475,7 @@ impl Tracker {
                 };
                 Holder {
                     addr: self.members[&n].addr.clone(),
+                    near: near.contains(&n),
                     node: n,
                     have,
                     complete,
@@ -864,11 +889,62 @@ impl Tracker {
         n
     }
 
+    /// Records where a member sits.
+    fn set_rack(&mut self, node: &NodeId, rack: &Rack) {
+        let Some(m) = self.members.get_mut(node) else {
+            return;
+        };
+        if m.rack.as_ref() == Some(rack) {
+            return;
+        }
+        if let Some(old) = m.rack.replace(rack.clone()) {
+            self.leave_rack(node, &old);
+        }
+        self.racks
+            .entry(rack.clone())
+            .or_default()
+            .insert(node.clone());
+    }
+
+    fn leave_rack(&mut self, node: &NodeId, rack: &Rack) {
+        if let Some(set) = self.racks.get_mut(rack) {
+            set.remove(node);
+            if set.is_empty() {
+                self.racks.remove(rack);
+            }
+        }
+    }
+
+    /// Holders of `blob` in `node`'s rack, at most `max`, walked from just
+    /// after `node` (so members of a rack start at different places) and
+    /// looking at no more than [`RACK_SCAN`] members.
+    fn near_holders(&self, node: &NodeId, blob: &Blob, max: usize) -> Vec<NodeId> {
+        let Some(set) = self
+            .members
+            .get(node)
+            .and_then(|m| m.rack.as_ref())
+            .and_then(|r| self.racks.get(r))
+        else {
+            return Vec::new();
+        };
+        use std::ops::Bound::{Excluded, Unbounded};
+        set.range::<NodeId, _>((Excluded(node), Unbounded))
+            .chain(set.range::<NodeId, _>(..node))
+            .take(RACK_SCAN)
+            .filter(|n| blob.holders.contains_key(*n))
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
     /// Forgets a member with its holdings and leases.
     fn remove_member(&mut self, node: &NodeId) {
         let Some(m) = self.members.remove(node) else {
             return;
         };
+        if let Some(rack) = &m.rack {
+            self.leave_rack(node, rack);
+        }
         self.deadlines.remove(&(m.deadline, node.clone()));
         for d in &m.blobs {
             if let Some(b) = self.blobs.get_mut(d) {
@@ -947,6 +1023,15 @@ impl Tracker {
             if *at < now {
                 return Err(format!("member {n} is past its deadline"));
             }
+        }
+        let mut racks: BTreeMap<Rack, BTreeSet<NodeId>> = BTreeMap::new();
+        for (n, m) in &self.members {
+            if let Some(r) = &m.rack {
+                racks.entry(r.clone()).or_default().insert(n.clone());
+            }
+        }
+        if racks != self.racks {
+            return Err("rack index drifted".into());
         }
         let ends: BTreeSet<(u64, NodeId)> =
             self.excluded.iter().map(|(n, &u)| (u, n.clone())).collect();

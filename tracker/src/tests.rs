@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use shoal_proto::tracker_api::{
     Announce, BlobHave, ChunkHash, HashCursor, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
-    PublishRejection, PublishReply, Report, ReportReply, TrackerError,
+    PublishRejection, PublishReply, Rack, Report, ReportReply, TrackerError,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
@@ -1220,5 +1220,67 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces(
         peer: id(9),
     };
     assert_eq!(h.t.report(20_022, ghost).unwrap(), ReportReply::default());
+    h.check();
+}
+
+#[test]
+fn holders_in_the_requesters_rack_are_named_first_and_marked_near() {
+    let mut h = Harness::new();
+    let d = blob(1);
+    let l = layout(4);
+    let rack = |n: usize| -> Rack { format!("rack-{}", n % 4).parse().unwrap() };
+    let announce = |h: &mut Harness, now, n: usize, r: Option<Rack>| {
+        let addr = format!("10.0.0.{}:4901", n + 1).parse().unwrap();
+        let a = Announce::new(id(n), addr, vec![BlobHave::complete(d, l)], vec![], false)
+            .unwrap()
+            .with_rack(r);
+        h.t.announce(now, a).unwrap();
+    };
+    // 80 holders over 4 racks: member 0's rack holds 19 others, fewer than
+    // the 24 places kept for near holders, so all of them come first.
+    for n in 0..80 {
+        announce(&mut h, 0, n, Some(rack(n)));
+    }
+    h.check();
+    let v = h.t.lookup(1, &id(0), &d).unwrap();
+    let named = v.holders();
+    assert_eq!(named.len(), 32);
+    let near: Vec<_> = named
+        .iter()
+        .filter(|x| x.near)
+        .map(|x| x.node.clone())
+        .collect();
+    let want: Vec<NodeId> = (1..80).filter(|n| n % 4 == 0).map(id).collect();
+    let mut sorted = near.clone();
+    sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(
+        sorted, want_sorted,
+        "every rack mate holding it, marked near"
+    );
+    assert!(
+        named[..near.len()].iter().all(|x| x.near),
+        "near ones first"
+    );
+    // The rest of the places go to other racks, never marked near.
+    assert!(named[near.len()..]
+        .iter()
+        .all(|x| !x.near && !want.contains(&x.node)));
+    // Member 4 moves to rack 1: no longer near 0; the index follows.
+    announce(&mut h, 2, 4, Some(rack(1)));
+    h.check();
+    let v = h.t.lookup(3, &id(0), &d).unwrap();
+    assert!(v.holders().iter().all(|x| !(x.near && x.node == id(4))));
+    assert_eq!(
+        v.holders().iter().filter(|x| x.near).count(),
+        want.len() - 1
+    );
+    // A member that never said its rack has no near holders.
+    announce(&mut h, 4, 200, None);
+    let v = h.t.lookup(5, &id(200), &d).unwrap();
+    assert!(v.holders().iter().all(|x| !x.near));
+    // Expiry takes members out of the rack index too.
+    h.t.expire(1_000_000);
     h.check();
 }
