@@ -18,6 +18,9 @@ use shoal_proto::units::{parse_rate, parse_size};
 use shoal_sim::scenario::Outage;
 use shoal_sim::{Scenario, Sharing, Start};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Simulates a Shoal swarm pulling one image: the production scheduler,
 /// session and tracker core, over a flow-level network in simulated time.
 #[derive(Debug, Parser)]
