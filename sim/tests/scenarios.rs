@@ -192,30 +192,33 @@ fn racks_behind_narrow_uplinks_complete_sooner_when_members_say_their_rack() {
 #[test]
 fn the_fair_share_model_is_a_bounded_pessimistic_approximation_of_max_min() {
     // The fair share never hands a flow more than max-min would, so it is
-    // never faster; how much slower depends on how many flows are limited
-    // elsewhere (23 % at 8 members on 25 mbit, docs/BENCHMARKS.md).
+    // never faster flow by flow; how much slower depends on how many flows
+    // are limited elsewhere (23 % at 8 members on 25 mbit,
+    // docs/BENCHMARKS.md). A whole run also moves with timing (the policy
+    // reacts to when chunks land: one seed can swing by 10 %), so the
+    // means of three seeds are compared.
     for (nodes, rate) in [(40, 100_000_000 / 8), (8, 25_000_000 / 8)] {
-        let sc = Scenario {
-            rate,
-            layer_bytes: 16 << 20,
-            ..base(nodes)
+        let mean = |sharing: Sharing| {
+            let total: f64 = (1..=3)
+                .map(|seed| {
+                    let r = run(Scenario {
+                        rate,
+                        layer_bytes: 16 << 20,
+                        sharing,
+                        seed,
+                        ..base(nodes)
+                    })
+                    .unwrap();
+                    sound(&r);
+                    r.t_all_s.unwrap()
+                })
+                .sum();
+            total / 3.0
         };
-        let fair = run(Scenario {
-            sharing: Sharing::FairShare,
-            ..sc.clone()
-        })
-        .unwrap();
-        let exact = run(Scenario {
-            sharing: Sharing::MaxMin,
-            ..sc
-        })
-        .unwrap();
-        sound(&fair);
-        sound(&exact);
-        let (a, b) = (fair.t_all_s.unwrap(), exact.t_all_s.unwrap());
+        let (a, b) = (mean(Sharing::FairShare), mean(Sharing::MaxMin));
         assert!(
             a >= b * 0.97 && a <= b * 1.35,
-            "{nodes} members: fair share {a:.2} s against max-min {b:.2} s"
+            "{nodes} members: fair share {a:.2} s against max-min {b:.2} s (means of 3 seeds)"
         );
     }
 }
