@@ -296,9 +296,31 @@ mod tests {
         let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
         let holder = &view.holders()[0];
         assert!(holder.complete && holder.node == me, "{view:?}");
+        assert!(!holder.near, "no rack said, nobody near");
         let layout = ChunkLayout::for_blob_with(data.len() as u64, sw.chunk_size).unwrap();
         assert_eq!(view.layout(), layout);
         assert_eq!(holder.have.count(), layout.count());
+
+        // With --rack, every announce says it: a member of the same rack
+        // sees this node as near.
+        let rack: Rack = "rack-a".parse().unwrap();
+        let sw = Swarm {
+            rack: Some(rack.clone()),
+            ..swarm(core.clone(), clock.clone())
+        };
+        assert!(sw.announce_all(&store).await);
+        let a = Announce::new(
+            other.clone(),
+            "127.0.0.1:4902".parse().unwrap(),
+            vec![],
+            vec![],
+            false,
+        )
+        .unwrap()
+        .with_rack(Some(rack));
+        core.lock().unwrap().announce(0, a).unwrap();
+        let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
+        assert!(view.holders()[0].near, "{view:?}");
 
         // A full announce after the tracker forgot the node restores it.
         let fresh = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
