@@ -88,8 +88,9 @@ pub struct SchedConfig {
     /// members had downloaded the image 89 times over and 10 never finished.
     /// Once chunks have arrived here the usual chunk time is known, and the
     /// period is four of those but at least `stall_floor_ms`: at 10 gbit a
-    /// chunk takes milliseconds, and with 5 s per dead peer a 10,000-member
-    /// pull with 5 % of members dying took 21 s instead of 2.3.
+    /// chunk takes milliseconds, and with at least 5 s per dead peer the
+    /// slowest of 1,000 members, 5 % of them dying, took 21 s (12 s with
+    /// this floor and the chunks behind an overdue one moving with it).
     pub stall_ms: u64,
     /// The least stall period once the usual chunk time is known.
     pub stall_floor_ms: u64,
@@ -346,10 +347,9 @@ impl PeerState {
     }
 }
 
-/// The peers of one download, in one vector sorted by id: they are walked
-/// after nearly every event, and at the 64 peers a download keeps a
-/// contiguous walk costs a fraction of a B-tree's (the simulator spent a
-/// fifth of its time in that walk).
+/// The peers of one download, in one vector sorted by id: every pass walks
+/// them all, and at the 64 peers a download keeps a vector keeps that walk
+/// contiguous (lookups are a binary search).
 #[derive(Debug)]
 struct PeerTable<P> {
     entries: Vec<(P, PeerState)>,
