@@ -280,7 +280,7 @@ mod tests {
         let me: NodeId = "node-1".parse().unwrap();
         // Another member looks the blob up.
         let other: NodeId = "node-2".parse().unwrap();
-        let join = |t: &Mutex<Tracker>| {
+        let join = |t: &Mutex<Tracker>, rack: Option<Rack>| {
             let a = Announce::new(
                 other.clone(),
                 "127.0.0.1:4902".parse().unwrap(),
@@ -288,9 +288,10 @@ mod tests {
                 vec![],
                 false,
             );
-            t.lock().unwrap().announce(0, a.unwrap()).unwrap();
+            let a = a.unwrap().with_rack(rack);
+            t.lock().unwrap().announce(0, a).unwrap();
         };
-        join(&core);
+        join(&core, None);
 
         assert!(sw.announce_all(&store).await);
         let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
@@ -309,16 +310,7 @@ mod tests {
             ..swarm(core.clone(), clock.clone())
         };
         assert!(sw.announce_all(&store).await);
-        let a = Announce::new(
-            other.clone(),
-            "127.0.0.1:4902".parse().unwrap(),
-            vec![],
-            vec![],
-            false,
-        )
-        .unwrap()
-        .with_rack(Some(rack));
-        core.lock().unwrap().announce(0, a).unwrap();
+        join(&core, Some(rack));
         let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
         assert!(view.holders()[0].near, "{view:?}");
 
@@ -332,7 +324,7 @@ mod tests {
             .unwrap();
         assert!(!reply.known, "a new tracker knew the node");
         assert!(sw.announce_all(&store).await);
-        join(&fresh);
+        join(&fresh, None);
         assert_eq!(
             fresh
                 .lock()
