@@ -108,7 +108,13 @@ impl Swarm {
     /// unreachable), lists every complete blob of `store` (`full`), so a
     /// restarted node or tracker serves the swarm again at once; the others
     /// carry the blobs the store dropped since.
-    pub async fn heartbeat(self: Arc<Self>, store: Store, every: Duration) {
+    ///
+    /// `every` holds until the tracker says its announce interval, which is
+    /// then kept (within 1 s to 60 s): peers that find this node
+    /// unresponsive have the tracker forget it once an announce is half an
+    /// interval late, so a heartbeat slower than the tracker's interval would
+    /// lose a live node its place.
+    pub async fn heartbeat(self: Arc<Self>, store: Store, mut every: Duration) {
         let mut tick = tokio::time::interval(every);
         let mut full_due = true;
         loop {
@@ -122,11 +128,21 @@ impl Swarm {
                 continue;
             };
             match self.tracker.announce(a).await {
-                Ok(reply) if !reply.known => {
-                    tracing::info!("the tracker did not know this node: announcing all it holds");
-                    full_due = !self.announce_all(&store).await;
+                Ok(reply) => {
+                    let period = heartbeat_period(reply.interval_ms);
+                    if period != every {
+                        tracing::info!(every = ?period, "heartbeat follows the tracker's announce interval");
+                        every = period;
+                        let start = tokio::time::Instant::now() + every;
+                        tick = tokio::time::interval_at(start, every);
+                    }
+                    if !reply.known {
+                        tracing::info!(
+                            "the tracker did not know this node: announcing all it holds"
+                        );
+                        full_due = !self.announce_all(&store).await;
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat announce failed");
                     // What was dropped is covered by the next full announce.
@@ -231,6 +247,12 @@ fn announce_batches(held: Vec<BlobHave>) -> Vec<Vec<BlobHave>> {
 /// Target JSON size of one announce of held blobs (the tracker takes 8 MiB).
 const ANNOUNCE_BATCH_BYTES: usize = 2 << 20;
 
+/// The heartbeat for a tracker announce interval of `interval_ms`: the
+/// interval itself, within 1 s to 60 s.
+fn heartbeat_period(interval_ms: u64) -> Duration {
+    Duration::from_millis(interval_ms.clamp(1_000, 60_000))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
@@ -263,6 +285,14 @@ mod tests {
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
             rack: None,
         }
+    }
+
+    #[test]
+    fn the_heartbeat_follows_the_trackers_interval_within_bounds() {
+        assert_eq!(heartbeat_period(5_000), Duration::from_secs(5));
+        assert_eq!(heartbeat_period(2_500), Duration::from_millis(2_500));
+        assert_eq!(heartbeat_period(0), Duration::from_secs(1));
+        assert_eq!(heartbeat_period(u64::MAX), Duration::from_secs(60));
     }
 
     #[tokio::test]

@@ -47,9 +47,11 @@
 //!   ([`Action::Lease`]); leased chunks are fetched from the origin in
 //!   contiguous runs (one Range request each, at most `origin_run` chunks),
 //!   at most `origin_requests` runs at once. While leased chunks are still
-//!   coming from the origin the leases are renewed every `lease_renew_ms`
-//!   (a lease request names just them), so a slow origin does not let the
-//!   tracker hand the same chunks to a second node. With the tracker down, chunks no
+//!   missing (coming from the origin or waiting for a request) the leases
+//!   are renewed every `lease_renew_ms` (a lease request names just them),
+//!   so a slow origin does not let the tracker hand the same chunks to a
+//!   second node; one the renewal leaves out is given up unless its fetch
+//!   has begun. With the tracker down, chunks no
 //!   known peer holds go to the origin directly, with the same bounds.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -134,7 +136,8 @@ pub struct SchedConfig {
     /// (1.32–1.35×); 2 measured the same as 4 with twice the lease calls.
     pub lease_batch: u32,
     /// How often leases of chunks still in flight from the origin are
-    /// renewed (well inside the tracker's lease lifetime, 10 s by default).
+    /// renewed (well inside the tracker's lease lifetime, 3 s by default:
+    /// a lessee that dies holds its chunks that long at most).
     pub lease_renew_ms: u64,
     /// How often to refresh holders and hashes while waiting for chunks.
     pub lookup_interval_ms: u64,
@@ -172,7 +175,7 @@ impl Default for SchedConfig {
             endgame_chunks: 4,
             endgame_after_ms: 300,
             lease_batch: 4,
-            lease_renew_ms: 4_000,
+            lease_renew_ms: 1_000,
             lookup_interval_ms: 500,
             hurried_lookup_ms: 100,
             max_origin_failures: 3,
@@ -624,6 +627,20 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             } => self.on_chunk(source, chunk, outcome),
             Event::LeaseGranted(chunks) => {
                 self.lease_pending = false;
+                if self.renewing {
+                    // A lease the renewal left out ran out at the tracker
+                    // (maybe another member has it now): a chunk not yet
+                    // asked of the origin must not be, unless leased again.
+                    // The simulator caught a member fetching such a chunk
+                    // seconds after another had.
+                    let lost: Vec<u32> = self
+                        .held_leases()
+                        .filter(|c| !chunks.contains(c) && !self.origin_fetching(*c))
+                        .collect();
+                    for c in lost {
+                        let _ = self.leased.clear(c);
+                    }
+                }
                 let mut fresh = 0;
                 for c in chunks {
                     if c < self.layout.count() && !self.have.get(c) && !self.leased.get(c) {
@@ -1009,7 +1026,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             (a, b) => a.or(b),
         };
         let renew =
-            (!self.tracker_down && !self.lease_pending && self.leased_in_flight().next().is_some())
+            (!self.tracker_down && !self.lease_pending && self.held_leases().next().is_some())
                 .then_some(self.last_lease + self.cfg.lease_renew_ms);
         let lookup = match (lookup, renew) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1101,7 +1118,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             let origin_free = (self.origin_runs.len() as u32) < self.cfg.origin_requests;
             if !self.lease_pending && !idle_leases && origin_free && now >= self.lease_retry_at {
                 if let Some(from) = self.first_orphan() {
-                    let fetching = self.leased_in_flight().count() as u32;
+                    let fetching = self.held_leases().count() as u32;
                     self.lease_pending = true;
                     self.renewing = false;
                     self.last_lease = now;
@@ -1112,7 +1129,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 }
             }
             if !self.lease_pending && now >= self.last_lease + self.cfg.lease_renew_ms {
-                let fetching: Vec<u32> = self.leased_in_flight().collect();
+                let fetching: Vec<u32> = self.held_leases().collect();
                 if let Some(&from) = fetching.first() {
                     self.lease_pending = true;
                     self.renewing = true;
@@ -1537,13 +1554,17 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         }
     }
 
-    /// Leased chunks still in flight from the origin, ascending.
-    fn leased_in_flight(&self) -> impl Iterator<Item = u32> + '_ {
-        self.leased.iter_ones().filter(|c| {
-            self.inflight
-                .get(c)
-                .is_some_and(|reqs| reqs.iter().any(|r| r.source == Source::Origin))
-        })
+    /// Chunks leased to this node and still missing (in flight or waiting
+    /// for an origin request), ascending: the leases to keep renewing.
+    fn held_leases(&self) -> impl Iterator<Item = u32> + '_ {
+        self.leased.iter_ones().filter(|&c| !self.have.get(c))
+    }
+
+    /// Whether chunk `c` is being fetched from the origin.
+    fn origin_fetching(&self, c: u32) -> bool {
+        self.inflight
+            .get(&c)
+            .is_some_and(|reqs| reqs.iter().any(|r| r.source == Source::Origin))
     }
 
     /// Whether progress depends on news from the tracker: chunks are missing
@@ -2155,15 +2176,15 @@ mod tests {
             }]
         );
         // A slow origin: the run is still going when the renewal is due.
-        assert_eq!(s.next_deadline(), Some(4_000));
+        assert_eq!(s.next_deadline(), Some(1_000));
         assert_eq!(
-            drain(&mut s, 4_000),
+            drain(&mut s, 1_000),
             vec![Action::Lease { from: 0, max: 4 }]
         );
-        s.handle(4_001, Event::LeaseGranted(vec![0, 1, 2, 3]));
+        s.handle(1_001, Event::LeaseGranted(vec![0, 1, 2, 3]));
         for c in [0, 1] {
             s.handle(
-                4_500,
+                1_500,
                 Event::Chunk {
                     source: Source::Origin,
                     chunk: c,
@@ -2171,11 +2192,56 @@ mod tests {
                 },
             );
         }
-        assert_eq!(drain(&mut s, 4_500), vec![]);
-        // Only what is still in flight is renewed.
+        assert_eq!(drain(&mut s, 1_500), vec![]);
+        // Only what is still missing is renewed.
         assert_eq!(
-            drain(&mut s, 8_000),
+            drain(&mut s, 2_000),
             vec![Action::Lease { from: 2, max: 2 }]
+        );
+    }
+
+    #[test]
+    fn leases_waiting_for_an_origin_request_are_renewed_and_a_lost_one_is_not_fetched() {
+        let mut s = sched(8);
+        s.cfg.origin_requests = 1;
+        s.cfg.origin_run = 4;
+        assert_eq!(drain(&mut s, 0), vec![lease(0)]);
+        s.handle(1, Event::LeaseGranted((0..8).collect()));
+        assert_eq!(
+            drain(&mut s, 1),
+            vec![Action::FetchOrigin {
+                chunks: vec![0, 1, 2, 3]
+            }]
+        );
+        // Chunks 4-7 wait for the origin request; their leases are renewed
+        // all the same (a 3 s lease would otherwise run out under them).
+        assert_eq!(
+            drain(&mut s, 1_000),
+            vec![Action::Lease { from: 0, max: 8 }]
+        );
+        // The tracker renewed all but 6 and 7 (they ran out and went to
+        // another member): those are not fetched from the origin here.
+        s.handle(1_001, Event::LeaseGranted(vec![0, 1, 2, 3, 4, 5]));
+        for c in 0..4 {
+            s.handle(
+                1_200,
+                Event::Chunk {
+                    source: Source::Origin,
+                    chunk: c,
+                    outcome: Outcome::Verified,
+                },
+            );
+        }
+        let acts = drain(&mut s, 1_200);
+        assert!(
+            acts.contains(&Action::FetchOrigin { chunks: vec![4, 5] }),
+            "{acts:?}"
+        );
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, Action::FetchOrigin { chunks } if chunks.contains(&6))),
+            "{acts:?}"
         );
     }
 
@@ -2248,6 +2314,8 @@ mod tests {
     #[test]
     fn chunks_served_or_leased_elsewhere_are_not_asked_for_a_lease() {
         let mut s = sched(8);
+        // Renewals of this node's own leases aside.
+        s.cfg.lease_renew_ms = 10_000;
         // A lookup: chunks 0-2 served by members not named here, 3 leased
         // to another member. The first lease request starts at 4.
         s.handle(0, Event::Served(bits(8, [0, 1, 2])));

@@ -5,7 +5,8 @@
 //! member says and hears around it: lookups (with the hash cursor, so only
 //! new chunk hashes come back), turning holders into scheduler peers, hash
 //! epochs, origin leases, publishing the hashes of chunks fetched from the
-//! origin, announcing progress at most every `announce_every_ms`, probing a
+//! origin, announcing progress at most every `announce_every_ms` (and at
+//! least every `keepalive_ms`, so the tracker can tell it is alive), probing a
 //! tracker that went down, and reporting bad chunks. The driver performs the
 //! [`Io`]s it asks for and feeds back what came of them; time is passed in.
 //! The daemon's transfers and the swarm simulator drive this same code, so
@@ -18,6 +19,7 @@
 //! the resolver rejects are never scheduled.
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
 
 use crate::chunk::{Bitfield, ChunkLayout};
 use crate::digest::Digest;
@@ -34,6 +36,12 @@ pub struct SessionConfig {
     pub sched: SchedConfig,
     /// Least time between two announces of this download's progress.
     pub announce_every_ms: u64,
+    /// Most time between two announces while the download holds part of
+    /// the blob and the tracker is up, progress or not; each says so
+    /// ([`Announce::next_ms`]), so the tracker forgets this member within
+    /// seconds if it dies and peers report it. 0 turns it off (the
+    /// daemon's heartbeat every announce interval is then all it promises).
+    pub keepalive_ms: u64,
     /// How often a tracker that is down is probed (with a lookup).
     pub probe_every_ms: u64,
     /// Peers watched at once ([`Io::Watch`]): partial holders that tell
@@ -47,6 +55,7 @@ impl Default for SessionConfig {
         SessionConfig {
             sched: SchedConfig::default(),
             announce_every_ms: 200,
+            keepalive_ms: 1_000,
             probe_every_ms: 2_000,
             watch_peers: 16,
         }
@@ -364,10 +373,29 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             }
         };
         consider(self.next_probe());
-        if self.me.is_some() && self.dirty && self.in_flight == 0 && self.to_publish.is_empty() {
-            consider(Some(self.last_announce + self.cfg.announce_every_ms));
+        if self.me.is_some() && self.in_flight == 0 && self.to_publish.is_empty() {
+            consider(self.announce_at());
         }
         at
+    }
+
+    /// When this download's next announce is due: progress at most every
+    /// `announce_every_ms`; while it holds part of the blob (peers may be
+    /// asking it for chunks) and the tracker is up, nothing new or not, at
+    /// least every `keepalive_ms`.
+    fn announce_at(&self) -> Option<u64> {
+        let held = self.have().count();
+        if self.dirty {
+            Some(self.last_announce + self.cfg.announce_every_ms)
+        } else if self.cfg.keepalive_ms > 0
+            && self.down_since.is_none()
+            && held > 0
+            && held < self.layout.count()
+        {
+            Some(self.last_announce + self.cfg.keepalive_ms)
+        } else {
+            None
+        }
     }
 
     fn next_probe(&self) -> Option<u64> {
@@ -376,7 +404,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
     }
 
     /// Publishes pending chunk hashes, else announces progress (at most one
-    /// message in flight, announces at most every `announce_every_ms`).
+    /// message in flight; see [`announce_at`](Self::announce_at)).
     fn flush(&mut self, now: u64) -> Option<Io> {
         if self.in_flight > 0 {
             return None;
@@ -388,10 +416,13 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             self.in_flight += 1;
             return Some(Io::Publish(p));
         }
-        if self.dirty && now.saturating_sub(self.last_announce) >= self.cfg.announce_every_ms {
+        if self.announce_at().is_some_and(|at| now >= at) {
             self.dirty = false;
             self.last_announce = now;
             let bh = BlobHave::new(self.blob, self.layout, self.have().clone(), false).ok()?;
+            let promise = u32::try_from(self.cfg.keepalive_ms)
+                .ok()
+                .and_then(NonZeroU32::new);
             let a = Announce::new(
                 me.node.clone(),
                 me.addr.clone(),
@@ -400,7 +431,8 @@ impl<A: Clone, H: HashBook> Session<A, H> {
                 false,
             )
             .ok()?
-            .with_rack(me.rack.clone());
+            .with_rack(me.rack.clone())
+            .with_next_ms(promise);
             self.in_flight += 1;
             return Some(Io::Announce(a));
         }
@@ -826,6 +858,50 @@ mod tests {
         assert_eq!(drain(&mut s, 303), vec![]);
         assert_eq!(s.next_deadline(), Some(501));
         assert!(matches!(drain(&mut s, 501).as_slice(), [Io::Announce(_)]));
+    }
+
+    #[test]
+    fn an_incomplete_download_announces_at_least_every_keepalive_and_says_so() {
+        let mut s = session();
+        drain(&mut s, 0);
+        s.on_lookup(1, Err(TrackerFailure::Refused));
+        s.on_lease(2, Ok(vec![0, 1, 2, 3]));
+        drain(&mut s, 2);
+        let h = ChunkHash::of(b"zero");
+        s.on_chunk(300, Source::Origin, 0, Outcome::Verified, Some(h));
+        drain(&mut s, 300);
+        s.on_sent();
+        let announces = |acts: Vec<Io>| -> Vec<Announce> {
+            acts.into_iter()
+                .filter_map(|io| match io {
+                    Io::Announce(a) => Some(a),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = announces(drain(&mut s, 301));
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].next_ms().map(|n| n.get()), Some(1_000));
+        s.on_sent();
+        // Nothing new for a second: announced again all the same.
+        assert!(s.next_deadline().is_some_and(|t| t <= 1_301));
+        assert!(announces(drain(&mut s, 1_300)).is_empty());
+        let again = announces(drain(&mut s, 1_301));
+        assert_eq!(again.len(), 1, "keepalive");
+        assert_eq!(again[0].blobs()[0].have().count(), 1);
+        s.on_sent();
+        // Not while the tracker is down (it is probed instead).
+        s.on_lookup(1_400, Err(TrackerFailure::Down));
+        for t in (1_500..6_000).step_by(100) {
+            let acts = drain(&mut s, t);
+            assert!(announces(acts).is_empty(), "at {t}");
+        }
+        // The complete blob's announce promises nothing: the heartbeat's
+        // interval holds again.
+        let done = s.finish();
+        let last = announces(done);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].next_ms(), None);
     }
 
     #[test]

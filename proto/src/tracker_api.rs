@@ -22,6 +22,7 @@
 //!   chunks all matched but whose digest did not.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -487,7 +488,11 @@ impl BlobHave {
 /// `full`, the list is the node's complete holdings and blobs not listed are
 /// forgotten. A node that holds nothing announces an empty list to stay a
 /// member. A `rack`, if given, is where the node sits ([`Rack`]); the
-/// tracker keeps the last one given.
+/// tracker keeps the last one given. `next_ms`, if given, is how soon the
+/// node will announce again (a download in progress announces every second
+/// or so; without it, the tracker's announce interval): if peers report the
+/// node unresponsive, the tracker forgets it soon after that announce fails
+/// to come, which frees the chunks only it held or had leased.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawAnnounce")]
 pub struct Announce {
@@ -498,6 +503,8 @@ pub struct Announce {
     full: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rack: Option<Rack>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_ms: Option<NonZeroU32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -512,13 +519,17 @@ struct RawAnnounce {
     full: bool,
     #[serde(default)]
     rack: Option<Rack>,
+    #[serde(default)]
+    next_ms: Option<NonZeroU32>,
 }
 
 impl TryFrom<RawAnnounce> for Announce {
     type Error = TrackerError;
 
     fn try_from(r: RawAnnounce) -> Result<Self, TrackerError> {
-        Ok(Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?.with_rack(r.rack))
+        Ok(Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?
+            .with_rack(r.rack)
+            .with_next_ms(r.next_ms))
     }
 }
 
@@ -551,7 +562,19 @@ impl Announce {
             dropped,
             full,
             rack: None,
+            next_ms: None,
         })
+    }
+
+    /// The same announce promising the next within `next_ms` milliseconds.
+    pub fn with_next_ms(mut self, next_ms: Option<NonZeroU32>) -> Self {
+        self.next_ms = next_ms;
+        self
+    }
+
+    /// How soon the node says it will announce again, if it says.
+    pub fn next_ms(&self) -> Option<NonZeroU32> {
+        self.next_ms
     }
 
     /// The same announce saying where the node sits.
@@ -1041,7 +1064,8 @@ pub enum Report {
     },
     /// `peer` let requests for `blob` stall again and again (it is dead,
     /// hung or unreachable from here). Enough distinct reporters make the
-    /// tracker forget it unless it announces within two announce intervals,
+    /// tracker forget it unless its next announce comes in time (within an
+    /// interval and a half of its last one),
     /// so a dead holder's chunks become leasable to one live member instead
     /// of every member waiting on it (or all fetching them from the origin).
     Unresponsive {
@@ -1150,8 +1174,8 @@ impl Report {
 pub struct ReportReply {
     /// Nodes excluded as a result (their hashes withdrawn).
     pub excluded: Vec<NodeId>,
-    /// Nodes whose membership now ends in two announce intervals unless
-    /// they announce (reported unresponsive).
+    /// Nodes whose membership now ends unless their next announce comes in
+    /// time (reported unresponsive).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub suspected: Vec<NodeId>,
     /// Chunk hashes withdrawn as a result.
@@ -1211,6 +1235,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rack \"rack 7\" is not"), "{err}");
+    }
+
+    #[test]
+    fn the_next_announce_promise_rides_in_announces_and_is_never_zero() {
+        let addr: PeerAddr = "10.0.0.1:4901".parse().unwrap();
+        let a = Announce::new(node("n1"), addr, vec![], vec![], false).unwrap();
+        let j = serde_json::to_value(&a).unwrap();
+        assert!(j.get("next_ms").is_none(), "no promise, no field: {j}");
+        let a = a.with_next_ms(NonZeroU32::new(1_000));
+        let j = serde_json::to_value(&a).unwrap();
+        assert_eq!(j["next_ms"], json!(1_000));
+        assert_eq!(serde_json::from_value::<Announce>(j.clone()).unwrap(), a);
+        for bad in [json!(0), json!(-1), json!(5_000_000_000u64), json!("1s")] {
+            let mut j = j.clone();
+            j["next_ms"] = bad.clone();
+            let err = serde_json::from_value::<Announce>(j).unwrap_err();
+            assert!(
+                err.to_string().contains("expected a nonzero u32"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

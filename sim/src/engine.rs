@@ -441,6 +441,9 @@ impl Sim {
         if let Some(ms) = sc.announce_every_ms {
             cfg.announce_every_ms = ms;
         }
+        if let Some(ms) = sc.keepalive_ms {
+            cfg.keepalive_ms = ms;
+        }
         if let Some(w) = sc.watch_peers {
             cfg.watch_peers = w;
         }

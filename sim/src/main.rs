@@ -103,6 +103,10 @@ struct Cli {
     /// Try another least time between announces (ms) than the daemon's.
     #[arg(long)]
     announce_every_ms: Option<u64>,
+    /// Try another most time between announces of an incomplete download
+    /// (ms) than the daemon's (0: heartbeats only).
+    #[arg(long)]
+    keepalive_ms: Option<u64>,
     /// Try another number of peers watched per download than the daemon's
     /// (0: learn of peers' chunks from the tracker only).
     #[arg(long)]
@@ -196,6 +200,9 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if cli.announce_every_ms.is_some() {
         sc.announce_every_ms = cli.announce_every_ms;
+    }
+    if cli.keepalive_ms.is_some() {
+        sc.keepalive_ms = cli.keepalive_ms;
     }
     if cli.watch_peers.is_some() {
         sc.watch_peers = cli.watch_peers;

@@ -122,6 +122,9 @@ pub struct Scenario {
     pub lookup_interval_ms: Option<u64>,
     /// Overrides the session's least time between announces (ms).
     pub announce_every_ms: Option<u64>,
+    /// Overrides the session's most time between announces of an
+    /// incomplete download (ms; 0: heartbeats only).
+    pub keepalive_ms: Option<u64>,
     /// Peers each download watches, if not the daemon's.
     pub watch_peers: Option<u32>,
     /// Seed of every random choice.
@@ -159,6 +162,7 @@ impl Default for Scenario {
             sharing: Sharing::Auto,
             lookup_interval_ms: None,
             announce_every_ms: None,
+            keepalive_ms: None,
             watch_peers: None,
             seed: 1,
             max_sim_ms: 3_600_000,

@@ -434,7 +434,8 @@ mod tests {
         let r = LeaseRequest::new(n, d, layout, 2, 0).unwrap();
         let lease = poll_ready(Box::pin(e.lease(r))).unwrap();
         assert_eq!(lease.grant.chunks, vec![0, 1]);
-        assert_eq!(lease.valid_for, Duration::from_millis(10_000));
+        let ttl = TrackerConfig::default().lease_ttl_ms;
+        assert_eq!(lease.valid_for, Duration::from_millis(ttl));
     }
 
     /// Polls a future that never waits (the embedded tracker's) once.

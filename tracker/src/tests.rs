@@ -240,7 +240,11 @@ fn grants_prefer_from_and_wrap() {
 #[test]
 fn expired_lease_is_handed_over() {
     let (d, l) = (blob(1), layout(4));
-    let mut h = Harness::new();
+    // Written for a 10 s lease (the default is shorter).
+    let mut h = Harness::with(TrackerConfig {
+        lease_ttl_ms: 10_000,
+        ..TrackerConfig::default()
+    });
     for n in 0..3 {
         h.announce(0, n, vec![]).unwrap();
     }
@@ -264,7 +268,11 @@ fn expired_lease_is_handed_over() {
 #[test]
 fn leases_are_renewed_within_budget() {
     let (d, l) = (blob(1), layout(40));
-    let mut h = Harness::new();
+    // Written for a 10 s lease (the default is shorter).
+    let mut h = Harness::with(TrackerConfig {
+        lease_ttl_ms: 10_000,
+        ..TrackerConfig::default()
+    });
     h.announce(0, 0, vec![]).unwrap();
     h.announce(0, 1, vec![]).unwrap();
     let first = h.lease(0, 0, d, l, 16, 0);
@@ -466,7 +474,11 @@ fn an_announce_says_whether_the_tracker_knew_the_member() {
 #[test]
 fn time_never_goes_backwards() {
     let (d, l) = (blob(1), layout(2));
-    let mut h = Harness::new();
+    // Written for a 10 s lease (the default is shorter).
+    let mut h = Harness::with(TrackerConfig {
+        lease_ttl_ms: 10_000,
+        ..TrackerConfig::default()
+    });
     h.announce(50_000, 0, vec![]).unwrap();
     let g = h.lease(10, 0, d, l, 1, 0);
     assert_eq!(g.expires_ms, 60_000);
@@ -1181,7 +1193,8 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces(
         let r = h.t.report(2, stalled(1)).unwrap();
         assert!(r.suspected.is_empty() && r.excluded.is_empty());
     }
-    // A second one cuts its membership to two announce intervals.
+    // A second one cuts its membership to an interval and a half after its
+    // last announce (at 0).
     let r = h.t.report(3, stalled(2)).unwrap();
     assert_eq!(r.suspected, [id(0)]);
     assert!(!h.t.is_excluded(&id(0)));
@@ -1193,33 +1206,105 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces(
     }
     let v = h.t.lookup(10_010, &id(3), &d).unwrap();
     assert_eq!(v.holders().len(), 1);
-    // Reported again and silent this time: forgotten two intervals later;
-    // its chunks are leasable to a live member and its hashes stay.
+    // Reported again and silent this time: forgotten once it has missed its
+    // next announce (due at 10,000) by half an interval; its chunks are
+    // leasable to a live member and its hashes stay.
     h.t.report(10_020, stalled(1)).unwrap();
-    h.t.report(10_020, stalled(3)).unwrap();
-    for n in 1..4 {
-        h.announce(19_000, n, vec![]).unwrap();
-    }
-    let v = h.t.lookup(19_000, &id(3), &d).unwrap();
+    let r = h.t.report(10_020, stalled(3)).unwrap();
+    assert_eq!(r.suspected, [id(0)]);
+    let v = h.t.lookup(12_500, &id(3), &d).unwrap();
     assert_eq!(v.holders().len(), 1, "not before its deadline");
-    let v = h.t.lookup(20_021, &id(3), &d).unwrap();
+    let v = h.t.lookup(12_501, &id(3), &d).unwrap();
     assert!(v.holders().is_empty());
     assert!(v.hashes()[0].is_some());
     assert!(h.t.is_leasable(&d, 0));
     h.check();
-    // Reports of oneself are refused; of non-members, ignored.
-    let me = Report::Unresponsive {
-        node: id(1),
+    // A member reported long after its last announce still gets a fifth of
+    // an interval to show it is alive.
+    h.lease(13_000, 1, d, l, 2, 0);
+    h.publish_true(13_001, 1, d, &[0, 1]);
+    let stalled_1 = |by: usize| Report::Unresponsive {
+        node: id(by),
         blob: d,
         peer: id(1),
     };
-    assert_eq!(h.t.report(20_022, me), Err(TrackerError::SelfReport));
+    h.t.report(20_000, stalled_1(2)).unwrap();
+    let r = h.t.report(20_000, stalled_1(3)).unwrap();
+    assert_eq!(r.suspected, [id(1)]);
+    assert_eq!(h.t.lookup(21_000, &id(3), &d).unwrap().holders().len(), 1);
+    assert!(h.t.lookup(21_001, &id(3), &d).unwrap().holders().is_empty());
+    h.check();
+    // Reports of oneself are refused; of non-members, ignored.
+    let me = Report::Unresponsive {
+        node: id(2),
+        blob: d,
+        peer: id(2),
+    };
+    assert_eq!(h.t.report(21_002, me), Err(TrackerError::SelfReport));
     let ghost = Report::Unresponsive {
-        node: id(1),
+        node: id(2),
         blob: d,
         peer: id(9),
     };
-    assert_eq!(h.t.report(20_022, ghost).unwrap(), ReportReply::default());
+    assert_eq!(h.t.report(21_002, ghost).unwrap(), ReportReply::default());
+    h.check();
+}
+
+#[test]
+fn a_downloading_member_that_promised_its_next_announce_is_forgotten_soon_after_missing_it() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..4 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    h.lease(0, 0, d, l, 2, 0);
+    h.publish_true(1, 0, d, &[0, 1]);
+    let promise = |h: &mut Harness, now: u64, n: usize, ms: u32| {
+        let addr = format!("10.0.0.{}:4901", n + 1).parse().unwrap();
+        let a = Announce::new(id(n), addr, vec![], vec![], false)
+            .unwrap()
+            .with_next_ms(std::num::NonZeroU32::new(ms));
+        h.t.announce(now, a).unwrap();
+    };
+    // Node 0 downloads and says it announces again within a second.
+    promise(&mut h, 1_000, 0, 1_000);
+    let stalled = |by: usize| Report::Unresponsive {
+        node: id(by),
+        blob: d,
+        peer: id(0),
+    };
+    h.t.report(1_500, stalled(1)).unwrap();
+    assert_eq!(h.t.report(1_500, stalled(2)).unwrap().suspected, [id(0)]);
+    // Due at 2,000, late by a fifth of an interval (more than half a
+    // second) at 3,000: forgotten then, its chunks leasable.
+    assert_eq!(h.t.lookup(3_000, &id(3), &d).unwrap().holders().len(), 1);
+    assert!(h.t.lookup(3_001, &id(3), &d).unwrap().holders().is_empty());
+    assert!(h.t.is_leasable(&d, 0));
+    h.check();
+    // A promise longer than the announce interval counts as the interval.
+    h.lease(3_002, 1, d, l, 2, 0);
+    h.publish_true(3_003, 1, d, &[0, 1]);
+    promise(&mut h, 4_000, 1, 60_000);
+    h.t.report(
+        4_500,
+        Report::Unresponsive {
+            node: id(2),
+            blob: d,
+            peer: id(1),
+        },
+    )
+    .unwrap();
+    let r = h.t.report(
+        4_500,
+        Report::Unresponsive {
+            node: id(3),
+            blob: d,
+            peer: id(1),
+        },
+    );
+    assert_eq!(r.unwrap().suspected, [id(1)]);
+    assert_eq!(h.t.lookup(11_500, &id(3), &d).unwrap().holders().len(), 1);
+    assert!(h.t.lookup(11_501, &id(3), &d).unwrap().holders().is_empty());
     h.check();
 }
 
