@@ -72,11 +72,11 @@ pub struct TrackerConfig {
     /// and leases. Default 30 s (six announce intervals).
     pub member_ttl_ms: u64,
     /// How long an origin lease lasts unless renewed (lessees renew every
-    /// second while the origin is still sending). Default 3 s: a lessee that
-    /// dies keeps everyone else from its chunks for that long at most. With
-    /// 10 s, 5 % of members dying in the first seconds of a pull at 10 gbit
-    /// held 300 members up for 10 s (12–14× the bound; 4.2–6.3× with 3 s
-    /// and the prompt membership cut).
+    /// second while a leased chunk is missing: keep this well above that).
+    /// Default 3 s: a lessee that dies keeps everyone else from its chunks
+    /// for that long at most. With 10 s, 5 % of members dying in the first
+    /// seconds of a pull at 10 gbit held 300 members up for 10 s (12–15×
+    /// the bound; 3.8–7.1× with 3 s and the prompt membership cut).
     pub lease_ttl_ms: u64,
     /// The most chunks of one blob a member may hold leases on. Default 16.
     pub max_lease_chunks: u32,

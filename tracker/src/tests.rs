@@ -1172,6 +1172,15 @@ proptest! {
     }
 }
 
+/// `by` reports `peer` unresponsive for `d`.
+fn unresponsive(by: usize, d: Digest, peer: usize) -> Report {
+    Report::Unresponsive {
+        node: id(by),
+        blob: d,
+        peer: id(peer),
+    }
+}
+
 #[test]
 fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces() {
     let (d, l) = (blob(1), layout(4));
@@ -1183,11 +1192,7 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces(
     h.lease(0, 0, d, l, 2, 0);
     h.publish_true(1, 0, d, &[0, 1]);
     assert!(!h.t.is_leasable(&d, 0));
-    let stalled = |by: usize| Report::Unresponsive {
-        node: id(by),
-        blob: d,
-        peer: id(0),
-    };
+    let stalled = |by: usize| unresponsive(by, d, 0);
     // One reporter (twice) is not enough.
     for _ in 0..2 {
         let r = h.t.report(2, stalled(1)).unwrap();
@@ -1223,29 +1228,16 @@ fn a_peer_reported_unresponsive_by_two_members_is_forgotten_unless_it_announces(
     // an interval to show it is alive.
     h.lease(13_000, 1, d, l, 2, 0);
     h.publish_true(13_001, 1, d, &[0, 1]);
-    let stalled_1 = |by: usize| Report::Unresponsive {
-        node: id(by),
-        blob: d,
-        peer: id(1),
-    };
-    h.t.report(20_000, stalled_1(2)).unwrap();
-    let r = h.t.report(20_000, stalled_1(3)).unwrap();
+    h.t.report(20_000, unresponsive(2, d, 1)).unwrap();
+    let r = h.t.report(20_000, unresponsive(3, d, 1)).unwrap();
     assert_eq!(r.suspected, [id(1)]);
     assert_eq!(h.t.lookup(21_000, &id(3), &d).unwrap().holders().len(), 1);
     assert!(h.t.lookup(21_001, &id(3), &d).unwrap().holders().is_empty());
     h.check();
     // Reports of oneself are refused; of non-members, ignored.
-    let me = Report::Unresponsive {
-        node: id(2),
-        blob: d,
-        peer: id(2),
-    };
+    let me = unresponsive(2, d, 2);
     assert_eq!(h.t.report(21_002, me), Err(TrackerError::SelfReport));
-    let ghost = Report::Unresponsive {
-        node: id(2),
-        blob: d,
-        peer: id(9),
-    };
+    let ghost = unresponsive(2, d, 9);
     assert_eq!(h.t.report(21_002, ghost).unwrap(), ReportReply::default());
     h.check();
 }
@@ -1268,11 +1260,7 @@ fn a_downloading_member_that_promised_its_next_announce_is_forgotten_soon_after_
     };
     // Node 0 downloads and says it announces again within a second.
     promise(&mut h, 1_000, 0, 1_000);
-    let stalled = |by: usize| Report::Unresponsive {
-        node: id(by),
-        blob: d,
-        peer: id(0),
-    };
+    let stalled = |by: usize| unresponsive(by, d, 0);
     h.t.report(1_500, stalled(1)).unwrap();
     assert_eq!(h.t.report(1_500, stalled(2)).unwrap().suspected, [id(0)]);
     // Due at 2,000, late by a fifth of an interval (more than half a
@@ -1285,24 +1273,9 @@ fn a_downloading_member_that_promised_its_next_announce_is_forgotten_soon_after_
     h.lease(3_002, 1, d, l, 2, 0);
     h.publish_true(3_003, 1, d, &[0, 1]);
     promise(&mut h, 4_000, 1, 60_000);
-    h.t.report(
-        4_500,
-        Report::Unresponsive {
-            node: id(2),
-            blob: d,
-            peer: id(1),
-        },
-    )
-    .unwrap();
-    let r = h.t.report(
-        4_500,
-        Report::Unresponsive {
-            node: id(3),
-            blob: d,
-            peer: id(1),
-        },
-    );
-    assert_eq!(r.unwrap().suspected, [id(1)]);
+    h.t.report(4_500, unresponsive(2, d, 1)).unwrap();
+    let r = h.t.report(4_500, unresponsive(3, d, 1)).unwrap();
+    assert_eq!(r.suspected, [id(1)]);
     assert_eq!(h.t.lookup(11_500, &id(3), &d).unwrap().holders().len(), 1);
     assert!(h.t.lookup(11_501, &id(3), &d).unwrap().holders().is_empty());
     h.check();
