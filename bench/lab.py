@@ -26,6 +26,7 @@ max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
 
 usage: lab.py --nodes N --rate RATE [--origin-rate RATE] [--layers L]
               [--layer-mib S] [--runs R] [--targets shoal,bittorrent,direct]
+              [--queue-ms MS]
               [--chunk-size SIZE] [--shoald-arg ARG]... [--out FILE] [--bin DIR]
 Run as root (bench/swarm.sh does the setup and calls this).
 """
@@ -147,9 +148,14 @@ class Lab:
         self.namespaces = []
 
 
+# How long each shaped link's queue is at its rate (--queue-ms).
+QUEUE_MS = 50
+
+
 def shape(ns, dev, bps):
-    """HTB rate = ceil with a bfifo leaf of ~50 ms at that rate."""
-    limit = max(64 * 1024, bps // 8 // 20)
+    """HTB rate = ceil with a bfifo leaf of QUEUE_MS at that rate (64 KiB
+    at least)."""
+    limit = max(64 * 1024, bps // 8 * QUEUE_MS // 1000)
     # r2q so the class quantum (rate / r2q) stays within HTB's bounds.
     r2q = str(max(10, bps // 8 // 60000))
     sh(*ns_exec(ns, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10", "r2q", r2q))
@@ -510,9 +516,15 @@ def main():
     ap.add_argument("--shoald-arg", action="append", default=[],
                     help="one more argument for every shoald (repeatable), e.g. --shoald-arg=--peer-upload-rate=22mbit")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--queue-ms", type=int, default=50,
+                    help="each shaped link's queue, in milliseconds at its rate")
     ap.add_argument("--out")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     args = ap.parse_args()
+    global QUEUE_MS
+    if not 1 <= args.queue_ms <= 10_000:
+        raise SystemExit("lab.py: --queue-ms must be between 1 and 10000")
+    QUEUE_MS = args.queue_ms
     if os.geteuid() != 0:
         raise SystemExit("lab.py: run as root (network namespaces); bench/swarm.sh does")
     if not 1 <= args.nodes <= 200:
@@ -581,6 +593,7 @@ def main():
                     "bench": "lab", "target": target, "run": run,
                     "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                     "nodes": N, "rate_bps": rate, "origin_rate_bps": origin_rate,
+                    "queue_ms": QUEUE_MS,
                     "layers": args.layers, "layer_mib": args.layer_mib, "image_bytes": F,
                     "chunk_size": args.chunk_size if target == "shoal" else None,
                     "shoald_args": args.shoald_arg if target == "shoal" else None,

@@ -6,7 +6,7 @@
 # from the origin, in the same run. See bench/lab.py for what is measured.
 #
 # Usage: sudo bench/swarm.sh [--nodes N] [--rate 100mbit] [--origin-rate RATE]
-#                            [--layers L] [--layer-mib S] [--runs R]
+#                            [--layers L] [--layer-mib S] [--runs R] [--queue-ms MS]
 #                            [--targets shoal,bittorrent,direct] [--chunk-size SIZE]
 #                            [--shoald-arg ARG]...
 #                            [--out FILE] [--no-build]
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
         --shoald-arg) ARGS+=("--shoald-arg=$2"); shift 2 ;;
         --shoald-arg=*) ARGS+=("$1"); shift ;;
         --out) OUT="$2"; shift 2 ;;
-        --nodes|--rate|--origin-rate|--layers|--layer-mib|--runs|--targets|--chunk-size|--timeout)
+        --nodes|--rate|--origin-rate|--layers|--layer-mib|--runs|--targets|--chunk-size|--timeout|--queue-ms)
             ARGS+=("$1" "$2"); shift 2 ;;
         -h|--help) sed -n 2,16p "$0"; exit 0 ;;
         *) echo "bench/swarm.sh: unknown argument $1 (--help lists them)" >&2; exit 2 ;;
