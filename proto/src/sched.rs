@@ -240,6 +240,9 @@ pub enum Event<P> {
     },
     /// The tracker granted origin leases on these chunks (maybe none).
     LeaseGranted(Vec<u32>),
+    /// A lease request got no answer (tracker down, unreachable, or it
+    /// refused): leases held stay as they were.
+    LeaseFailed,
     /// Chunks other members are fetching from the origin under a lease
     /// (from a lookup); replaces what was known. The origin is not asked
     /// for them while their lessees are alive.
@@ -625,39 +628,8 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 chunk,
                 outcome,
             } => self.on_chunk(source, chunk, outcome),
-            Event::LeaseGranted(chunks) => {
-                self.lease_pending = false;
-                if self.renewing {
-                    // A lease the renewal left out ran out at the tracker
-                    // (maybe another member has it now): a chunk not yet
-                    // asked of the origin must not be, unless leased again.
-                    // The simulator caught a member fetching such a chunk
-                    // seconds after another had.
-                    let lost: Vec<u32> = self
-                        .held_leases()
-                        .filter(|c| !chunks.contains(c) && !self.origin_fetching(*c))
-                        .collect();
-                    for c in lost {
-                        let _ = self.leased.clear(c);
-                    }
-                }
-                let mut fresh = 0;
-                for c in chunks {
-                    if c < self.layout.count() && !self.have.get(c) && !self.leased.get(c) {
-                        let _ = self.leased.set(c);
-                        fresh += 1;
-                    }
-                }
-                // Nothing new granted (at most the leases held already
-                // renewed): the rest is someone else's lease or served; ask
-                // again only after a lookup interval. Asking at once
-                // would loop on the tracker: the simulator caught members
-                // sending thousands of lease requests a second that way.
-                if fresh == 0 && !self.renewing {
-                    self.lease_retry_at = now + self.cfg.lookup_interval_ms;
-                    self.hurry = true;
-                }
-            }
+            Event::LeaseGranted(chunks) => self.lease_answer(now, Some(chunks)),
+            Event::LeaseFailed => self.lease_answer(now, None),
             Event::LeasedElsewhere(bits) => {
                 if bits.len() == self.layout.count() {
                     self.elsewhere = bits;
@@ -687,6 +659,44 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 }
             }
             Event::Want(chunk) => self.want = chunk.min(self.layout.count().saturating_sub(1)),
+        }
+    }
+
+    /// The answer to a lease request: the chunks granted, or `None` if it
+    /// got none.
+    fn lease_answer(&mut self, now: u64, granted: Option<Vec<u32>>) {
+        self.lease_pending = false;
+        let answered = granted.is_some();
+        let chunks = granted.unwrap_or_default();
+        if self.renewing && answered {
+            // A lease the renewal left out ran out at the tracker
+            // (maybe another member has it now): a chunk not yet
+            // asked of the origin must not be, unless leased again.
+            // The simulator caught a member fetching such a chunk
+            // seconds after another had.
+            let lost: Vec<u32> = self
+                .held_leases()
+                .filter(|c| !chunks.contains(c) && !self.origin_fetching(*c))
+                .collect();
+            for c in lost {
+                let _ = self.leased.clear(c);
+            }
+        }
+        let mut fresh = 0;
+        for c in chunks {
+            if c < self.layout.count() && !self.have.get(c) && !self.leased.get(c) {
+                let _ = self.leased.set(c);
+                fresh += 1;
+            }
+        }
+        // Nothing new granted (at most the leases held already
+        // renewed): the rest is someone else's lease or served; ask
+        // again only after a lookup interval. Asking at once
+        // would loop on the tracker: the simulator caught members
+        // sending thousands of lease requests a second that way.
+        if fresh == 0 && !self.renewing {
+            self.lease_retry_at = now + self.cfg.lookup_interval_ms;
+            self.hurry = true;
         }
     }
 
@@ -2232,12 +2242,19 @@ mod tests {
             drain(&mut s, 1_000),
             vec![Action::Lease { from: 0, max: 8 }]
         );
+        // No answer: nothing is known to be lost, and the renewal is asked
+        // again a second later.
+        s.handle(1_001, Event::LeaseFailed);
+        assert_eq!(
+            drain(&mut s, 2_001),
+            vec![Action::Lease { from: 0, max: 8 }]
+        );
         // The tracker renewed all but 6 and 7 (they ran out and went to
         // another member): those are not fetched from the origin here.
-        s.handle(1_001, Event::LeaseGranted(vec![0, 1, 2, 3, 4, 5]));
+        s.handle(2_002, Event::LeaseGranted(vec![0, 1, 2, 3, 4, 5]));
         for c in 0..4 {
             s.handle(
-                1_200,
+                2_200,
                 Event::Chunk {
                     source: Source::Origin,
                     chunk: c,
@@ -2245,7 +2262,7 @@ mod tests {
                 },
             );
         }
-        let acts = drain(&mut s, 1_200);
+        let acts = drain(&mut s, 2_200);
         assert!(
             acts.contains(&Action::FetchOrigin { chunks: vec![4, 5] }),
             "{acts:?}"

@@ -590,14 +590,14 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         now: u64,
         reply: Result<Vec<u32>, TrackerFailure>,
     ) -> Option<Notice> {
-        let (grant, notice) = match reply {
-            Ok(chunks) => (chunks, None),
+        let (event, notice) = match reply {
+            Ok(chunks) => (Event::LeaseGranted(chunks), None),
             Err(why @ (TrackerFailure::Down | TrackerFailure::Excluded)) => {
-                (Vec::new(), self.went_down(now, why))
+                (Event::LeaseFailed, self.went_down(now, why))
             }
-            Err(TrackerFailure::Refused) => (Vec::new(), None),
+            Err(TrackerFailure::Refused) => (Event::LeaseFailed, None),
         };
-        self.sched.handle(now, Event::LeaseGranted(grant));
+        self.sched.handle(now, event);
         notice
     }
 
