@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal_proto::sched::{Outcome, Source};
+use shoal_proto::sched::{Outcome, Source, PROGRESS_MS};
 use shoal_proto::session::{HashBook, Io, Member, Notice, Session, SessionConfig, TrackerFailure};
 use shoal_proto::tracker_api::{ChunkHash, LookupReply, NodeId};
 use shoal_proto::{
@@ -398,6 +398,10 @@ impl Transfers {
                     runs.remove(&chunk);
                     Some((chunk, Source::Origin, hash.map(ChunkHash::from_bytes)))
                 }
+                Ev::Moving(source, chunk) => {
+                    session.on_progress(now(), source, chunk);
+                    None
+                }
                 Ev::Broken(chunk, why) => {
                     runs.remove(&chunk);
                     tracing::info!(digest = %digest, chunk, why, "origin run broke; the rest is asked again");
@@ -553,6 +557,9 @@ enum Ev {
     Stored { chunk: u32, hash: Option<[u8; 32]> },
     /// An origin run broke at this chunk (nothing from it on was stored).
     Broken(u32, String),
+    /// Bytes of this chunk are arriving from this source (at most every
+    /// [`PROGRESS_MS`](shoal_proto::sched::PROGRESS_MS) per request).
+    Moving(Source<u32>, u32),
     /// A peer answered for a chunk (verified bytes, or why not).
     Peer {
         peer: u32,
@@ -761,6 +768,9 @@ impl Net {
                             result,
                         });
                     },
+                    |chunk| {
+                        let _ = ev.send(Ev::Moving(Source::Peer(peer), chunk));
+                    },
                 )
                 .await;
         });
@@ -896,6 +906,8 @@ impl OriginRun {
         // The chunk being received and the SHA-256 of its bytes so far.
         let mut current = 0usize;
         let mut hasher = Sha256::new();
+        let every = Duration::from_millis(PROGRESS_MS);
+        let mut told = std::time::Instant::now();
         while current < chunks.len() {
             let chunk = chunks[current];
             let bytes = match stream.next_chunk().await {
@@ -904,6 +916,12 @@ impl OriginRun {
                 None => return Err((Some(chunk), "origin closed the body early".into())),
             };
             origin_bytes.inc_by(bytes.len() as u64);
+            // Slow is not stalled: where the origin's link is shared by
+            // every lessee, a run's first chunk can take minutes.
+            if told.elapsed() >= every {
+                told = std::time::Instant::now();
+                let _ = self.events.send(Ev::Moving(Source::Origin, chunk));
+            }
             // Keep only what falls inside the run (an origin that ignored
             // the range sends more).
             let mut lo = start.max(pos);

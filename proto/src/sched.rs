@@ -260,7 +260,31 @@ pub enum Event<P> {
     TrackerDown(bool),
     /// The client is reading from this chunk on.
     Want(u32),
+    /// Bytes of `chunk` are arriving on its request to `source`: the
+    /// request is alive, however slowly it goes. Its stall deadline (and
+    /// those of the chunks queued behind it on the same request) restarts
+    /// from now. Drivers report this at most every [`PROGRESS_MS`] per
+    /// request, and only while bytes move: a stall then means nothing moved
+    /// for a stall period, not that a chunk took longer than usual — on a
+    /// congested link every chunk takes longer than usual. A peer's
+    /// request is kept alive this way for at most [`PROGRESS_CAP`] times
+    /// its first allowance (a peer trickling bytes must not hold chunks
+    /// forever); the origin's, as long as bytes come.
+    Progress {
+        /// Who is sending.
+        source: Source<P>,
+        /// The chunk whose bytes are arriving.
+        chunk: u32,
+    },
 }
+
+/// How often, at most, a driver reports [`Event::Progress`] for one request
+/// (milliseconds). Well under the least stall period (`stall_floor_ms`).
+pub const PROGRESS_MS: u64 = 250;
+
+/// Progress keeps a peer request alive for at most this many times the
+/// allowance it started with.
+pub const PROGRESS_CAP: u64 = 4;
 
 /// What the scheduler asks the driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,6 +444,8 @@ struct Request<P> {
     source: Source<P>,
     started: u64,
     deadline: u64,
+    /// Progress extends `deadline` up to this (see [`Event::Progress`]).
+    limit: u64,
     /// Position in its request (chunks of one request arrive in order).
     pos: u32,
 }
@@ -578,7 +604,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// Feeds an event.
     pub fn handle(&mut self, now: u64, event: Event<P>) {
         self.now = self.now.max(now);
-        if !matches!(event, Event::PeerHas { .. }) {
+        if !matches!(event, Event::PeerHas { .. } | Event::Progress { .. }) {
             self.pass_due = true;
         }
         match event {
@@ -659,6 +685,52 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
                 }
             }
             Event::Want(chunk) => self.want = chunk.min(self.layout.count().saturating_sub(1)),
+            Event::Progress { source, chunk } => self.progress(now, &source, chunk),
+        }
+    }
+
+    /// Bytes of `chunk` are arriving from `source`: its request, and the
+    /// chunks after it on the same request (which come in order), get their
+    /// stall periods again from now.
+    fn progress(&mut self, now: u64, source: &Source<P>, chunk: u32) {
+        let Some(head) = self
+            .inflight
+            .get(&chunk)
+            .and_then(|reqs| reqs.iter().find(|r| r.source == *source))
+        else {
+            return;
+        };
+        self.last_progress = self.last_progress.max(now);
+        let (started, pos) = (head.started, head.pos);
+        let run = match source {
+            Source::Origin => self.origin_run_of.get(&chunk).copied(),
+            Source::Peer(_) => None,
+        };
+        let period = self.stall_period(source);
+        // Chunks of one request: a peer's are those asked at the same time
+        // (one request per peer per pass); the origin's, its run's.
+        let mine: Vec<u32> = match run {
+            Some(run) => self
+                .origin_run_of
+                .iter()
+                .filter(|(_, r)| **r == run)
+                .map(|(c, _)| *c)
+                .collect(),
+            None => vec![],
+        };
+        for (c, reqs) in self.inflight.iter_mut() {
+            let origin_mate = run.is_some() && mine.binary_search(c).is_ok();
+            for r in reqs.iter_mut().filter(|r| r.source == *source) {
+                let same = match source {
+                    Source::Origin => origin_mate,
+                    Source::Peer(_) => r.started == started,
+                };
+                if !same || r.pos < pos {
+                    continue;
+                }
+                let due = now.saturating_add(period.saturating_mul(u64::from(r.pos - pos) + 1));
+                r.deadline = r.deadline.max(due.min(r.limit));
+            }
         }
     }
 
@@ -1365,23 +1437,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// chunks of one request arrive one after another, so the k-th may take
     /// k+1 stall periods before it counts as stalled.
     fn start(&mut self, chunk: u32, source: Source<P>, now: u64, pos: u32) {
-        let period = match &source {
+        let period = self.stall_period(&source);
+        let limit = match &source {
             Source::Origin => {
                 self.origin_inflight += 1;
-                self.cfg.origin_stall_ms
+                u64::MAX
             }
             Source::Peer(p) => {
                 self.peer_inflight += 1;
                 if let Some(s) = self.peers.get_mut(p) {
                     s.inflight += 1;
                 }
-                // On a slow link a healthy peer's chunk takes seconds (its
-                // uplink split among its upload slots): a stall is then
-                // several usual chunk times, not a fixed 5 s.
-                match self.chunk_ms {
-                    Some(ms) => self.cfg.stall_floor_ms.max(ms.saturating_mul(STALL_CHUNKS)),
-                    None => self.cfg.stall_ms,
-                }
+                now.saturating_add(period.saturating_mul(PROGRESS_CAP * (u64::from(pos) + 1)))
             }
         };
         let deadline = now + period * (u64::from(pos) + 1);
@@ -1390,8 +1457,24 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             source,
             started: now,
             deadline,
+            limit,
             pos,
         });
+    }
+
+    /// How long a request to `source` may go without a chunk (or, with
+    /// [`Event::Progress`], without bytes) before it counts as stalled.
+    fn stall_period(&self, source: &Source<P>) -> u64 {
+        match source {
+            Source::Origin => self.cfg.origin_stall_ms,
+            // On a slow link a healthy peer's chunk takes seconds (its
+            // uplink split among its upload slots): a stall is then
+            // several usual chunk times, not a fixed 5 s.
+            Source::Peer(_) => match self.chunk_ms {
+                Some(ms) => self.cfg.stall_floor_ms.max(ms.saturating_mul(STALL_CHUNKS)),
+                None => self.cfg.stall_ms,
+            },
+        }
     }
 
     /// Whether some peer can serve chunk `c`: one holds it and its hash is
@@ -1439,11 +1522,22 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// may know holders this node never heard of). Every member that waited
     /// on a lessee that froze used to fetch its chunks at once when the
     /// lease ran out — in the simulator, twice the image from the origin.
+    ///
+    /// A chunk the last lookup showed served (a live member holds it with
+    /// a published hash) that no peer known here holds waits longer still,
+    /// four bench periods: a lookup will name its holder. Where the origin
+    /// is the bottleneck, no chunk arrives for a long time at a member
+    /// without a lease while its lessees' runs crawl in; the moment they
+    /// publish, the chunks were served before the lookup naming their
+    /// holders came back, and 20 of 32 members fetched them from the origin
+    /// again (1.2–1.34× the image at 5 mbit in the simulator).
     fn orphan_at(&self, c: u32, benched: &Bitfield) -> u64 {
         let wait = if self.unusable.get(c) {
             self.cfg.orphan_after_ms
         } else if benched.get(c) && self.known.get(c) {
             self.cfg.orphan_after_ms + self.cfg.stall_bench_ms
+        } else if self.served.get(c) {
+            self.cfg.orphan_after_ms + 4 * self.cfg.stall_bench_ms
         } else {
             self.cfg.orphan_after_ms + 2 * self.cfg.stall_bench_ms
         };
@@ -2726,6 +2820,160 @@ mod tests {
         assert!(!drain(&mut s, t).contains(&Action::GiveUp));
     }
 
+    fn cancels(actions: &[Action<u32>]) -> Vec<(Source<u32>, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Cancel { source, chunk } => Some((source.clone(), *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_origin_run_whose_bytes_keep_moving_is_never_cut() {
+        // The origin needs minutes for a run when its link is shared by
+        // every lessee: a run cut for taking longer than the stall period
+        // would be fetched again, spending that link twice.
+        let mut s = sched(4);
+        s.handle(0, Event::TrackerDown(true));
+        let acts = drain(&mut s, 0);
+        assert!(acts.contains(&Action::FetchOrigin {
+            chunks: vec![0, 1, 2, 3]
+        }));
+        let stall = s.cfg.origin_stall_ms;
+        let mut t = 0;
+        for chunk in 0..3 {
+            // Each chunk takes four stall periods, bytes arriving all along.
+            for _ in 0..(4 * stall / PROGRESS_MS) {
+                t += PROGRESS_MS;
+                s.handle(
+                    t,
+                    Event::Progress {
+                        source: Source::Origin,
+                        chunk,
+                    },
+                );
+                assert!(cancels(&drain(&mut s, t)).is_empty(), "cut at {t}");
+            }
+            s.handle(
+                t,
+                Event::Chunk {
+                    source: Source::Origin,
+                    chunk,
+                    outcome: Outcome::Verified,
+                },
+            );
+            assert!(cancels(&drain(&mut s, t)).is_empty());
+        }
+        // Then nothing moves: the last chunk, which had two periods from
+        // the last bytes before it, is cut then.
+        assert!(cancels(&drain(&mut s, t + 2 * stall - 1)).is_empty());
+        assert_eq!(
+            cancels(&drain(&mut s, t + 2 * stall)),
+            vec![(Source::Origin, 3)]
+        );
+    }
+
+    #[test]
+    fn a_peer_request_lives_while_bytes_move_but_not_past_the_cap() {
+        let mut s = sched(2);
+        s.cfg.endgame_chunks = 0;
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1])]);
+        let period = s.cfg.stall_ms;
+        // Slow but moving: kept past the first period (the second chunk,
+        // behind it on the stream, moves with it).
+        let mut t = 0;
+        while t < 3 * period {
+            t += PROGRESS_MS;
+            s.handle(
+                t,
+                Event::Progress {
+                    source: Source::Peer(1),
+                    chunk: 0,
+                },
+            );
+            assert!(cancels(&drain(&mut s, t)).is_empty(), "cut at {t}");
+        }
+        // Silent from here: cut one period after the last bytes, the chunk
+        // behind it with it.
+        assert!(cancels(&drain(&mut s, t + period - 1)).is_empty());
+        let cut = cancels(&drain(&mut s, t + period));
+        assert_eq!(cut, vec![(Source::Peer(1), 0), (Source::Peer(1), 1)]);
+
+        // A peer trickling bytes forever is cut at the cap.
+        let mut s = sched(1);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(1).unwrap(),
+            },
+        );
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0])]);
+        let cap = PROGRESS_CAP * period;
+        let mut t = 0;
+        let mut cut_at = None;
+        while t < 2 * cap && cut_at.is_none() {
+            t += PROGRESS_MS;
+            s.handle(
+                t,
+                Event::Progress {
+                    source: Source::Peer(1),
+                    chunk: 0,
+                },
+            );
+            if !cancels(&drain(&mut s, t)).is_empty() {
+                cut_at = Some(t);
+            }
+        }
+        assert_eq!(cut_at, Some(cap));
+    }
+
+    #[test]
+    fn progress_for_a_request_not_in_flight_changes_nothing() {
+        let mut s = sched(2);
+        s.handle(
+            0,
+            Event::PeerHas {
+                peer: 1,
+                have: Bitfield::full(2).unwrap(),
+            },
+        );
+        let _ = drain(&mut s, 0);
+        let due = s.next_deadline();
+        s.handle(
+            100,
+            Event::Progress {
+                source: Source::Peer(2),
+                chunk: 0,
+            },
+        );
+        s.handle(
+            100,
+            Event::Progress {
+                source: Source::Origin,
+                chunk: 1,
+            },
+        );
+        s.handle(
+            100,
+            Event::Progress {
+                source: Source::Peer(1),
+                chunk: 99,
+            },
+        );
+        assert_eq!(s.next_deadline(), due);
+        assert!(drain(&mut s, 100).is_empty());
+    }
+
     proptest::proptest! {
         /// Random event sequences never break the invariants: no request for
         /// a chunk already held, never above the depths, never a peer request
@@ -2733,7 +2981,7 @@ mod tests {
         /// availability always counts the peers in play, and the same
         /// events always give the same actions.
         #[test]
-        fn invariants_hold(ops in proptest::collection::vec((0u8..10, 0u32..4, 0u32..12, 0u64..3000), 1..200)) {
+        fn invariants_hold(ops in proptest::collection::vec((0u8..11, 0u32..4, 0u32..12, 0u64..3000), 1..200)) {
             let n = 12;
             let run = || {
                 let mut s: Scheduler<u32> = Scheduler::new(SchedConfig::default(), layout(n), Bitfield::new(n).unwrap());
@@ -2751,6 +2999,7 @@ mod tests {
                         6 => Event::PeerGone { peer },
                         7 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Busy },
                         8 => Event::Chunk { source: Source::Peer(peer), chunk, outcome: Outcome::Failed },
+                        9 => Event::Progress { source: if peer == 0 { Source::Origin } else { Source::Peer(peer) }, chunk },
                         _ => Event::Want(chunk),
                     };
                     s.handle(now, ev);

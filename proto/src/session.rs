@@ -646,6 +646,13 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         new
     }
 
+    /// Bytes of `chunk` are arriving from `source` (see
+    /// [`Event::Progress`](crate::sched::Event::Progress): at most every
+    /// [`PROGRESS_MS`](crate::sched::PROGRESS_MS) per request).
+    pub fn on_progress(&mut self, now: u64, source: Source<u32>, chunk: u32) {
+        self.sched.handle(now, Event::Progress { source, chunk });
+    }
+
     /// The blob is complete and its digest checked: the hashes not published
     /// yet, then an announce of the whole blob (send both, in this order,
     /// whatever else is in flight).

@@ -34,7 +34,7 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use shoal_proto::sched::{Outcome, Source};
+use shoal_proto::sched::{Outcome, Source, PROGRESS_MS};
 use shoal_proto::session::{HashBook, Io, Member, Session, SessionConfig, TrackerFailure};
 use shoal_proto::tracker_api::{
     Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
@@ -111,6 +111,9 @@ struct FlowData {
     slot: bool,
     /// Bytes already counted in the node and origin totals.
     credited: f64,
+    /// Tells this request from every other (flow ids are reused, and a
+    /// request moves to a new id when it starts moving).
+    serial: u64,
 }
 
 struct Node {
@@ -192,6 +195,10 @@ enum Ev {
         outcome: Outcome,
     },
     Boundary(FlowId),
+    /// Request `serial`, under flow id `FlowId`, reports its bytes moving
+    /// ([`Event::Progress`](shoal_proto::sched::Event::Progress)) if they
+    /// do, every [`PROGRESS_MS`] while it moves.
+    Tick(FlowId, u64),
     /// A watch request reaches `holder`.
     WatchOpen {
         watcher: u32,
@@ -271,6 +278,8 @@ pub struct Sim {
     cfg: SessionConfig,
     now: u64,
     seq: u64,
+    /// Requests made so far (each request's serial).
+    requests: u64,
     queue: BinaryHeap<Queued>,
     net: FlowNet<FlowData>,
     nodes: Vec<Node>,
@@ -452,6 +461,7 @@ impl Sim {
             cfg,
             now: 0,
             seq: 0,
+            requests: 0,
             queue: BinaryHeap::new(),
             net,
             nodes,
@@ -622,6 +632,7 @@ impl Sim {
                 return self.drive(node, layer);
             }
             Ev::Boundary(f) => return self.boundary(f),
+            Ev::Tick(f, serial) => return self.tick(f, serial),
             Ev::WatchOpen {
                 watcher,
                 layer,
@@ -1022,7 +1033,9 @@ impl Sim {
             active: false,
             slot: false,
             credited: 0.0,
+            serial: self.requests,
         };
+        self.requests += 1;
         let (f, _) = self.net.start(self.now, &[], data);
         let at = self.now + self.half_rtt() + self.half_rtt();
         let v = self.net.get(f).expect("just started").version;
@@ -1149,10 +1162,44 @@ impl Sim {
         let mut data = old.data;
         data.active = true;
         data.slot = matches!(from, Sender::Peer { .. });
+        let serial = data.serial;
         let links = self.path(from, to);
         let (nf, changed) = self.net.start(self.now, &links, data);
         self.rekey(to, f, nf);
         self.reschedule(&changed);
+        self.at(self.now + PROGRESS_MS * 1000, Ev::Tick(nf, serial));
+    }
+
+    /// Request `serial` (flow `f`) tells its member its bytes are moving,
+    /// as the daemon's peer and origin clients do; returns whether that
+    /// member just finished.
+    fn tick(&mut self, f: FlowId, serial: u64) -> bool {
+        let Some(fl) = self.net.get(f) else {
+            return false;
+        };
+        let d = &fl.data;
+        if d.serial != serial || !d.active {
+            return false;
+        }
+        // A flow stuck at a halted sender moves nothing.
+        let next = (fl.rate > 0.0)
+            .then(|| (d.next..d.chunks.len()).find(|&k| !d.cancelled[k]))
+            .flatten();
+        let (to, layer, chunk) = (d.to, d.layer, next.map(|k| d.chunks[k]));
+        let source = match d.from {
+            Sender::Origin => Source::Origin,
+            Sender::Peer { id, .. } => Source::Peer(id),
+        };
+        self.at(self.now + PROGRESS_MS * 1000, Ev::Tick(f, serial));
+        let Some(chunk) = chunk else {
+            return false;
+        };
+        let now = self.ms();
+        let Some(s) = self.session(to, layer) else {
+            return false;
+        };
+        s.on_progress(now, source, chunk);
+        self.drive(to, layer)
     }
 
     /// Requests of member `i` kept under flow id `old` are now under `new`.

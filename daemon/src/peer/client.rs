@@ -225,10 +225,12 @@ fn refusal(code: ErrorKind, message: String) -> FetchError {
 }
 
 /// Reads the next response frame. `Ok(None)`: the stream ended cleanly
-/// between frames. Counts the bytes in `shoal_peer_bytes_received_total`.
+/// between frames. Counts the bytes in `shoal_peer_bytes_received_total`
+/// and calls `on_bytes` after each read that brought some.
 async fn next_frame(
     recv: &mut RecvStream,
     dec: &mut ResponseDecoder,
+    on_bytes: &mut (dyn FnMut() + Send),
 ) -> Result<Option<Response>, Stop> {
     loop {
         match dec.next_response() {
@@ -245,6 +247,7 @@ async fn next_frame(
                     .inc_by(chunk.bytes.len() as u64);
                 let taken = dec.push(&chunk.bytes);
                 debug_assert_eq!(taken, chunk.bytes.len());
+                on_bytes();
             }
             Ok(None) => {
                 return match dec.finish() {
@@ -262,7 +265,7 @@ async fn first_frame(
     recv: &mut RecvStream,
     dec: &mut ResponseDecoder,
 ) -> Result<Response, FetchError> {
-    match next_frame(recv, dec).await {
+    match next_frame(recv, dec, &mut || {}).await {
         Ok(Some(frame)) => Ok(frame),
         Ok(None) => Err(FetchError::Protocol("the answer was empty".into())),
         Err(Stop::Failed(e)) => Err(e),
@@ -414,9 +417,15 @@ impl PeerClient {
         deadline: Duration,
     ) -> Vec<(u32, ChunkResult)> {
         let mut out = Vec::with_capacity(indices.len());
-        self.fetch_each(peer, blob, hashes, indices, deadline, |i, r| {
-            out.push((i, r))
-        })
+        self.fetch_each(
+            peer,
+            blob,
+            hashes,
+            indices,
+            deadline,
+            |i, r| out.push((i, r)),
+            |_| {},
+        )
         .await;
         out.sort_by_key(|(i, _)| *i);
         out
@@ -425,8 +434,12 @@ impl PeerClient {
     /// [`fetch`](Self::fetch), handing each result to `on_result` as soon as
     /// it is known (verified chunks as they arrive), so a transfer can store
     /// and forward them without waiting for the whole request. Each distinct
-    /// index gets exactly one result.
-    pub(crate) async fn fetch_each<F>(
+    /// index gets exactly one result. While a chunk's bytes arrive,
+    /// `on_progress` hears of it at most every
+    /// [`PROGRESS_MS`](shoal_proto::sched::PROGRESS_MS) per stream (the
+    /// scheduler then tells a slow peer from a silent one).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fetch_each<F, G>(
         &self,
         peer: &PeerAddr,
         blob: &Digest,
@@ -434,8 +447,10 @@ impl PeerClient {
         indices: &[u32],
         deadline: Duration,
         on_result: F,
+        on_progress: G,
     ) where
         F: FnMut(u32, ChunkResult) + Send,
+        G: Fn(u32) + Send + Sync,
     {
         let on_result = Mutex::new(on_result);
         let deliver = |i: u32, r: ChunkResult| (on_result.lock().expect("result callback"))(i, r);
@@ -458,14 +473,15 @@ impl PeerClient {
             deliver(index, ChunkResult::Failed(refuse));
             false
         });
-        let batches = wanted
-            .chunks(MAX_INDICES)
-            .map(|batch| self.fetch_batch(peer, blob, hashes, batch, deadline, &deliver));
+        let batches = wanted.chunks(MAX_INDICES).map(|batch| {
+            self.fetch_batch(peer, blob, hashes, batch, deadline, &deliver, &on_progress)
+        });
         futures_util::future::join_all(batches).await;
     }
 
     /// One `GetChunks` on one stream, for at most [`MAX_INDICES`] sorted,
     /// distinct, valid indices; every index gets a result by `deadline`.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_batch(
         &self,
         peer: &PeerAddr,
@@ -474,10 +490,11 @@ impl PeerClient {
         batch: &[u32],
         deadline: Instant,
         deliver: &(impl Fn(u32, ChunkResult) + Sync),
+        progress: &(impl Fn(u32) + Sync),
     ) {
         // Answers come in request order, so what is done is a prefix.
         let mut done = 0;
-        let run = self.run_batch(peer, blob, hashes, batch, &mut done, deliver);
+        let run = self.run_batch(peer, blob, hashes, batch, &mut done, deliver, progress);
         let rest = match tokio::time::timeout_at(deadline, run).await {
             Ok(Ok(())) => return,
             Ok(Err(Stop::Bad(why))) => {
@@ -498,6 +515,7 @@ impl PeerClient {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_batch(
         &self,
         peer: &PeerAddr,
@@ -506,6 +524,7 @@ impl PeerClient {
         batch: &[u32],
         done: &mut usize,
         deliver: &(impl Fn(u32, ChunkResult) + Sync),
+        progress: &(impl Fn(u32) + Sync),
     ) -> Result<(), Stop> {
         let mut req = BytesMut::new();
         Request::GetChunks {
@@ -521,8 +540,16 @@ impl PeerClient {
         // Already finished or reset: the read below tells what happened.
         let _ = send.finish();
         let mut dec = ResponseDecoder::new();
+        let every = Duration::from_millis(shoal_proto::sched::PROGRESS_MS);
+        let mut told = Instant::now();
         while let Some(&due) = batch.get(*done) {
-            let Some(frame) = next_frame(&mut recv, &mut dec).await? else {
+            let mut on_bytes = || {
+                if told.elapsed() >= every {
+                    told = Instant::now();
+                    progress(due);
+                }
+            };
+            let Some(frame) = next_frame(&mut recv, &mut dec, &mut on_bytes).await? else {
                 return Err(protocol(format!(
                     "the answer ended before chunk {due} ({} of {} answered)",
                     *done,
@@ -621,7 +648,7 @@ impl PeerClient {
         };
         on_bits(bits);
         loop {
-            let frame = match next_frame(&mut recv, &mut dec).await {
+            let frame = match next_frame(&mut recv, &mut dec, &mut || {}).await {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(Stop::Failed(e)) => return Err(e),
@@ -674,8 +701,16 @@ impl PeerClient {
                 }
                 let end = (start + per_request).min(count);
                 let indices: Vec<u32> = (start as u32..end as u32).collect();
-                self.fetch_each(peer, blob, hashes, &indices, deadline, |_, r| stats.add(&r))
-                    .await;
+                self.fetch_each(
+                    peer,
+                    blob,
+                    hashes,
+                    &indices,
+                    deadline,
+                    |_, r| stats.add(&r),
+                    |_| {},
+                )
+                .await;
             }
         };
         let all = futures_util::future::join_all((0..streams.max(1)).map(|_| worker())).await;

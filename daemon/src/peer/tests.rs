@@ -1145,6 +1145,58 @@ async fn the_download_cap_holds_a_client_to_the_rate() {
     bounded(fetch_capped(false)).await;
 }
 
+#[tokio::test]
+async fn a_slow_answer_reports_its_bytes_moving() {
+    bounded(async {
+        let data = blob_data(13);
+        let (hashes, digest) = hashes_of(&data);
+        let ca = TestCa::new("cluster");
+        let limits = ServeLimits {
+            upload_rate: crate::rate::RateLimit::new(RATE),
+            ..ServeLimits::default()
+        };
+        let (_server, peer) = serve(&ca, Arc::new(MemSource::with(&data)), limits);
+        let client = ca.client(Some("client-1"));
+        client.connection(&peer).await.unwrap();
+        let log: std::sync::Mutex<Vec<(Instant, u32, bool)>> = Default::default();
+        client
+            .fetch_each(
+                &peer,
+                &digest,
+                &hashes,
+                &[0, 1, 2, 3],
+                DEADLINE,
+                |i, r| {
+                    assert!(matches!(r, ChunkResult::Verified(_)), "{r:?}");
+                    log.lock().unwrap().push((Instant::now(), i, true));
+                },
+                |i| log.lock().unwrap().push((Instant::now(), i, false)),
+            )
+            .await;
+        let log = log.into_inner().unwrap();
+        // Four chunks less the bucket's burst take about a second at the
+        // cap: the bytes moving are told several times, never more often
+        // than PROGRESS_MS, and always of the chunk being received.
+        let moving: Vec<&(Instant, u32, bool)> = log.iter().filter(|e| !e.2).collect();
+        assert!(moving.len() >= 2, "{log:?}");
+        let every = Duration::from_millis(shoal_proto::sched::PROGRESS_MS);
+        for w in moving.windows(2) {
+            assert!(w[1].0 - w[0].0 >= every, "{log:?}");
+        }
+        let mut done = 0;
+        for &(_, i, result) in &log {
+            if result {
+                assert_eq!(i, done);
+                done += 1;
+            } else {
+                assert_eq!(i, done, "progress of a chunk not being received: {log:?}");
+            }
+        }
+        assert_eq!(done, 4);
+    })
+    .await;
+}
+
 /// A blob arriving chunk by chunk at the test's command, as a transfer
 /// stores it.
 struct Arriving {
