@@ -369,6 +369,16 @@ def kumar_ross(F, us, d, u, N):
     return max(F / us, F / d, N * F / (us + N * u))
 
 
+def nodes_up_use(r, nodes, rate_bps):
+    """The nodes' uploads until the last one was done, as a share of what
+    their uplinks could carry in that time."""
+    if not r["times"] or not nodes or not rate_bps:
+        return None
+    t_last = max(r["times"])
+    sent = sum(r["nodes_up"][:int(t_last) + 1]) * 1e6  # bits
+    return round(sent / (nodes * rate_bps * t_last), 3) if t_last > 0 else None
+
+
 def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     """One pull of the whole image by every node at once."""
     started = []
@@ -432,6 +442,13 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         ns_exec(lab.origin, "sh", "-c",
                 "while :; do echo $(date +%s.%N) $(cat /sys/class/net/eth0/statistics/tx_bytes); sleep 0.05; done"),
         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # What the nodes sent, all together (their uplinks, read on the
+    # switch's ends: a node's upload is its switch port's receive).
+    up_sampler = subprocess.Popen(
+        ns_exec(f"{PREFIX}-sw", "sh", "-c",
+                "while :; do echo $(date +%s.%N) $(cat /sys/class/net/sln*b/statistics/rx_bytes"
+                " | awk '{s+=$1} END {print s}'); sleep 0.25; done"),
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.time() + 2.0
     pullers = []
     for k, ns in enumerate(lab.hosts, 1):
@@ -471,6 +488,21 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     ext = {k: v - ext0[k] for k, v in tcp_ext(lab.origin).items()}
     ext.update({f"nodes_{k}": v - rx0[k] for k, v in nodes_tcp_rx(lab).items()})
     os.killpg(sampler.pid, signal.SIGKILL)
+    os.killpg(up_sampler.pid, signal.SIGKILL)
+    up = []
+    for line in up_sampler.communicate()[0].splitlines():
+        try:
+            at, sent = line.split()
+            up.append((float(at) - t0, int(sent)))
+        except ValueError:
+            pass
+    up_base = max((sent for at, sent in up if at <= 0), default=up[0][1] if up else 0)
+    nodes_up = []
+    for sec in range(1, int(max((at for at, _ in up), default=0)) + 1):
+        upto = max((sent for at, sent in up if at <= sec), default=up_base)
+        nodes_up.append(round((upto - up_base) * 8 / 1e6, 1))
+    # Mbit/s per second rather than cumulative.
+    nodes_up = [round(b - a, 1) for a, b in zip([0.0] + nodes_up, nodes_up)]
     samples = []
     for line in sampler.communicate()[0].splitlines():
         try:
@@ -496,6 +528,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "retrans": retrans,
         "drops": drops,
         "timeline": timeline,
+        "nodes_up": nodes_up,
         "tcp_ext": ext,
         "rss_idle": max((r for r in rss_idle if r is not None), default=None),
         "rss_peak": max((r for r in rss_peak if r is not None), default=None),
@@ -606,6 +639,11 @@ def main():
                     "origin_tcp_retransmits": r["retrans"],
                     "queue_drops": r["drops"],
                     "origin_mbps_by_second": r["timeline"],
+                    # All nodes' uploads together, Mbit/s second by second
+                    # from T0, and as a share of their capacity until the
+                    # last node was done.
+                    "nodes_up_mbps_by_second": r["nodes_up"],
+                    "nodes_up_use": nodes_up_use(r, args.nodes, rate),
                     "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
                     "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
@@ -628,12 +666,13 @@ def main():
 
     print()
     print(f"| {args.nodes} nodes at {args.rate} (origin {args.origin_rate or args.rate}), "
-          f"{args.layers} x {args.layer_mib} MiB | t_all s | × bound | slowest / median | origin egress × image | origin done s | CPU busy |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.layers} x {args.layer_mib} MiB | t_all s | × bound | slowest / median | origin egress × image | origin done s | uplinks used | CPU busy |")
+    print("|---|---|---|---|---|---|---|---|")
     for l in results:
         fmt = lambda v, p=2: "–" if v is None else f"{v:.{p}f}"
         print(f"| {l['target']} (run {l['run']}) | {fmt(l['t_all_s'])} | {fmt(l['ratio_to_bound'])} | "
-              f"{fmt(l['slowest_over_median'])} | {fmt(l['egress_ratio'], 3)} | {fmt(l['origin_done_s'])} | {l['cpu_busy']:.2f} |")
+              f"{fmt(l['slowest_over_median'])} | {fmt(l['egress_ratio'], 3)} | {fmt(l['origin_done_s'])} | "
+              f"{fmt(l['nodes_up_use'])} | {l['cpu_busy']:.2f} |")
         if l["errors"]:
             print(f"  errors: {l['errors'][:3]}")
     print(f"bound (Kumar–Ross) {bound:.2f} s for F = {F} bytes")
