@@ -369,6 +369,30 @@ def kumar_ross(F, us, d, u, N):
     return max(F / us, F / d, N * F / (us + N * u))
 
 
+def node_metrics(ns):
+    """A shoald's peer and origin bytes received so far, from its ops port
+    (`None` if it did not answer)."""
+    got = subprocess.run(ns_exec(ns, "curl", "-sf", "--max-time", "5", "http://127.0.0.1:4903/metrics"),
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        return None
+    out = {"peer": 0, "origin": 0}
+    for line in got.stdout.splitlines():
+        if line.startswith("shoal_peer_bytes_received_total "):
+            out["peer"] = int(float(line.split()[1]))
+        elif line.startswith('shoal_origin_bytes_total{kind="blob"} '):
+            out["origin"] = int(float(line.split()[1]))
+    return out
+
+
+def received_per_node(r, image_bytes):
+    """Bytes each member received (peers and origin), × image: min, median, max."""
+    got = sorted((m["peer"] + m["origin"]) / image_bytes for m in r["received"] if m)
+    if not got:
+        return None
+    return {"min": round(got[0], 3), "median": round(got[len(got) // 2], 3), "max": round(got[-1], 3)}
+
+
 def nodes_up_use(r, nodes, rate_bps):
     """The nodes' uploads until the last one was done, as a share of what
     their uplinks could carry in that time."""
@@ -518,6 +542,10 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         timeline.append(round((upto - last) * 8 / 1e6, 1))
         last = upto
     rss_peak = [rss_mb(pid, "VmHWM") for pid in daemons]
+    # What each member received, from its own counters: more than one
+    # image means chunks fetched twice (moved requests both answered,
+    # endgame duplicates, cancelled streams still sending).
+    received = [node_metrics(ns) for ns in lab.hosts] if target == "shoal" else []
     lab.stop(started)
     total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
@@ -532,6 +560,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "tcp_ext": ext,
         "rss_idle": max((r for r in rss_idle if r is not None), default=None),
         "rss_peak": max((r for r in rss_peak if r is not None), default=None),
+        "received": received,
         "cpu_busy": (total - idle) / total if total else 0.0,
     }
 
@@ -644,6 +673,7 @@ def main():
                     # last node was done.
                     "nodes_up_mbps_by_second": r["nodes_up"],
                     "nodes_up_use": nodes_up_use(r, args.nodes, rate),
+                    "received_per_node_x_image": received_per_node(r, F),
                     "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
                     "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
