@@ -34,6 +34,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import re
 import os
 import shutil
 import signal
@@ -547,6 +548,21 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     # endgame duplicates, cancelled streams still sending).
     received = [node_metrics(ns) for ns in lab.hosts] if target == "shoal" else []
     lab.stop(started)
+    # Chunks each member stored twice (both answers of a moved request,
+    # endgame duplicates), from its "blob complete" log lines.
+    tally = {"from_origin": 0, "from_peers": 0, "duplicates": 0}
+    if target == "shoal":
+        for k in range(1, len(lab.hosts) + 1):
+            try:
+                with open(os.path.join(work, f"shoald-{run_no}-{k}.log"), errors="replace") as f:
+                    for line in f:
+                        if "blob complete" in line:
+                            line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # text logs carry colours
+                            for key in tally:
+                                m = re.search(rf"\b{key}=(\d+)", line)
+                                tally[key] += int(m.group(1)) if m else 0
+            except OSError:
+                pass
     total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
         "times": times,
@@ -561,6 +577,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         "rss_idle": max((r for r in rss_idle if r is not None), default=None),
         "rss_peak": max((r for r in rss_peak if r is not None), default=None),
         "received": received,
+        "chunks": tally if target == "shoal" else None,
         "cpu_busy": (total - idle) / total if total else 0.0,
     }
 
@@ -674,6 +691,7 @@ def main():
                     "nodes_up_mbps_by_second": r["nodes_up"],
                     "nodes_up_use": nodes_up_use(r, args.nodes, rate),
                     "received_per_node_x_image": received_per_node(r, F),
+                    "chunks_stored": r["chunks"],
                     "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),
                     "shoald_rss_peak_mib_max": r["rss_peak"] and round(r["rss_peak"], 1),
