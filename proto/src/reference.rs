@@ -245,12 +245,15 @@ pub fn api_host(registry: &str) -> &str {
 }
 
 /// The repository name the origin knows: Docker Hub puts one-component names
-/// under `library/`.
-pub fn origin_repo(registry: &str, repo: &RepoName) -> RepoName {
+/// under `library/`. The name with the prefix must still be a valid name (at
+/// most 255 characters, as Docker checks the canonical name): a 250-character
+/// `NAME` was accepted and became a 258-character `library/NAME` that no
+/// parser takes back (found by the `reference` fuzz target).
+pub fn origin_repo(registry: &str, repo: &RepoName) -> Result<RepoName, NameError> {
     if api_host(registry) == DOCKER_HUB_API && !repo.as_str().contains('/') {
-        RepoName(format!("library/{}", repo.as_str()))
+        format!("library/{}", repo.as_str()).parse()
     } else {
-        repo.clone()
+        Ok(repo.clone())
     }
 }
 
@@ -302,7 +305,7 @@ impl FromStr for ImageRef {
             ),
             None => (path, None),
         };
-        let repo = origin_repo(&registry, &name.parse()?);
+        let repo = origin_repo(&registry, &name.parse()?)?;
         Ok(ImageRef {
             registry,
             repo,
@@ -415,6 +418,22 @@ mod tests {
         assert_eq!(r.reference(), Reference::Digest(d));
         assert!("Quay.IO:x/app".parse::<ImageRef>().is_err());
         assert_eq!(api_host("docker.io"), DOCKER_HUB_API);
+    }
+
+    #[test]
+    fn a_docker_hub_name_too_long_once_under_library_is_refused() {
+        // 250 characters is a valid name, but not under `library/`.
+        let name = "a".repeat(250);
+        assert!(name.parse::<RepoName>().is_ok());
+        assert_eq!(
+            name.parse::<ImageRef>(),
+            Err(NameError::TooLong("library/".len() + 250))
+        );
+        let elsewhere: ImageRef = format!("quay.io/{name}").parse().unwrap();
+        assert_eq!(elsewhere.repo.as_str(), name);
+        // Whatever parses prints to text that parses to the same reference.
+        let r: ImageRef = "a".repeat(247).parse().unwrap();
+        assert_eq!(r.to_string().parse::<ImageRef>().unwrap(), r);
     }
 
     proptest::proptest! {

@@ -81,6 +81,10 @@ pub enum OriginError {
     /// The registry name is not a valid `host[:port]`.
     #[error("invalid registry host {0:?}")]
     InvalidRegistry(String),
+    /// The repository name is not valid at this origin (Docker Hub's
+    /// implied `library/` makes it too long).
+    #[error("invalid repository name: {0}")]
+    InvalidName(shoal_proto::NameError),
     /// Any other unexpected status from the origin.
     #[error("origin answered {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
     Status {
@@ -138,7 +142,9 @@ impl OriginError {
             }
             OriginError::Credentials(msg) => OciError::new(C::Unauthorized, msg.clone()),
             OriginError::TooLarge { .. } => OciError::new(C::ManifestInvalid, self.to_string()),
-            OriginError::InvalidRegistry(_) => OciError::new(C::NameInvalid, self.to_string()),
+            OriginError::InvalidRegistry(_) | OriginError::InvalidName(_) => {
+                OciError::new(C::NameInvalid, self.to_string())
+            }
             OriginError::Status {
                 status,
                 code,

@@ -613,7 +613,7 @@ impl OriginClient {
             return Err(OriginError::InvalidRegistry(registry));
         }
         let host = api_host(&registry).to_owned();
-        let repo = origin_repo(&registry, repo);
+        let repo = origin_repo(&registry, repo).map_err(OriginError::InvalidName)?;
         let plain = Url::parse(&format!("http://{host}/"))
             .map(|u| self.plain_http_allowed(&u))
             .map_err(|_| OriginError::InvalidRegistry(registry.clone()))?;
