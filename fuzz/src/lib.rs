@@ -115,30 +115,32 @@ pub fn tracker_api(data: &[u8]) {
     let mut t = Tracker::new(cfg).expect("a valid config");
     for (k, line) in text.lines().take(256).enumerate() {
         let now = 1_000 + 100 * k as u64;
-        let (kind, body) = line.split_at(line.len().min(1));
-        let body = body.trim_start();
+        let Some(kind) = line.chars().next() else {
+            continue;
+        };
+        let body = line[kind.len_utf8()..].trim_start();
         match kind {
-            "a" => {
+            'a' => {
                 if let Some(a) = decoded::<Announce>(body) {
                     let _ = t.announce(now, a);
                 }
             }
-            "l" => {
+            'l' => {
                 if let Some(r) = decoded::<LeaseRequest>(body) {
                     let _ = t.lease(now, r);
                 }
             }
-            "p" => {
+            'p' => {
                 if let Some(p) = decoded::<PublishHashes>(body) {
                     let _ = t.publish_hashes(now, p);
                 }
             }
-            "r" => {
+            'r' => {
                 if let Some(r) = decoded::<Report>(body) {
                     let _ = t.report(now, r);
                 }
             }
-            "k" => {
+            'k' => {
                 let mut parts = body.split(' ');
                 let node = parts.next().and_then(|n| NodeId::from_str(n).ok());
                 let blob = parts.next().and_then(|d| Digest::from_str(d).ok());
