@@ -2827,6 +2827,11 @@ mod tests {
         assert!(!drain(&mut s, t).contains(&Action::GiveUp));
     }
 
+    /// Peer `peer` holds `have`, as of time 0.
+    fn peer_has(s: &mut Scheduler<u32>, peer: u32, have: Bitfield) {
+        s.handle(0, Event::PeerHas { peer, have });
+    }
+
     fn cancels(actions: &[Action<u32>]) -> Vec<(Source<u32>, u32)> {
         actions
             .iter()
@@ -2886,13 +2891,7 @@ mod tests {
     fn a_peer_request_lives_while_bytes_move_but_not_past_the_cap() {
         let mut s = sched(2);
         s.cfg.endgame_chunks = 0;
-        s.handle(
-            0,
-            Event::PeerHas {
-                peer: 1,
-                have: Bitfield::full(2).unwrap(),
-            },
-        );
+        peer_has(&mut s, 1, Bitfield::full(2).unwrap());
         assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1])]);
         let period = s.cfg.stall_ms;
         // Slow but moving: kept past the first period (the second chunk,
@@ -2917,13 +2916,7 @@ mod tests {
 
         // A peer trickling bytes forever is cut at the cap.
         let mut s = sched(1);
-        s.handle(
-            0,
-            Event::PeerHas {
-                peer: 1,
-                have: Bitfield::full(1).unwrap(),
-            },
-        );
+        peer_has(&mut s, 1, Bitfield::full(1).unwrap());
         assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0])]);
         let cap = PROGRESS_CAP * period;
         let mut t = 0;
@@ -2947,13 +2940,7 @@ mod tests {
     #[test]
     fn progress_for_a_request_not_in_flight_changes_nothing() {
         let mut s = sched(2);
-        s.handle(
-            0,
-            Event::PeerHas {
-                peer: 1,
-                have: Bitfield::full(2).unwrap(),
-            },
-        );
+        peer_has(&mut s, 1, Bitfield::full(2).unwrap());
         let _ = drain(&mut s, 0);
         let due = s.next_deadline();
         s.handle(
