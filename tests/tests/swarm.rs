@@ -245,6 +245,8 @@ async fn with_the_tracker_down_pulls_complete_from_the_origin() {
         "no warning that the tracker is down:\n{}",
         a.logs()
     );
+    // Logs written to a file are plain text, without colour codes.
+    assert!(!a.logs().contains('\u{1b}'), "{}", a.logs());
 }
 
 /// The only member holding a blob is frozen (`SIGSTOP`) or killed
