@@ -716,20 +716,10 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         let period = self.stall_period(source);
         // Chunks of one request: a peer's are those asked at the same time
         // (one request per peer per pass); the origin's, its run's.
-        let mine: Vec<u32> = match run {
-            Some(run) => self
-                .origin_run_of
-                .iter()
-                .filter(|(_, r)| **r == run)
-                .map(|(c, _)| *c)
-                .collect(),
-            None => vec![],
-        };
         for (c, reqs) in self.inflight.iter_mut() {
-            let origin_mate = run.is_some() && mine.binary_search(c).is_ok();
             for r in reqs.iter_mut().filter(|r| r.source == *source) {
                 let same = match source {
-                    Source::Origin => origin_mate,
+                    Source::Origin => run.is_some() && self.origin_run_of.get(c) == run.as_ref(),
                     Source::Peer(_) => r.started == started,
                 };
                 if !same || r.pos < pos {
