@@ -370,6 +370,28 @@ def kumar_ross(F, us, d, u, N):
     return max(F / us, F / d, N * F / (us + N * u))
 
 
+def read_samples(sampler, t0, base):
+    """A sampler's `TIME BYTES` lines as (seconds from T0, bytes − base)."""
+    samples = []
+    for line in sampler.communicate()[0].splitlines():
+        try:
+            at, sent = line.split()
+            samples.append((float(at) - t0, int(sent) - base))
+        except ValueError:
+            pass
+    return samples
+
+
+def mbps_by_second(samples):
+    """Mbit/s in each whole second from T0, from (seconds, bytes so far)."""
+    timeline, last = [], 0
+    for sec in range(1, int(max((at for at, _ in samples), default=0)) + 1):
+        upto = max((sent for at, sent in samples if at <= sec), default=0)
+        timeline.append(round((upto - last) * 8 / 1e6, 1))
+        last = upto
+    return timeline
+
+
 def node_metrics(ns):
     """A shoald's peer and origin bytes received so far, from its ops port
     (`None` if it did not answer)."""
@@ -514,34 +536,15 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     ext.update({f"nodes_{k}": v - rx0[k] for k, v in nodes_tcp_rx(lab).items()})
     os.killpg(sampler.pid, signal.SIGKILL)
     os.killpg(up_sampler.pid, signal.SIGKILL)
-    up = []
-    for line in up_sampler.communicate()[0].splitlines():
-        try:
-            at, sent = line.split()
-            up.append((float(at) - t0, int(sent)))
-        except ValueError:
-            pass
+    # The nodes' counters are read from before T0: count from the last
+    # reading at or before it.
+    up = read_samples(up_sampler, t0, 0)
     up_base = max((sent for at, sent in up if at <= 0), default=up[0][1] if up else 0)
-    nodes_up = []
-    for sec in range(1, int(max((at for at, _ in up), default=0)) + 1):
-        upto = max((sent for at, sent in up if at <= sec), default=up_base)
-        nodes_up.append(round((upto - up_base) * 8 / 1e6, 1))
-    # Mbit/s per second rather than cumulative.
-    nodes_up = [round(b - a, 1) for a, b in zip([0.0] + nodes_up, nodes_up)]
-    samples = []
-    for line in sampler.communicate()[0].splitlines():
-        try:
-            at, sent = line.split()
-            samples.append((float(at) - t0, int(sent) - egress0))
-        except ValueError:
-            pass
+    nodes_up = mbps_by_second([(at, sent - up_base) for at, sent in up])
+    samples = read_samples(sampler, t0, egress0)
     origin_done = next((at for at, sent in samples if sent >= 0.99 * egress), None)
     # The origin's send rate, second by second from T0 (Mbit/s).
-    timeline, last = [], 0
-    for sec in range(1, int(max((at for at, _ in samples), default=0)) + 1):
-        upto = max((sent for at, sent in samples if at <= sec), default=0)
-        timeline.append(round((upto - last) * 8 / 1e6, 1))
-        last = upto
+    timeline = mbps_by_second(samples)
     rss_peak = [rss_mb(pid, "VmHWM") for pid in daemons]
     # What each member received, from its own counters: more than one
     # image means chunks fetched twice (moved requests both answered,

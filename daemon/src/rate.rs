@@ -8,6 +8,9 @@
 //! large frame goes out at once and the average over a few hundred
 //! milliseconds stays at the cap. On the download side the wait delays the
 //! next read, and QUIC flow control slows the sending peer down.
+//!
+//! [`Every`] paces a notice instead of bytes: the transfers tell the
+//! scheduler that a request's bytes are moving at most once a period.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -95,6 +98,34 @@ impl RateLimit {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// Says yes at most once per period: first when a period has passed since
+/// it was made, then a period after each yes.
+#[derive(Debug)]
+pub struct Every {
+    period: Duration,
+    last: std::time::Instant,
+}
+
+impl Every {
+    /// Starts counting now.
+    pub fn new(period: Duration) -> Self {
+        Every {
+            period,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether a period has passed since the last yes (or the start).
+    pub fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last) < self.period {
+            return false;
+        }
+        self.last = now;
+        true
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::{self, KindLabel, SourceLabel};
 use crate::peer::client::ChunkResult;
 use crate::peer::PeerAddr;
+use crate::rate::Every;
 use crate::store::{Kind, ReadGuard, Store, StoreError};
 use crate::swarm::Swarm;
 
@@ -906,8 +907,7 @@ impl OriginRun {
         // The chunk being received and the SHA-256 of its bytes so far.
         let mut current = 0usize;
         let mut hasher = Sha256::new();
-        let every = Duration::from_millis(PROGRESS_MS);
-        let mut told = std::time::Instant::now();
+        let mut tell = Every::new(Duration::from_millis(PROGRESS_MS));
         while current < chunks.len() {
             let chunk = chunks[current];
             let bytes = match stream.next_chunk().await {
@@ -918,8 +918,7 @@ impl OriginRun {
             origin_bytes.inc_by(bytes.len() as u64);
             // Slow is not stalled: where the origin's link is shared by
             // every lessee, a run's first chunk can take minutes.
-            if told.elapsed() >= every {
-                told = std::time::Instant::now();
+            if tell.due() {
                 let _ = self.events.send(Ev::Moving(Source::Origin, chunk));
             }
             // Keep only what falls inside the run (an origin that ignored

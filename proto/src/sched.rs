@@ -517,7 +517,8 @@ pub struct Scheduler<P> {
     hurry: bool,
     want: u32,
     tracker_down: bool,
-    /// When a chunk last arrived (or the download started).
+    /// When a chunk last arrived, or bytes of one were reported moving
+    /// (or the download started).
     last_progress: u64,
     /// Moving average of the time one chunk takes from a peer here.
     chunk_ms: Option<u64>,

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use super::{close, stream_code, PeerAddr};
 use crate::metrics::{self, SourceLabel};
-use crate::rate::RateLimit;
+use crate::rate::{Every, RateLimit};
 
 /// A cached connection unused for this long is closed.
 pub const CONNECTION_IDLE: Duration = Duration::from_secs(120);
@@ -540,12 +540,10 @@ impl PeerClient {
         // Already finished or reset: the read below tells what happened.
         let _ = send.finish();
         let mut dec = ResponseDecoder::new();
-        let every = Duration::from_millis(shoal_proto::sched::PROGRESS_MS);
-        let mut told = Instant::now();
+        let mut tell = Every::new(Duration::from_millis(shoal_proto::sched::PROGRESS_MS));
         while let Some(&due) = batch.get(*done) {
             let mut on_bytes = || {
-                if told.elapsed() >= every {
-                    told = Instant::now();
+                if tell.due() {
                     progress(due);
                 }
             };
