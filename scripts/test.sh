@@ -14,6 +14,7 @@ declare -A NEEDED=(
     [docker-registry]=docker-registry
     [containerd]=containerd
     [skopeo]=skopeo
+    [redis-server]=redis-server
 )
 missing=()
 for pkg in "${!NEEDED[@]}"; do
@@ -37,7 +38,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
         exit 1
     fi
-    for prog in docker-registry containerd ctr skopeo; do
+    for prog in docker-registry containerd ctr skopeo redis-server; do
         if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ]; then
             echo "scripts/test.sh: $prog is still missing after the install" >&2
             exit 1

@@ -19,7 +19,7 @@ pub(crate) const SEEDS: usize = 2;
 pub(crate) type LeaseQueue = BTreeSet<(u64, Digest, u32)>;
 
 /// An unexpired origin lease on one chunk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Lease {
     pub(crate) node: NodeId,
     pub(crate) expires: u64,
@@ -27,7 +27,7 @@ pub(crate) struct Lease {
 
 /// What a holder has of the blob. Complete holdings store no bitfield: most
 /// holdings in a settled cluster are complete, so this is most of the memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Have {
     Complete,
     Partial(Bitfield),
@@ -42,7 +42,7 @@ impl Have {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Holding {
     /// The holder's key in its ring.
     pos: u64,
@@ -50,7 +50,7 @@ pub(crate) struct Holding {
 }
 
 /// A published chunk hash and who published it (the chunk's lease holder).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Published {
     pub(crate) hash: ChunkHash,
     pub(crate) by: NodeId,
@@ -58,7 +58,7 @@ pub(crate) struct Published {
     pub(crate) seq: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Blob {
     pub(crate) digest: Digest,
     pub(crate) layout: ChunkLayout,

@@ -102,6 +102,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// The tracker failed (500).
     Internal,
+    /// The tracker cannot decide now (its shared store is unreachable):
+    /// try another tracker (503).
+    Unavailable,
     /// A code this version does not know (a newer tracker).
     Other(String),
 }
@@ -121,6 +124,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Other(s) => s,
         }
     }
@@ -139,6 +143,7 @@ impl ErrorCode {
             "not_found" => ErrorCode::NotFound,
             "method_not_allowed" => ErrorCode::MethodNotAllowed,
             "internal" => ErrorCode::Internal,
+            "unavailable" => ErrorCode::Unavailable,
             other => ErrorCode::Other(other.chars().take(64).collect()),
         }
     }
@@ -154,6 +159,7 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
         }
     }
 }

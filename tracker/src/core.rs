@@ -176,7 +176,7 @@ pub struct TrackerStats {
     pub excluded: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Member {
     addr: PeerAddr,
     /// Key in `Tracker::deadlines`: last announce + member TTL, or sooner
@@ -200,7 +200,7 @@ struct Member {
 
 /// What the tracker remembers about a node's trustworthiness. Kept while the
 /// node is a member or has hashes on file, then forgotten.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Record {
     /// Distinct members that reported bad chunks from it.
     reporters: BTreeSet<NodeId>,
@@ -213,8 +213,13 @@ struct Record {
 const RACK_SCAN: usize = 4_096;
 
 /// The tracker state machine. See the module documentation.
-#[derive(Debug)]
+///
+/// Serializes to a snapshot of its whole state but its configuration
+/// ([`Tracker::snapshot`], [`Tracker::restore`]), for replicas that share a
+/// log of requests.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Tracker {
+    #[serde(skip)]
     cfg: TrackerConfig,
     /// The latest time seen.
     now: u64,
@@ -528,6 +533,30 @@ impl Tracker {
     pub fn starting_epochs_at(mut self, first: u64) -> Self {
         self.next_epoch = first.max(1);
         self
+    }
+
+    /// The latest time seen: the greatest `now_ms` of any call so far.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// The whole state but the configuration, as JSON: where a tracker
+    /// replica that joins later, or lost its place in the shared request
+    /// log, starts from ([`restore`](Self::restore)).
+    pub fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the tracker state serializes")
+    }
+
+    /// A tracker with `cfg` and the state of a [`snapshot`](Self::snapshot).
+    /// Refused unless the state keeps every invariant under `cfg`.
+    pub fn restore(cfg: TrackerConfig, snapshot: &[u8]) -> std::result::Result<Self, String> {
+        cfg.validate().map_err(|e| e.to_string())?;
+        let mut t: Tracker =
+            serde_json::from_slice(snapshot).map_err(|e| format!("unreadable snapshot: {e}"))?;
+        t.cfg = cfg;
+        t.check_invariants()
+            .map_err(|e| format!("inconsistent snapshot: {e}"))?;
+        Ok(t)
     }
 
     /// Grants origin leases; see [`LeaseRequest`]. The node's own leases on

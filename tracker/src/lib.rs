@@ -17,11 +17,14 @@
 mod blob;
 pub mod client;
 pub mod clock;
+pub mod command;
 pub mod core;
 #[cfg(feature = "net")]
 pub mod https_client;
 #[cfg(feature = "net")]
 pub mod metrics;
+#[cfg(feature = "net")]
+pub mod replica;
 #[cfg(feature = "net")]
 pub mod server;
 

@@ -1,7 +1,8 @@
 //! `shoal-tracker`: the tracker as a service. Serves the v1 API over mutual
 //! TLS on `--listen` to members holding a certificate of the cluster CA in
 //! `--cluster-dir`, and `/metrics`, `/healthz`, `/status` over plain HTTP on
-//! `--ops-listen`. State is in memory. SIGTERM or Ctrl-C stops accepting and
+//! `--ops-listen`. State is in memory, or with `--store redis://...` shared
+//! by replicas through Redis ([`shoal_tracker::replica`]). SIGTERM or Ctrl-C stops accepting and
 //! drains open requests.
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::Parser;
 use shoal_tracker::clock::MonotonicClock;
+use shoal_tracker::replica::{Replica, ReplicaConfig};
 use shoal_tracker::server::{self, Server, ServerConfig};
 use shoal_tracker::{Tracker, TrackerConfig};
 use tokio::net::TcpListener;
@@ -53,6 +55,36 @@ struct Args {
         default_value = "0.0.0.0:4903"
     )]
     ops_listen: SocketAddr,
+    /// Where the tracker state lives: `memory` (this process only), or
+    /// `redis://[USER:PASSWORD@]HOST[:PORT][/DB]` for replicas that share
+    /// it: run several trackers with the same --store and give members all
+    /// their URLs (--tracker A --tracker B); any replica answers for all.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_STORE",
+        value_name = "STORE",
+        default_value = "memory",
+        value_parser = parse_store
+    )]
+    store: String,
+    /// Prefix of the Redis keys (one per cluster sharing a Redis server).
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_STORE_PREFIX",
+        value_name = "PREFIX",
+        default_value = "shoal"
+    )]
+    store_prefix: String,
+    /// How often one replica stores a snapshot of the state in Redis and
+    /// trims the shared log (e.g. `60s`, `500ms`).
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_SNAPSHOT_INTERVAL",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = parse_duration
+    )]
+    snapshot_interval: std::time::Duration,
     /// Log format.
     #[arg(
         long,
@@ -62,6 +94,32 @@ struct Args {
         value_parser = ["text", "json"]
     )]
     log_format: String,
+}
+
+fn parse_store(s: &str) -> Result<String, String> {
+    if s == "memory" || s.starts_with("redis://") || s.starts_with("rediss://") {
+        Ok(s.to_owned())
+    } else {
+        Err("must be `memory` or a redis:// URL".into())
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as 60s or 500ms");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// This machine's host name, lowercased (DNS names are case-insensitive).
@@ -153,13 +211,21 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
     let identity = shoal_cluster::Identity::load(&args.cluster_dir, &name)
         .with_context(|| format!("--cluster-dir {}", args.cluster_dir.display()))?;
     let tls = Arc::new(server::tls_config(&identity)?);
-    let tracker = Tracker::new(TrackerConfig::default())?
-        .starting_epochs_at(shoal_tracker::clock::epoch_base());
-    let server = Server::new(
-        Arc::new(Mutex::new(tracker)),
-        Arc::new(MonotonicClock::new()),
-        ServerConfig::default(),
-    );
+    let server = if args.store == "memory" {
+        let tracker = Tracker::new(TrackerConfig::default())?
+            .starting_epochs_at(shoal_tracker::clock::epoch_base());
+        Server::new(
+            Arc::new(Mutex::new(tracker)),
+            Arc::new(MonotonicClock::new()),
+            ServerConfig::default(),
+        )
+    } else {
+        let mut cfg = ReplicaConfig::new(args.store.clone());
+        cfg.prefix = args.store_prefix.clone();
+        cfg.snapshot_interval = args.snapshot_interval;
+        let replica = Replica::open(cfg, TrackerConfig::default()).await?;
+        Server::replicated(replica, ServerConfig::default())
+    };
     let listener = bind(args.listen, "listen").await?;
     let ops_listener = bind(args.ops_listen, "ops-listen").await?;
     let (listen, ops) = (listener.local_addr()?, ops_listener.local_addr()?);
@@ -178,7 +244,8 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         let stop = stopped(stop_rx.clone());
         async move { server.serve_ops(ops_listener, stop).await }
     });
-    tracing::info!(%listen, %ops, %name, cluster_dir = %args.cluster_dir.display(), "shoal-tracker serving");
+    let store = if args.store == "memory" { "memory" } else { "redis" };
+    tracing::info!(%listen, %ops, %name, cluster_dir = %args.cluster_dir.display(), store, "shoal-tracker serving");
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining");

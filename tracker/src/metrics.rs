@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::replica::ReplicaCounters;
 use crate::TrackerStats;
 
 /// Labels of `shoal_tracker_requests_total`.
@@ -118,6 +119,44 @@ impl Metrics {
             "shoal_tracker_excluded",
             "Nodes excluded for bad data",
             m.excluded.clone(),
+        );
+        m
+    }
+
+    /// A fresh set with the counters of a replica sharing a log in Redis,
+    /// under `shoal_tracker_replica_*`.
+    pub fn replicated(c: &ReplicaCounters) -> Self {
+        let mut m = Self::new();
+        let r = &mut m.registry;
+        r.register(
+            "shoal_tracker_replica_applied",
+            "Entries of the replicas' shared log applied by this replica",
+            c.applied.clone(),
+        );
+        r.register(
+            "shoal_tracker_replica_logged",
+            "Requests this replica wrote to the shared log",
+            c.logged.clone(),
+        );
+        r.register(
+            "shoal_tracker_replica_unavailable",
+            "Requests refused with 503 because Redis did not log them, or this replica did not apply them, in time",
+            c.unavailable.clone(),
+        );
+        r.register(
+            "shoal_tracker_replica_snapshots_loaded",
+            "Snapshots loaded: at start, and after falling behind the trimmed log",
+            c.snapshots_loaded.clone(),
+        );
+        r.register(
+            "shoal_tracker_replica_snapshots_stored",
+            "Snapshots this replica stored (the log is trimmed after each)",
+            c.snapshots_stored.clone(),
+        );
+        r.register(
+            "shoal_tracker_replica_undecodable",
+            "Log entries skipped because they did not decode (damage)",
+            c.undecodable.clone(),
         );
         m
     }

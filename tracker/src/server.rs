@@ -60,6 +60,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::client::{ErrorBody, ErrorCode, ErrorDetail, POISONED};
 use crate::clock::Clock;
+use crate::command::{Command, Outcome};
+use crate::replica::{Replica, ReplicaError};
 use crate::metrics::Metrics;
 use crate::Tracker;
 
@@ -129,6 +131,9 @@ pub struct Server {
 struct Inner {
     tracker: Arc<Mutex<Tracker>>,
     clock: Arc<dyn Clock>,
+    /// With replicas sharing a log: commands go through it, and time is
+    /// the log's.
+    replica: Option<Arc<Replica>>,
     metrics: Metrics,
     cfg: ServerConfig,
     started: Instant,
@@ -141,7 +146,24 @@ impl Server {
             inner: Arc::new(Inner {
                 tracker,
                 clock,
+                replica: None,
                 metrics: Metrics::new(),
+                cfg,
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// A server for one replica of a tracker whose replicas share a log in
+    /// Redis ([`crate::replica`]).
+    pub fn replicated(replica: Arc<Replica>, cfg: ServerConfig) -> Self {
+        let metrics = Metrics::replicated(replica.counters());
+        Server {
+            inner: Arc::new(Inner {
+                tracker: replica.tracker().clone(),
+                clock: Arc::new(crate::clock::MonotonicClock::new()),
+                replica: Some(replica),
+                metrics,
                 cfg,
                 started: Instant::now(),
             }),
@@ -220,7 +242,11 @@ impl Server {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Ok(mut t) = self.inner.tracker.lock() {
+            if let Some(r) = &self.inner.replica {
+                if let Err(e) = r.submit(Command::Expire).await {
+                    tracing::debug!(error = %e, "could not log the expiry tick");
+                }
+            } else if let Ok(mut t) = self.inner.tracker.lock() {
                 t.expire(self.inner.clock.now_ms());
             }
         }
@@ -508,25 +534,22 @@ impl Inner {
         match path.as_str() {
             "/v1/announce" => (
                 "announce",
-                self.post(peer, req, Announce::node, |t, now, a| t.announce(now, a))
+                self.post(peer, req, Announce::node, Command::Announce)
                     .await,
             ),
             "/v1/lease" => (
                 "lease",
-                self.post(peer, req, LeaseRequest::node, |t, now, r| t.lease(now, r))
+                self.post(peer, req, LeaseRequest::node, Command::Lease)
                     .await,
             ),
             "/v1/hashes" => (
                 "hashes",
-                self.post(peer, req, PublishHashes::node, |t, now, p| {
-                    t.publish_hashes(now, p)
-                })
-                .await,
+                self.post(peer, req, PublishHashes::node, Command::Hashes)
+                    .await,
             ),
             "/v1/report" => (
                 "report",
-                self.post(peer, req, Report::node, |t, now, r| t.report(now, r))
-                    .await,
+                self.post(peer, req, Report::node, Command::Report).await,
             ),
             p => match p.strip_prefix("/v1/blobs/") {
                 Some(digest) => ("lookup", self.lookup(peer, &req, digest)),
@@ -541,7 +564,9 @@ impl Inner {
         }
     }
 
-    /// Runs `op` on the core at the current tracker time.
+    /// Runs `op` on the core at the current tracker time: the clock's, or
+    /// with replicas the time of the last log entry applied (`op` must then
+    /// change nothing: changes go through the log).
     fn call<T>(
         &self,
         op: impl FnOnce(&mut Tracker, u64) -> Result<T, TrackerError>,
@@ -550,8 +575,27 @@ impl Inner {
             .tracker
             .lock()
             .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
-        let now = self.clock.now_ms();
+        let now = self.now(&t);
         Ok((op(&mut t, now)?, now))
+    }
+
+    /// The tracker time for a reply made from `t`'s state.
+    fn now(&self, t: &Tracker) -> u64 {
+        match self.replica {
+            Some(_) => t.now(),
+            None => self.clock.now_ms(),
+        }
+    }
+
+    /// Applies a command: here, or through the replicas' log.
+    async fn execute(&self, cmd: Command) -> Result<(Outcome, u64), Failure> {
+        match &self.replica {
+            None => self.call(|t, now| cmd.apply(t, now)),
+            Some(r) => r.submit(cmd).await.map_err(|e| match e {
+                ReplicaError::Refused(e) => Failure::from(e),
+                ReplicaError::Unavailable(why) => Failure::new(ErrorCode::Unavailable, why),
+            }),
+        }
     }
 
     fn reply<T: Serialize>(value: &T, now: u64) -> Response<Full<Bytes>> {
@@ -563,16 +607,15 @@ impl Inner {
 
     /// A JSON POST: reads and validates the body, checks that the
     /// certificate names the request's node, and applies `op`.
-    async fn post<Q, R>(
+    async fn post<Q>(
         &self,
         peer: &Peer,
         req: Request<Incoming>,
         node_of: fn(&Q) -> &NodeId,
-        op: impl FnOnce(&mut Tracker, u64, Q) -> Result<R, TrackerError>,
+        command: fn(Q) -> Command,
     ) -> Result<Response<Full<Bytes>>, Failure>
     where
         Q: DeserializeOwned,
-        R: Serialize,
     {
         if req.method() != Method::POST {
             return Err(Failure::method("POST", req.method(), req.uri().path()));
@@ -582,7 +625,7 @@ impl Inner {
             Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
         })?;
         peer.check(node_of(&q))?;
-        let (reply, now) = self.call(|t, now| op(t, now, q))?;
+        let (reply, now) = self.execute(command(q)).await?;
         Ok(Self::reply(&reply, now))
     }
 
@@ -669,10 +712,10 @@ impl Inner {
             .tracker
             .lock()
             .ok()
-            .map(|t| (t.stats(), t.config().clone()));
+            .map(|t| (t.stats(), t.config().clone(), self.now(&t)));
         match req.uri().path() {
             "/metrics" => {
-                if let Some((stats, _)) = &state {
+                if let Some((stats, _, _)) = &state {
                     self.metrics.sample(stats);
                 }
                 text_response(
@@ -690,13 +733,16 @@ impl Inner {
                 ),
             },
             "/status" => match state {
-                Some((stats, config)) => json_response(
+                Some((stats, config, now)) => json_response(
                     StatusCode::OK,
                     &serde_json::json!({
                         "uptime_s": self.started.elapsed().as_secs(),
-                        "now_ms": self.clock.now_ms(),
+                        "now_ms": now,
                         "stats": stats,
                         "config": config,
+                        "replica": self.replica.as_ref().map(|r| serde_json::json!({
+                            "applied": r.applied().to_string(),
+                        })),
                     }),
                 ),
                 None => text_response(

@@ -6,60 +6,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bounded, http_get, Cluster};
+use common::{bounded, http_get, Cluster, TrackerProcess};
 use shoal_tracker::client::TrackerApi;
 use shoal_tracker::tracker_api::Announce;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shoal-tracker");
 
-/// Value of `key=` in a log line.
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
-
 #[tokio::test]
 async fn the_binary_serves_members_and_stops_on_sigterm() {
     bounded(async {
         let cluster = Cluster::new();
-        let mut child = Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
-            .args(["--name", "127.0.0.1", "--cluster-dir"])
-            .arg(cluster.path())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        // Read until the "serving" line, then keep draining in the background.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let drain = std::thread::spawn(move || {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut all = Vec::new();
-            for line in lines.by_ref() {
-                let line = line.unwrap();
-                if line.contains("shoal-tracker serving") {
-                    let _ = tx.send(line.clone());
-                }
-                all.push(line);
-            }
-            all
-        });
-        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .unwrap()
-            .expect("the tracker never logged that it serves");
-        let listen = field(&line, "listen=").to_owned();
-        let ops: std::net::SocketAddr = field(&line, "ops=").parse().unwrap();
-
-        let url = format!("https://{listen}");
-        let member = cluster.client("node-1", &[url.as_str()]);
+        let mut tracker = TrackerProcess::start(&cluster, &[]).await;
+        let ops = tracker.ops;
+        let member = cluster.client("node-1", &[tracker.url.as_str()]);
         let a = Announce::new(
             "node-1".parse().unwrap(),
             "127.0.0.1:4901".parse().unwrap(),
@@ -74,13 +36,13 @@ async fn the_binary_serves_members_and_stops_on_sigterm() {
         assert!(metrics.contains("shoal_tracker_members 1"), "{metrics}");
 
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &tracker.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
         let started = Instant::now();
         let exit = loop {
-            if let Some(s) = child.try_wait().unwrap() {
+            if let Some(s) = tracker.child.try_wait().unwrap() {
                 break s;
             }
             assert!(
@@ -90,7 +52,7 @@ async fn the_binary_serves_members_and_stops_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(exit.success(), "{exit:?}");
-        let log = drain.join().unwrap().join("\n");
+        let log = tracker.logs();
         assert!(log.contains("stopped"), "{log}");
     })
     .await;
@@ -121,6 +83,12 @@ fn bad_flags_get_one_line_and_exit_2() {
     assert!(e.contains("--cluster-dir"), "{e}");
     let e = refuses(&["--cluster-dir", d, "--listen", "nowhere"], &[]);
     assert!(e.contains("--listen"), "{e}");
+    let e = refuses(&["--cluster-dir", d, "--store", "postgres://x"], &[]);
+    assert!(e.contains("--store") && e.contains("redis://"), "{e}");
+    let e = refuses(&["--cluster-dir", d, "--snapshot-interval", "0s"], &[]);
+    assert!(e.contains("--snapshot-interval"), "{e}");
+    let e = refuses(&["--cluster-dir", d, "--snapshot-interval", "5 minutes"], &[]);
+    assert!(e.contains("--snapshot-interval"), "{e}");
     let e = refuses(&["--cluster-dir", d, "--name", "Not_A_Name"], &[]);
     assert!(e.contains("--name"), "{e}");
     let e = refuses(

@@ -207,3 +207,164 @@ pub async fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// The `shoal-tracker` binary, started with `args` on loopback ports and
+/// named 127.0.0.1; its stderr is collected in the background.
+pub struct TrackerProcess {
+    pub child: std::process::Child,
+    pub url: String,
+    pub ops: SocketAddr,
+    log: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl TrackerProcess {
+    pub async fn start(cluster: &Cluster, args: &[&str]) -> TrackerProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-tracker"))
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .args(["--name", "127.0.0.1", "--cluster-dir"])
+            .arg(cluster.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Read until the "serving" line, then keep draining in the background.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("shoal-tracker serving") {
+                    let _ = tx.send(line.clone());
+                }
+                all.push(line);
+            }
+            all
+        });
+        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let line = match line {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let log = log.join().unwrap().join("\n");
+                panic!("the tracker never logged that it serves:\n{log}");
+            }
+        };
+        let listen = log_field(&line, "listen=").to_owned();
+        let ops = log_field(&line, "ops=").parse().unwrap();
+        TrackerProcess {
+            child,
+            url: format!("https://{listen}"),
+            ops,
+            log: Some(log),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit (after a signal) and returns its log.
+    pub fn logs(&mut self) -> String {
+        self.log
+            .take()
+            .map(|h| h.join().unwrap().join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// The value of a metric line `NAME VALUE` on the ops port.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http_get(self.ops, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+}
+
+impl Drop for TrackerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Value of `key=` in a log line.
+pub fn log_field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// A `redis-server` on a loopback port, without persistence, stopped on
+/// drop. Panics (the test fails) when redis-server is not installed.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = dead_port().await;
+        let bin = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("redis-server");
+        let child = std::process::Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}): install the Debian package redis-server")
+            });
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,114 @@
+//! The requests that change a tracker, as values: what the HTTPS server
+//! applies to its core, and what tracker replicas write to their shared log
+//! ([`crate::replica`]) and each apply in the log's order. Lookups change
+//! nothing and are not commands.
+
+use shoal_proto::tracker_api::{
+    Announce, AnnounceReply, LeaseGrant, LeaseRequest, PublishHashes, PublishReply, Report,
+    ReportReply, TrackerError,
+};
+
+use crate::Tracker;
+
+/// A request that changes the tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `POST /v1/announce`.
+    Announce(Announce),
+    /// `POST /v1/lease`.
+    Lease(LeaseRequest),
+    /// `POST /v1/hashes`.
+    Hashes(PublishHashes),
+    /// `POST /v1/report`.
+    Report(Report),
+    /// The passage of time ([`Tracker::expire`]); replicas log it on a timer
+    /// so that members, leases and exclusions expire everywhere at once.
+    Expire,
+}
+
+/// What a [`Command`] returned.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Outcome {
+    /// The reply to an announce.
+    Announce(AnnounceReply),
+    /// The reply to a lease request.
+    Lease(LeaseGrant),
+    /// The reply to a hash publication.
+    Hashes(PublishReply),
+    /// The reply to a report.
+    Report(ReportReply),
+    /// Time passed; the tracker's time after it.
+    Expired(u64),
+}
+
+/// Why a logged command could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("logged command {op:?}: {reason}")]
+pub struct DecodeError {
+    /// The operation name as logged (at most 32 characters).
+    pub op: String,
+    /// What was wrong.
+    pub reason: String,
+}
+
+impl Command {
+    /// The operation's name in the log.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::Announce(_) => "announce",
+            Command::Lease(_) => "lease",
+            Command::Hashes(_) => "hashes",
+            Command::Report(_) => "report",
+            Command::Expire => "expire",
+        }
+    }
+
+    /// The request body as logged: the request's JSON (empty for
+    /// [`Command::Expire`]).
+    pub fn body(&self) -> Vec<u8> {
+        let json = match self {
+            Command::Announce(a) => serde_json::to_vec(a),
+            Command::Lease(r) => serde_json::to_vec(r),
+            Command::Hashes(p) => serde_json::to_vec(p),
+            Command::Report(r) => serde_json::to_vec(r),
+            Command::Expire => return Vec::new(),
+        };
+        json.expect("tracker requests serialize")
+    }
+
+    /// Reads back what [`op`](Self::op) and [`body`](Self::body) wrote;
+    /// the body is validated as the server validates a request.
+    pub fn decode(op: &str, body: &[u8]) -> Result<Command, DecodeError> {
+        fn json<T: serde::de::DeserializeOwned>(op: &str, body: &[u8]) -> Result<T, DecodeError> {
+            serde_json::from_slice(body).map_err(|e| DecodeError {
+                op: op.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        Ok(match op {
+            "announce" => Command::Announce(json(op, body)?),
+            "lease" => Command::Lease(json(op, body)?),
+            "hashes" => Command::Hashes(json(op, body)?),
+            "report" => Command::Report(json(op, body)?),
+            "expire" => Command::Expire,
+            other => {
+                return Err(DecodeError {
+                    op: other.chars().take(32).collect(),
+                    reason: "unknown operation".into(),
+                })
+            }
+        })
+    }
+
+    /// Applies the command to `t` at `now_ms`.
+    pub fn apply(self, t: &mut Tracker, now_ms: u64) -> Result<Outcome, TrackerError> {
+        Ok(match self {
+            Command::Announce(a) => Outcome::Announce(t.announce(now_ms, a)?),
+            Command::Lease(r) => Outcome::Lease(t.lease(now_ms, r)?),
+            Command::Hashes(p) => Outcome::Hashes(t.publish_hashes(now_ms, p)?),
+            Command::Report(r) => Outcome::Report(t.report(now_ms, r)?),
+            Command::Expire => Outcome::Expired(t.expire(now_ms)),
+        })
+    }
+}
