@@ -1,5 +1,6 @@
-//! A Shoal cluster on loopback: a cluster CA, a real `shoal-tracker` process,
-//! and `shoald` members joined to it.
+//! A Shoal cluster on loopback: a cluster CA, a real `shoal-tracker` process
+//! (or several replicas sharing a real `redis-server`), and `shoald` members
+//! joined to it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +18,10 @@ pub struct Cluster {
     tracker: Child,
     tracker_addr: String,
     ops_port: u16,
+    /// Further tracker replicas (with [`Cluster::start_replicated`]):
+    /// process and address.
+    replicas: Vec<(Child, String)>,
+    redis: Option<Child>,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -54,28 +59,95 @@ impl Cluster {
         cluster_init(&dir.path().join("ca"))?;
         let port = util::free_port()?;
         let ops = util::free_port()?;
-        let tracker = Self::spawn_tracker(dir.path(), port, ops)?;
+        let tracker = Self::spawn_tracker(dir.path(), port, ops, &[], "tracker.log")?;
         let mut cluster = Cluster {
             dir,
             tracker,
             tracker_addr: format!("127.0.0.1:{port}"),
             ops_port: ops,
+            replicas: Vec::new(),
+            redis: None,
         };
         cluster.wait_tracker().await?;
         Ok(cluster)
     }
 
-    fn spawn_tracker(dir: &std::path::Path, port: u16, ops: u16) -> Result<Child> {
+    /// Like [`start`](Self::start), with `replicas` tracker processes
+    /// sharing their state through a `redis-server` of their own
+    /// (`--store redis://...`). Members are given every replica's URL, each
+    /// member in another order so that their requests spread.
+    pub async fn start_replicated(replicas: usize) -> Result<Cluster> {
+        assert!(replicas >= 1);
+        let dir = tempfile::tempdir()?;
+        cluster_init(&dir.path().join("ca"))?;
+        let redis_port = util::free_port()?;
+        let redis = Command::new(util::require_program("redis-server", "redis-server")?)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("spawning redis-server")?;
+        util::wait_for(
+            "redis-server to accept connections",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async move {
+                Ok(tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+                    .await
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
+        .await?;
+        let store = format!("redis://127.0.0.1:{redis_port}");
+        let store_args = ["--store", store.as_str()];
+        let (port, ops) = (util::free_port()?, util::free_port()?);
+        let tracker = Self::spawn_tracker(dir.path(), port, ops, &store_args, "tracker.log")?;
+        let mut cluster = Cluster {
+            dir,
+            tracker,
+            tracker_addr: format!("127.0.0.1:{port}"),
+            ops_port: ops,
+            replicas: Vec::new(),
+            redis: Some(redis),
+        };
+        cluster.wait_tracker().await?;
+        for r in 1..replicas {
+            let (port, ops) = (util::free_port()?, util::free_port()?);
+            let child = Self::spawn_tracker(
+                cluster.dir.path(),
+                port,
+                ops,
+                &store_args,
+                &format!("tracker-{r}.log"),
+            )?;
+            cluster.replicas.push((child, format!("127.0.0.1:{port}")));
+            wait_healthy(ops)
+                .await
+                .with_context(|| format!("tracker replica {r}"))?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn_tracker(
+        dir: &std::path::Path,
+        port: u16,
+        ops: u16,
+        extra: &[&str],
+        log: &str,
+    ) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("tracker.log"))?;
+            .open(dir.join(log))?;
         Command::new(sibling_binary("shoal-tracker")?)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--cluster-dir")
             .arg(dir.join("ca"))
             .args(["--name", "127.0.0.1"])
             .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -83,29 +155,54 @@ impl Cluster {
     }
 
     async fn wait_tracker(&mut self) -> Result<()> {
-        let url = format!("http://127.0.0.1:{}/healthz", self.ops_port);
-        let client = crate::http::client_with_timeout(Duration::from_secs(2));
-        util::wait_for(
-            "shoal-tracker to answer /healthz",
-            Duration::from_secs(20),
-            Duration::from_millis(50),
-            || {
-                let (client, url) = (client.clone(), url.clone());
-                async move {
-                    Ok(client
-                        .get(&url)
-                        .send()
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ()))
-                }
-            },
-        )
-        .await
-        .with_context(|| self.tracker_log())
+        wait_healthy(self.ops_port)
+            .await
+            .with_context(|| self.tracker_log())
     }
 
+    /// `kill -9` of the first tracker process (with replicas, the others
+    /// go on).
+    pub fn kill_first_tracker(&mut self) {
+        util::kill_child(&mut self.tracker);
+    }
+
+    /// Every tracker URL, rotated by `k` (a member's failover order).
+    fn tracker_urls(&self, k: usize) -> Vec<String> {
+        let mut all: Vec<String> = std::iter::once(&self.tracker_addr)
+            .chain(self.replicas.iter().map(|(_, a)| a))
+            .map(|a| format!("https://{a}"))
+            .collect();
+        let n = all.len();
+        all.rotate_left(k % n);
+        all
+    }
+}
+
+/// Waits until a tracker answers `/healthz` on its ops port.
+async fn wait_healthy(ops_port: u16) -> Result<()> {
+    let url = format!("http://127.0.0.1:{ops_port}/healthz");
+    let client = crate::http::client_with_timeout(Duration::from_secs(2));
+    util::wait_for(
+        "shoal-tracker to answer /healthz",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                Ok(client
+                    .get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            }
+        },
+    )
+    .await
+}
+
+impl Cluster {
     /// Starts the tracker again on the same address (with empty state).
     pub async fn restart_tracker(&mut self) -> Result<()> {
         util::kill_child(&mut self.tracker);
@@ -115,7 +212,7 @@ impl Cluster {
             .next()
             .unwrap_or("0")
             .parse()?;
-        self.tracker = Self::spawn_tracker(self.dir.path(), port, self.ops_port)?;
+        self.tracker = Self::spawn_tracker(self.dir.path(), port, self.ops_port, &[], "tracker.log")?;
         self.wait_tracker().await
     }
 
@@ -155,9 +252,12 @@ impl Cluster {
             ca.display().to_string(),
             "--node-id".into(),
             node.into(),
-            "--tracker".into(),
-            format!("https://{}", self.tracker_addr),
         ]);
+        // Members named alike spread over the replicas by their last digit.
+        let k = node.bytes().last().map_or(0, usize::from);
+        for url in self.tracker_urls(k) {
+            opts.extra_args.extend(["--tracker".into(), url]);
+        }
         // The QUIC port, picked free, can be taken before shoald binds it
         // (`Shoald::start` retries only its own ports): retry on that too.
         let mut attempt = 0;
@@ -178,8 +278,18 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         util::kill_child(&mut self.tracker);
+        for (child, _) in &mut self.replicas {
+            util::kill_child(child);
+        }
+        if let Some(redis) = &mut self.redis {
+            util::kill_child(redis);
+        }
         if std::thread::panicking() {
             eprintln!("--- shoal-tracker log ---\n{}", self.tracker_log());
+            for r in 1..=self.replicas.len() {
+                let log = util::tail_file(&self.dir.path().join(format!("tracker-{r}.log")), 16 * 1024);
+                eprintln!("--- shoal-tracker replica {r} log ---\n{log}");
+            }
         }
     }
 }

@@ -528,3 +528,80 @@ async fn with_the_origin_down_a_confirmed_blob_comes_from_peers() {
     assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
     assert_eq!(c.metric(PEER_RX, &[]).await.unwrap(), 0.0);
 }
+
+/// Two tracker replicas share their state through Redis; six members pull a
+/// cold image, half of them talking to each replica, and the replica most
+/// of the members use is killed (`kill -9`) mid-pull. The members fail over
+/// to the other replica, which knows their leases, hashes and holdings: every
+/// pull completes with the right bytes and the origin still sends about one
+/// copy of the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tracker_replicas_killing_one_mid_pull_still_costs_the_origin_one_copy() {
+    const MEMBERS: usize = 6;
+    let origin = Origin::start().await.unwrap();
+    let sizes = [8 * MIB, 8 * MIB, 8 * MIB];
+    let blobs: Vec<(Vec<u8>, String)> = sizes
+        .iter()
+        .map(|&s| random_blob(s, fresh_seed()))
+        .collect();
+    for (blob, _) in &blobs {
+        origin.registry.push_blob("swarm/ha", blob).await.unwrap();
+    }
+    let image_bytes: u64 = sizes.iter().map(|&s| s as u64).sum();
+    // A slow origin (8 MiB/s): the pull lasts seconds, so the kill lands
+    // mid-pull.
+    origin.proxy.set_rate(Some(8 * MIB as u64));
+    let mut cluster = Cluster::start_replicated(2).await.unwrap();
+    let mut nodes = Vec::new();
+    for n in 1..=MEMBERS {
+        let opts = ShoaldOpts::insecure_default(&origin.addr());
+        nodes.push(cluster.member(&format!("node-{n}"), opts).await.unwrap());
+    }
+    let before = origin.egress();
+    let mut pulls = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (blob, digest) in &blobs {
+            let url = format!("{}/v2/swarm/ha/blobs/{digest}", n.registry_url());
+            let (digest, size) = (digest.clone(), blob.len() as u64);
+            pulls.push(tokio::spawn(async move {
+                let r = http::get_hashed(&http::client(), &url, &[]).await?;
+                r.expect_complete(&digest, size)
+                    .map_err(|e| e.context(format!("node-{}: {digest}", i + 1)))
+            }));
+        }
+    }
+    let started = std::time::Instant::now();
+    while origin.egress() - before < image_bytes / 4 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the pull never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let at_kill = origin.egress() - before;
+    cluster.kill_first_tracker();
+    for p in pulls {
+        p.await.unwrap().unwrap();
+    }
+    let egress = (origin.egress() - before) as f64;
+    let mut peer_total = 0.0;
+    for n in &nodes {
+        peer_total += n.metric(PEER_RX, &[]).await.unwrap();
+    }
+    let f = image_bytes as f64;
+    eprintln!(
+        "injected: kill -9 of one of two tracker replicas after the origin sent {at_kill} bytes; \
+         counted: {MEMBERS} members complete, origin sent {egress} bytes ({:.3}x the image), \
+         peers {peer_total} ({:.2}x)",
+        egress / f,
+        peer_total / f
+    );
+    assert!(
+        egress <= 1.15 * f,
+        "the origin sent {egress} bytes for a {image_bytes}-byte image"
+    );
+    assert!(
+        peer_total >= 0.8 * (MEMBERS as f64 - 1.0) * f,
+        "members got only {peer_total} bytes from each other"
+    );
+}
