@@ -18,7 +18,8 @@ use shoal_registry_shim::serve::{
 
 use crate::metrics::{self, KindLabel, OutcomeLabel};
 use crate::store::{now_secs, Kind, Store, TagRecord};
-use crate::transfer::{blob_stream, Transfers, Unstarted};
+use crate::transfer::{blob_stream, StoreGaveUp, Transfers, Unstarted};
+use futures_util::StreamExt as _;
 
 /// How long a confirmation may be used, past its TTL, while the origin is
 /// unreachable (never when the origin answers).
@@ -416,6 +417,7 @@ impl Content for NodeContent {
                     target: target.clone(),
                     digest: *digest,
                     size,
+                    prefix: None,
                 }));
             }
         };
@@ -427,6 +429,9 @@ impl Content for NodeContent {
             size,
             progress: transfer.reader(),
             guard: self.store.guard(digest),
+            origin: self.origin.clone(),
+            target: target.clone(),
+            digest: *digest,
         }))
     }
 
@@ -460,6 +465,10 @@ struct ArrivingBlob {
     size: u64,
     progress: tokio::sync::watch::Receiver<crate::transfer::Progress>,
     guard: Option<crate::store::ReadGuard>,
+    /// Where the rest comes from if the store gives up midway.
+    origin: OriginClient,
+    target: Target,
+    digest: Digest,
 }
 
 impl BlobSource for ArrivingBlob {
@@ -467,15 +476,58 @@ impl BlobSource for ArrivingBlob {
         self.size
     }
 
+    /// The blob's bytes as the transfer writes them; if the store gives up
+    /// midway (the disk filled up), the rest comes from the origin, and the
+    /// whole — what was sent from the file and what follows — is checked
+    /// against the digest before the last byte goes out.
     fn open(self: Box<Self>, r: ByteRange) -> ByteStream {
-        blob_stream(
-            self.file,
-            self.size,
+        let this = *self;
+        let local = blob_stream(
+            this.file.clone(),
+            this.size,
             r.start,
             r.end,
-            Some(self.progress),
-            self.guard,
-        )
+            Some(this.progress),
+            this.guard,
+        );
+        let rest = move |gave_up: StoreGaveUp| {
+            tracing::info!(digest = %this.digest, at = gave_up.at, "the store gave up on a blob being read; the reader continues from the origin");
+            Box::new(PassThrough {
+                origin: this.origin,
+                target: this.target,
+                digest: this.digest,
+                size: this.size,
+                prefix: Some((this.file, gave_up.at.min(gave_up.written))),
+            })
+            .open(ByteRange {
+                start: gave_up.at,
+                end: r.end,
+            })
+        };
+        // The state: the stream being read, and the hand-over to the origin
+        // until it has been used.
+        Box::pin(futures_util::stream::unfold(
+            (local, Some(rest)),
+            |(mut s, rest)| async move {
+                match s.next().await? {
+                    Err(e) => {
+                        let gave_up = e
+                            .get_ref()
+                            .and_then(|i| i.downcast_ref::<StoreGaveUp>())
+                            .copied();
+                        match (gave_up, rest) {
+                            (Some(g), Some(rest)) => {
+                                let mut s = rest(g);
+                                let first = s.next().await?;
+                                Some((first, (s, None)))
+                            }
+                            (_, rest) => Some((Err(e), (s, rest))),
+                        }
+                    }
+                    item => Some((item, (s, rest))),
+                }
+            },
+        ))
     }
 }
 
@@ -502,6 +554,9 @@ struct PassThrough {
     target: Target,
     digest: Digest,
     size: u64,
+    /// Bytes `0..len` of the blob already in this file (a transfer the store
+    /// gave up on): hashed from it, and the origin asked from `len` on.
+    prefix: Option<(Arc<std::fs::File>, u64)>,
 }
 
 impl BlobSource for PassThrough {
@@ -515,7 +570,10 @@ impl BlobSource for PassThrough {
             src: PassThrough,
             stream: Option<shoal_registry_shim::client::BlobStream>,
             verifier: Sha256Verifier,
+            /// Where the origin's bytes are.
             pos: u64,
+            /// Bytes `0..hashed` are in the verifier.
+            hashed: u64,
             held: Option<Bytes>,
             range: ByteRange,
             finished: bool,
@@ -525,6 +583,7 @@ impl BlobSource for PassThrough {
             src: *self,
             stream: None,
             pos: 0,
+            hashed: 0,
             held: None,
             range: r,
             finished: false,
@@ -536,13 +595,35 @@ impl BlobSource for PassThrough {
             }
             loop {
                 if st.stream.is_none() {
+                    if let Some((file, len)) = st.src.prefix.take() {
+                        match hash_file_prefix(file, len, st.src.digest).await {
+                            Ok(v) => {
+                                st.verifier = v;
+                                st.hashed = len;
+                            }
+                            Err(e) => {
+                                st.finished = true;
+                                return Some((Err(e), st));
+                            }
+                        }
+                    }
                     let s = &st.src;
-                    match s
+                    let (repo, d) = (&s.target.repo, &s.digest);
+                    let opened = match s
                         .origin
-                        .get_blob(&s.target.upstream, &s.target.repo, &s.digest, 0)
+                        .get_blob(&s.target.upstream, repo, d, st.hashed)
                         .await
                     {
-                        Ok(stream) => st.stream = Some(stream),
+                        Err(OriginError::RangeIgnored) => {
+                            s.origin.get_blob(&s.target.upstream, repo, d, 0).await
+                        }
+                        other => other,
+                    };
+                    match opened {
+                        Ok(stream) => {
+                            st.pos = stream.offset();
+                            st.stream = Some(stream);
+                        }
                         Err(e) => {
                             st.finished = true;
                             return Some((Err(err(e.to_string())), st));
@@ -556,8 +637,12 @@ impl BlobSource for PassThrough {
                             .origin_bytes
                             .get_or_create(&KindLabel { kind: "blob" })
                             .inc_by(chunk.len() as u64);
-                        st.verifier.update(&chunk);
                         let (start, end) = (st.pos, st.pos + chunk.len() as u64);
+                        if end > st.hashed {
+                            st.verifier
+                                .update(&chunk[(st.hashed.max(start) - start) as usize..]);
+                            st.hashed = end;
+                        }
                         st.pos = end;
                         let lo = st.range.start.max(start);
                         let hi = (st.range.end + 1).min(end);
@@ -576,7 +661,7 @@ impl BlobSource for PassThrough {
                         st.finished = true;
                         let v =
                             std::mem::replace(&mut st.verifier, Sha256Verifier::new(st.src.digest));
-                        if st.pos != st.src.size || v.finish().is_err() {
+                        if st.hashed != st.src.size || v.finish().is_err() {
                             metrics::global()
                                 .chunks_rejected
                                 .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
@@ -590,4 +675,27 @@ impl BlobSource for PassThrough {
             }
         }))
     }
+}
+
+/// A verifier for `digest` that has hashed bytes `0..len` of `file`.
+async fn hash_file_prefix(
+    file: Arc<std::fs::File>,
+    len: u64,
+    digest: Digest,
+) -> std::io::Result<shoal_proto::Sha256Verifier> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt as _;
+        let mut v = shoal_proto::Sha256Verifier::new(digest);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos)?;
+            v.update(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(v)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }

@@ -67,9 +67,19 @@ pub struct Metrics {
     pub store_quota_bytes: Gauge,
     /// Blobs the store could not hold (served straight from the origin).
     pub store_refusals: Counter,
+    /// Transfers the store gave up on because writing failed, by reason
+    /// (`no_space`: the filesystem is full; `io`: another error).
+    pub store_write_failures: Family<ReasonLabel, Counter>,
     /// Requests made to origins, by outcome.
     pub origin_requests: Family<OutcomeLabel, Counter>,
     registry: Registry,
+}
+
+/// `reason="no_space|io"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
 }
 
 /// `outcome="ok|not_found|denied|unavailable|error"`.
@@ -98,6 +108,7 @@ impl Metrics {
             store_bytes: Gauge::default(),
             store_quota_bytes: Gauge::default(),
             store_refusals: Counter::default(),
+            store_write_failures: Family::default(),
             origin_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -171,6 +182,11 @@ impl Metrics {
             "shoal_store_refusals",
             "Blobs the store could not hold, passed through from the origin unstored",
             m.store_refusals.clone(),
+        );
+        r.register(
+            "shoal_store_write_failures",
+            "Transfers the store gave up on because writing failed (no_space: the filesystem is full); their clients continued from the origin",
+            m.store_write_failures.clone(),
         );
         r.register(
             "shoal_origin_requests",

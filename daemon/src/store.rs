@@ -27,6 +27,10 @@ use shoal_proto::{Bitfield, ChunkLayout, Digest};
 /// Version of the on-disk layout and index encoding.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// How long new blobs pass through unstored after the filesystem under the
+/// store ran out of space.
+pub const NO_SPACE_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
@@ -46,6 +50,12 @@ pub enum StoreError {
         /// What the index says.
         found: u64,
     },
+    /// The filesystem ran out of space under a transfer a short while ago;
+    /// new blobs pass through until [`NO_SPACE_PAUSE`] has passed.
+    #[error(
+        "the filesystem under the store ran out of space {0} s ago: not storing new blobs for now"
+    )]
+    NoSpace(u64),
     /// The quota cannot fit this blob even after evicting everything evictable.
     #[error(
         "store is full: need {need} bytes, quota {quota}, {pinned_or_busy} bytes pinned or in use"
@@ -158,6 +168,9 @@ struct Shared {
     db: Database,
     quota: u64,
     inner: Mutex<Inner>,
+    /// Until when new blobs are not stored: the filesystem ran out of space
+    /// under a transfer (the quota is ours; the disk is shared).
+    no_space_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// Keeps a blob from eviction while it is read.
@@ -238,6 +251,7 @@ impl Store {
                 root: root.to_owned(),
                 db: index,
                 quota,
+                no_space_until: Mutex::new(None),
                 inner: Mutex::new(Inner {
                     entries: HashMap::new(),
                     dropped: std::collections::VecDeque::new(),
@@ -468,7 +482,6 @@ impl Store {
         kind: Kind,
         layout: ChunkLayout,
     ) -> Result<(File, Bitfield), StoreError> {
-        let path = self.partial_path(d);
         let existing = {
             let inner = self.shared.inner.lock().expect("store lock");
             inner
@@ -478,7 +491,25 @@ impl Store {
                 .map(|e| e.meta.clone())
         };
         let old_size = existing.as_ref().map_or(0, |m| m.size);
-        self.reserve(layout.size().saturating_sub(old_size), d)?;
+        let need = layout.size().saturating_sub(old_size);
+        self.reserve(need, d)?;
+        self.open_partial(d, kind, layout, existing)
+            .inspect_err(|_| {
+                // Give the reservation back: nothing was stored.
+                let mut inner = self.shared.inner.lock().expect("store lock");
+                inner.used = inner.used.saturating_sub(need);
+            })
+    }
+
+    /// [`begin_partial`](Self::begin_partial) once the space is reserved.
+    fn open_partial(
+        &self,
+        d: &Digest,
+        kind: Kind,
+        layout: ChunkLayout,
+        existing: Option<BlobMeta>,
+    ) -> Result<(File, Bitfield), StoreError> {
+        let path = self.partial_path(d);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -585,7 +616,9 @@ impl Store {
         self.complete(d, &file, media_type)
     }
 
-    /// Drops a blob (partial or complete) from index and disk.
+    /// Drops a blob (partial or complete) from index and disk. The files
+    /// go first, so their space comes back even when the index cannot be
+    /// written (a full disk); recovery drops index records without files.
     pub fn remove(&self, d: &Digest) -> Result<(), StoreError> {
         {
             let mut inner = self.shared.inner.lock().expect("store lock");
@@ -594,21 +627,51 @@ impl Store {
                 inner.note_dropped(*d);
             }
         }
+        let _ = fs::remove_file(self.partial_path(d));
+        let _ = fs::remove_file(self.blob_path(d));
         let tx = db(self.shared.db.begin_write())?;
         {
             let mut t = db(tx.open_table(BLOBS))?;
             db(t.remove(d.as_bytes().as_slice()))?;
         }
-        db(tx.commit())?;
-        let _ = fs::remove_file(self.partial_path(d));
-        let _ = fs::remove_file(self.blob_path(d));
-        Ok(())
+        db(tx.commit())
+    }
+
+    /// Records that writing to the store failed with `e`. When the
+    /// filesystem is out of space (or quota), no new blob is stored for
+    /// [`NO_SPACE_PAUSE`]: they pass through instead of each failing anew.
+    /// Returns the metric reason: `no_space` or `io`.
+    pub fn note_write_failure(&self, e: &io::Error) -> &'static str {
+        // ENOSPC 28, EDQUOT 122 (Linux).
+        let no_space =
+            e.kind() == io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122));
+        if !no_space {
+            return "io";
+        }
+        *self
+            .shared
+            .no_space_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now() + NO_SPACE_PAUSE);
+        "no_space"
     }
 
     /// Reserves `need` bytes for `for_digest`, evicting least recently used,
     /// unpinned blobs nobody reads (and partials nobody fetches) until the
     /// quota holds them.
     fn reserve(&self, need: u64, for_digest: &Digest) -> Result<(), StoreError> {
+        if let Some(until) = *self
+            .shared
+            .no_space_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            let now = std::time::Instant::now();
+            if now < until {
+                let ago = NO_SPACE_PAUSE.saturating_sub(until - now);
+                return Err(StoreError::NoSpace(ago.as_secs()));
+            }
+        }
         let victims = {
             let mut inner = self.shared.inner.lock().expect("store lock");
             let quota = self.shared.quota;

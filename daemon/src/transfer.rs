@@ -108,6 +108,9 @@ pub struct Transfer {
 enum Fail {
     Oci(OciError),
     NoRoom(StoreError),
+    /// Writing (or reading back) the partial file failed: a full disk, or
+    /// a failing one. Readers continue from the origin.
+    Disk(std::io::Error),
 }
 
 impl From<OciError> for Fail {
@@ -213,6 +216,19 @@ impl Transfers {
                     metrics::global().store_refusals.inc();
                     tx.send_modify(|p| p.phase = Phase::NoRoom);
                 }
+                Err(Fail::Disk(e)) => {
+                    let reason = this.store.note_write_failure(&e);
+                    tracing::error!(digest = %digest, error = %e, reason,
+                        "writing to the store failed; the blob's clients continue from the origin and nothing of it is kept");
+                    metrics::global()
+                        .store_write_failures
+                        .get_or_create(&crate::metrics::ReasonLabel { reason })
+                        .inc();
+                    // The partial goes (its space with it once its readers
+                    // have moved on); readers switch to the origin.
+                    let _ = this.store.remove(&digest);
+                    tx.send_modify(|p| p.phase = Phase::NoRoom);
+                }
             }
             this.running.lock().expect("transfers lock").remove(&digest);
             metrics::global().transfers_active.dec();
@@ -238,10 +254,6 @@ impl Transfers {
         vouched: bool,
         tx: &watch::Sender<Progress>,
     ) -> Result<(), Fail> {
-        let store_err = |e: StoreError| {
-            tracing::error!(error = %e, "store failed");
-            OciError::new(ErrorCode::Unavailable, format!("local store: {e}"))
-        };
         // The size, from the origin — whose answer is also its word that
         // this repository holds the blob: asked even when a partial of an
         // earlier attempt is on disk, so no repository reads stored bytes on
@@ -291,10 +303,7 @@ impl Transfers {
         // The whole-blob digest is hashed over the contiguous prefix of
         // stored chunks as it grows; readers may read that prefix.
         let mut prefix = PrefixHash::new(*digest, layout);
-        prefix
-            .advance(&have, &file)
-            .await
-            .map_err(|e| store_err(e.into()))?;
+        prefix.advance(&have, &file).await.map_err(Fail::Disk)?;
         tx.send_modify(|p| {
             p.phase = Phase::Running;
             p.size = size;
@@ -409,6 +418,12 @@ impl Transfers {
                     session.on_chunk(now(), Source::Origin, chunk, Outcome::Failed, None);
                     None
                 }
+                Ev::LocalWrite(e) => {
+                    for h in runs.values() {
+                        h.abort();
+                    }
+                    return Err(Fail::Disk(e));
+                }
                 Ev::Peer {
                     peer,
                     chunk,
@@ -419,7 +434,12 @@ impl Transfers {
                         let (off, _) = layout.range(chunk).expect("verified against the layout");
                         match file.write_all_at(&bytes, off) {
                             Ok(()) => Some((chunk, Source::Peer(peer), None)),
-                            Err(e) => return Err(Fail::from(store_err(e.into()))),
+                            Err(e) => {
+                                for h in runs.values() {
+                                    h.abort();
+                                }
+                                return Err(Fail::Disk(e));
+                            }
                         }
                     }
                     // Bad data is reported to the tracker by the session.
@@ -455,10 +475,12 @@ impl Transfers {
                     continue;
                 }
                 unsynced += u64::from(layout.chunk_len(chunk).unwrap_or(0));
-                prefix
-                    .advance(session.have(), &file)
-                    .await
-                    .map_err(|e| store_err(e.into()))?;
+                if let Err(e) = prefix.advance(session.have(), &file).await {
+                    for h in runs.values() {
+                        h.abort();
+                    }
+                    return Err(Fail::Disk(e));
+                }
                 let (written, snapshot) = (prefix.bytes(), session.have().clone());
                 tx.send_modify(|p| {
                     p.written = written;
@@ -558,6 +580,8 @@ enum Ev {
     Stored { chunk: u32, hash: Option<[u8; 32]> },
     /// An origin run broke at this chunk (nothing from it on was stored).
     Broken(u32, String),
+    /// An origin run could not write to the partial file.
+    LocalWrite(std::io::Error),
     /// Bytes of this chunk are arriving from this source (at most every
     /// [`PROGRESS_MS`](shoal_proto::sched::PROGRESS_MS) per request).
     Moving(Source<u32>, u32),
@@ -862,15 +886,26 @@ struct OriginRun {
     hash_chunks: bool,
 }
 
+/// Why an origin run ended early.
+enum RunFail {
+    /// The origin failed at this chunk (or before the first).
+    Origin(Option<u32>, String),
+    /// Writing to the local file failed.
+    Local(std::io::Error),
+}
+
 impl OriginRun {
     async fn fetch(self, chunks: Vec<u32>) {
         let first = chunks[0];
-        if let Err((chunk, why)) = self.fetch_impl(&chunks).await {
-            let _ = self.events.send(Ev::Broken(chunk.unwrap_or(first), why));
-        }
+        let ev = match self.fetch_impl(&chunks).await {
+            Ok(()) => return,
+            Err(RunFail::Origin(chunk, why)) => Ev::Broken(chunk.unwrap_or(first), why),
+            Err(RunFail::Local(e)) => Ev::LocalWrite(e),
+        };
+        let _ = self.events.send(ev);
     }
 
-    async fn fetch_impl(&self, chunks: &[u32]) -> Result<(), (Option<u32>, String)> {
+    async fn fetch_impl(&self, chunks: &[u32]) -> Result<(), RunFail> {
         let (start, _) = self.layout.range(chunks[0]).expect("chunk in layout");
         let (last_off, last_len) = self
             .layout
@@ -888,9 +923,9 @@ impl OriginRun {
             }
             other => other,
         }
-        .map_err(|e| (None, e.to_string()))?;
+        .map_err(|e| RunFail::Origin(None, e.to_string()))?;
         if stream.total_size().is_some_and(|s| s != self.layout.size()) {
-            return Err((
+            return Err(RunFail::Origin(
                 None,
                 format!(
                     "origin says the blob has {:?} bytes, not {}",
@@ -912,8 +947,13 @@ impl OriginRun {
             let chunk = chunks[current];
             let bytes = match stream.next_chunk().await {
                 Some(Ok(b)) => b,
-                Some(Err(e)) => return Err((Some(chunk), e.to_string())),
-                None => return Err((Some(chunk), "origin closed the body early".into())),
+                Some(Err(e)) => return Err(RunFail::Origin(Some(chunk), e.to_string())),
+                None => {
+                    return Err(RunFail::Origin(
+                        Some(chunk),
+                        "origin closed the body early".into(),
+                    ))
+                }
             };
             origin_bytes.inc_by(bytes.len() as u64);
             // Slow is not stalled: where the origin's link is shared by
@@ -927,9 +967,7 @@ impl OriginRun {
             let hi = end.min(pos + bytes.len() as u64);
             if lo < hi {
                 let part = &bytes[(lo - pos) as usize..(hi - pos) as usize];
-                self.file
-                    .write_all_at(part, lo)
-                    .map_err(|e| (Some(chunk), format!("local store: {e}")))?;
+                self.file.write_all_at(part, lo).map_err(RunFail::Local)?;
                 // Report each chunk as it completes (with its hash, in a cluster).
                 while lo < hi && current < chunks.len() {
                     let (off, len) = self.layout.range(chunks[current]).expect("chunk in layout");
@@ -1104,6 +1142,19 @@ pub fn blob_stream(
     }))
 }
 
+/// The error a reader of an arriving blob gets when the store gave up on it
+/// (the disk filled up) with the reader at byte `at`: what it has sent so
+/// far is good, and the rest must come from the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the store gave up on this blob at byte {at}")]
+pub struct StoreGaveUp {
+    /// The first byte the reader has not sent.
+    pub at: u64,
+    /// How far from the start the file holds the blob's bytes (the
+    /// contiguous prefix the transfer had written).
+    pub written: u64,
+}
+
 /// Waits until the transfer has bytes past `pos` that a reader may see, and
 /// returns how far it may read. The last byte of the blob is held back until
 /// the digest is verified.
@@ -1119,7 +1170,8 @@ async fn wait_available(
                 Phase::Done => size,
                 Phase::Failed(e) => return Err(std::io::Error::other(e.to_string())),
                 Phase::NoRoom => {
-                    return Err(std::io::Error::other("the store had no room for this blob"))
+                    let written = p.written;
+                    return Err(std::io::Error::other(StoreGaveUp { at: pos, written }));
                 }
                 Phase::Starting => 0,
                 Phase::Running => p.written.min(size.saturating_sub(1)),

@@ -212,7 +212,8 @@ impl Cluster {
             .next()
             .unwrap_or("0")
             .parse()?;
-        self.tracker = Self::spawn_tracker(self.dir.path(), port, self.ops_port, &[], "tracker.log")?;
+        self.tracker =
+            Self::spawn_tracker(self.dir.path(), port, self.ops_port, &[], "tracker.log")?;
         self.wait_tracker().await
     }
 
@@ -287,7 +288,8 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("--- shoal-tracker log ---\n{}", self.tracker_log());
             for r in 1..=self.replicas.len() {
-                let log = util::tail_file(&self.dir.path().join(format!("tracker-{r}.log")), 16 * 1024);
+                let log =
+                    util::tail_file(&self.dir.path().join(format!("tracker-{r}.log")), 16 * 1024);
                 eprintln!("--- shoal-tracker replica {r} log ---\n{log}");
             }
         }

@@ -31,6 +31,10 @@ pub struct ShoaldOpts {
     pub extra_args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Run the daemon in a mount namespace of its own with a tmpfs of this
+    /// many bytes as its data dir (a small disk that fills up). The data
+    /// dir is then seen through `/proc/PID/root` ([`Shoald::data_dir`]).
+    pub data_tmpfs: Option<u64>,
 }
 
 impl ShoaldOpts {
@@ -49,6 +53,7 @@ impl ShoaldOpts {
 pub struct Shoald {
     child: Option<Child>,
     dir: TempDir,
+    data_tmpfs: Option<u64>,
     registry_port: u16,
     ops_port: u16,
     args: Vec<String>,
@@ -131,6 +136,7 @@ impl Shoald {
         let mut d = Shoald {
             child: None,
             dir,
+            data_tmpfs: opts.data_tmpfs,
             registry_port,
             ops_port,
             args,
@@ -147,7 +153,33 @@ impl Shoald {
         let n = self.starts;
         let stdout = File::create(self.dir.path().join(format!("stdout.{n}.log")))?;
         let stderr = File::create(self.dir.path().join(format!("stderr.{n}.log")))?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.data_tmpfs {
+            None => Command::new(&self.bin),
+            Some(bytes) => {
+                // unshare execs sh, which execs shoald: one pid throughout.
+                let mut c = Command::new(util::require_program("unshare", "util-linux")?);
+                // Root mounts in a mount namespace; others map themselves
+                // to root in a user namespace first.
+                let root = std::fs::read_to_string("/proc/self/status")
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("Uid:"))
+                            .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+                    })
+                    .unwrap_or(false);
+                if !root {
+                    c.arg("--user").arg("--map-root-user");
+                }
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(format!(
+                        "mount -t tmpfs -o size={bytes} shoal-test \"$0\" && exec \"$@\""
+                    ))
+                    .arg(self.dir.path().join("data"))
+                    .arg(&self.bin);
+                c
+            }
+        };
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -227,7 +259,16 @@ impl Shoald {
     }
 
     /// The `--data-dir`.
+    ///
+    /// With [`ShoaldOpts::data_tmpfs`], the path through the daemon's own
+    /// mount namespace (`/proc/PID/root/...`), valid while it runs.
     pub fn data_dir(&self) -> PathBuf {
+        if self.data_tmpfs.is_some() {
+            if let Some(pid) = self.child.as_ref().map(Child::id) {
+                let inner = self.dir.path().join("data");
+                return PathBuf::from(format!("/proc/{pid}/root{}", inner.display()));
+            }
+        }
         self.dir.path().join("data")
     }
 

@@ -244,7 +244,11 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         let stop = stopped(stop_rx.clone());
         async move { server.serve_ops(ops_listener, stop).await }
     });
-    let store = if args.store == "memory" { "memory" } else { "redis" };
+    let store = if args.store == "memory" {
+        "memory"
+    } else {
+        "redis"
+    };
     tracing::info!(%listen, %ops, %name, cluster_dir = %args.cluster_dir.display(), store, "shoal-tracker serving");
 
     shutdown_signal().await;

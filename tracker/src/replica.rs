@@ -224,9 +224,7 @@ impl Replica {
         let client = redis::Client::open(cfg.url.as_str())
             .with_context(|| format!("--store {}: not a Redis URL", redacted(&cfg.url)))?;
         let conn = client
-            .get_multiplexed_async_connection_with_config(&connection_config(
-                cfg.command_timeout,
-            ))
+            .get_multiplexed_async_connection_with_config(&connection_config(cfg.command_timeout))
             .await
             .with_context(|| format!("connecting to Redis at {}", redacted(&cfg.url)))?;
         let keys = Keys::new(&cfg.prefix);
@@ -428,7 +426,9 @@ impl Replica {
                         // damage; every replica skips it alike.
                         self.counters.undecodable.inc();
                         tracing::error!(entry = %e.id, error = %err, "skipping a log entry that does not decode");
-                        Err(ReplicaError::Unavailable(format!("the logged request did not decode: {err}")))
+                        Err(ReplicaError::Unavailable(format!(
+                            "the logged request did not decode: {err}"
+                        )))
                     }
                 };
                 *applied = e.id;

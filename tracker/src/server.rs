@@ -61,8 +61,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::client::{ErrorBody, ErrorCode, ErrorDetail, POISONED};
 use crate::clock::Clock;
 use crate::command::{Command, Outcome};
-use crate::replica::{Replica, ReplicaError};
 use crate::metrics::Metrics;
+use crate::replica::{Replica, ReplicaError};
 use crate::Tracker;
 
 /// Response header with the tracker time (ms) a reply was made at.

@@ -87,7 +87,10 @@ fn bad_flags_get_one_line_and_exit_2() {
     assert!(e.contains("--store") && e.contains("redis://"), "{e}");
     let e = refuses(&["--cluster-dir", d, "--snapshot-interval", "0s"], &[]);
     assert!(e.contains("--snapshot-interval"), "{e}");
-    let e = refuses(&["--cluster-dir", d, "--snapshot-interval", "5 minutes"], &[]);
+    let e = refuses(
+        &["--cluster-dir", d, "--snapshot-interval", "5 minutes"],
+        &[],
+    );
     assert!(e.contains("--snapshot-interval"), "{e}");
     let e = refuses(&["--cluster-dir", d, "--name", "Not_A_Name"], &[]);
     assert!(e.contains("--name"), "{e}");

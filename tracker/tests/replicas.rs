@@ -83,7 +83,9 @@ async fn what_one_replica_acknowledged_every_replica_knows() {
         let mut leased = BTreeSet::new();
         for (i, n) in ["node-3", "node-4", "node-5", "node-6"].iter().enumerate() {
             let c = if i % 2 == 0 { at_a(n) } else { at_b(n) };
-            c.announce(announce(n, 4003 + i as u16, vec![])).await.unwrap();
+            c.announce(announce(n, 4003 + i as u16, vec![]))
+                .await
+                .unwrap();
             let r = LeaseRequest::new(node(n), cold, l, 4, 0).unwrap();
             let grant = c.lease(r).await.unwrap().grant;
             assert_eq!(grant.chunks.len(), 4, "{n}: {grant:?}");
@@ -215,7 +217,11 @@ async fn a_replica_joining_after_the_log_was_trimmed_starts_from_the_snapshot() 
             .unwrap();
         // Two snapshots: the second trims the log to the first.
         let started = Instant::now();
-        while a.metric("shoal_tracker_replica_snapshots_stored_total").await < 3.0 {
+        while a
+            .metric("shoal_tracker_replica_snapshots_stored_total")
+            .await
+            < 3.0
+        {
             assert!(started.elapsed() < Duration::from_secs(20), "no snapshots");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -243,11 +249,15 @@ async fn a_replica_joining_after_the_log_was_trimmed_starts_from_the_snapshot() 
             .map(|e| e.get::<String>("op").unwrap())
             .collect();
         // The announce's entry is gone from the log (expiry ticks remain) ...
-        assert!(!ops.is_empty() && ops.iter().all(|op| op == "expire"), "{ops:?}");
+        assert!(
+            !ops.is_empty() && ops.iter().all(|op| op == "expire"),
+            "{ops:?}"
+        );
         // ... yet a replica started now knows node-1 (from the snapshot).
         let c = replica(&cluster, &redis, &[]).await;
         assert_eq!(
-            c.metric("shoal_tracker_replica_snapshots_loaded_total").await,
+            c.metric("shoal_tracker_replica_snapshots_loaded_total")
+                .await,
             1.0
         );
         let view = cluster
@@ -320,7 +330,13 @@ async fn a_replica_of_another_configuration_refuses_to_join() {
             .unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-tracker"))
             .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
-            .args(["--name", "127.0.0.1", "--store", &redis.url(), "--cluster-dir"])
+            .args([
+                "--name",
+                "127.0.0.1",
+                "--store",
+                &redis.url(),
+                "--cluster-dir",
+            ])
             .arg(cluster.path())
             .output()
             .unwrap();

@@ -20,9 +20,19 @@
 //! second, latency percentiles, the CPU time of the tracker process and of
 //! the load generator per request, and one JSON line.
 //!
+//! By default requests go back to back (the most the tracker answers).
+//! `--rate R` paces them to R per second instead (a load test: did every
+//! request succeed, at what latency). `--replicas N` runs N tracker
+//! replicas sharing a `redis-server` the bench starts (`--store redis://`),
+//! each member talking to all of them in its own order, and
+//! `--kill-replica-after S` kills the first (`kill -9`) S seconds into the
+//! measurement: members fail over, and the bench counts any request that
+//! failed.
+//!
 //! ```sh
 //! cargo build --release -p shoal-tracker --bins
 //! target/release/tracker-bench --connections 32 --depth 8 --secs 10
+//! target/release/tracker-bench --rate 10000 --secs 600 --replicas 2 --kill-replica-after 300
 //! ```
 
 use std::io::{Read as _, Write as _};
@@ -70,6 +80,16 @@ struct Args {
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Requests per second in all, paced (0: back to back).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Tracker replicas sharing a redis-server the bench starts; 0 for one
+    /// in-memory tracker.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// Kill (-9) the first replica this many seconds into the measurement.
+    #[arg(long, value_name = "SECS")]
+    kill_replica_after: Option<f64>,
 }
 
 /// xorshift64*: the bench needs cheap, repeatable choices, not randomness.
@@ -107,7 +127,11 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Starts the tracker and waits until its ops port answers `/healthz`.
-fn start_tracker(bin: &Path, cluster: &Path) -> anyhow::Result<(TrackerProc, SocketAddr)> {
+fn start_tracker(
+    bin: &Path,
+    cluster: &Path,
+    extra: &[String],
+) -> anyhow::Result<(TrackerProc, SocketAddr)> {
     let (api, ops) = (free_port()?, free_port()?);
     let child = Command::new(bin)
         .args(["--listen", &format!("127.0.0.1:{api}")])
@@ -115,6 +139,7 @@ fn start_tracker(bin: &Path, cluster: &Path) -> anyhow::Result<(TrackerProc, Soc
         .arg("--cluster-dir")
         .arg(cluster)
         .args(["--name", "127.0.0.1"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
@@ -138,6 +163,31 @@ fn start_tracker(bin: &Path, cluster: &Path) -> anyhow::Result<(TrackerProc, Soc
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A `redis-server` on a free loopback port, without persistence; returns
+/// it and its port once it accepts connections.
+fn start_redis(dir: &Path) -> anyhow::Result<(TrackerProc, u16)> {
+    let port = free_port()?;
+    let bin = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("redis-server");
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (Debian package redis-server)")?;
+    let proc = TrackerProc { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+        ensure!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((proc, port))
 }
 
 /// User + system CPU seconds of a process, from `/proc/PID/stat`.
@@ -231,6 +281,7 @@ struct Tally {
 
 /// One in-flight slot: requests back to back until `end`; counts only what
 /// completes after `start`.
+#[allow(clippy::too_many_arguments)]
 async fn slot(
     m: Arc<Member>,
     blobs: Arc<Vec<Digest>>,
@@ -239,12 +290,21 @@ async fn slot(
     seed: u64,
     start: Instant,
     end: Instant,
+    pace: Option<Duration>,
 ) -> Tally {
     let mut rng = Rng(seed | 1);
     let mut cursors: Vec<Option<HashCursor>> = vec![None; blobs.len()];
     let mut t = Tally::default();
     let threshold = (share.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+    // Paced slots start spread over one period.
+    let mut next = pace.map(|p| start + p.mul_f64(rng.below(1_000_000) as f64 / 1e6));
     loop {
+        if let (Some(at), Some(p)) = (next.as_mut(), pace) {
+            if Instant::now() >= start {
+                tokio::time::sleep_until((*at).into()).await;
+                *at += p;
+            }
+        }
         let now = Instant::now();
         if now >= end {
             return t;
@@ -325,13 +385,28 @@ fn main() -> anyhow::Result<()> {
 
 fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     shoal_cluster::init(dir).context("making a cluster CA")?;
-    let (tracker, api) = start_tracker(bin, dir)?;
-    let url = format!("https://127.0.0.1:{}", api.port());
+    let redis = match args.replicas {
+        0 => None,
+        _ => Some(start_redis(dir)?),
+    };
+    let store: Vec<String> = match &redis {
+        Some((_, port)) => vec!["--store".into(), format!("redis://127.0.0.1:{port}")],
+        None => vec![],
+    };
+    let mut trackers = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..args.replicas.max(1) {
+        let (t, api) = start_tracker(bin, dir, &store)?;
+        trackers.push(t);
+        urls.push(format!("https://127.0.0.1:{}", api.port()));
+    }
     let mut members = Vec::new();
     for i in 0..args.connections {
         let name = format!("bench-{i}.shoal");
         let id = shoal_cluster::Identity::load(dir, &name)?;
-        let client = HttpsTracker::new(&[&url], id.client_tls()?, HttpsConfig::default())?;
+        let mut mine = urls.clone();
+        mine.rotate_left(i % urls.len());
+        let client = HttpsTracker::new(&mine, id.client_tls()?, HttpsConfig::default())?;
         members.push(Arc::new(Member {
             node: name.parse()?,
             addr: format!("127.0.0.{}:4901", 2 + i % 250).parse()?,
@@ -348,8 +423,14 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
-    let pid = tracker.child.id().to_string();
-    let (tally, measured, tracker_cpu, own_cpu) = rt.block_on(async {
+    let pids: Vec<String> = trackers.iter().map(|t| t.child.id().to_string()).collect();
+    let redis_pid = redis.as_ref().map(|(r, _)| r.child.id().to_string());
+    // A killed replica's CPU is no longer readable: count it as 0 from then.
+    let cpu_of =
+        |pids: &[String]| -> f64 { pids.iter().map(|p| cpu_seconds(p).unwrap_or(0.0)).sum() };
+    let slots = (args.connections * args.depth) as f64;
+    let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(slots / args.rate));
+    let (tally, measured, tracker_cpu, own_cpu, redis_cpu) = rt.block_on(async {
         prepare(&members, &blobs, layout).await?;
         let start = Instant::now() + Duration::from_secs(1);
         let end = start + Duration::from_secs_f64(args.secs);
@@ -364,12 +445,21 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
                     (i * args.depth + d) as u64 * 0x9E37_79B9 + 7,
                     start,
                     end,
+                    pace,
                 )));
             }
         }
         tokio::time::sleep_until(start.into()).await;
-        let (t0, own0) = (cpu_seconds(&pid)?, cpu_seconds("self")?);
+        let (t0, own0) = (cpu_of(&pids), cpu_seconds("self")?);
+        let r0 = cpu_of(redis_pid.as_slice());
         let wall0 = Instant::now();
+        if let Some(after) = args.kill_replica_after {
+            tokio::time::sleep(Duration::from_secs_f64(after)).await;
+            let first = &mut trackers[0];
+            let _ = first.child.kill();
+            let _ = first.child.wait();
+            println!("  killed replica 1 (kill -9) {after:.1} s into the measurement");
+        }
         let mut all = Tally::default();
         for task in tasks {
             let t = task.await?;
@@ -382,22 +472,32 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             all.latencies_us.extend(t.latencies_us);
         }
         let measured = wall0.elapsed().as_secs_f64();
-        let (t1, own1) = (cpu_seconds(&pid)?, cpu_seconds("self")?);
-        anyhow::Ok((all, measured, t1 - t0, own1 - own0))
+        let (t1, own1) = (cpu_of(&pids), cpu_seconds("self")?);
+        let r1 = cpu_of(redis_pid.as_slice());
+        anyhow::Ok((all, measured, (t1 - t0).max(0.0), own1 - own0, r1 - r0))
     })?;
-    drop(tracker);
+    drop(trackers);
+    drop(redis);
     let mut lat = tally.latencies_us;
     lat.sort_unstable();
     let ok = tally.announces + tally.lookups;
     let rps = ok as f64 / measured;
     let per_req_us = |cpu: f64| if ok == 0 { 0.0 } else { cpu * 1e6 / ok as f64 };
     println!(
-        "tracker-bench: {} connections x {} in flight, {} blobs of {} chunks, {:.0}% lookups",
+        "tracker-bench: {} connections x {} in flight, {} blobs of {} chunks, {:.0}% lookups, {}, {}",
         args.connections,
         args.depth,
         args.blobs,
         layout.count(),
-        args.lookup_share * 100.0
+        args.lookup_share * 100.0,
+        match args.rate {
+            r if r > 0.0 => format!("paced at {r:.0} req/s"),
+            _ => "back to back".into(),
+        },
+        match args.replicas {
+            0 => "one in-memory tracker".to_owned(),
+            n => format!("{n} replica(s) sharing redis"),
+        }
     );
     println!(
         "  {ok} requests in {measured:.1} s: {rps:.0} req/s ({} announces, {} lookups, {} errors)",
@@ -415,6 +515,12 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         if tracker_cpu > 0.0 { ok as f64 / tracker_cpu } else { 0.0 },
         per_req_us(own_cpu)
     );
+    if redis_pid.is_some() {
+        println!(
+            "  CPU: redis-server {redis_cpu:.2} s ({:.1} us/req)",
+            per_req_us(redis_cpu)
+        );
+    }
     if let Some(e) = &tally.first_error {
         println!("  first error: {e}");
     }
@@ -435,6 +541,10 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             "req_per_s": rps,
             "p50_us": percentile(&lat, 0.5),
             "p99_us": percentile(&lat, 0.99),
+            "rate": args.rate,
+            "replicas": args.replicas,
+            "killed_replica_after_s": args.kill_replica_after,
+            "redis_cpu_s": redis_cpu,
             "tracker_cpu_s": tracker_cpu,
             "tracker_cpu_us_per_req": per_req_us(tracker_cpu),
             "loadgen_cpu_s": own_cpu,
