@@ -72,6 +72,10 @@ pub struct Metrics {
     pub store_write_failures: Family<ReasonLabel, Counter>,
     /// Requests made to origins, by outcome.
     pub origin_requests: Family<OutcomeLabel, Counter>,
+    /// Nodes on the cluster's deny list as last heard from the tracker.
+    pub denied_nodes: Gauge,
+    /// Peer connections or streams refused because the peer is denied.
+    pub denied_refusals: Counter,
     registry: Registry,
 }
 
@@ -109,6 +113,8 @@ impl Metrics {
             store_quota_bytes: Gauge::default(),
             store_refusals: Counter::default(),
             store_write_failures: Family::default(),
+            denied_nodes: Gauge::default(),
+            denied_refusals: Counter::default(),
             origin_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -187,6 +193,16 @@ impl Metrics {
             "shoal_store_write_failures",
             "Transfers the store gave up on because writing failed (no_space: the filesystem is full); their clients continued from the origin",
             m.store_write_failures.clone(),
+        );
+        r.register(
+            "shoal_peer_denied_nodes",
+            "Nodes on the cluster's deny list, as last heard from the tracker",
+            m.denied_nodes.clone(),
+        );
+        r.register(
+            "shoal_peer_denied_refusals",
+            "Peer connections and streams refused because the peer is on the deny list",
+            m.denied_refusals.clone(),
         );
         r.register(
             "shoal_origin_requests",

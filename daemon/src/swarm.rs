@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use shoal_proto::tracker_api::MAX_ANNOUNCE_BLOBS;
 use shoal_proto::{ChunkLayout, Digest};
-use shoal_tracker::client::{AnyTracker, Embedded, TrackerApi};
+use shoal_tracker::client::{AnyTracker, Embedded, ErrorCode, TrackerApi};
 use shoal_tracker::clock::MonotonicClock;
 use shoal_tracker::https_client::{HttpsConfig, HttpsTracker};
 use shoal_tracker::tracker_api::{Announce, BlobHave, NodeId, PeerAddr, Rack, TrackerError};
@@ -18,6 +18,7 @@ use crate::config::SwarmConfig;
 use crate::peer::client::PeerClient;
 use crate::peer::server::{PeerServer, PeerServerHandle, ServeLimits};
 use crate::peer::source::ChunkSource;
+use crate::peer::DenyList;
 use crate::rate::RateLimit;
 use crate::store::Store;
 
@@ -36,6 +37,9 @@ pub struct Swarm {
     pub chunk_size: u32,
     /// Where this node sits (`--rack`), said in every announce.
     pub rack: Option<Rack>,
+    /// The cluster's deny list, from the tracker's announce replies; the
+    /// peer server refuses whom it names.
+    pub denied: Arc<DenyList>,
 }
 
 impl Swarm {
@@ -55,9 +59,11 @@ impl Swarm {
         let mut endpoint = quinn::Endpoint::server(server, cfg.peer_listen)
             .with_context(|| format!("binding --peer-listen {}", cfg.peer_listen))?;
         endpoint.set_default_client_config(client);
+        let denied = Arc::new(DenyList::default());
         let limits = ServeLimits {
             max_concurrent_uploads: cfg.max_uploads,
             upload_rate: RateLimit::from_option(cfg.upload_rate),
+            denied: denied.clone(),
             ..ServeLimits::default()
         };
         let handle = PeerServer::spawn(endpoint.clone(), source, limits);
@@ -97,6 +103,7 @@ impl Swarm {
             ),
             chunk_size: cfg.chunk_size,
             rack: cfg.rack.clone(),
+            denied,
         });
         Ok((swarm, handle))
     }
@@ -129,6 +136,13 @@ impl Swarm {
             };
             match self.tracker.announce(a).await {
                 Ok(reply) => {
+                    let count = reply.denied.len();
+                    if self
+                        .denied
+                        .set(reply.denied.iter().map(|n| n.as_str().to_owned()))
+                    {
+                        tracing::warn!(denied = count, nodes = ?reply.denied, "the cluster's deny list changed: refusing those nodes");
+                    }
                     let period = heartbeat_period(reply.interval_ms);
                     if period != every {
                         tracing::info!(every = ?period, "heartbeat follows the tracker's announce interval");
@@ -142,6 +156,10 @@ impl Swarm {
                         );
                         full_due = !self.announce_all(&store).await;
                     }
+                }
+                Err(e) if e.code() == Some(&ErrorCode::Denied) => {
+                    tracing::error!(error = %e, "this node is on the cluster's deny list: the tracker and its peers refuse it");
+                    full_due = true;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat announce failed");
@@ -284,6 +302,7 @@ mod tests {
             peers: PeerClient::new(endpoint),
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
             rack: None,
+            denied: Arc::default(),
         }
     }
 
@@ -293,6 +312,29 @@ mod tests {
         assert_eq!(heartbeat_period(2_500), Duration::from_millis(2_500));
         assert_eq!(heartbeat_period(0), Duration::from_secs(1));
         assert_eq!(heartbeat_period(u64::MAX), Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_brings_the_clusters_deny_list_to_the_peer_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+        let core = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let denied: std::collections::BTreeSet<NodeId> =
+            ["mallory".parse().unwrap()].into_iter().collect();
+        core.lock().unwrap().deny(0, denied).unwrap();
+        let sw = Arc::new(swarm(core, Arc::new(TestClock::default())));
+        let beat = tokio::spawn(sw.clone().heartbeat(store, Duration::from_millis(10)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sw.denied.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the list never came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        beat.abort();
+        assert!(sw.denied.denies(&["mallory".to_owned()]));
+        assert!(!sw.denied.denies(&["node-2".to_owned()]));
     }
 
     #[tokio::test]

@@ -676,7 +676,11 @@ fn resolve_peer(node: &NodeId, addr: &shoal_proto::tracker_api::PeerAddr) -> Opt
 fn failure(e: ApiError) -> TrackerFailure {
     if e.is_down() {
         TrackerFailure::Down
-    } else if e.code() == Some(&TrackerCode::Excluded) {
+    } else if matches!(
+        e.code(),
+        Some(&TrackerCode::Excluded | &TrackerCode::Denied)
+    ) {
+        // Shut out, for bad data or by the operator: the origin serves.
         TrackerFailure::Excluded
     } else {
         TrackerFailure::Refused
@@ -693,8 +697,8 @@ fn log_notice(digest: &Digest, notice: Option<Notice>) {
         Some(Notice::LayoutConflict) => tracing::warn!(digest = %digest,
             "the tracker lays this blob out differently; fetching it alone"),
         Some(Notice::Excluded) => tracing::error!(digest = %digest,
-            "the tracker excludes this node for bad data it served (check its disk); \
-             the origin serves what no known peer has"),
+            "the tracker excludes this node (for bad data it served: check its disk; or it is on \
+             the operator's deny list); the origin serves what no known peer has"),
         None => {}
     }
 }

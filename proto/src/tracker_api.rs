@@ -37,6 +37,9 @@ pub const MAX_ADDR_LEN: usize = 259;
 pub const MAX_ANNOUNCE_BLOBS: usize = 10_000;
 /// The most chunk hashes one publish may carry.
 pub const MAX_PUBLISH_HASHES: usize = 65_536;
+/// The most nodes a tracker's deny list may hold.
+pub const MAX_DENIED: usize = 1_024;
+
 /// The most holders a lookup reply may list.
 pub const MAX_LOOKUP_HOLDERS: usize = 1_024;
 
@@ -132,6 +135,10 @@ pub enum TrackerError {
         /// When the exclusion ends (tracker time).
         until_ms: u64,
     },
+    /// The cluster's operator denied this node (the tracker's deny list):
+    /// refused until taken off the list.
+    #[error("node {0} is denied by the cluster's operator")]
+    Denied(NodeId),
     /// A list or a table is at its limit.
     #[error("too many {what} (limit {limit})")]
     TooMany {
@@ -150,6 +157,7 @@ impl TrackerError {
             TrackerError::LayoutConflict { .. } => "layout_conflict",
             TrackerError::NotAMember(_) => "not_a_member",
             TrackerError::Excluded { .. } => "excluded",
+            TrackerError::Denied(_) => "denied",
             TrackerError::TooMany { .. } => "too_many",
             _ => "bad_request",
         }
@@ -625,6 +633,10 @@ pub struct AnnounceReply {
     /// older trackers' answers, read as `true`.
     #[serde(default = "known_by_default")]
     pub known: bool,
+    /// Nodes the cluster's operator denied: members refuse to serve them
+    /// or fetch from them (at most [`MAX_DENIED`]; absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied: Vec<NodeId>,
 }
 
 fn known_by_default() -> bool {

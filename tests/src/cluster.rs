@@ -141,8 +141,15 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(dir.join(log))?;
+        // The operator's deny list ([`Cluster::deny`]), empty at first.
+        let deny = dir.join("deny.txt");
+        if !deny.exists() {
+            std::fs::write(&deny, "# nodes shut out of the cluster\n")?;
+        }
         Command::new(sibling_binary("shoal-tracker")?)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--deny-file")
+            .arg(&deny)
             .arg("--cluster-dir")
             .arg(dir.join("ca"))
             .args(["--name", "127.0.0.1"])
@@ -158,6 +165,16 @@ impl Cluster {
         wait_healthy(self.ops_port)
             .await
             .with_context(|| self.tracker_log())
+    }
+
+    /// Writes the tracker's deny list (node names); the tracker reads it
+    /// within its poll interval (2 s), members within their next announce.
+    pub fn deny(&self, nodes: &[&str]) -> Result<()> {
+        let path = self.dir.path().join("deny.txt");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, nodes.join("\n") + "\n")?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     /// `kill -9` of the first tracker process (with replicas, the others

@@ -605,3 +605,56 @@ async fn with_tracker_replicas_killing_one_mid_pull_still_costs_the_origin_one_c
         "members got only {peer_total} bytes from each other"
     );
 }
+
+/// The operator denies a member (the tracker's `--deny-file`): within a
+/// poll and an announce interval every member knows, the denied node gets
+/// nothing from the tracker or its peers — its pull still completes, from
+/// the origin — and the other members go on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_member_is_shut_out_by_the_tracker_and_every_peer() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let a = cluster.member("node-a", opts()).await.unwrap();
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    let c = cluster.member("node-c", opts()).await.unwrap();
+    let size = 8 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/deny", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/deny/blobs/{digest}");
+    pull(&a, &path, &digest, size).await;
+    a.wait_idle().await.unwrap();
+
+    let denied_at = std::time::Instant::now();
+    cluster.deny(&["node-c"]).unwrap();
+    for m in [&a, &b] {
+        m.wait_metric(
+            "shoal_peer_denied_nodes",
+            &[],
+            std::time::Duration::from_secs(20),
+            |v| v == 1.0,
+        )
+        .await
+        .unwrap();
+    }
+    eprintln!(
+        "injected: node-c on the deny list; counted: every member knew within {:?}",
+        denied_at.elapsed()
+    );
+    // node-c still gets its blob, all of it from the origin.
+    pull(&c, &path, &digest, size).await;
+    assert!(c.origin_blob_bytes().await.unwrap() >= size as f64);
+    assert_eq!(c.metric(PEER_RX, &[]).await.unwrap(), 0.0);
+    assert!(
+        c.logs().contains("on the cluster's deny list"),
+        "{}",
+        c.logs()
+    );
+    // node-b is served by node-a as before.
+    pull(&b, &path, &digest, size).await;
+    assert_eq!(b.origin_blob_bytes().await.unwrap(), 0.0);
+}

@@ -90,6 +90,8 @@ pub enum ErrorCode {
     NotAMember,
     /// The node is excluded for bad data (403).
     Excluded,
+    /// The cluster's operator denied the node (403).
+    Denied,
     /// A table or list is at its limit (429).
     TooMany,
     /// The request names a node other than the client certificate's (403).
@@ -118,6 +120,7 @@ impl ErrorCode {
             ErrorCode::LayoutConflict => "layout_conflict",
             ErrorCode::NotAMember => "not_a_member",
             ErrorCode::Excluded => "excluded",
+            ErrorCode::Denied => "denied",
             ErrorCode::TooMany => "too_many",
             ErrorCode::NodeMismatch => "node_mismatch",
             ErrorCode::BodyTooLarge => "body_too_large",
@@ -137,6 +140,7 @@ impl ErrorCode {
             "layout_conflict" => ErrorCode::LayoutConflict,
             "not_a_member" => ErrorCode::NotAMember,
             "excluded" => ErrorCode::Excluded,
+            "denied" => ErrorCode::Denied,
             "too_many" => ErrorCode::TooMany,
             "node_mismatch" => ErrorCode::NodeMismatch,
             "body_too_large" => ErrorCode::BodyTooLarge,
@@ -154,7 +158,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::Other(_) => 400,
             ErrorCode::UnknownBlob | ErrorCode::NotFound => 404,
             ErrorCode::LayoutConflict | ErrorCode::NotAMember => 409,
-            ErrorCode::Excluded | ErrorCode::NodeMismatch => 403,
+            ErrorCode::Excluded | ErrorCode::Denied | ErrorCode::NodeMismatch => 403,
             ErrorCode::TooMany => 429,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,

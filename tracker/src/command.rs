@@ -3,8 +3,10 @@
 //! ([`crate::replica`]) and each apply in the log's order. Lookups change
 //! nothing and are not commands.
 
+use std::collections::BTreeSet;
+
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, LeaseGrant, LeaseRequest, PublishHashes, PublishReply, Report,
+    Announce, AnnounceReply, LeaseGrant, LeaseRequest, NodeId, PublishHashes, PublishReply, Report,
     ReportReply, TrackerError,
 };
 
@@ -24,6 +26,8 @@ pub enum Command {
     /// The passage of time ([`Tracker::expire`]); replicas log it on a timer
     /// so that members, leases and exclusions expire everywhere at once.
     Expire,
+    /// The operator's deny list, whole ([`Tracker::deny`]).
+    Deny(BTreeSet<NodeId>),
 }
 
 /// What a [`Command`] returned.
@@ -40,6 +44,8 @@ pub enum Outcome {
     Report(ReportReply),
     /// Time passed; the tracker's time after it.
     Expired(u64),
+    /// The deny list was replaced; how many nodes are newly denied.
+    Denied(u32),
 }
 
 /// Why a logged command could not be read back.
@@ -61,6 +67,7 @@ impl Command {
             Command::Hashes(_) => "hashes",
             Command::Report(_) => "report",
             Command::Expire => "expire",
+            Command::Deny(_) => "deny",
         }
     }
 
@@ -72,6 +79,7 @@ impl Command {
             Command::Lease(r) => serde_json::to_vec(r),
             Command::Hashes(p) => serde_json::to_vec(p),
             Command::Report(r) => serde_json::to_vec(r),
+            Command::Deny(nodes) => serde_json::to_vec(nodes),
             Command::Expire => return Vec::new(),
         };
         json.expect("tracker requests serialize")
@@ -92,6 +100,7 @@ impl Command {
             "hashes" => Command::Hashes(json(op, body)?),
             "report" => Command::Report(json(op, body)?),
             "expire" => Command::Expire,
+            "deny" => Command::Deny(json(op, body)?),
             other => {
                 return Err(DecodeError {
                     op: other.chars().take(32).collect(),
@@ -109,6 +118,7 @@ impl Command {
             Command::Hashes(p) => Outcome::Hashes(t.publish_hashes(now_ms, p)?),
             Command::Report(r) => Outcome::Report(t.report(now_ms, r)?),
             Command::Expire => Outcome::Expired(t.expire(now_ms)),
+            Command::Deny(nodes) => Outcome::Denied(t.deny(now_ms, nodes)?),
         })
     }
 }

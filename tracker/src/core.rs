@@ -58,7 +58,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
     NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Rack, Report, ReportReply,
-    TrackerError,
+    TrackerError, MAX_DENIED,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
@@ -239,6 +239,10 @@ pub struct Tracker {
     /// Excluded nodes and when their exclusion ends.
     excluded: BTreeMap<NodeId, u64>,
     exclusion_ends: BTreeSet<(u64, NodeId)>,
+    /// Nodes the operator denied ([`Tracker::deny`]): refused everything
+    /// and named nowhere until taken off the list.
+    #[serde(default)]
+    denied: BTreeSet<NodeId>,
     hashes: u64,
 }
 
@@ -261,6 +265,7 @@ impl Tracker {
             records: BTreeMap::new(),
             excluded: BTreeMap::new(),
             exclusion_ends: BTreeSet::new(),
+            denied: BTreeSet::new(),
             hashes: 0,
         })
     }
@@ -280,6 +285,11 @@ impl Tracker {
             hashes: self.hashes,
             excluded: self.excluded.len(),
         }
+    }
+
+    /// Whether `node` is a live member.
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        self.members.contains_key(node)
     }
 
     /// Whether `node` is excluded at the latest time seen.
@@ -434,6 +444,7 @@ impl Tracker {
         Ok(AnnounceReply {
             interval_ms: self.cfg.announce_interval_ms,
             known,
+            denied: self.denied.iter().cloned().collect(),
         })
     }
 
@@ -815,6 +826,9 @@ impl Tracker {
     // -----------------------------------------------------------------------
 
     fn check_excluded(&self, node: &NodeId) -> Result<()> {
+        if self.denied.contains(node) {
+            return Err(TrackerError::Denied(node.clone()));
+        }
         match self.excluded.get(node) {
             Some(&until_ms) => Err(TrackerError::Excluded {
                 node: node.clone(),
@@ -934,6 +948,12 @@ impl Tracker {
             let (_, oldest) = self.exclusion_ends.pop_first().expect("queue matches map");
             self.excluded.remove(&oldest);
         }
+        self.purge(node)
+    }
+
+    /// Forgets everything of `node`: membership, holdings, leases, and the
+    /// hashes it published (withdrawn). Returns the hashes withdrawn.
+    fn purge(&mut self, node: &NodeId) -> u32 {
         self.remove_member(node);
         let published = self
             .records
@@ -947,6 +967,36 @@ impl Tracker {
         }
         self.records.remove(node);
         n
+    }
+
+    /// Replaces the operator's deny list with `nodes` (at most
+    /// [`MAX_DENIED`]). A newly denied node is forgotten at once — its
+    /// membership, holdings, leases and published hashes — and refused
+    /// everything ([`TrackerError::Denied`]) until a later list leaves it
+    /// out; members learn the list from every announce reply and refuse the
+    /// node too. Returns how many nodes were newly denied.
+    pub fn deny(&mut self, now_ms: u64, nodes: BTreeSet<NodeId>) -> Result<u32> {
+        self.expire(now_ms);
+        if nodes.len() > MAX_DENIED {
+            return Err(TrackerError::TooMany {
+                what: "denied nodes",
+                limit: MAX_DENIED,
+            });
+        }
+        let fresh: Vec<NodeId> = nodes.difference(&self.denied).cloned().collect();
+        for n in &fresh {
+            if let Some(until) = self.excluded.remove(n) {
+                self.exclusion_ends.remove(&(until, n.clone()));
+            }
+            self.purge(n);
+        }
+        self.denied = nodes;
+        Ok(fresh.len() as u32)
+    }
+
+    /// The operator's deny list.
+    pub fn denied(&self) -> &BTreeSet<NodeId> {
+        &self.denied
     }
 
     /// Records where a member sits.
@@ -1071,6 +1121,17 @@ impl Tracker {
         if self.excluded.len() > self.cfg.max_members {
             return Err("too many exclusions".into());
         }
+        if self.denied.len() > MAX_DENIED {
+            return Err("too many denied nodes".into());
+        }
+        for n in &self.denied {
+            if self.members.contains_key(n) || self.records.contains_key(n) {
+                return Err(format!("denied {n} is still a member or has a record"));
+            }
+            if self.excluded.contains_key(n) {
+                return Err(format!("denied {n} is also excluded"));
+            }
+        }
         let deadlines: BTreeSet<(u64, NodeId)> = self
             .members
             .iter()
@@ -1150,7 +1211,7 @@ impl Tracker {
             for p in b.hashes.iter().flatten() {
                 hashes += 1;
                 published.entry(p.by.clone()).or_default().insert(*d);
-                if self.excluded.contains_key(&p.by) {
+                if self.excluded.contains_key(&p.by) || self.denied.contains(&p.by) {
                     return Err(format!("{d}: hash from excluded {}", p.by));
                 }
             }

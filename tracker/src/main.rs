@@ -85,6 +85,13 @@ struct Args {
         value_parser = parse_duration
     )]
     snapshot_interval: std::time::Duration,
+    /// The cluster's deny list: node names, one per line (`#` comments).
+    /// Denied nodes are refused by the tracker and, once members hear of
+    /// it in their next announce reply (within the announce interval, 5 s),
+    /// by every member. Re-read when it changes; give every replica the
+    /// same file.
+    #[arg(long, env = "SHOAL_TRACKER_DENY_FILE", value_name = "FILE")]
+    deny_file: Option<PathBuf>,
     /// Log format.
     #[arg(
         long,
@@ -211,20 +218,29 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
     let identity = shoal_cluster::Identity::load(&args.cluster_dir, &name)
         .with_context(|| format!("--cluster-dir {}", args.cluster_dir.display()))?;
     let tls = Arc::new(server::tls_config(&identity)?);
+    if let Some(f) = &args.deny_file {
+        let list = server::read_deny_file(f)
+            .map_err(|e| anyhow::anyhow!("--deny-file {}: {e}", f.display()))?;
+        tracing::info!(file = %f.display(), denied = list.len(), "deny list read");
+    }
+    let server_cfg = ServerConfig {
+        deny_file: args.deny_file.clone(),
+        ..ServerConfig::default()
+    };
     let server = if args.store == "memory" {
         let tracker = Tracker::new(TrackerConfig::default())?
             .starting_epochs_at(shoal_tracker::clock::epoch_base());
         Server::new(
             Arc::new(Mutex::new(tracker)),
             Arc::new(MonotonicClock::new()),
-            ServerConfig::default(),
+            server_cfg,
         )
     } else {
         let mut cfg = ReplicaConfig::new(args.store.clone());
         cfg.prefix = args.store_prefix.clone();
         cfg.snapshot_interval = args.snapshot_interval;
         let replica = Replica::open(cfg, TrackerConfig::default()).await?;
-        Server::replicated(replica, ServerConfig::default())
+        Server::replicated(replica, server_cfg)
     };
     let listener = bind(args.listen, "listen").await?;
     let ops_listener = bind(args.ops_listen, "ops-listen").await?;

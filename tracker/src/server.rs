@@ -34,6 +34,7 @@
 //! `await`; its time comes from a [`Clock`]. A background tick calls
 //! [`Tracker::expire`] to free memory of silent members between requests.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -96,6 +97,12 @@ pub struct ServerConfig {
     /// How often expired members and leases are dropped between requests.
     /// Default 1 s.
     pub expire_interval: Duration,
+    /// The operator's deny list: a file of node names, one per line (`#`
+    /// comments). Read at start and whenever it changes (checked every
+    /// `deny_poll`); every replica of a cluster should read the same list.
+    pub deny_file: Option<std::path::PathBuf>,
+    /// How often the deny file is checked. Default 2 s.
+    pub deny_poll: Duration,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +115,8 @@ impl Default for ServerConfig {
             body_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             expire_interval: Duration::from_secs(1),
+            deny_file: None,
+            deny_poll: Duration::from_secs(2),
         }
     }
 }
@@ -205,6 +214,43 @@ impl Server {
         tokio::select! {
             () = accept => {}
             () = self.expiry() => {}
+            () = self.deny_watch() => {}
+        }
+    }
+
+    /// Applies the deny file whenever its contents change; never ends (or
+    /// at once without a deny file). A file that does not read or parse is
+    /// logged and the last list kept.
+    async fn deny_watch(&self) {
+        let Some(path) = self.inner.cfg.deny_file.clone() else {
+            return std::future::pending().await;
+        };
+        let mut applied: Option<BTreeSet<NodeId>> = None;
+        let mut tick = tokio::time::interval(self.inner.cfg.deny_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let list = match read_deny_file(&path) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot use the deny file; keeping the last list");
+                    continue;
+                }
+            };
+            if applied.as_ref() == Some(&list) {
+                continue;
+            }
+            let count = list.len();
+            match self.inner.execute(Command::Deny(list.clone())).await {
+                Ok((Outcome::Denied(fresh), _)) => {
+                    tracing::info!(file = %path.display(), denied = count, newly = fresh, "deny list applied");
+                    applied = Some(list);
+                }
+                Ok(_) => unreachable!("a deny command has a deny outcome"),
+                Err(f) => {
+                    tracing::error!(file = %path.display(), code = %f.code, message = %f.message, "applying the deny list failed; retrying");
+                }
+            }
         }
     }
 
@@ -251,6 +297,36 @@ impl Server {
             }
         }
     }
+}
+
+/// Reads a deny file: node names, one per line; blank lines and `#`
+/// comments ignored. Any line that is not a node name refuses the whole
+/// file (a typo must not lift a denial).
+pub fn read_deny_file(path: &std::path::Path) -> Result<BTreeSet<NodeId>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.len() > 1 << 20 {
+        return Err(format!("{} bytes: the limit is 1 MiB", meta.len()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut out = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let node = line
+            .parse::<NodeId>()
+            .map_err(|e| format!("line {}: {e}", i + 1))?;
+        out.insert(node);
+    }
+    if out.len() > shoal_proto::tracker_api::MAX_DENIED {
+        return Err(format!(
+            "{} nodes: the limit is {}",
+            out.len(),
+            shoal_proto::tracker_api::MAX_DENIED
+        ));
+    }
+    Ok(out)
 }
 
 fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use shoal_proto::tracker_api::{
     Announce, BlobHave, ChunkHash, HashCursor, LeaseGrant, LeaseRequest, NodeId, PublishHashes,
-    PublishRejection, PublishReply, Rack, Report, ReportReply, TrackerError,
+    PublishRejection, PublishReply, Rack, Report, ReportReply, TrackerError, MAX_DENIED,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 
@@ -896,6 +896,9 @@ enum Op {
         blob: u8,
     },
     Expire,
+    Deny {
+        nodes: std::collections::BTreeSet<usize>,
+    },
 }
 
 fn blob_chunks(b: u8) -> u32 {
@@ -928,6 +931,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(node, blob, stale)| Op::Mismatch { node, blob, stale }),
         2 => (node, b).prop_map(|(node, blob)| Op::Lookup { node, blob }),
         1 => Just(Op::Expire),
+        1 => prop::collection::btree_set(0..NODES, 0..3).prop_map(|nodes| Op::Deny { nodes }),
     ]
 }
 
@@ -1143,6 +1147,14 @@ fn step(t: &mut Tracker, now: u64, op: &Op) -> Result<String, TestCaseError> {
             format!("{reply:?}")
         }
         Op::Expire => format!("{}", t.expire(now)),
+        Op::Deny { nodes } => {
+            let set = nodes.iter().map(|&n| id(n)).collect();
+            let reply = t.deny(now, set);
+            for &n in &nodes {
+                prop_assert!(!t.is_member(&id(n)), "denied node still a member");
+            }
+            format!("{reply:?}")
+        }
         Op::PublishMine { .. } => unreachable!("rewritten above"),
     };
     if let Err(e) = t.check_invariants() {
@@ -1183,6 +1195,60 @@ fn unresponsive(by: usize, d: Digest, peer: usize) -> Report {
         blob: d,
         peer: id(peer),
     }
+}
+
+#[test]
+fn a_denied_node_is_forgotten_refused_and_named_to_every_member() {
+    let (d, l) = (blob(1), layout(4));
+    let mut h = Harness::new();
+    for n in 0..3 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    // Node 0 fetched chunks 0 and 1 under lease and published their hashes;
+    // node 1 holds the whole blob.
+    h.lease(0, 0, d, l, 2, 0);
+    h.publish_true(1, 0, d, &[0, 1]);
+    h.announce(2, 1, vec![BlobHave::complete(d, l)]).unwrap();
+    let denied: BTreeSet<NodeId> = [id(0), id(1)].into_iter().collect();
+    assert_eq!(h.t.deny(3, denied.clone()).unwrap(), 2);
+    h.check();
+    assert!(!h.t.is_member(&id(0)) && !h.t.is_member(&id(1)));
+    // Everything they did is gone: no holders, no hashes from node 0.
+    let v = h.t.lookup(4, &id(2), &d);
+    assert!(matches!(v, Err(TrackerError::UnknownBlob(_))), "{v:?}");
+    // They are refused everything; the others learn the list.
+    assert!(matches!(
+        h.announce(5, 0, vec![]),
+        Err(TrackerError::Denied(n)) if n == id(0)
+    ));
+    assert!(matches!(
+        h.t.lookup(5, &id(1), &d),
+        Err(TrackerError::Denied(_))
+    ));
+    let a = Announce::new(
+        id(2),
+        "10.0.0.3:4901".parse().unwrap(),
+        vec![],
+        vec![],
+        false,
+    )
+    .unwrap();
+    let reply = h.t.announce(6, a).unwrap();
+    assert_eq!(reply.denied, [id(0), id(1)]);
+    // The same list again denies nobody new; a shorter one lets node 1 back.
+    assert_eq!(h.t.deny(7, denied).unwrap(), 0);
+    assert_eq!(h.t.deny(8, [id(0)].into_iter().collect()).unwrap(), 0);
+    h.announce(9, 1, vec![BlobHave::complete(d, l)]).unwrap();
+    assert!(h.t.is_member(&id(1)));
+    h.check();
+    // The list is bounded.
+    let many = (0..=MAX_DENIED)
+        .map(|i| format!("n{i}").parse().unwrap())
+        .collect();
+    assert!(matches!(
+        h.t.deny(10, many),
+        Err(TrackerError::TooMany { .. })
+    ));
 }
 
 #[test]

@@ -55,6 +55,46 @@ pub(crate) mod close {
     /// The peer is not a cluster member: no client certificate, or not ALPN
     /// `shoal/1` (the TLS handshake normally refuses such peers first).
     pub(crate) const NOT_A_MEMBER: VarInt = VarInt::from_u32(2);
+    /// The peer is on the cluster's deny list.
+    pub(crate) const DENIED: VarInt = VarInt::from_u32(3);
+}
+
+/// The cluster's deny list as this node last heard it from the tracker
+/// (every announce reply carries it): nodes whose certificates are still
+/// valid but whom the operator shut out. The peer server refuses them.
+#[derive(Debug, Default)]
+pub struct DenyList(std::sync::RwLock<std::collections::BTreeSet<String>>);
+
+impl DenyList {
+    /// Replaces the list; whether it changed.
+    pub fn set(&self, nodes: impl IntoIterator<Item = impl Into<String>>) -> bool {
+        let new: std::collections::BTreeSet<String> = nodes.into_iter().map(Into::into).collect();
+        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if *cur == new {
+            return false;
+        }
+        *cur = new;
+        crate::metrics::global()
+            .denied_nodes
+            .set(i64::try_from(cur.len()).unwrap_or(i64::MAX));
+        true
+    }
+
+    /// Whether any of `names` (a certificate's names) is denied.
+    pub fn denies(&self, names: &[String]) -> bool {
+        let cur = self.0.read().unwrap_or_else(|p| p.into_inner());
+        !cur.is_empty() && names.iter().any(|n| cur.contains(n))
+    }
+
+    /// How many nodes are denied.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nobody is denied.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// QUIC stream error codes (`RESET_STREAM` / `STOP_SENDING`) of the protocol.

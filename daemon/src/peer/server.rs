@@ -53,7 +53,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::source::ChunkSource;
-use super::{close, stream_code};
+use super::{close, stream_code, DenyList};
 use crate::metrics;
 use crate::rate::RateLimit;
 
@@ -92,6 +92,10 @@ pub struct ServeLimits {
     pub watchers_per_blob: usize,
     /// Watches at once across all blobs (default 1024).
     pub max_watches: usize,
+    /// The cluster's deny list (kept current by the heartbeat): peers whose
+    /// certificate names a denied node are refused, connections and
+    /// streams alike.
+    pub denied: Arc<DenyList>,
 }
 
 impl Default for ServeLimits {
@@ -107,6 +111,7 @@ impl Default for ServeLimits {
             upload_queue_wait: Duration::from_secs(2),
             watchers_per_blob: WATCHERS_PER_BLOB,
             max_watches: 1024,
+            denied: Arc::default(),
         }
     }
 }
@@ -249,6 +254,14 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, mut stop: watch::R
     }
 }
 
+/// The names in a member's certificate (empty if none).
+fn peer_names(conn: &Connection) -> Vec<String> {
+    conn.peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|c| shoal_tracker::server::cert_names(c)))
+        .unwrap_or_default()
+}
+
 /// Why a connection is not from a member, if it is not.
 fn check_member(conn: &Connection) -> Result<(), &'static str> {
     let alpn = conn
@@ -290,6 +303,19 @@ async fn serve_connection(
         conn.close(close::NOT_A_MEMBER, why.as_bytes());
         return;
     }
+    let names = peer_names(&conn);
+    let denied = |names: &[String]| {
+        let no = shared.limits.denied.denies(names);
+        if no {
+            tracing::warn!(%remote, ?names, "peer connection refused: the node is on the cluster's deny list");
+            crate::metrics::global().denied_refusals.inc();
+            conn.close(close::DENIED, b"denied by the cluster's operator");
+        }
+        no
+    };
+    if denied(&names) {
+        return;
+    }
     tracing::debug!(%remote, "peer connected");
     let mut streams = JoinSet::new();
     loop {
@@ -302,6 +328,8 @@ async fn serve_connection(
                 }
             }
             s = conn.accept_bi() => match s {
+                // Denied since it connected: cut it off.
+                Ok(_) if denied(&names) => break,
                 Ok((send, recv)) => {
                     streams.spawn(serve_stream(send, recv, shared.clone(), stop.clone()));
                 }

@@ -510,6 +510,44 @@ fn refused_by_tls(e: &FetchError) -> bool {
 }
 
 #[tokio::test]
+async fn denied_members_get_nothing_until_taken_off_the_list() {
+    bounded(async {
+        let data = blob_data(4);
+        let (hashes, digest) = hashes_of(&data);
+        let ca = TestCa::new("cluster");
+        let source = Arc::new(MemSource::with(&data));
+        let denied = Arc::new(super::DenyList::default());
+        let limits = ServeLimits {
+            denied: denied.clone(),
+            ..ServeLimits::default()
+        };
+        let (_server, peer) = serve(&ca, source.clone(), limits);
+        let (alice, mallory) = (ca.client(Some("alice")), ca.client(Some("mallory")));
+        let verified = |got: &[(u32, ChunkResult)]| matches!(got, [(0, ChunkResult::Verified(_))]);
+        // Mallory is connected and served before the operator denies her.
+        let got = mallory.fetch(&peer, &digest, &hashes, &[0], DEADLINE).await;
+        assert!(verified(&got), "{got:?}");
+        let refused_before = metrics::global().denied_refusals.get();
+        assert!(denied.set(["mallory"]));
+        assert!(!denied.set(["mallory"]), "the same list is no change");
+        // Her open connection is cut at her next stream, new ones refused.
+        for _ in 0..2 {
+            let got = mallory.fetch(&peer, &digest, &hashes, &[1], DEADLINE).await;
+            assert!(matches!(got[..], [(1, ChunkResult::Failed(_))]), "{got:?}");
+        }
+        assert!(metrics::global().denied_refusals.get() > refused_before);
+        // Others are served as before.
+        let got = alice.fetch(&peer, &digest, &hashes, &[0], DEADLINE).await;
+        assert!(verified(&got), "{got:?}");
+        // Taken off the list, she is a member again.
+        assert!(denied.set(Vec::<String>::new()));
+        let got = mallory.fetch(&peer, &digest, &hashes, &[0], DEADLINE).await;
+        assert!(verified(&got), "{got:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn outsiders_get_nothing() {
     bounded(async {
         let data = blob_data(4);
