@@ -5,6 +5,10 @@
 //! short-lived leaf certificate at start) or `ca.crt` + `node.crt` +
 //! `node.key` (an operator-issued leaf; the CA key stays off the node).
 //! `shoald cluster-init DIR` writes a new CA for quick starts and tests.
+//! Or the CA key stays on the tracker alone: a node with only `ca.crt` and
+//! a join token makes a key and a certificate request
+//! ([`certificate_request`]), the tracker signs it ([`Signer`]) and the node
+//! keeps the pair ([`write_node_identity`]).
 //!
 //! Every peer connection (QUIC) and every tracker request (HTTPS) is mutual
 //! TLS 1.3 against the cluster CA: a node without a certificate of this CA
@@ -58,6 +62,104 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     Ok(())
+}
+
+/// A new key pair for `node_id` and a certificate request for it: the key
+/// (PEM, stays on the node) and the request (PEM, goes to the tracker).
+pub fn certificate_request(node_id: &str) -> anyhow::Result<(String, String)> {
+    if !valid_node_id(node_id) {
+        bail!("node id {node_id:?} must be lowercase DNS labels ([a-z0-9-], dots between), at most 63 characters");
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![node_id.to_owned()])?;
+    params.distinguished_name.push(DnType::CommonName, node_id);
+    let csr = params
+        .serialize_request(&key)
+        .context("making the certificate request")?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// TLS for a node that has no certificate yet: `ca.crt` in `dir` as the
+/// only root, no client certificate (for joining).
+pub fn ca_only_client_tls(dir: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let ca = read_certs(&dir.join("ca.crt"))?.remove(0);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).context("adding the cluster CA")?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Writes `node.crt` and `node.key` (mode 0600) into `dir`, replacing any
+/// there, each through a temporary file renamed into place.
+pub fn write_node_identity(dir: &Path, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+    for (name, contents) in [("node.key", key_pem), ("node.crt", cert_pem)] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, contents)?;
+        fs::rename(&tmp, dir.join(name))
+            .with_context(|| format!("writing {}", dir.join(name).display()))?;
+    }
+    Ok(())
+}
+
+/// The cluster CA's signing side, where `ca.key` lives (the tracker):
+/// issues node certificates for certificate requests of joining nodes.
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Loads `ca.crt` and `ca.key` from `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Signer> {
+        let (ca_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let key_pem = fs::read_to_string(&key_path).with_context(|| {
+            format!(
+                "reading {} (signing node certificates needs the CA key)",
+                key_path.display()
+            )
+        })?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{}: not a PEM private key", key_path.display()))?;
+        let ca_pem = fs::read_to_string(&ca_path)
+            .with_context(|| format!("reading {}", ca_path.display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .with_context(|| format!("{}: not a usable CA certificate", ca_path.display()))?;
+        Ok(Signer { issuer })
+    }
+
+    /// A certificate for `node_id` over the public key of `csr_pem`, valid
+    /// for `validity`. Only the key is taken from the request: the names
+    /// (exactly `node_id`), usages and lifetime are the signer's.
+    pub fn sign(&self, node_id: &str, csr_pem: &str, validity: Duration) -> anyhow::Result<String> {
+        if !valid_node_id(node_id) {
+            bail!("node id {node_id:?} must be lowercase DNS labels ([a-z0-9-], dots between), at most 63 characters");
+        }
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("not a PEM certificate request")?;
+        let mut params = CertificateParams::new(vec![node_id.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, node_id);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + validity;
+        csr.params = params;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .context("signing the node certificate")?;
+        Ok(cert.pem())
+    }
 }
 
 /// Writes a new cluster CA (`ca.crt`, `ca.key`) into `dir`. Refuses to
@@ -211,6 +313,17 @@ impl Identity {
         Ok(cfg)
     }
 
+    /// TLS for serving nodes that have no certificate yet (the tracker's
+    /// join listener): this node's certificate, no client certificates.
+    pub fn server_tls_without_client_auth(&self) -> anyhow::Result<rustls::ServerConfig> {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .context("node certificate and key")?;
+        Ok(cfg)
+    }
+
     /// TLS for dialing members: the cluster CA as the only root, this node's
     /// certificate as the client certificate.
     pub fn client_tls(&self) -> anyhow::Result<rustls::ClientConfig> {
@@ -242,6 +355,38 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_with_only_the_ca_certificate_joins_through_the_signer() {
+        let ca_dir = tempfile::tempdir().unwrap();
+        init(ca_dir.path()).unwrap();
+        let node_dir = tempfile::tempdir().unwrap();
+        fs::copy(ca_dir.path().join("ca.crt"), node_dir.path().join("ca.crt")).unwrap();
+        // Without node.crt or ca.key the node has no identity yet.
+        assert!(Identity::load(node_dir.path(), "node-j").is_err());
+        let (key, csr) = certificate_request("node-j").unwrap();
+        let signer = Signer::load(ca_dir.path()).unwrap();
+        let cert = signer
+            .sign("node-j", &csr, Duration::from_secs(3600))
+            .unwrap();
+        write_node_identity(node_dir.path(), &cert, &key).unwrap();
+        let mode = fs::metadata(node_dir.path().join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let id = Identity::load(node_dir.path(), "node-j").unwrap();
+        assert_eq!(id.node_id, "node-j");
+        // Garbage is refused, and so is a bad name.
+        assert!(signer
+            .sign("node-j", "not a csr", Duration::from_secs(60))
+            .is_err());
+        assert!(signer
+            .sign("Not_A_Name", &csr, Duration::from_secs(60))
+            .is_err());
+        // A signer needs the CA key.
+        assert!(Signer::load(node_dir.path()).is_err());
+    }
     use std::net::{Ipv4Addr, SocketAddr};
 
     fn endpoint(

@@ -104,6 +104,25 @@ pub struct RunArgs {
     /// uplink about once [default: none, every peer alike].
     #[arg(long, env = "SHOAL_RACK", value_name = "NAME")]
     pub rack: Option<String>,
+    /// The tracker's join listener (`https://HOST:PORT`): with a join token
+    /// (--join-token-file) a node whose --cluster-dir holds only `ca.crt`
+    /// gets its certificate there at start, and renews it through the
+    /// tracker while it runs. The CA key stays off the node.
+    #[arg(
+        long,
+        env = "SHOAL_JOIN",
+        value_name = "URL",
+        requires = "join_token_file"
+    )]
+    pub join: Option<String>,
+    /// A file holding the join token (its first line).
+    #[arg(
+        long,
+        env = "SHOAL_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "join"
+    )]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// The `--config` file: the same keys as the flags.
@@ -133,6 +152,8 @@ struct FileConfig {
     peer_max_uploads: Option<usize>,
     chunk_size: Option<toml::Value>,
     rack: Option<String>,
+    join: Option<String>,
+    join_token_file: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -194,6 +215,25 @@ pub struct SwarmConfig {
     pub max_uploads: usize,
     /// Chunk size of new blobs.
     pub chunk_size: u32,
+    /// Join with a token: the tracker's join URL and the token.
+    pub join: Option<Join>,
+}
+
+/// Getting and renewing this node's certificate from the tracker.
+#[derive(Clone)]
+pub struct Join {
+    /// The tracker's join listener, `https://HOST:PORT`.
+    pub url: String,
+    /// The join token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Join {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Join")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 fn host_name() -> String {
@@ -366,7 +406,31 @@ impl RunArgs {
                         bail!("`tracker`: {t:?} must be an https:// URL or `embedded`");
                     }
                 }
+                let join = match (
+                    self.join.or(file.join),
+                    self.join_token_file.or(file.join_token_file),
+                ) {
+                    (None, None) => None,
+                    (Some(url), Some(path)) => {
+                        if !url.starts_with("https://") {
+                            bail!("`join`: {url:?} must be an https:// URL");
+                        }
+                        if trackers.is_empty() {
+                            bail!("`join`: needs a tracker (--tracker https://...) to renew the certificate through");
+                        }
+                        let text = std::fs::read_to_string(&path).with_context(|| {
+                            format!("`join-token-file`: reading {}", path.display())
+                        })?;
+                        let token = text.lines().next().unwrap_or("").trim().to_owned();
+                        if token.is_empty() {
+                            bail!("`join-token-file`: {} holds no token", path.display());
+                        }
+                        Some(Join { url, token })
+                    }
+                    _ => bail!("`join` and `join-token-file` go together"),
+                };
                 Some(SwarmConfig {
+                    join,
                     cluster_dir,
                     node_id,
                     peer_listen,

@@ -189,6 +189,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 content.transfers().clone(),
                 sc.chunk_size,
             ));
+            swarm::ensure_certificate(sc).await?;
             let (swarm, server) = swarm::Swarm::start(sc, source)?;
             content.transfers().join(swarm.clone());
             tokio::spawn(

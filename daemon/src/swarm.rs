@@ -42,6 +42,108 @@ pub struct Swarm {
     pub denied: Arc<DenyList>,
 }
 
+/// The validity (Unix seconds) of the node certificate in `dir`, if any.
+fn node_cert_validity(dir: &std::path::Path) -> Option<(i64, i64)> {
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("node.crt"))
+        .ok()?
+        .next()?
+        .ok()?;
+    shoal_tracker::server::cert_validity(&der)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Seconds until a certificate valid `from..until` should be renewed: when a
+/// third of its lifetime is left.
+fn renew_in(from: i64, until: i64, now: i64) -> i64 {
+    let renew_at = until - (until - from) / 3;
+    renew_at - now
+}
+
+/// With `--join`: makes sure `cluster_dir` holds a node certificate with
+/// more than a third of its lifetime left, joining the cluster with the
+/// token (a new key, a request the tracker signs) when it does not.
+pub async fn ensure_certificate(cfg: &SwarmConfig) -> anyhow::Result<()> {
+    let Some(join) = &cfg.join else {
+        return Ok(());
+    };
+    if let Some((from, until)) = node_cert_validity(&cfg.cluster_dir) {
+        if renew_in(from, until, unix_now()) > 0 {
+            return Ok(());
+        }
+    }
+    let (key, csr) = shoal_cluster::certificate_request(&cfg.node_id)?;
+    let tls = shoal_cluster::ca_only_client_tls(&cfg.cluster_dir)?;
+    let request = shoal_tracker::tracker_api::JoinRequest {
+        node: cfg
+            .node_id
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--node-id: {e}"))?,
+        token: join.token.clone(),
+        csr,
+    };
+    let reply = shoal_tracker::https_client::join(&join.url, tls, &request)
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the cluster at {}: {e}", join.url))?;
+    shoal_cluster::write_node_identity(&cfg.cluster_dir, &reply.certificate, &key)?;
+    tracing::info!(url = %join.url, valid_for_s = reply.valid_for_s, "joined the cluster: node certificate issued");
+    Ok(())
+}
+
+/// Renews the node certificate through the tracker when a third of its
+/// lifetime is left, and puts the new one to use at once: the QUIC
+/// endpoint's server and client configs and the tracker client's TLS
+/// (connections open keep theirs). Retries every 30 s until it works.
+async fn renew_forever(cfg: SwarmConfig, endpoint: quinn::Endpoint, swarm: Arc<Swarm>) {
+    let AnyTracker::Https(tracker) = &swarm.tracker else {
+        return;
+    };
+    loop {
+        let wait = node_cert_validity(&cfg.cluster_dir)
+            .map_or(0, |(from, until)| renew_in(from, until, unix_now()))
+            .max(0) as u64;
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        match renew_once(&cfg, &endpoint, tracker, &swarm).await {
+            Ok(valid_for) => {
+                tracing::info!(valid_for_s = valid_for, "node certificate renewed");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "renewing the node certificate failed; retrying in 30 s");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+async fn renew_once(
+    cfg: &SwarmConfig,
+    endpoint: &quinn::Endpoint,
+    tracker: &HttpsTracker,
+    swarm: &Swarm,
+) -> anyhow::Result<u64> {
+    let (key, csr) = shoal_cluster::certificate_request(&cfg.node_id)?;
+    let reply = tracker
+        .renew(&swarm.node, csr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    shoal_cluster::write_node_identity(&cfg.cluster_dir, &reply.certificate, &key)?;
+    let identity = shoal_cluster::Identity::load(&cfg.cluster_dir, &cfg.node_id)?;
+    let transport = crate::peer::transport_config();
+    let mut server = identity.quic_server()?;
+    server.transport_config(transport.clone());
+    let mut client = identity.quic_client()?;
+    client.transport_config(transport);
+    endpoint.set_server_config(Some(server));
+    swarm.peers.set_client_config(client);
+    tracker.set_tls(identity.client_tls()?);
+    Ok(reply.valid_for_s)
+}
+
 impl Swarm {
     /// Loads the cluster identity, binds the QUIC endpoint, starts serving
     /// `source` to members, and connects to the tracker.
@@ -93,6 +195,7 @@ impl Swarm {
             .to_string()
             .parse()
             .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+        let renew_endpoint = endpoint.clone();
         let swarm = Arc::new(Swarm {
             node,
             addr,
@@ -105,6 +208,9 @@ impl Swarm {
             rack: cfg.rack.clone(),
             denied,
         });
+        if cfg.join.is_some() {
+            tokio::spawn(renew_forever(cfg.clone(), renew_endpoint, swarm.clone()));
+        }
         Ok((swarm, handle))
     }
 

@@ -37,6 +37,72 @@ pub const MAX_ADDR_LEN: usize = 259;
 pub const MAX_ANNOUNCE_BLOBS: usize = 10_000;
 /// The most chunk hashes one publish may carry.
 pub const MAX_PUBLISH_HASHES: usize = 65_536;
+/// "Sign my certificate request": a node joining with a join token, on the
+/// tracker's join listener (server-authenticated TLS, no client
+/// certificate yet). JSON: `{"node", "token", "csr"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The name the certificate will carry.
+    pub node: NodeId,
+    /// A join token the operator gave the tracker (`--join-token-file`).
+    pub token: String,
+    /// A PEM certificate request (PKCS#10) over the node's new key.
+    pub csr: String,
+}
+
+/// The longest join token accepted, and the largest certificate request.
+pub const MAX_JOIN_TOKEN: usize = 256;
+/// The largest certificate request accepted, in bytes of PEM.
+pub const MAX_CSR_PEM: usize = 16 << 10;
+
+impl JoinRequest {
+    /// Checks the sizes.
+    pub fn validate(&self) -> Result<(), TrackerError> {
+        if self.token.len() > MAX_JOIN_TOKEN {
+            return Err(TrackerError::TooMany {
+                what: "bytes of join token",
+                limit: MAX_JOIN_TOKEN,
+            });
+        }
+        if self.csr.len() > MAX_CSR_PEM {
+            return Err(TrackerError::TooMany {
+                what: "bytes of certificate request",
+                limit: MAX_CSR_PEM,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// "Renew my certificate": a member, over mutual TLS with its current
+/// certificate (which must name `node`), sends a request over a new key.
+/// The answer is a [`JoinReply`]. JSON: `{"node", "csr"}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The member (its current certificate's name).
+    pub node: NodeId,
+    /// A PEM certificate request over the node's new key.
+    pub csr: String,
+}
+
+impl RenewRequest {
+    /// The node it speaks for.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+}
+
+/// The tracker's answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinReply {
+    /// The node's certificate (PEM), signed by the cluster CA.
+    pub certificate: String,
+    /// How long it is valid from now, in seconds.
+    pub valid_for_s: u64,
+}
+
 /// The most nodes a tracker's deny list may hold.
 pub const MAX_DENIED: usize = 1_024;
 

@@ -22,7 +22,16 @@ pub struct Cluster {
     /// process and address.
     replicas: Vec<(Child, String)>,
     redis: Option<Child>,
+    /// The tracker's join listener (members joining with a token).
+    join_port: u16,
 }
+
+/// The join token the test tracker accepts ([`Cluster::joining_member`]).
+pub const JOIN_TOKEN: &str = "test-join-token-0123456789abcdef0123456789abcdef";
+
+/// Lifetime of the certificates the test tracker issues to joining members:
+/// short, so tests see them renewed.
+pub const JOINED_CERT_VALIDITY_S: u64 = 30;
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
     let shoald = shoald_binary()?;
@@ -59,7 +68,19 @@ impl Cluster {
         cluster_init(&dir.path().join("ca"))?;
         let port = util::free_port()?;
         let ops = util::free_port()?;
-        let tracker = Self::spawn_tracker(dir.path(), port, ops, &[], "tracker.log")?;
+        let join_port = util::free_port()?;
+        let token_file = dir.path().join("join-tokens");
+        std::fs::write(&token_file, format!("{JOIN_TOKEN}\n"))?;
+        let join_args = [
+            "--join-listen".to_owned(),
+            format!("127.0.0.1:{join_port}"),
+            "--join-token-file".to_owned(),
+            token_file.display().to_string(),
+            "--node-cert-validity".to_owned(),
+            format!("{JOINED_CERT_VALIDITY_S}s"),
+        ];
+        let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
+        let tracker = Self::spawn_tracker(dir.path(), port, ops, &join_args, "tracker.log")?;
         let mut cluster = Cluster {
             dir,
             tracker,
@@ -67,6 +88,7 @@ impl Cluster {
             ops_port: ops,
             replicas: Vec::new(),
             redis: None,
+            join_port,
         };
         cluster.wait_tracker().await?;
         Ok(cluster)
@@ -111,6 +133,7 @@ impl Cluster {
             ops_port: ops,
             replicas: Vec::new(),
             redis: Some(redis),
+            join_port: 0,
         };
         cluster.wait_tracker().await?;
         for r in 1..replicas {
@@ -248,6 +271,34 @@ impl Cluster {
     pub async fn member(&self, node: &str, opts: ShoaldOpts) -> Result<Shoald> {
         self.start_with_ca(node, opts, &self.dir.path().join("ca"))
             .await
+    }
+
+    /// Starts a member named `node` whose cluster dir holds only the CA
+    /// certificate: it joins with `token` at the tracker's join listener
+    /// (the CA key stays off the node) and renews its certificate there.
+    pub async fn joining_member(
+        &self,
+        node: &str,
+        token: &str,
+        mut opts: ShoaldOpts,
+    ) -> Result<Shoald> {
+        let dir = self.dir.path().join(format!("joined-{node}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(self.dir.path().join("ca/ca.crt"), dir.join("ca.crt"))?;
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        opts.extra_args.extend([
+            "--join".into(),
+            format!("https://127.0.0.1:{}", self.join_port),
+            "--join-token-file".into(),
+            token_file.display().to_string(),
+        ]);
+        self.start_with_ca(node, opts, &dir).await
+    }
+
+    /// The cluster dir of a member started with [`joining_member`](Self::joining_member).
+    pub fn joined_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("joined-{node}"))
     }
 
     /// Starts a `shoald` named `node` that dials this cluster's tracker but

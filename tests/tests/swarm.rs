@@ -658,3 +658,95 @@ async fn a_denied_member_is_shut_out_by_the_tracker_and_every_peer() {
     pull(&b, &path, &digest, size).await;
     assert_eq!(b.origin_blob_bytes().await.unwrap(), 0.0);
 }
+
+/// Nodes whose cluster dir holds only the CA certificate join with a token:
+/// the tracker signs their certificate requests (the CA key never leaves
+/// it), they form a swarm, and they renew their short-lived certificates
+/// (30 s here) through the tracker while running — a member that joins
+/// after the first certificates expired still fetches from them. A wrong
+/// token is refused with one clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_with_a_token_and_renew_their_certificates() {
+    use shoal_tests::cluster::{JOINED_CERT_VALIDITY_S, JOIN_TOKEN};
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let joined = std::time::Instant::now();
+    let a = cluster
+        .joining_member("node-a", JOIN_TOKEN, opts())
+        .await
+        .unwrap();
+    let b = cluster
+        .joining_member("node-b", JOIN_TOKEN, opts())
+        .await
+        .unwrap();
+    let dir = cluster.joined_dir("node-a");
+    assert!(!dir.join("ca.key").exists());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let size = 4 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin
+        .registry
+        .push_blob("swarm/join", &blob)
+        .await
+        .unwrap();
+    let path = format!("/v2/swarm/join/blobs/{digest}");
+    pull(&a, &path, &digest, size).await;
+    a.wait_idle().await.unwrap();
+    pull(&b, &path, &digest, size).await;
+    assert_eq!(
+        b.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "b did not get it from a"
+    );
+
+    // Both renew at two thirds of the lifetime; then the first certificates
+    // run out.
+    for m in [&a, &b] {
+        shoal_tests::util::wait_for(
+            "the node certificate to be renewed",
+            std::time::Duration::from_secs(2 * JOINED_CERT_VALIDITY_S),
+            std::time::Duration::from_millis(250),
+            || {
+                let renewed = m.logs().contains("node certificate renewed");
+                async move { Ok(renewed.then_some(())) }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let expired = std::time::Duration::from_secs(JOINED_CERT_VALIDITY_S + 2);
+    if let Some(left) = expired.checked_sub(joined.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    // A new member dials them: their renewed certificates are in use.
+    let c = cluster
+        .joining_member("node-c", JOIN_TOKEN, opts())
+        .await
+        .unwrap();
+    pull(&c, &path, &digest, size).await;
+    assert_eq!(
+        c.origin_blob_bytes().await.unwrap(),
+        0.0,
+        "c did not get it from a or b"
+    );
+    eprintln!(
+        "injected: certificates valid {JOINED_CERT_VALIDITY_S} s; counted: both renewed, \
+         and a member joining {:?} after them fetched from them",
+        joined.elapsed()
+    );
+
+    // A wrong token: the node does not start, and says why.
+    let err = cluster
+        .joining_member("node-x", "not-the-token-0123456789abcdef0123456789", opts())
+        .await
+        .err()
+        .expect("a node with a wrong token started");
+    assert!(format!("{err:#}").contains("unknown join token"), "{err:#}");
+}

@@ -92,6 +92,8 @@ pub enum ErrorCode {
     Excluded,
     /// The cluster's operator denied the node (403).
     Denied,
+    /// A join without a valid join token (401).
+    Unauthorized,
     /// A table or list is at its limit (429).
     TooMany,
     /// The request names a node other than the client certificate's (403).
@@ -121,6 +123,7 @@ impl ErrorCode {
             ErrorCode::NotAMember => "not_a_member",
             ErrorCode::Excluded => "excluded",
             ErrorCode::Denied => "denied",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TooMany => "too_many",
             ErrorCode::NodeMismatch => "node_mismatch",
             ErrorCode::BodyTooLarge => "body_too_large",
@@ -141,6 +144,7 @@ impl ErrorCode {
             "not_a_member" => ErrorCode::NotAMember,
             "excluded" => ErrorCode::Excluded,
             "denied" => ErrorCode::Denied,
+            "unauthorized" => ErrorCode::Unauthorized,
             "too_many" => ErrorCode::TooMany,
             "node_mismatch" => ErrorCode::NodeMismatch,
             "body_too_large" => ErrorCode::BodyTooLarge,
@@ -160,6 +164,7 @@ impl ErrorCode {
             ErrorCode::LayoutConflict | ErrorCode::NotAMember => 409,
             ErrorCode::Excluded | ErrorCode::Denied | ErrorCode::NodeMismatch => 403,
             ErrorCode::TooMany => 429,
+            ErrorCode::Unauthorized => 401,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Internal => 500,

@@ -28,8 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, HashCursor, LeaseGrant, LeaseRequest, LookupReply, NodeId,
-    PublishHashes, PublishReply, Report, ReportReply,
+    Announce, AnnounceReply, HashCursor, JoinReply, JoinRequest, LeaseGrant, LeaseRequest,
+    LookupReply, NodeId, PublishHashes, PublishReply, RenewRequest, Report, ReportReply,
 };
 use shoal_proto::Digest;
 
@@ -88,8 +88,11 @@ pub struct HttpsTracker {
     inner: Arc<Inner>,
 }
 
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 struct Inner {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Replaced when the node's certificate is renewed ([`HttpsTracker::set_tls`]).
+    client: std::sync::RwLock<HttpClient>,
     /// Base URLs without a trailing slash.
     bases: Vec<String>,
     /// Index of the URL that answered last.
@@ -154,7 +157,65 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+fn build_client(tls: rustls::ClientConfig, cfg: &HttpsConfig) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+/// Asks the tracker's join listener at `url` (`https://host:port`) for a
+/// node certificate: `tls` trusts the cluster CA and presents no client
+/// certificate (the node has none yet).
+pub async fn join(
+    url: &str,
+    mut tls: rustls::ClientConfig,
+    request: &JoinRequest,
+) -> Result<JoinReply, ApiError> {
+    tls.alpn_protocols.clear();
+    let base = base_url(url).map_err(|e| ApiError::Unreachable(e.to_string()))?;
+    let cfg = HttpsConfig::default();
+    let t = HttpsTracker {
+        inner: Arc::new(Inner {
+            client: std::sync::RwLock::new(build_client(tls, &cfg)),
+            bases: vec![base],
+            preferred: AtomicUsize::new(0),
+            cfg,
+        }),
+    };
+    t.post("/v1/join", request).await.map(|(r, _)| r)
+}
+
 impl HttpsTracker {
+    /// Uses `tls` for new connections from now on (a renewed node
+    /// certificate); connections open keep theirs until they close.
+    pub fn set_tls(&self, mut tls: rustls::ClientConfig) {
+        tls.alpn_protocols.clear();
+        let client = build_client(tls, &self.inner.cfg);
+        *self.inner.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+    }
+
+    /// A fresh certificate for this node over the key of `csr` (PEM),
+    /// authenticated by the certificate in use (`POST /v1/renew`).
+    pub async fn renew(&self, node: &NodeId, csr: String) -> Result<JoinReply, ApiError> {
+        let body = RenewRequest {
+            node: node.clone(),
+            csr,
+        };
+        self.post("/v1/renew", &body).await.map(|(r, _)| r)
+    }
+
     /// A client for the trackers at `urls` (tried in this order first),
     /// authenticating with `tls` — the node's `Identity::client_tls()`,
     /// without ALPN (h2 and http/1.1 are offered here).
@@ -174,24 +235,10 @@ impl HttpsTracker {
             .map(|u| base_url(u.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         tls.alpn_protocols.clear();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let client = build_client(tls, &cfg);
         Ok(HttpsTracker {
             inner: Arc::new(Inner {
-                client,
+                client: std::sync::RwLock::new(client),
                 bases,
                 preferred: AtomicUsize::new(0),
                 cfg,
@@ -297,7 +344,13 @@ impl HttpsTracker {
             .map_err(|e| Attempt::Bad(0, format!("building the request: {e}")))?;
         let limit = self.inner.cfg.max_response_bytes;
         let exchange = async {
-            let resp = self.inner.client.request(req).await.map_err(|e| {
+            let client = self
+                .inner
+                .client
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let resp = client.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     Attempt::Connect(chain(&e))
                 } else {

@@ -92,6 +92,36 @@ struct Args {
     /// same file.
     #[arg(long, env = "SHOAL_TRACKER_DENY_FILE", value_name = "FILE")]
     deny_file: Option<PathBuf>,
+    /// Where nodes without a certificate join: TLS with the tracker's
+    /// certificate, no client certificate; `POST /v1/join` with a join token
+    /// and a certificate request gets a node certificate. Needs ca.key in
+    /// --cluster-dir and --join-token-file.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_JOIN_LISTEN",
+        value_name = "ADDR",
+        requires = "join_token_file"
+    )]
+    join_listen: Option<SocketAddr>,
+    /// Join tokens, one per line (`#` comments), each 32 to 256 characters
+    /// (e.g. `openssl rand -hex 32`).
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "join_listen"
+    )]
+    join_token_file: Option<PathBuf>,
+    /// How long the node certificates issued to joining nodes are valid
+    /// (`24h`, `90m`, `3600s`); nodes renew theirs when a third is left.
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_NODE_CERT_VALIDITY",
+        value_name = "DURATION",
+        default_value = "24h",
+        value_parser = parse_duration
+    )]
+    node_cert_validity: std::time::Duration,
     /// Log format.
     #[arg(
         long,
@@ -121,6 +151,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => std::time::Duration::from_millis(n),
         "s" => std::time::Duration::from_secs(n),
         "m" => std::time::Duration::from_secs(n * 60),
+        "h" => std::time::Duration::from_secs(n * 3600),
         _ => return Err(bad()),
     };
     if d.is_zero() {
@@ -223,8 +254,27 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--deny-file {}: {e}", f.display()))?;
         tracing::info!(file = %f.display(), denied = list.len(), "deny list read");
     }
+    let join = match &args.join_token_file {
+        None => None,
+        Some(f) => {
+            let tokens = server::read_join_tokens(f)
+                .map_err(|e| anyhow::anyhow!("--join-token-file {}: {e}", f.display()))?;
+            let signer = shoal_cluster::Signer::load(&args.cluster_dir).with_context(|| {
+                format!(
+                    "--join-listen: --cluster-dir {}",
+                    args.cluster_dir.display()
+                )
+            })?;
+            Some(Arc::new(server::JoinConfig {
+                signer,
+                tokens,
+                validity: args.node_cert_validity,
+            }))
+        }
+    };
     let server_cfg = ServerConfig {
         deny_file: args.deny_file.clone(),
+        join,
         ..ServerConfig::default()
     };
     let server = if args.store == "memory" {
@@ -244,6 +294,11 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
     };
     let listener = bind(args.listen, "listen").await?;
     let ops_listener = bind(args.ops_listen, "ops-listen").await?;
+    let join_listener = match args.join_listen {
+        Some(a) => Some(bind(a, "join-listen").await?),
+        None => None,
+    };
+    let join_addr = join_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let (listen, ops) = (listener.local_addr()?, ops_listener.local_addr()?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -255,6 +310,17 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         let stop = stopped(stop_rx.clone());
         async move { server.serve(listener, tls, stop).await }
     });
+    let join_task = join_listener
+        .map(|listener| {
+            let server = server.clone();
+            let stop = stopped(stop_rx.clone());
+            let mut tls = identity.server_tls_without_client_auth()?;
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            anyhow::Ok(tokio::spawn(async move {
+                server.serve_join(listener, Arc::new(tls), stop).await
+            }))
+        })
+        .transpose()?;
     let ops_task = tokio::spawn({
         let server = server.clone();
         let stop = stopped(stop_rx.clone());
@@ -265,13 +331,17 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
     } else {
         "redis"
     };
-    tracing::info!(%listen, %ops, %name, cluster_dir = %args.cluster_dir.display(), store, "shoal-tracker serving");
+    let join = join_addr.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    tracing::info!(%listen, %ops, %join, %name, cluster_dir = %args.cluster_dir.display(), store, "shoal-tracker serving");
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining");
     let _ = stop_tx.send(true);
     let _ = api.await;
     let _ = ops_task.await;
+    if let Some(t) = join_task {
+        let _ = t.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -52,7 +52,8 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::tracker_api::{
-    Announce, HashCursor, LeaseRequest, NodeId, PublishHashes, Report, TrackerError,
+    Announce, HashCursor, JoinReply, JoinRequest, LeaseRequest, NodeId, PublishHashes,
+    RenewRequest, Report, TrackerError,
 };
 use shoal_proto::Digest;
 use tokio::net::{TcpListener, TcpStream};
@@ -103,6 +104,63 @@ pub struct ServerConfig {
     pub deny_file: Option<std::path::PathBuf>,
     /// How often the deny file is checked. Default 2 s.
     pub deny_poll: Duration,
+    /// Joining with a token ([`Server::serve_join`]): who signs, which
+    /// tokens count, for how long certificates are issued.
+    pub join: Option<Arc<JoinConfig>>,
+}
+
+/// What the join listener needs.
+pub struct JoinConfig {
+    /// The cluster CA's signing key.
+    pub signer: shoal_cluster::Signer,
+    /// Tokens that let a node join (each at least [`MIN_JOIN_TOKEN`] bytes).
+    pub tokens: Vec<String>,
+    /// Lifetime of the certificates issued.
+    pub validity: Duration,
+}
+
+impl std::fmt::Debug for JoinConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens.
+        f.debug_struct("JoinConfig")
+            .field("tokens", &self.tokens.len())
+            .field("validity", &self.validity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shortest join token accepted: guessing one must be hopeless.
+pub const MIN_JOIN_TOKEN: usize = 32;
+
+/// Reads a join token file: one token per line (`#` comments), each at
+/// least [`MIN_JOIN_TOKEN`] and at most
+/// [`MAX_JOIN_TOKEN`](shoal_proto::tracker_api::MAX_JOIN_TOKEN) bytes.
+pub fn read_join_tokens(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.split('#').next().unwrap_or("").trim();
+        if t.is_empty() {
+            continue;
+        }
+        if t.len() < MIN_JOIN_TOKEN || t.len() > shoal_proto::tracker_api::MAX_JOIN_TOKEN {
+            return Err(format!(
+                "line {}: a token must be {MIN_JOIN_TOKEN} to {} characters",
+                i + 1,
+                shoal_proto::tracker_api::MAX_JOIN_TOKEN
+            ));
+        }
+        out.push(t.to_owned());
+    }
+    if out.is_empty() {
+        return Err("no token in it".into());
+    }
+    Ok(out)
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Default for ServerConfig {
@@ -117,6 +175,7 @@ impl Default for ServerConfig {
             expire_interval: Duration::from_secs(1),
             deny_file: None,
             deny_poll: Duration::from_secs(2),
+            join: None,
         }
     }
 }
@@ -208,6 +267,7 @@ impl Server {
                     stream,
                     addr,
                     watcher,
+                    false,
                 )
             },
         );
@@ -252,6 +312,39 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Serves `POST /v1/join` alone on `listener` until `shutdown`: TLS
+    /// with this tracker's certificate but no client certificates (a
+    /// joining node has none yet). A node with a join token and a
+    /// certificate request gets a certificate of the cluster CA for its
+    /// name, unless it is denied.
+    pub async fn serve_join(
+        &self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let acceptor = TlsAcceptor::from(tls);
+        let builder = http_builder(&self.inner.cfg);
+        let inner = self.inner.clone();
+        accept_loop(
+            listener,
+            &self.inner.cfg,
+            shutdown,
+            move |stream, addr, watcher| {
+                serve_tls_conn(
+                    inner.clone(),
+                    acceptor.clone(),
+                    builder.clone(),
+                    stream,
+                    addr,
+                    watcher,
+                    true,
+                )
+            },
+        )
+        .await;
     }
 
     /// Serves the plain-HTTP ops endpoint on `listener` until `shutdown`:
@@ -395,6 +488,7 @@ async fn serve_tls_conn(
     stream: TcpStream,
     addr: SocketAddr,
     watcher: Watcher,
+    join_only: bool,
 ) {
     let tls = match tokio::time::timeout(inner.cfg.handshake_timeout, acceptor.accept(stream)).await
     {
@@ -418,7 +512,11 @@ async fn serve_tls_conn(
         .map(|leaf| cert_names(leaf))
         .unwrap_or_default();
     tracing::debug!(peer = %addr, ?names, "member connected");
-    let peer = Arc::new(Peer { addr, names });
+    let peer = Arc::new(Peer {
+        addr,
+        names,
+        join_only,
+    });
     inner.metrics.connections.inc();
     let svc = {
         let inner = inner.clone();
@@ -463,12 +561,22 @@ pub fn cert_names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// A DER certificate's validity: (not before, not after) in seconds since
+/// the Unix epoch. `None` if it does not parse.
+pub fn cert_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// The authenticated client of one connection.
 #[derive(Debug)]
 struct Peer {
     addr: SocketAddr,
     /// The names in its certificate.
     names: Vec<String>,
+    /// A connection to the join listener: `/v1/join` only.
+    join_only: bool,
 }
 
 impl Peer {
@@ -607,6 +715,25 @@ impl Inner {
         req: Request<Incoming>,
     ) -> (&'static str, Result<Response<Full<Bytes>>, Failure>) {
         let path = req.uri().path().to_owned();
+        if peer.join_only || path == "/v1/join" {
+            return match (peer.join_only, path.as_str()) {
+                (true, "/v1/join") => ("join", self.join(req).await),
+                (true, _) => (
+                    "other",
+                    Err(Failure::new(
+                        ErrorCode::NotFound,
+                        format!("{path}: the join listener serves POST /v1/join only"),
+                    )),
+                ),
+                (false, _) => (
+                    "other",
+                    Err(Failure::new(
+                        ErrorCode::NotFound,
+                        "/v1/join is served on the join listener (--join-listen)",
+                    )),
+                ),
+            };
+        }
         match path.as_str() {
             "/v1/announce" => (
                 "announce",
@@ -627,6 +754,7 @@ impl Inner {
                 "report",
                 self.post(peer, req, Report::node, Command::Report).await,
             ),
+            "/v1/renew" => ("renew", self.renew(peer, req).await),
             p => match p.strip_prefix("/v1/blobs/") {
                 Some(digest) => ("lookup", self.lookup(peer, &req, digest)),
                 None => (
@@ -703,6 +831,92 @@ impl Inner {
         peer.check(node_of(&q))?;
         let (reply, now) = self.execute(command(q)).await?;
         Ok(Self::reply(&reply, now))
+    }
+
+    /// `POST /v1/renew`: a fresh certificate for the member the client
+    /// certificate names, over a new key, unless it is denied.
+    async fn renew(
+        &self,
+        peer: &Peer,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        if req.method() != Method::POST {
+            return Err(Failure::method("POST", req.method(), req.uri().path()));
+        }
+        let Some(join) = self.cfg.join.clone() else {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                "this tracker does not issue certificates (no --join-listen)",
+            ));
+        };
+        let body = self.read_body(req).await?;
+        let q: RenewRequest = serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
+        })?;
+        peer.check(&q.node)?;
+        self.issue(&join, &q.node, &q.csr, "certificate renewed")
+    }
+
+    /// Signs `csr` for `node` unless it is denied.
+    fn issue(
+        &self,
+        join: &JoinConfig,
+        node: &NodeId,
+        csr: &str,
+        what: &'static str,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        if csr.len() > shoal_proto::tracker_api::MAX_CSR_PEM {
+            return Err(TrackerError::TooMany {
+                what: "bytes of certificate request",
+                limit: shoal_proto::tracker_api::MAX_CSR_PEM,
+            }
+            .into());
+        }
+        {
+            let t = self
+                .tracker
+                .lock()
+                .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
+            if t.denied().contains(node) {
+                return Err(TrackerError::Denied(node.clone()).into());
+            }
+        }
+        let cert = join
+            .signer
+            .sign(node.as_str(), csr, join.validity)
+            .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("{e:#}")))?;
+        tracing::info!(%node, valid_for = ?join.validity, "{what}");
+        let reply = JoinReply {
+            certificate: cert,
+            valid_for_s: join.validity.as_secs(),
+        };
+        Ok(json_response(StatusCode::OK, &reply))
+    }
+
+    /// `POST /v1/join`: a certificate for a node with a join token.
+    async fn join(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Failure> {
+        if req.method() != Method::POST {
+            return Err(Failure::method("POST", req.method(), req.uri().path()));
+        }
+        let Some(join) = self.cfg.join.clone() else {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                "this tracker does not take joins",
+            ));
+        };
+        let body = self.read_body(req).await?;
+        let q: JoinRequest = serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
+        })?;
+        q.validate()?;
+        let known = join.tokens.iter().fold(false, |ok, t| {
+            same_secret(t.as_bytes(), q.token.as_bytes()) | ok
+        });
+        if !known {
+            tracing::warn!(node = %q.node, "join refused: unknown token");
+            return Err(Failure::new(ErrorCode::Unauthorized, "unknown join token"));
+        }
+        self.issue(&join, &q.node, &q.csr, "node joined: certificate issued")
     }
 
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Failure> {

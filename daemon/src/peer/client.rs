@@ -197,6 +197,9 @@ struct Cache {
 #[derive(Debug)]
 pub struct PeerClient {
     endpoint: Endpoint,
+    /// Replaces the endpoint's default client config once the node's
+    /// certificate was renewed ([`set_client_config`](Self::set_client_config)).
+    renewed: std::sync::RwLock<Option<quinn::ClientConfig>>,
     cache: Mutex<Cache>,
     download_rate: RateLimit,
 }
@@ -325,12 +328,19 @@ impl PeerClient {
     pub fn with_download_rate(endpoint: Endpoint, rate: RateLimit) -> Self {
         PeerClient {
             endpoint,
+            renewed: std::sync::RwLock::new(None),
             cache: Mutex::new(Cache {
                 slots: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
             download_rate: rate,
         }
+    }
+
+    /// Dials new connections with `cfg` from now on (a renewed node
+    /// certificate); open connections keep theirs.
+    pub fn set_client_config(&self, cfg: quinn::ClientConfig) {
+        *self.renewed.write().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
     }
 
     /// A live connection to `peer`: the cached one, or a new one (one dial
@@ -352,7 +362,16 @@ impl PeerClient {
             return Ok(c.clone());
         }
         *conn = None;
-        let c = self.endpoint.connect(peer.addr, &peer.name)?.await?;
+        let renewed = self
+            .renewed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let c = match renewed {
+            Some(cfg) => self.endpoint.connect_with(cfg, peer.addr, &peer.name)?,
+            None => self.endpoint.connect(peer.addr, &peer.name)?,
+        }
+        .await?;
         tracing::debug!(%peer, "connected to peer");
         *conn = Some(c.clone());
         Ok(c)
