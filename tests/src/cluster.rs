@@ -296,6 +296,16 @@ impl Cluster {
         self.start_with_ca(node, opts, &dir).await
     }
 
+    /// The cluster CA's directory (`ca.crt`, `ca.key`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// The (first) tracker's URL.
+    pub fn tracker_url(&self) -> String {
+        format!("https://{}", self.tracker_addr)
+    }
+
     /// The cluster dir of a member started with [`joining_member`](Self::joining_member).
     pub fn joined_dir(&self, node: &str) -> PathBuf {
         self.dir.path().join(format!("joined-{node}"))
