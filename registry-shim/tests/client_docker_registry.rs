@@ -68,6 +68,19 @@ impl Registry {
             Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: install the Debian package docker-registry (these tests never skip)"
         );
+        // A port picked free can be taken before the registry binds it
+        // (other tests pick ports at the same time): try another then.
+        for attempt in 1..=3 {
+            match Self::try_start(dir, auth_yaml).await {
+                Ok(reg) => return reg,
+                Err(log) if attempt < 3 && log.contains("address already in use") => continue,
+                Err(log) => panic!("docker-registry did not start:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    async fn try_start(dir: &Path, auth_yaml: &str) -> Result<Registry, String> {
         let port = free_port();
         let config = dir.join("config.yml");
         let data = dir.join("data");
@@ -88,21 +101,21 @@ impl Registry {
             .spawn()
             .expect("cannot start docker-registry");
         let mut reg = Registry { child, port, log };
-        reg.wait_ready().await;
-        reg
+        reg.wait_ready().await?;
+        Ok(reg)
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("docker-registry exited with {status}:\n{}", self.log_text());
+                return Err(format!("exited with {status}:\n{}", self.log_text()));
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
