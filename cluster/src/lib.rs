@@ -64,6 +64,26 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a node's certificate says: its name (SAN and CN), server and client
+/// use, valid from `slack` ago (clock skew) for `validity`.
+fn leaf_params(
+    node_id: &str,
+    slack: time::Duration,
+    validity: Duration,
+) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(vec![node_id.to_owned()])?;
+    params.distinguished_name.push(DnType::CommonName, node_id);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - slack;
+    params.not_after = now + validity;
+    Ok(params)
+}
+
 /// A new key pair for `node_id` and a certificate request for it: the key
 /// (PEM, stays on the node) and the request (PEM, goes to the tracker).
 pub fn certificate_request(node_id: &str) -> anyhow::Result<(String, String)> {
@@ -144,17 +164,7 @@ impl Signer {
         }
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .context("not a PEM certificate request")?;
-        let mut params = CertificateParams::new(vec![node_id.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, node_id);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + validity;
-        csr.params = params;
+        csr.params = leaf_params(node_id, time::Duration::minutes(5), validity)?;
         let cert = csr
             .signed_by(&self.issuer)
             .context("signing the node certificate")?;
@@ -269,16 +279,7 @@ impl Identity {
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
             .with_context(|| format!("{}: not a usable CA certificate", ca_path.display()))?;
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![node_id.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, node_id);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + SELF_ISSUED_VALIDITY;
+        let params = leaf_params(node_id, time::Duration::hours(1), SELF_ISSUED_VALIDITY)?;
         let leaf = params
             .signed_by(&key, &issuer)
             .context("issuing the node certificate")?;

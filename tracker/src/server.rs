@@ -840,6 +840,16 @@ impl Inner {
         peer: &Peer,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Failure> {
+        let (join, q) = self.certificate_request::<RenewRequest>(req).await?;
+        peer.check(&q.node)?;
+        self.issue(&join, &q.node, &q.csr, "certificate renewed")
+    }
+
+    /// The body of a join or renewal, if this tracker issues certificates.
+    async fn certificate_request<Q: DeserializeOwned>(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Arc<JoinConfig>, Q), Failure> {
         if req.method() != Method::POST {
             return Err(Failure::method("POST", req.method(), req.uri().path()));
         }
@@ -850,11 +860,10 @@ impl Inner {
             ));
         };
         let body = self.read_body(req).await?;
-        let q: RenewRequest = serde_json::from_slice(&body).map_err(|e| {
+        let q = serde_json::from_slice(&body).map_err(|e| {
             Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
         })?;
-        peer.check(&q.node)?;
-        self.issue(&join, &q.node, &q.csr, "certificate renewed")
+        Ok((join, q))
     }
 
     /// Signs `csr` for `node` unless it is denied.
@@ -895,19 +904,7 @@ impl Inner {
 
     /// `POST /v1/join`: a certificate for a node with a join token.
     async fn join(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Failure> {
-        if req.method() != Method::POST {
-            return Err(Failure::method("POST", req.method(), req.uri().path()));
-        }
-        let Some(join) = self.cfg.join.clone() else {
-            return Err(Failure::new(
-                ErrorCode::NotFound,
-                "this tracker does not take joins",
-            ));
-        };
-        let body = self.read_body(req).await?;
-        let q: JoinRequest = serde_json::from_slice(&body).map_err(|e| {
-            Failure::new(ErrorCode::BadRequest, format!("invalid request body: {e}"))
-        })?;
+        let (join, q) = self.certificate_request::<JoinRequest>(req).await?;
         q.validate()?;
         let known = join.tokens.iter().fold(false, |ok, t| {
             same_secret(t.as_bytes(), q.token.as_bytes()) | ok
