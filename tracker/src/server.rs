@@ -252,25 +252,7 @@ impl Server {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()>,
     ) {
-        let acceptor = TlsAcceptor::from(tls);
-        let builder = http_builder(&self.inner.cfg);
-        let inner = self.inner.clone();
-        let accept = accept_loop(
-            listener,
-            &self.inner.cfg,
-            shutdown,
-            move |stream, addr, watcher| {
-                serve_tls_conn(
-                    inner.clone(),
-                    acceptor.clone(),
-                    builder.clone(),
-                    stream,
-                    addr,
-                    watcher,
-                    false,
-                )
-            },
-        );
+        let accept = self.accept_tls(listener, tls, shutdown, false);
         tokio::select! {
             () = accept => {}
             () = self.expiry() => {}
@@ -325,6 +307,18 @@ impl Server {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()>,
     ) {
+        self.accept_tls(listener, tls, shutdown, true).await;
+    }
+
+    /// Accepts TLS connections on `listener` until `shutdown` and serves
+    /// each (`join_only`: the join listener's single route).
+    async fn accept_tls(
+        &self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()>,
+        join_only: bool,
+    ) {
         let acceptor = TlsAcceptor::from(tls);
         let builder = http_builder(&self.inner.cfg);
         let inner = self.inner.clone();
@@ -340,7 +334,7 @@ impl Server {
                     stream,
                     addr,
                     watcher,
-                    true,
+                    join_only,
                 )
             },
         )
