@@ -214,6 +214,8 @@ pub struct TrackerProcess {
     pub child: std::process::Child,
     pub url: String,
     pub ops: SocketAddr,
+    /// The join listener's URL, when started with `--join-listen`.
+    pub join_url: Option<String>,
     log: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
@@ -258,10 +260,12 @@ impl TrackerProcess {
         };
         let listen = log_field(&line, "listen=").to_owned();
         let ops = log_field(&line, "ops=").parse().unwrap();
+        let join = log_field(&line, "join=");
         TrackerProcess {
             child,
             url: format!("https://{listen}"),
             ops,
+            join_url: (join != "none").then(|| format!("https://{join}")),
             log: Some(log),
         }
     }
