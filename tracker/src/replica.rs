@@ -50,7 +50,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::{AsyncConnectionConfig, Value};
 use shoal_proto::tracker_api::TrackerError;
 use tokio::sync::oneshot;
@@ -191,7 +193,11 @@ pub struct Replica {
     tracker_cfg: TrackerConfig,
     keys: Keys,
     client: redis::Client,
-    conn: MultiplexedConnection,
+    /// For commands and snapshots; reconnects by itself after Redis
+    /// restarts.
+    conn: ConnectionManager,
+    /// The log format and configuration this replica runs (`PREFIX:meta`).
+    format: String,
     /// This replica's name in log entries (`from`).
     me: String,
     next_token: AtomicU64,
@@ -223,8 +229,11 @@ impl Replica {
         tracker_cfg.validate()?;
         let client = redis::Client::open(cfg.url.as_str())
             .with_context(|| format!("--store {}: not a Redis URL", redacted(&cfg.url)))?;
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&connection_config(cfg.command_timeout))
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(cfg.command_timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), manager)
             .await
             .with_context(|| format!("connecting to Redis at {}", redacted(&cfg.url)))?;
         let keys = Keys::new(&cfg.prefix);
@@ -271,6 +280,7 @@ impl Replica {
             keys,
             client,
             conn,
+            format,
             next_token: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
             counters: ReplicaCounters::default(),
@@ -498,17 +508,52 @@ impl Replica {
     }
 
     /// Every snapshot interval: if this replica wins the lock, stores its
-    /// state and trims the log to the previous snapshot.
+    /// state and trims the log to the previous snapshot. Every couple of
+    /// seconds in between, checks that Redis still holds the replicas'
+    /// settings: if it lost everything (restarted without persistence),
+    /// this replica writes them back and stores its state at once, so a
+    /// replica that starts next begins from it, not from nothing.
     async fn snapshots(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.cfg.snapshot_interval);
+        let check = self.cfg.snapshot_interval.min(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(check);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut last = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            let wiped = match self.reseed_if_wiped().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(error = %e, "checking the Redis store failed");
+                    continue;
+                }
+            };
+            if !wiped && last.elapsed() < self.cfg.snapshot_interval {
+                continue;
+            }
+            last = tokio::time::Instant::now();
             if let Err(e) = self.snapshot_once().await {
                 tracing::warn!(error = %e, "storing a tracker snapshot failed");
             }
         }
+    }
+
+    /// Writes the replicas' settings back if Redis lost them; whether it
+    /// did.
+    async fn reseed_if_wiped(&self) -> Result<bool, ReplicaError> {
+        let mut c = self.conn.clone();
+        let written: bool = redis::cmd("HSETNX")
+            .arg(&self.keys.meta)
+            .arg("format")
+            .arg(&self.format)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| redis_error("checking the replicas' settings", e))?;
+        if written {
+            tracing::warn!(prefix = %self.cfg.prefix, "Redis lost the tracker's shared state (restarted without persistence?): storing this replica's");
+            // The lock may be from before the loss: it is gone too.
+        }
+        Ok(written)
     }
 
     /// Stores a snapshot and trims the log, if no other replica did within
@@ -604,7 +649,7 @@ fn redacted(url: &str) -> String {
 
 /// The newest snapshot, restored, with the id it reflects.
 async fn load_snapshot(
-    c: &mut MultiplexedConnection,
+    c: &mut impl ConnectionLike,
     keys: &Keys,
     cfg: &TrackerConfig,
 ) -> anyhow::Result<Option<(Tracker, EntryId)>> {

@@ -351,3 +351,56 @@ async fn a_replica_of_another_configuration_refuses_to_join() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_redis_that_lost_everything_is_refilled_from_a_live_replica() {
+    bounded(async {
+        let cluster = Cluster::new();
+        let mut redis = RedisServer::start().await;
+        let a = replica(&cluster, &redis, &[]).await;
+        let (blob, l) = (Digest::of(b"layer"), layout(8));
+        let member = cluster.client("node-1", &[a.url.as_str()]);
+        member
+            .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
+            .await
+            .unwrap();
+        // Redis restarts empty (no persistence).
+        redis.restart_empty().await;
+        eprintln!("injected: redis-server restarted empty under a replica");
+        // The replica writes its state back within a few seconds, and takes
+        // commands again (its connection reconnects).
+        let started = Instant::now();
+        while a
+            .metric("shoal_tracker_replica_snapshots_stored_total")
+            .await
+            < 1.0
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "never re-seeded"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let started = Instant::now();
+        loop {
+            let r = member
+                .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
+                .await;
+            if r.is_ok() {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{r:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A replica started now knows what the first one knew.
+        let b = replica(&cluster, &redis, &[]).await;
+        let view = cluster
+            .client("node-2", &[b.url.as_str()])
+            .lookup(&node("node-2"), &blob, None)
+            .await
+            .unwrap();
+        let holders: Vec<&str> = view.holders().iter().map(|h| h.node.as_str()).collect();
+        assert_eq!(holders, ["node-1"]);
+    })
+    .await;
+}

@@ -319,6 +319,21 @@ impl RedisServer {
     pub async fn start() -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = dead_port().await;
+        let child = Self::spawn(port, dir.path()).await;
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `kill -9`, then a fresh (empty) redis-server on the same port.
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, self._dir.path()).await;
+    }
+
+    async fn spawn(port: u16, dir: &Path) -> std::process::Child {
         let bin = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -326,7 +341,7 @@ impl RedisServer {
         let child = std::process::Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
@@ -349,11 +364,7 @@ impl RedisServer {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        RedisServer {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
     }
 
     pub fn url(&self) -> String {
