@@ -65,14 +65,19 @@ impl JoinRequest {
                 limit: MAX_JOIN_TOKEN,
             });
         }
-        if self.csr.len() > MAX_CSR_PEM {
-            return Err(TrackerError::TooMany {
-                what: "bytes of certificate request",
-                limit: MAX_CSR_PEM,
-            });
-        }
-        Ok(())
+        check_csr(&self.csr)
     }
+}
+
+/// A certificate request must fit [`MAX_CSR_PEM`].
+fn check_csr(csr: &str) -> Result<(), TrackerError> {
+    if csr.len() > MAX_CSR_PEM {
+        return Err(TrackerError::TooMany {
+            what: "bytes of certificate request",
+            limit: MAX_CSR_PEM,
+        });
+    }
+    Ok(())
 }
 
 /// "Renew my certificate": a member, over mutual TLS with its current
@@ -91,6 +96,11 @@ impl RenewRequest {
     /// The node it speaks for.
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    /// Checks the size of the request.
+    pub fn validate(&self) -> Result<(), TrackerError> {
+        check_csr(&self.csr)
     }
 }
 

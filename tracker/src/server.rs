@@ -835,6 +835,7 @@ impl Inner {
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Failure> {
         let (join, q) = self.certificate_request::<RenewRequest>(req).await?;
+        q.validate()?;
         peer.check(&q.node)?;
         self.issue(&join, &q.node, &q.csr, "certificate renewed")
     }
@@ -868,13 +869,6 @@ impl Inner {
         csr: &str,
         what: &'static str,
     ) -> Result<Response<Full<Bytes>>, Failure> {
-        if csr.len() > shoal_proto::tracker_api::MAX_CSR_PEM {
-            return Err(TrackerError::TooMany {
-                what: "bytes of certificate request",
-                limit: shoal_proto::tracker_api::MAX_CSR_PEM,
-            }
-            .into());
-        }
         {
             let t = self
                 .tracker

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{bounded, http_get, Cluster, RedisServer, TrackerProcess};
 use shoal_proto::{ChunkLayout, Digest};
 use shoal_tracker::client::{ApiError, TrackerApi};
-use shoal_tracker::https_client::HttpsConfig;
+use shoal_tracker::https_client::{HttpsConfig, HttpsTracker};
 use shoal_tracker::tracker_api::{
     Announce, BlobHave, ChunkHash, LeaseRequest, NodeId, PublishHashes,
 };
@@ -42,6 +42,28 @@ fn announce(name: &str, port: u16, blobs: Vec<BlobHave>) -> Announce {
         false,
     )
     .unwrap()
+}
+
+/// The holders of `blob` that the tracker at `url` names to `asker`.
+async fn holders_seen_at(cluster: &Cluster, url: &str, asker: &str, blob: &Digest) -> Vec<String> {
+    let view = cluster
+        .client(asker, &[url])
+        .lookup(&node(asker), blob, None)
+        .await
+        .unwrap();
+    view.holders().iter().map(|h| h.node.to_string()).collect()
+}
+
+/// node-1 announces at the tracker at `url` that it holds a whole blob;
+/// returns its client and the blob.
+async fn node_1_holds_a_blob(cluster: &Cluster, url: &str) -> (HttpsTracker, Digest, ChunkLayout) {
+    let (blob, l) = (Digest::of(b"layer"), layout(8));
+    let member = cluster.client("node-1", &[url]);
+    member
+        .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
+        .await
+        .unwrap();
+    (member, blob, l)
 }
 
 async fn replica(cluster: &Cluster, redis: &RedisServer, extra: &[&str]) -> TrackerProcess {
@@ -71,12 +93,10 @@ async fn what_one_replica_acknowledged_every_replica_knows() {
             .announce(announce("node-2", 4002, vec![]))
             .await
             .unwrap();
-        let view = at_b("node-2")
-            .lookup(&node("node-2"), &blob, None)
-            .await
-            .unwrap();
-        let holders: Vec<String> = view.holders().iter().map(|h| h.node.to_string()).collect();
-        assert_eq!(holders, ["node-1"]);
+        assert_eq!(
+            holders_seen_at(&cluster, &b.url, "node-2", &blob).await,
+            ["node-1"]
+        );
 
         // A cold blob: leases taken at A and at B never overlap.
         let cold = Digest::of(b"cold layer");
@@ -209,12 +229,7 @@ async fn a_replica_joining_after_the_log_was_trimmed_starts_from_the_snapshot() 
         let cluster = Cluster::new();
         let redis = RedisServer::start().await;
         let a = replica(&cluster, &redis, &["--snapshot-interval", "200ms"]).await;
-        let (blob, l) = (Digest::of(b"layer"), layout(8));
-        let member = cluster.client("node-1", &[a.url.as_str()]);
-        member
-            .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
-            .await
-            .unwrap();
+        let (_, blob, _) = node_1_holds_a_blob(&cluster, &a.url).await;
         // Two snapshots: the second trims the log to the first.
         let started = Instant::now();
         while a
@@ -260,13 +275,10 @@ async fn a_replica_joining_after_the_log_was_trimmed_starts_from_the_snapshot() 
                 .await,
             1.0
         );
-        let view = cluster
-            .client("node-2", &[c.url.as_str()])
-            .lookup(&node("node-2"), &blob, None)
-            .await
-            .unwrap();
-        let holders: Vec<&str> = view.holders().iter().map(|h| h.node.as_str()).collect();
-        assert_eq!(holders, ["node-1"]);
+        assert_eq!(
+            holders_seen_at(&cluster, &c.url, "node-2", &blob).await,
+            ["node-1"]
+        );
     })
     .await;
 }
@@ -277,12 +289,7 @@ async fn without_redis_changes_fail_fast_and_lookups_still_answer() {
         let cluster = Cluster::new();
         let mut redis = RedisServer::start().await;
         let a = replica(&cluster, &redis, &[]).await;
-        let (blob, l) = (Digest::of(b"layer"), layout(8));
-        let member = cluster.client("node-1", &[a.url.as_str()]);
-        member
-            .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
-            .await
-            .unwrap();
+        let (member, blob, _) = node_1_holds_a_blob(&cluster, &a.url).await;
         redis.kill();
         let started = Instant::now();
         let err = member
@@ -358,12 +365,7 @@ async fn a_redis_that_lost_everything_is_refilled_from_a_live_replica() {
         let cluster = Cluster::new();
         let mut redis = RedisServer::start().await;
         let a = replica(&cluster, &redis, &[]).await;
-        let (blob, l) = (Digest::of(b"layer"), layout(8));
-        let member = cluster.client("node-1", &[a.url.as_str()]);
-        member
-            .announce(announce("node-1", 4001, vec![BlobHave::complete(blob, l)]))
-            .await
-            .unwrap();
+        let (member, blob, l) = node_1_holds_a_blob(&cluster, &a.url).await;
         // Redis restarts empty (no persistence).
         redis.restart_empty().await;
         eprintln!("injected: redis-server restarted empty under a replica");
@@ -394,13 +396,10 @@ async fn a_redis_that_lost_everything_is_refilled_from_a_live_replica() {
         }
         // A replica started now knows what the first one knew.
         let b = replica(&cluster, &redis, &[]).await;
-        let view = cluster
-            .client("node-2", &[b.url.as_str()])
-            .lookup(&node("node-2"), &blob, None)
-            .await
-            .unwrap();
-        let holders: Vec<&str> = view.holders().iter().map(|h| h.node.as_str()).collect();
-        assert_eq!(holders, ["node-1"]);
+        assert_eq!(
+            holders_seen_at(&cluster, &b.url, "node-2", &blob).await,
+            ["node-1"]
+        );
     })
     .await;
 }
