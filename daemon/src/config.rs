@@ -115,6 +115,22 @@ pub struct RunArgs {
         requires = "join_token_file"
     )]
     pub join: Option<String>,
+    /// TCP address of this node's DHT (libp2p Kademlia), which finds peers
+    /// when no tracker answers; the port must be the same on every node
+    /// that others reach only through the tracker's member list [default:
+    /// no DHT].
+    #[arg(long, env = "SHOAL_DHT_LISTEN", value_name = "ADDR")]
+    pub dht_listen: Option<SocketAddr>,
+    /// DHT nodes to bootstrap from, `HOST:PORT` (repeatable; a headless
+    /// Service's name resolves to every member) [default: the tracker's
+    /// member list and the list saved from the last run].
+    #[arg(
+        long,
+        env = "SHOAL_DHT_BOOTSTRAP",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub dht_bootstrap: Vec<String>,
     /// A file holding the join token (its first line).
     #[arg(
         long,
@@ -154,6 +170,9 @@ struct FileConfig {
     rack: Option<String>,
     join: Option<String>,
     join_token_file: Option<PathBuf>,
+    dht_listen: Option<String>,
+    #[serde(default)]
+    dht_bootstrap: Vec<String>,
 }
 
 /// Log output format.
@@ -217,6 +236,19 @@ pub struct SwarmConfig {
     pub chunk_size: u32,
     /// Join with a token: the tracker's join URL and the token.
     pub join: Option<Join>,
+    /// The DHT, if configured.
+    pub dht: Option<DhtSettings>,
+}
+
+/// Where this node's DHT listens and whom it bootstraps from.
+#[derive(Debug, Clone)]
+pub struct DhtSettings {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// What other nodes dial: the advertised IP with the listen port.
+    pub advertise: SocketAddr,
+    /// `HOST:PORT` names to bootstrap from.
+    pub bootstrap: Vec<String>,
 }
 
 /// Getting and renewing this node's certificate from the tracker.
@@ -340,6 +372,29 @@ impl RunArgs {
             (None, None) => None,
         };
         let trackers = pick_list(self.tracker, file.tracker);
+        let dht_listen = match (self.dht_listen, file.dht_listen) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => Some(s.parse().with_context(|| {
+                format!("config field `dht-listen`: {s:?} is not an address like 0.0.0.0:4902")
+            })?),
+            (None, None) => None,
+        };
+        let dht_bootstrap = pick_list(self.dht_bootstrap, file.dht_bootstrap);
+        for b in &dht_bootstrap {
+            let port = b.rsplit_once(':').and_then(|(h, p)| {
+                (!h.is_empty()).then_some(())?;
+                p.parse::<u16>().ok().filter(|&p| p != 0)
+            });
+            if port.is_none() {
+                bail!("`dht-bootstrap`: {b:?} is not HOST:PORT");
+            }
+        }
+        if dht_listen.is_none() && !dht_bootstrap.is_empty() {
+            bail!("`dht-bootstrap`: needs `dht-listen` (this node's DHT address)");
+        }
+        if dht_listen.is_some_and(|a| a.port() == 0) {
+            bail!("`dht-listen`: needs a port other nodes can dial, not 0");
+        }
         let upload_rate = rate_setting(
             self.peer_upload_rate,
             file.peer_upload_rate,
@@ -429,7 +484,13 @@ impl RunArgs {
                     }
                     _ => bail!("`join` and `join-token-file` go together"),
                 };
+                let dht = dht_listen.map(|listen| DhtSettings {
+                    listen,
+                    advertise: SocketAddr::new(advertise.ip(), listen.port()),
+                    bootstrap: dht_bootstrap,
+                });
                 Some(SwarmConfig {
+                    dht,
                     join,
                     cluster_dir,
                     node_id,

@@ -13,6 +13,8 @@
 
 pub mod config;
 pub mod content;
+pub mod dht;
+pub mod member;
 mod metrics;
 pub mod ops;
 pub mod peer;

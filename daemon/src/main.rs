@@ -184,13 +184,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let peer_server = match &cfg.swarm {
         None => None,
         Some(sc) => {
-            let source = Arc::new(peer::source::NodeSource::new(
+            let vouched = peer::source::Vouched::default();
+            let source = Arc::new(peer::source::NodeSource::vouching(
                 store.clone(),
                 content.transfers().clone(),
                 sc.chunk_size,
+                vouched.clone(),
             ));
             swarm::ensure_certificate(sc).await?;
-            let (swarm, server) = swarm::Swarm::start(sc, source)?;
+            let (swarm, server) = swarm::Swarm::start(sc, source, vouched, &cfg.data_dir)?;
             content.transfers().join(swarm.clone());
             tokio::spawn(
                 swarm
@@ -200,7 +202,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
                 upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads,
-                chunk_size = sc.chunk_size,
+                chunk_size = sc.chunk_size, dht = ?sc.dht.as_ref().map(|d| d.advertise),
                 "joined the swarm");
             Some((server, swarm))
         }

@@ -76,7 +76,19 @@ pub struct Metrics {
     pub denied_nodes: Gauge,
     /// Peer connections or streams refused because the peer is denied.
     pub denied_refusals: Counter,
+    /// Other DHT nodes this node is connected to.
+    pub dht_peers: Gauge,
+    /// Tracker calls answered from the DHT and the members (the tracker
+    /// was unreachable), by call.
+    pub dht_answers: Family<CallLabel, Counter>,
     registry: Registry,
+}
+
+/// `call="lookup|lease"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    /// The tracker call.
+    pub call: &'static str,
 }
 
 /// `reason="no_space|io"`.
@@ -115,6 +127,8 @@ impl Metrics {
             store_write_failures: Family::default(),
             denied_nodes: Gauge::default(),
             denied_refusals: Counter::default(),
+            dht_peers: Gauge::default(),
+            dht_answers: Family::default(),
             origin_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -193,6 +207,16 @@ impl Metrics {
             "shoal_store_write_failures",
             "Transfers the store gave up on because writing failed (no_space: the filesystem is full); their clients continued from the origin",
             m.store_write_failures.clone(),
+        );
+        r.register(
+            "shoal_dht_peers",
+            "Other members' DHT nodes this node is connected to",
+            m.dht_peers.clone(),
+        );
+        r.register(
+            "shoal_dht_answers",
+            "Tracker calls answered from the DHT and the members because the tracker was unreachable",
+            m.dht_answers.clone(),
         );
         r.register(
             "shoal_peer_denied_nodes",

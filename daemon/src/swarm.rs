@@ -15,6 +15,9 @@ use shoal_tracker::tracker_api::{Announce, BlobHave, NodeId, PeerAddr, Rack, Tra
 use shoal_tracker::{Tracker, TrackerConfig};
 
 use crate::config::SwarmConfig;
+use crate::dht::{Dht, DhtConfig};
+use crate::member::{DhtView, MemberTracker};
+use crate::peer::source::Vouched;
 use crate::peer::client::PeerClient;
 use crate::peer::server::{PeerServer, PeerServerHandle, ServeLimits};
 use crate::peer::source::ChunkSource;
@@ -29,10 +32,10 @@ pub struct Swarm {
     pub node: NodeId,
     /// Where peers reach this node.
     pub addr: PeerAddr,
-    /// The tracker.
-    pub tracker: AnyTracker,
+    /// The tracker (falling back to the DHT when configured).
+    pub tracker: MemberTracker,
     /// Dials peers and fetches verified chunks.
-    pub peers: PeerClient,
+    pub peers: Arc<PeerClient>,
     /// The cluster's chunk size for new blobs.
     pub chunk_size: u32,
     /// Where this node sits (`--rack`), said in every announce.
@@ -100,7 +103,7 @@ pub async fn ensure_certificate(cfg: &SwarmConfig) -> anyhow::Result<()> {
 /// endpoint's server and client configs and the tracker client's TLS
 /// (connections open keep theirs). Retries every 30 s until it works.
 async fn renew_forever(cfg: SwarmConfig, endpoint: quinn::Endpoint, swarm: Arc<Swarm>) {
-    let AnyTracker::Https(tracker) = &swarm.tracker else {
+    let AnyTracker::Https(tracker) = swarm.tracker.primary() else {
         return;
     };
     loop {
@@ -147,9 +150,13 @@ async fn renew_once(
 impl Swarm {
     /// Loads the cluster identity, binds the QUIC endpoint, starts serving
     /// `source` to members, and connects to the tracker.
+    /// With a DHT configured, it starts too (its peer list kept in
+    /// `data_dir`), and vouches for what `vouched` records.
     pub fn start(
         cfg: &SwarmConfig,
         source: Arc<dyn ChunkSource>,
+        vouched: Vouched,
+        data_dir: &std::path::Path,
     ) -> anyhow::Result<(Arc<Swarm>, PeerServerHandle)> {
         let identity = shoal_cluster::Identity::load(&cfg.cluster_dir, &cfg.node_id)
             .with_context(|| format!("--cluster-dir {}", cfg.cluster_dir.display()))?;
@@ -196,14 +203,31 @@ impl Swarm {
             .parse()
             .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
         let renew_endpoint = endpoint.clone();
+        let peers = Arc::new(PeerClient::with_download_rate(
+            endpoint,
+            RateLimit::from_option(cfg.download_rate),
+        ));
+        let tracker = match &cfg.dht {
+            None => MemberTracker::new(tracker),
+            Some(d) => {
+                let dht = Dht::start(DhtConfig {
+                    listen: d.listen,
+                    advertise: d.advertise,
+                    bootstrap: d.bootstrap.clone(),
+                    psk: crate::dht::psk_from_ca(&cfg.cluster_dir)?,
+                    node: node.clone(),
+                    quic: addr.clone(),
+                    peers_file: Some(data_dir.join("dht-peers")),
+                })?;
+                let view = DhtView::new(dht, peers.clone(), node.clone(), vouched);
+                MemberTracker::with_dht(tracker, view)
+            }
+        };
         let swarm = Arc::new(Swarm {
             node,
             addr,
             tracker,
-            peers: PeerClient::with_download_rate(
-                endpoint,
-                RateLimit::from_option(cfg.download_rate),
-            ),
+            peers,
             chunk_size: cfg.chunk_size,
             rack: cfg.rack.clone(),
             denied,

@@ -589,6 +589,8 @@ pub struct Announce {
     rack: Option<Rack>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     next_ms: Option<NonZeroU32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dht: Option<PeerAddr>,
 }
 
 #[derive(serde::Deserialize)]
@@ -605,6 +607,8 @@ struct RawAnnounce {
     rack: Option<Rack>,
     #[serde(default)]
     next_ms: Option<NonZeroU32>,
+    #[serde(default)]
+    dht: Option<PeerAddr>,
 }
 
 impl TryFrom<RawAnnounce> for Announce {
@@ -613,7 +617,8 @@ impl TryFrom<RawAnnounce> for Announce {
     fn try_from(r: RawAnnounce) -> Result<Self, TrackerError> {
         Ok(Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?
             .with_rack(r.rack)
-            .with_next_ms(r.next_ms))
+            .with_next_ms(r.next_ms)
+            .with_dht(r.dht))
     }
 }
 
@@ -647,7 +652,20 @@ impl Announce {
             full,
             rack: None,
             next_ms: None,
+            dht: None,
         })
+    }
+
+    /// The same announce saying where the node's DHT listens (TCP), so
+    /// the tracker can hand it to other members as a bootstrap peer.
+    pub fn with_dht(mut self, dht: Option<PeerAddr>) -> Self {
+        self.dht = dht;
+        self
+    }
+
+    /// Where the node's DHT listens, if it says.
+    pub fn dht(&self) -> Option<&PeerAddr> {
+        self.dht.as_ref()
     }
 
     /// The same announce promising the next within `next_ms` milliseconds.
@@ -713,7 +731,15 @@ pub struct AnnounceReply {
     /// or fetch from them (at most [`MAX_DENIED`]; absent when none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denied: Vec<NodeId>,
+    /// DHT addresses of up to [`MAX_DHT_PEERS`] other members (those that
+    /// said theirs): where this member bootstraps its DHT from, and keeps
+    /// as the last known member list for when no tracker answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dht_peers: Vec<PeerAddr>,
 }
+
+/// How many members' DHT addresses an announce reply carries at most.
+pub const MAX_DHT_PEERS: usize = 16;
 
 fn known_by_default() -> bool {
     true

@@ -17,6 +17,12 @@
 //!   `DontHave{0}` or an `Error` (`Busy`: too many watchers) instead ends it.
 //!   A member watches the peers it downloads from, so it learns of their new
 //!   chunks within a round trip instead of a tracker lookup interval.
+//! - [`Request::GetState`] → one [`Response::State`] (the blob's size, what
+//!   the server holds, and the chunk hashes it vouches for: all of them once
+//!   the blob is complete and its digest checked, else those it fetched from
+//!   the origin itself), `DontHave{0}` when it holds nothing, or an `Error`.
+//!   Members ask this of each other when no tracker answers (DHT mode), in
+//!   place of the tracker's lookup.
 //!
 //! `DontHave` means "lacks data" and is not an error: a client scores a peer
 //! that lacks data differently from one that sends bad data. Chunk data is
@@ -36,10 +42,12 @@
 //! | `0x01` | `GetChunks` | blob `[32]`, chunk_size `u32`, 1..=64 strictly increasing indices `u32` |
 //! | `0x02` | `GetBitfield` | blob `[32]` |
 //! | `0x03` | `Watch` | blob `[32]` |
+//! | `0x04` | `GetState` | blob `[32]` |
 //! | `0x40` | `Chunk` | index `u32`, data (≤ [`MAX_CHUNK_SIZE`]) |
 //! | `0x41` | `DontHave` | index `u32` |
 //! | `0x42` | `Bitfield` | blob `[32]`, chunk_size `u32`, len `u32`, bits `[ceil(len/8)]` ([`Bitfield::to_bytes`]) |
 //! | `0x43` | `Error` | code `u16` ([`ErrorKind`]), message UTF-8 (≤ 512 bytes) |
+//! | `0x44` | `State` | blob `[32]`, size `u64`, chunk_size `u32`, len `u32`, have bits, vouched bits (each `[ceil(len/8)]`), one hash `[32]` per vouched chunk (≤ [`MAX_STATE_HASHES`]) |
 //!
 //! Each tag has an exact payload bound, checked as soon as the 5 header bytes
 //! arrive, before any payload is buffered: control frames stay far below
@@ -103,6 +111,12 @@ pub const MAX_CHUNK_PAYLOAD: u32 = 4 + MAX_CHUNK_SIZE;
 /// Largest payload of a `Bitfield` frame: a bitfield of [`MAX_CHUNKS`] is
 /// 128 KiB, over [`MAX_CONTROL_PAYLOAD`], so it has its own bound.
 pub const MAX_BITFIELD_PAYLOAD: u32 = BITFIELD_FIXED + MAX_CHUNKS / 8;
+/// Most chunk hashes one `State` frame vouches for (a holder of a blob with
+/// more chunks vouches for the first ones only; peers fetch the rest from
+/// the origin).
+pub const MAX_STATE_HASHES: u32 = 1 << 16;
+/// Largest `State` payload.
+pub const MAX_STATE_PAYLOAD: u32 = STATE_FIXED + 2 * (MAX_CHUNKS / 8) + 32 * MAX_STATE_HASHES;
 /// Largest frame, header included: the most a [`Decoder`] ever holds.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_CHUNK_PAYLOAD as usize;
 /// Most chunk indices in one `GetChunks`.
@@ -118,6 +132,8 @@ pub const WATCHERS_PER_BLOB: usize = 64;
 const GET_CHUNKS_FIXED: u32 = 32 + 4;
 const BITFIELD_FIXED: u32 = 32 + 4 + 4;
 const ERROR_FIXED: u32 = 2;
+const STATE_FIXED: u32 = 32 + 8 + 4 + 4;
+const _: () = assert!(MAX_STATE_PAYLOAD <= MAX_CHUNK_PAYLOAD);
 
 const _: () = assert!(GET_CHUNKS_FIXED + 4 * MAX_INDICES as u32 <= MAX_CONTROL_PAYLOAD);
 const _: () = assert!(ERROR_FIXED + MAX_ERROR_MESSAGE as u32 <= MAX_CONTROL_PAYLOAD);
@@ -128,10 +144,12 @@ mod tag {
     pub(super) const GET_CHUNKS: u8 = 0x01;
     pub(super) const GET_BITFIELD: u8 = 0x02;
     pub(super) const WATCH: u8 = 0x03;
+    pub(super) const GET_STATE: u8 = 0x04;
     pub(super) const CHUNK: u8 = 0x40;
     pub(super) const DONT_HAVE: u8 = 0x41;
     pub(super) const BITFIELD: u8 = 0x42;
     pub(super) const ERROR: u8 = 0x43;
+    pub(super) const STATE: u8 = 0x44;
 }
 
 fn tag_name(tag: u8) -> &'static str {
@@ -299,6 +317,12 @@ pub enum Request {
         /// The blob.
         blob: Digest,
     },
+    /// Asks for the blob's size, the server's holdings and the chunk hashes
+    /// it vouches for.
+    GetState {
+        /// The blob.
+        blob: Digest,
+    },
 }
 
 /// A response frame; a server sends one or more on the request's stream.
@@ -332,6 +356,62 @@ pub enum Response {
         /// A human-readable message, at most [`MAX_ERROR_MESSAGE`] bytes.
         message: String,
     },
+    /// What the server holds of a blob and the chunk hashes it vouches for.
+    State(BlobState),
+}
+
+/// The answer to [`Request::GetState`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobState {
+    /// The blob.
+    pub blob: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The chunk size of the server's layout.
+    pub chunk_size: u32,
+    /// The chunks the server holds (verified).
+    pub have: Bitfield,
+    /// The chunks whose hash the server vouches for (a subset of `have`):
+    /// every chunk of a complete blob, else those it fetched from the
+    /// origin and hashed itself; at most [`MAX_STATE_HASHES`].
+    pub vouched: Bitfield,
+    /// One hash per vouched chunk, in index order.
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl BlobState {
+    /// The layout the state describes.
+    pub fn layout(&self) -> Result<crate::ChunkLayout, ChunkError> {
+        crate::ChunkLayout::new(self.size, self.chunk_size)
+    }
+
+    /// The vouched hashes with their chunk indices.
+    pub fn vouched_hashes(&self) -> impl Iterator<Item = (u32, &[u8; 32])> + '_ {
+        self.vouched.iter_ones().zip(&self.hashes)
+    }
+
+    /// The rules a `State` keeps, checked by encoder and decoder alike.
+    fn validate(&self) -> Result<(), WireError> {
+        check_chunk_size(self.chunk_size)?;
+        let layout = self.layout().map_err(WireError::BadBitfield)?;
+        let malformed = |what| WireError::Malformed {
+            tag: tag::STATE,
+            what,
+        };
+        if self.have.len() != layout.count() || self.vouched.len() != layout.count() {
+            return Err(malformed("bitfield length differs from the layout's chunk count"));
+        }
+        if self.vouched.has_any_outside(&self.have, &self.have) {
+            return Err(malformed("a vouched chunk that is not held"));
+        }
+        if self.vouched.count() as usize != self.hashes.len() {
+            return Err(malformed("hash count differs from the vouched chunk count"));
+        }
+        if self.hashes.len() > MAX_STATE_HASHES as usize {
+            return Err(malformed("more hashes than a State frame carries"));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Response {
@@ -360,6 +440,13 @@ impl fmt::Debug for Response {
                 .debug_struct("Error")
                 .field("code", code)
                 .field("message", message)
+                .finish(),
+            Response::State(st) => f
+                .debug_struct("State")
+                .field("blob", &st.blob)
+                .field("size", &st.size)
+                .field("have", &st.have.count())
+                .field("vouched", &st.vouched.count())
                 .finish(),
         }
     }
@@ -420,6 +507,10 @@ impl Request {
                 put_header(dst, tag::WATCH, 32);
                 dst.put_slice(blob.as_bytes());
             }
+            Request::GetState { blob } => {
+                put_header(dst, tag::GET_STATE, 32);
+                dst.put_slice(blob.as_bytes());
+            }
         }
         Ok(())
     }
@@ -450,7 +541,9 @@ impl Request {
                 // Increasing, so checking the last checks all.
                 indices.last().map_or(Ok(()), |&i| check_index(i))
             }
-            Request::GetBitfield { .. } | Request::Watch { .. } => Ok(()),
+            Request::GetBitfield { .. } | Request::Watch { .. } | Request::GetState { .. } => {
+                Ok(())
+            }
         }
     }
 
@@ -473,6 +566,9 @@ impl Request {
                 blob: take_digest(&mut p),
             },
             tag::WATCH => Request::Watch {
+                blob: take_digest(&mut p),
+            },
+            tag::GET_STATE => Request::GetState {
                 blob: take_digest(&mut p),
             },
             // `check_header` lets only request tags through.
@@ -548,6 +644,20 @@ impl Response {
                 dst.put_u16(code.to_u16());
                 dst.put_slice(message.as_bytes());
             }
+            Response::State(st) => {
+                let (have, vouched) = (st.have.to_bytes(), st.vouched.to_bytes());
+                let len = STATE_FIXED as usize + have.len() + vouched.len() + 32 * st.hashes.len();
+                put_header(dst, tag::STATE, len);
+                dst.put_slice(st.blob.as_bytes());
+                dst.put_u64(st.size);
+                dst.put_u32(st.chunk_size);
+                dst.put_u32(st.have.len());
+                dst.put_slice(&have);
+                dst.put_slice(&vouched);
+                for h in &st.hashes {
+                    dst.put_slice(h);
+                }
+            }
         }
         Ok(())
     }
@@ -566,6 +676,7 @@ impl Response {
                     Ok(())
                 }
             }
+            Response::State(st) => st.validate(),
         }
     }
 
@@ -586,6 +697,38 @@ impl Response {
                     chunk_size,
                     bits,
                 }
+            }
+            tag::STATE => {
+                let blob = take_digest(&mut p);
+                let size = p.get_u64();
+                let chunk_size = p.get_u32();
+                let len = p.get_u32();
+                let n = Bitfield::byte_len(len);
+                let truncated = || WireError::Malformed {
+                    tag: tag::STATE,
+                    what: "payload shorter than its bitfields and hashes",
+                };
+                if p.len() < 2 * n {
+                    return Err(truncated());
+                }
+                let have = Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
+                let vouched =
+                    Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
+                if p.len() != 32 * vouched.count() as usize {
+                    return Err(truncated());
+                }
+                let hashes = p
+                    .chunks_exact(32)
+                    .map(|c| c.try_into().expect("32-byte chunks"))
+                    .collect();
+                Response::State(BlobState {
+                    blob,
+                    size,
+                    chunk_size,
+                    have,
+                    vouched,
+                    hashes,
+                })
             }
             tag::ERROR => {
                 let code = ErrorKind::from_u16(p.get_u16());
@@ -614,11 +757,12 @@ fn take_digest(p: &mut Bytes) -> Digest {
 fn check_header(tag: u8, len: u32, requests: bool) -> Result<(), WireError> {
     let (is_request, min, max) = match tag {
         tag::GET_CHUNKS => (true, GET_CHUNKS_FIXED + 4, u32::MAX),
-        tag::GET_BITFIELD | tag::WATCH => (true, 32, 32),
+        tag::GET_BITFIELD | tag::WATCH | tag::GET_STATE => (true, 32, 32),
         tag::CHUNK => (false, 4, MAX_CHUNK_PAYLOAD),
         tag::DONT_HAVE => (false, 4, 4),
         tag::BITFIELD => (false, BITFIELD_FIXED, MAX_BITFIELD_PAYLOAD),
         tag::ERROR => (false, ERROR_FIXED, ERROR_FIXED + MAX_ERROR_MESSAGE as u32),
+        tag::STATE => (false, STATE_FIXED, MAX_STATE_PAYLOAD),
         _ => return Err(WireError::UnknownTag(tag)),
     };
     if is_request != requests {
@@ -1114,7 +1258,7 @@ mod tests {
         let blob = "00".repeat(32);
         let cases: Vec<(String, WireError)> = vec![
             ("00 00000000".into(), WireError::UnknownTag(0)),
-            ("04 00000000".into(), WireError::UnknownTag(4)),
+            ("05 00000000".into(), WireError::UnknownTag(5)),
             (
                 "03 00000000".into(),
                 WireError::Undersize {
@@ -1297,6 +1441,69 @@ mod tests {
         assert_eq!(format!("{r:?}"), "Chunk { index: 1, len: 1000 }");
     }
 
+    #[test]
+    fn a_state_vouches_only_for_held_chunks_with_one_hash_each() {
+        let blob = Digest::from_bytes([7; 32]);
+        let cs = crate::chunk::MIN_CHUNK_SIZE;
+        let mut have = Bitfield::new(3).unwrap();
+        have.set(0).unwrap();
+        have.set(2).unwrap();
+        let mut vouched = Bitfield::new(3).unwrap();
+        vouched.set(2).unwrap();
+        let good = BlobState {
+            blob,
+            size: u64::from(cs) * 2 + 5,
+            chunk_size: cs,
+            have: have.clone(),
+            vouched: vouched.clone(),
+            hashes: vec![[9; 32]],
+        };
+        let mut wire = BytesMut::new();
+        Response::State(good.clone()).encode(&mut wire).unwrap();
+        let mut dec = ResponseDecoder::new();
+        assert_eq!(dec.push(&wire), wire.len());
+        assert_eq!(
+            dec.next_response().unwrap(),
+            Some(Response::State(good.clone()))
+        );
+        assert_eq!(good.vouched_hashes().collect::<Vec<_>>(), vec![(2, &[9; 32])]);
+
+        let mut not_held = good.clone();
+        not_held.vouched.set(1).unwrap();
+        not_held.hashes.push([1; 32]);
+        let mut hash_missing = good.clone();
+        hash_missing.hashes.clear();
+        let mut wrong_len = good.clone();
+        wrong_len.size = u64::from(cs) * 5;
+        for bad in [not_held, hash_missing, wrong_len] {
+            let e = Response::State(bad).encode(&mut BytesMut::new()).unwrap_err();
+            assert!(
+                matches!(e, WireError::Malformed { .. }),
+                "unexpected error {e}"
+            );
+        }
+
+        // A payload whose hashes stop short is refused by the decoder too.
+        let mut cut = wire.clone();
+        cut.truncate(wire.len() - 1);
+        cut[1..5].copy_from_slice(&((wire.len() - 1 - HEADER_LEN) as u32).to_be_bytes());
+        let mut dec = ResponseDecoder::new();
+        dec.push(&cut);
+        assert!(matches!(
+            dec.next_response(),
+            Err(WireError::Malformed { .. })
+        ));
+        // A header declaring more than the largest State is refused at once.
+        let mut huge = vec![0x44];
+        huge.extend_from_slice(&(MAX_STATE_PAYLOAD + 1).to_be_bytes());
+        let mut dec = ResponseDecoder::new();
+        dec.push(&huge);
+        assert!(matches!(
+            dec.next_response(),
+            Err(WireError::Oversize { .. })
+        ));
+    }
+
     fn arb_digest() -> impl Strategy<Value = Digest> {
         any::<[u8; 32]>().prop_map(Digest::from_bytes)
     }
@@ -1319,7 +1526,41 @@ mod tests {
                 }),
             arb_digest().prop_map(|blob| Request::GetBitfield { blob }),
             arb_digest().prop_map(|blob| Request::Watch { blob }),
+            arb_digest().prop_map(|blob| Request::GetState { blob }),
         ]
+    }
+
+    fn arb_state() -> impl Strategy<Value = Response> {
+        (
+            arb_digest(),
+            arb_chunk_size(),
+            prop::collection::vec((any::<bool>(), any::<bool>(), any::<[u8; 32]>()), 1..200),
+            0u64..4096,
+        )
+            .prop_map(|(blob, chunk_size, v, tail)| {
+                let n = v.len() as u32;
+                let size = u64::from(chunk_size) * u64::from(n - 1) + 1 + tail % u64::from(chunk_size);
+                let mut have = Bitfield::new(n).unwrap();
+                let mut vouched = Bitfield::new(n).unwrap();
+                let mut hashes = Vec::new();
+                for (i, (h, vo, hash)) in v.into_iter().enumerate() {
+                    if h {
+                        have.set(i as u32).unwrap();
+                        if vo {
+                            vouched.set(i as u32).unwrap();
+                            hashes.push(hash);
+                        }
+                    }
+                }
+                Response::State(BlobState {
+                    blob,
+                    size,
+                    chunk_size,
+                    have,
+                    vouched,
+                    hashes,
+                })
+            })
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
@@ -1351,6 +1592,7 @@ mod tests {
                 }),
             (any::<u16>(), "\\PC{0,120}")
                 .prop_map(|(code, message)| Response::error(ErrorKind::from_u16(code), message)),
+            arb_state(),
         ]
     }
 

@@ -273,6 +273,27 @@ impl Cluster {
             .await
     }
 
+    /// Starts a member named `node` whose DHT listens on a free TCP port of
+    /// 127.0.0.1 (`--dht-listen`), returned with it.
+    pub async fn dht_member(
+        &self,
+        node: &str,
+        mut opts: ShoaldOpts,
+    ) -> Result<(Shoald, std::net::SocketAddr)> {
+        let dht: std::net::SocketAddr = format!("127.0.0.1:{}", util::free_port()?).parse()?;
+        opts.extra_args
+            .extend(["--dht-listen".into(), dht.to_string()]);
+        Ok((self.member(node, opts).await?, dht))
+    }
+
+    /// Starts a member with a DHT, like [`dht_member`](Self::dht_member),
+    /// whose credentials come from another cluster CA: an outsider.
+    pub async fn dht_outsider(&self, node: &str, mut opts: ShoaldOpts) -> Result<Shoald> {
+        let dht = format!("127.0.0.1:{}", util::free_port()?);
+        opts.extra_args.extend(["--dht-listen".into(), dht]);
+        self.outsider(node, opts).await
+    }
+
     /// Starts a member named `node` whose cluster dir holds only the CA
     /// certificate: it joins with `token` at the tracker's join listener
     /// (the CA key stays off the node) and renews its certificate there.

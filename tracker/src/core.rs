@@ -56,7 +56,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
+    Announce, AnnounceReply, MAX_DHT_PEERS, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
     NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Rack, Report, ReportReply,
     TrackerError, MAX_DENIED,
 };
@@ -196,6 +196,9 @@ struct Member {
     stalled_for: BTreeSet<NodeId>,
     /// Where it sits, as it last said.
     rack: Option<Rack>,
+    /// Where its DHT listens, as it last said.
+    #[serde(default)]
+    dht: Option<PeerAddr>,
 }
 
 /// What the tracker remembers about a node's trustworthiness. Kept while the
@@ -373,6 +376,7 @@ impl Tracker {
                 m.seen = now;
                 m.promise = promise;
                 m.addr = a.addr().clone();
+                m.dht = a.dht().cloned();
                 // Keep the lease index to blobs where the node still is a
                 // lessee, so it stays bounded over a long membership.
                 m.lease_blobs.retain(|d| {
@@ -393,6 +397,7 @@ impl Tracker {
                         lease_blobs: BTreeSet::new(),
                         stalled_for: BTreeSet::new(),
                         rack: None,
+                        dht: a.dht().cloned(),
                     },
                 );
             }
@@ -445,7 +450,22 @@ impl Tracker {
             interval_ms: self.cfg.announce_interval_ms,
             known,
             denied: self.denied.iter().cloned().collect(),
+            dht_peers: self.dht_peers(&node),
         })
+    }
+
+    /// The DHT addresses of the members after `node` in name order (around
+    /// the ring), at most [`MAX_DHT_PEERS`]: every member gets a different,
+    /// overlapping set, so the DHT they bootstrap from is connected.
+    fn dht_peers(&self, node: &NodeId) -> Vec<PeerAddr> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let after = self.members.range((Excluded(node), Unbounded));
+        let before = self.members.range(..node);
+        after
+            .chain(before)
+            .filter_map(|(_, m)| m.dht.clone())
+            .take(MAX_DHT_PEERS)
+            .collect()
     }
 
     /// What `node` needs to fetch `blob`: the known chunk hashes, at most

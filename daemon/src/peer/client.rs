@@ -29,7 +29,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint, RecvStream};
 use shoal_proto::sched::Outcome;
-use shoal_proto::wire::{ErrorKind, Request, Response, ResponseDecoder, WireError, MAX_INDICES};
+use shoal_proto::wire::{
+    BlobState, ErrorKind, Request, Response, ResponseDecoder, WireError, MAX_INDICES,
+};
 use shoal_proto::{Bitfield, ChunkError, ChunkHashes, ChunkLayout, Digest};
 use tokio::time::Instant;
 
@@ -597,8 +599,8 @@ impl PeerClient {
                         "an answer for chunk {index} where chunk {due} was due"
                     )));
                 }
-                Response::Bitfield { .. } => {
-                    return Err(protocol("a Bitfield frame in answer to GetChunks"));
+                Response::Bitfield { .. } | Response::State(_) => {
+                    return Err(protocol("a Bitfield or State frame in answer to GetChunks"));
                 }
                 Response::Error { code, message } => {
                     return Err(Stop::Failed(refusal(code, message)));
@@ -630,6 +632,37 @@ impl PeerClient {
             let frame = first_frame(&mut recv, &mut dec).await?;
             let _ = recv.stop(stream_code::DONE);
             bitfield_of(frame, blob, layout, "GetBitfield")
+        };
+        tokio::time::timeout(deadline, ask)
+            .await
+            .unwrap_or(Err(FetchError::Timeout))
+    }
+
+    /// What `peer` holds of `blob` and the chunk hashes it vouches for
+    /// (`GetState`): `Ok(None)` if it holds nothing of it.
+    pub(crate) async fn state(
+        &self,
+        peer: &PeerAddr,
+        blob: &Digest,
+        deadline: Duration,
+    ) -> Result<Option<BlobState>, FetchError> {
+        let ask = async {
+            let (_send, mut recv) = self.open(peer, Request::GetState { blob: *blob }).await?;
+            let mut dec = ResponseDecoder::new();
+            let frame = first_frame(&mut recv, &mut dec).await?;
+            let _ = recv.stop(stream_code::DONE);
+            match frame {
+                Response::State(st) if st.blob == *blob => Ok(Some(st)),
+                Response::State(st) => Err(FetchError::Protocol(format!(
+                    "the state of {} in answer to one of {blob}",
+                    st.blob
+                ))),
+                Response::DontHave { index: 0 } => Ok(None),
+                Response::Error { code, message } => Err(refusal(code, message)),
+                other => Err(FetchError::Protocol(format!(
+                    "{other:?} in answer to GetState"
+                ))),
+            }
         };
         tokio::time::timeout(deadline, ask)
             .await

@@ -23,7 +23,11 @@
 //!    [`WATCH_FRAME_GAP_MS`], until the blob is complete (the last frame is
 //!    full), its transfer ends, the peer stops reading, or the server shuts
 //!    down. Watches hold no upload slot;
-//! 5. the stream is finished. A peer that stops reading for longer than
+//! 5. `GetState` gets a `State` (size, holdings, the chunk hashes this node
+//!    vouches for; hashing a complete blob the first time is done off the
+//!    runtime and cached), or `DontHave{0}`. Members ask it when no
+//!    tracker answers;
+//! 6. the stream is finished. A peer that stops reading for longer than
 //!    [`ServeLimits::write_timeout`] gets its stream reset, freeing the slot.
 //!
 //! With an upload cap ([`ServeLimits::upload_rate`]) frames enter their
@@ -498,6 +502,22 @@ async fn serve_stream(
             out.frame(&resp).await
         }
         Ok(Ok(Request::Watch { blob })) => serve_watch(&mut out, &shared, blob, stop).await,
+        Ok(Ok(Request::GetState { blob })) => {
+            // Hashing a complete blob the first time reads it whole: off
+            // the runtime.
+            let source = shared.source.clone();
+            let state = tokio::task::spawn_blocking(move || source.state(&blob)).await;
+            let resp = match state {
+                Ok(Ok(Some(st))) => Response::State(st),
+                Ok(Ok(None)) => Response::DontHave { index: 0 },
+                Ok(Err(e)) => {
+                    tracing::warn!(%blob, error = %e, "reading a blob to answer GetState failed");
+                    Response::error(ErrorKind::Internal, "reading the blob failed")
+                }
+                Err(_) => Response::error(ErrorKind::Internal, "the state task failed"),
+            };
+            out.frame(&resp).await
+        }
         Ok(Err(RequestError::Gone)) => return,
         Ok(Err(RequestError::Wire(e))) => {
             tracing::debug!(error = %e, "malformed peer request");

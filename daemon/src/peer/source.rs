@@ -13,10 +13,14 @@
 //! ahead per upload slot, so the blocking pool stays bounded by the upload
 //! limit), which keeps the trait object-safe without boxing futures.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest as _, Sha256};
+use shoal_proto::wire::{BlobState, MAX_STATE_HASHES};
 use shoal_proto::{Bitfield, ChunkError, ChunkLayout, Digest};
 use tokio::sync::watch;
 
@@ -45,6 +49,62 @@ pub trait ChunkSource: Send + Sync {
     /// hear of them; `None` otherwise.
     fn arrivals(&self, _blob: &Digest) -> Option<watch::Receiver<Progress>> {
         None
+    }
+
+    /// The blob's size, the chunks held and the hashes this node vouches
+    /// for (all of a complete blob, whose digest was checked; of a blob
+    /// still arriving, those it fetched from the origin and hashed itself),
+    /// or `None` if it holds nothing of it. May block on disk.
+    fn state(&self, _blob: &Digest) -> io::Result<Option<BlobState>> {
+        Ok(None)
+    }
+}
+
+/// Chunk hashes this node computed itself from origin bytes, per blob still
+/// arriving: what it vouches for to members that ask (`GetState`) while no
+/// tracker holds the published hashes. Recorded as the transfer publishes
+/// them; bounded to the [`Vouched::MAX_BLOBS`] most recent blobs.
+#[derive(Debug, Clone, Default)]
+pub struct Vouched(Arc<Mutex<VouchedInner>>);
+
+#[derive(Debug, Default)]
+struct VouchedInner {
+    blobs: HashMap<Digest, BTreeMap<u32, [u8; 32]>>,
+    order: VecDeque<Digest>,
+}
+
+impl Vouched {
+    /// Blobs whose vouched hashes are kept.
+    pub const MAX_BLOBS: usize = 256;
+
+    /// Records hashes of origin chunks of `blob`.
+    pub fn record(&self, blob: &Digest, hashes: impl IntoIterator<Item = (u32, [u8; 32])>) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.blobs.contains_key(blob) {
+            if g.order.len() >= Self::MAX_BLOBS {
+                if let Some(old) = g.order.pop_front() {
+                    g.blobs.remove(&old);
+                }
+            }
+            g.order.push_back(*blob);
+        }
+        g.blobs.entry(*blob).or_default().extend(hashes);
+    }
+
+    /// The vouched chunks among `have` and their hashes, in index order.
+    pub fn among(&self, blob: &Digest, have: &Bitfield) -> (Bitfield, Vec<[u8; 32]>) {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bits = Bitfield::new(have.len()).expect("same length as a valid bitfield");
+        let mut hashes = Vec::new();
+        if let Some(m) = g.blobs.get(blob) {
+            for (&i, h) in m {
+                if have.get(i) && hashes.len() < MAX_STATE_HASHES as usize {
+                    let _ = bits.set(i);
+                    hashes.push(*h);
+                }
+            }
+        }
+        (bits, hashes)
     }
 }
 
@@ -116,16 +176,80 @@ impl ChunkSource for StoreSource {
 pub struct NodeSource {
     store: StoreSource,
     transfers: crate::transfer::Transfers,
+    vouched: Vouched,
+    /// States of complete blobs (their chunk hashes cost a read of the
+    /// whole blob), most recent [`STATE_CACHE`].
+    states: Arc<Mutex<VecDeque<Arc<BlobState>>>>,
 }
+
+/// How many complete blobs' states a [`NodeSource`] keeps.
+const STATE_CACHE: usize = 64;
 
 impl NodeSource {
     /// Serves `store` and the running `transfers`, laying complete blobs
     /// out with the cluster's `chunk_size`.
     pub fn new(store: Store, transfers: crate::transfer::Transfers, chunk_size: u32) -> Self {
+        Self::vouching(store, transfers, chunk_size, Vouched::default())
+    }
+
+    /// [`new`](Self::new), vouching for the origin chunk hashes `vouched`
+    /// records while blobs arrive.
+    pub fn vouching(
+        store: Store,
+        transfers: crate::transfer::Transfers,
+        chunk_size: u32,
+        vouched: Vouched,
+    ) -> Self {
         NodeSource {
             store: StoreSource::with_chunk_size(store, chunk_size),
             transfers,
+            vouched,
+            states: Arc::default(),
         }
+    }
+
+    /// The state of a complete blob: every chunk hashed from the verified
+    /// file (once; then cached).
+    fn complete_state(&self, blob: &Digest) -> io::Result<Option<BlobState>> {
+        // Only while the store holds it complete (an evicted blob's cached
+        // state would promise chunks no longer here).
+        let Some((layout, have)) = self.store.bitfield(blob) else {
+            return Ok(None);
+        };
+        {
+            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = states.iter().find(|s| s.blob == *blob && s.size == layout.size()) {
+                return Ok(Some(BlobState::clone(st)));
+            }
+        }
+        let Some(open) = self.store.store.open_complete(blob) else {
+            return Ok(None);
+        };
+        let n = layout.count().min(MAX_STATE_HASHES);
+        let mut vouched = Bitfield::new(layout.count()).expect("a valid layout's count");
+        let mut hashes = Vec::with_capacity(n as usize);
+        let mut buf = vec![0u8; layout.chunk_size() as usize];
+        for i in 0..n {
+            let (offset, len) = layout.range(i).expect("index within the layout");
+            let part = &mut buf[..len as usize];
+            open.file.read_exact_at(part, offset)?;
+            hashes.push(Sha256::digest(&*part).into());
+            let _ = vouched.set(i);
+        }
+        let st = BlobState {
+            blob: *blob,
+            size: layout.size(),
+            chunk_size: layout.chunk_size(),
+            have,
+            vouched,
+            hashes,
+        };
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if states.len() >= STATE_CACHE {
+            states.pop_front();
+        }
+        states.push_back(Arc::new(st.clone()));
+        Ok(Some(st))
     }
 
     fn arriving(
@@ -174,5 +298,23 @@ impl ChunkSource for NodeSource {
 
     fn arrivals(&self, blob: &Digest) -> Option<watch::Receiver<Progress>> {
         self.transfers.watch(blob)
+    }
+
+    fn state(&self, blob: &Digest) -> io::Result<Option<BlobState>> {
+        if let Some(st) = self.complete_state(blob)? {
+            return Ok(Some(st));
+        }
+        let Some((layout, have, _)) = self.arriving(blob) else {
+            return Ok(None);
+        };
+        let (vouched, hashes) = self.vouched.among(blob, &have);
+        Ok(Some(BlobState {
+            blob: *blob,
+            size: layout.size(),
+            chunk_size: layout.chunk_size(),
+            have,
+            vouched,
+            hashes,
+        }))
     }
 }
