@@ -614,6 +614,33 @@ mod tests {
         assert!(format!("{err:#}").contains("peer-max-uploads"), "{err:#}");
         let err = member(|a| a.peer_download_rate = Some("quick".into())).unwrap_err();
         assert!(format!("{err:#}").contains("peer-download-rate"), "{err:#}");
+        // The DHT: off by default; its advertised address is the peer
+        // address's IP with the DHT port; bootstrap names need a port.
+        assert!(member(|_| {}).unwrap().swarm.unwrap().dht.is_none());
+        let d = member(|a| {
+            a.dht_listen = Some("0.0.0.0:4902".parse().unwrap());
+            a.dht_bootstrap = vec!["shoal-peers.shoal.svc:4902".into()];
+        })
+        .unwrap()
+        .swarm
+        .unwrap()
+        .dht
+        .unwrap();
+        assert_eq!(d.advertise, "10.0.0.5:4902".parse().unwrap());
+        assert_eq!(d.bootstrap, ["shoal-peers.shoal.svc:4902"]);
+        for (bad, boot, says) in [
+            (Some("0.0.0.0:0"), vec![], "dht-listen"),
+            (Some("0.0.0.0:4902"), vec!["no-port"], "dht-bootstrap"),
+            (Some("0.0.0.0:4902"), vec![":4902"], "dht-bootstrap"),
+            (None, vec!["a:4902"], "needs `dht-listen`"),
+        ] {
+            let err = member(|a| {
+                a.dht_listen = bad.map(|b| b.parse().unwrap());
+                a.dht_bootstrap = boot.iter().map(|s| s.to_string()).collect();
+            })
+            .unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{err:#}");
+        }
         assert_eq!(member(|_| {}).unwrap().swarm.unwrap().rack, None);
         let sc = member(|a| a.rack = Some("eu-west-1b".into()))
             .unwrap()

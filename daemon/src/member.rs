@@ -61,6 +61,16 @@ const PROVIDERS_EVERY: Duration = Duration::from_secs(1);
 const MAX_ASKED: usize = 32;
 /// How long a provider has to answer `GetState`.
 const STATE_DEADLINE: Duration = Duration::from_secs(2);
+/// No origin lease is granted for a blob until this long after this node
+/// first looked it up in the DHT: the provider records of members that
+/// started at the same moment need that long to be found, and until they
+/// are, this node would take their share too.
+pub const LEASE_SETTLE: Duration = Duration::from_secs(1);
+/// Blobs a view keeps state for before it forgets old ones.
+const MAX_BLOBS: usize = 1_024;
+/// A blob's state is forgotten this long after its first DHT lookup (once
+/// the tables are full).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// How long a local lease lasts.
 const LEASE_FOR: Duration = Duration::from_secs(5);
 /// The hash epoch of DHT-mode views (the tracker's epochs are far larger,
@@ -102,6 +112,35 @@ impl MemberTracker {
     /// The DHT fallback, if configured.
     pub fn dht(&self) -> Option<&DhtView> {
         self.dht.as_ref()
+    }
+
+    /// `blob` completed here, its digest checked; `last` are the session's
+    /// final requests. With a DHT, this node now vouches for every chunk
+    /// hash: those it computed from origin bytes (published, some in
+    /// `last`), and for the other chunks, which came from peers, the hashes
+    /// in `hashes` they were verified against — so a member asking for the
+    /// blob's state gets it without the blob being read again.
+    pub fn completed(
+        &self,
+        blob: &Digest,
+        hashes: &shoal_proto::ChunkHashes,
+        last: &[shoal_proto::session::Io],
+    ) {
+        if let Some(v) = &self.dht {
+            for io in last {
+                if let shoal_proto::session::Io::Publish(p) = io {
+                    v.published(p);
+                }
+            }
+            v.vouched.fill(
+                blob,
+                hashes
+                    .hashes()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, h)| Some((i as u32, (*h)?))),
+            );
+        }
     }
 
     /// Whether calls should skip the tracker (found down moments ago) and
@@ -256,13 +295,20 @@ pub struct DhtView {
     excluded: Mutex<HashMap<NodeId, Instant>>,
     /// Chunks this node holds local leases on, per blob.
     mine: Mutex<HashMap<Digest, BTreeSet<u32>>>,
+    /// When this node first looked each blob up in the DHT.
+    first_lookup: Mutex<HashMap<Digest, Instant>>,
     started: Instant,
 }
 
 impl DhtView {
     /// A view for `node` over `dht`, asking members through `peers`,
     /// recording the hashes this node vouches for in `vouched`.
-    pub fn new(dht: Dht, peers: std::sync::Arc<PeerClient>, node: NodeId, vouched: Vouched) -> Self {
+    pub fn new(
+        dht: Dht,
+        peers: std::sync::Arc<PeerClient>,
+        node: NodeId,
+        vouched: Vouched,
+    ) -> Self {
         DhtView {
             dht,
             peers,
@@ -271,6 +317,7 @@ impl DhtView {
             blobs: Mutex::default(),
             excluded: Mutex::default(),
             mine: Mutex::default(),
+            first_lookup: Mutex::default(),
             started: Instant::now(),
         }
     }
@@ -353,7 +400,9 @@ impl DhtView {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::debug!(peer = %n, %blob, error = %e, "provider did not tell its state"),
+                Err(e) => {
+                    tracing::debug!(peer = %n, %blob, error = %e, "provider did not tell its state")
+                }
             }
         }
         let known = Known {
@@ -368,6 +417,18 @@ impl DhtView {
             .unwrap_or_else(|p| p.into_inner())
             .insert(*blob, known.clone());
         Some(known)
+    }
+
+    /// Forgets blobs not looked up for [`FORGET_AFTER`] (the tables stay
+    /// bounded over a long outage).
+    fn prune(&self, first: &mut HashMap<Digest, Instant>) {
+        first.retain(|_, t| t.elapsed() < FORGET_AFTER);
+        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        blobs.retain(|d, k| first.contains_key(d) && k.asked.elapsed() < FORGET_AFTER);
+        self.mine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d, _| first.contains_key(d));
     }
 
     /// The members fetching `blob` (providers not complete, and this node),
@@ -387,6 +448,13 @@ impl DhtView {
 
     /// A lookup answered from the DHT and the providers themselves.
     pub async fn lookup(&self, blob: &Digest) -> Result<LookupReply, ApiError> {
+        {
+            let mut first = self.first_lookup.lock().unwrap_or_else(|p| p.into_inner());
+            first.entry(*blob).or_insert_with(Instant::now);
+            if first.len() > MAX_BLOBS {
+                self.prune(&mut first);
+            }
+        }
         let Some(k) = self.refresh(blob).await else {
             return Err(ApiError::refused(&TrackerError::UnknownBlob(*blob)));
         };
@@ -448,7 +516,17 @@ impl DhtView {
         let open = |i: u32| {
             !served.get(i) && (conflict.get(i) || owner(&fetchers, &blob, i) == &self.node)
         };
-        let budget = r.max_chunks().min(64) as usize;
+        let settled = self
+            .first_lookup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&blob)
+            .is_some_and(|t| t.elapsed() >= LEASE_SETTLE);
+        let budget = if settled {
+            r.max_chunks().min(64) as usize
+        } else {
+            0
+        };
         let mut mine = self.mine.lock().unwrap_or_else(|p| p.into_inner());
         let held = mine.entry(blob).or_default();
         held.retain(|&i| i < count && open(i));
@@ -597,7 +675,8 @@ mod tests {
         let runs = 600u32;
         let mut per = HashMap::new();
         for r in 0..runs {
-            *per.entry(owner(&all, &blob, r * RUN).clone()).or_insert(0u32) += 1;
+            *per.entry(owner(&all, &blob, r * RUN).clone())
+                .or_insert(0u32) += 1;
             // Every chunk of a run has the run's owner.
             assert_eq!(
                 owner(&all, &blob, r * RUN),

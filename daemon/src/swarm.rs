@@ -17,10 +17,10 @@ use shoal_tracker::{Tracker, TrackerConfig};
 use crate::config::SwarmConfig;
 use crate::dht::{Dht, DhtConfig};
 use crate::member::{DhtView, MemberTracker};
-use crate::peer::source::Vouched;
 use crate::peer::client::PeerClient;
 use crate::peer::server::{PeerServer, PeerServerHandle, ServeLimits};
 use crate::peer::source::ChunkSource;
+use crate::peer::source::Vouched;
 use crate::peer::DenyList;
 use crate::rate::RateLimit;
 use crate::store::Store;
@@ -428,8 +428,8 @@ mod tests {
         Swarm {
             node: "node-1".parse().unwrap(),
             addr: "127.0.0.1:4901".parse().unwrap(),
-            tracker: AnyTracker::Embedded(Embedded::new(tracker, clock)),
-            peers: PeerClient::new(endpoint),
+            tracker: MemberTracker::new(AnyTracker::Embedded(Embedded::new(tracker, clock))),
+            peers: Arc::new(PeerClient::new(endpoint)),
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
             rack: None,
             denied: Arc::default(),

@@ -531,7 +531,11 @@ impl Transfers {
         // read the same verified file.
         tx.send_modify(|p| p.phase = Phase::Done);
         if let Some(net) = &net {
-            net.finish(session.finish());
+            let last = session.finish();
+            net.swarm
+                .tracker
+                .completed(digest, &session.hashes().0, &last);
+            net.finish(last);
         }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
         let stored = tokio::task::spawn_blocking(move || store.complete(&d, &f, None))

@@ -399,7 +399,9 @@ impl BlobState {
             what,
         };
         if self.have.len() != layout.count() || self.vouched.len() != layout.count() {
-            return Err(malformed("bitfield length differs from the layout's chunk count"));
+            return Err(malformed(
+                "bitfield length differs from the layout's chunk count",
+            ));
         }
         if self.vouched.has_any_outside(&self.have, &self.have) {
             return Err(malformed("a vouched chunk that is not held"));
@@ -711,7 +713,8 @@ impl Response {
                 if p.len() < 2 * n {
                     return Err(truncated());
                 }
-                let have = Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
+                let have =
+                    Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
                 let vouched =
                     Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
                 if p.len() != 32 * vouched.count() as usize {
@@ -1466,7 +1469,10 @@ mod tests {
             dec.next_response().unwrap(),
             Some(Response::State(good.clone()))
         );
-        assert_eq!(good.vouched_hashes().collect::<Vec<_>>(), vec![(2, &[9; 32])]);
+        assert_eq!(
+            good.vouched_hashes().collect::<Vec<_>>(),
+            vec![(2, &[9; 32])]
+        );
 
         let mut not_held = good.clone();
         not_held.vouched.set(1).unwrap();
@@ -1476,7 +1482,9 @@ mod tests {
         let mut wrong_len = good.clone();
         wrong_len.size = u64::from(cs) * 5;
         for bad in [not_held, hash_missing, wrong_len] {
-            let e = Response::State(bad).encode(&mut BytesMut::new()).unwrap_err();
+            let e = Response::State(bad)
+                .encode(&mut BytesMut::new())
+                .unwrap_err();
             assert!(
                 matches!(e, WireError::Malformed { .. }),
                 "unexpected error {e}"
@@ -1488,7 +1496,7 @@ mod tests {
         cut.truncate(wire.len() - 1);
         cut[1..5].copy_from_slice(&((wire.len() - 1 - HEADER_LEN) as u32).to_be_bytes());
         let mut dec = ResponseDecoder::new();
-        dec.push(&cut);
+        assert_eq!(dec.push(&cut), cut.len());
         assert!(matches!(
             dec.next_response(),
             Err(WireError::Malformed { .. })
@@ -1497,7 +1505,7 @@ mod tests {
         let mut huge = vec![0x44];
         huge.extend_from_slice(&(MAX_STATE_PAYLOAD + 1).to_be_bytes());
         let mut dec = ResponseDecoder::new();
-        dec.push(&huge);
+        let _ = dec.push(&huge);
         assert!(matches!(
             dec.next_response(),
             Err(WireError::Oversize { .. })
@@ -1539,7 +1547,8 @@ mod tests {
         )
             .prop_map(|(blob, chunk_size, v, tail)| {
                 let n = v.len() as u32;
-                let size = u64::from(chunk_size) * u64::from(n - 1) + 1 + tail % u64::from(chunk_size);
+                let size =
+                    u64::from(chunk_size) * u64::from(n - 1) + 1 + tail % u64::from(chunk_size);
                 let mut have = Bitfield::new(n).unwrap();
                 let mut vouched = Bitfield::new(n).unwrap();
                 let mut hashes = Vec::new();

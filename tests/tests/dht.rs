@@ -94,18 +94,17 @@ async fn cold_pull_with_the_tracker_down(dht: bool) -> (f64, f64) {
     let took = started.elapsed();
     let egress = (origin.egress() - before) as f64;
     let (mut peer_total, mut answers) = (0.0, 0.0);
+    let mut per_node = Vec::new();
     for n in &nodes {
+        per_node.push(n.origin_blob_bytes().await.unwrap() / image_bytes as f64);
         peer_total += n.metric(PEER_RX, &[]).await.unwrap();
-        answers += n
-            .metric(DHT_ANSWERS, &[("call", "lookup")])
-            .await
-            .unwrap();
+        answers += n.metric(DHT_ANSWERS, &[("call", "lookup")]).await.unwrap();
     }
     let f = image_bytes as f64;
     eprintln!(
         "injected: tracker killed before a cold pull ({MEMBERS} members, DHT {dht}); counted: all \
          complete in {took:.1?}, origin sent {egress} bytes ({:.3}x the image), peers {peer_total} \
-         ({:.2}x), {answers} lookups answered from the DHT",
+         ({:.2}x), {answers} lookups answered from the DHT; origin bytes per member (x the image): {per_node:.2?}",
         egress / f,
         peer_total / f
     );
@@ -152,9 +151,10 @@ async fn without_any_tracker_a_member_bootstraps_from_a_named_peer_and_outsiders
     let opts = || ShoaldOpts::insecure_default(&origin.addr());
     let (a, a_dht) = cluster.dht_member("node-a", opts()).await.unwrap();
     let mut b_opts = opts();
-    b_opts
-        .extra_args
-        .extend(["--dht-bootstrap".into(), format!("localhost:{}", a_dht.port())]);
+    b_opts.extra_args.extend([
+        "--dht-bootstrap".into(),
+        format!("localhost:{}", a_dht.port()),
+    ]);
     let (b, _) = cluster.dht_member("node-b", b_opts).await.unwrap();
     let mut o_opts = opts();
     o_opts
@@ -165,7 +165,11 @@ async fn without_any_tracker_a_member_bootstraps_from_a_named_peer_and_outsiders
 
     let size = 6 * MIB as u64;
     let (blob, digest) = random_blob(size as usize, fresh_seed());
-    origin.registry.push_blob("swarm/boot", &blob).await.unwrap();
+    origin
+        .registry
+        .push_blob("swarm/boot", &blob)
+        .await
+        .unwrap();
     let path = format!("/v2/swarm/boot/blobs/{digest}");
     let get = |n: &Shoald| {
         let url = format!("{}{path}", n.registry_url());

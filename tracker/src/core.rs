@@ -56,9 +56,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_proto::tracker_api::{
-    Announce, AnnounceReply, MAX_DHT_PEERS, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
+    Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
     NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Rack, Report, ReportReply,
-    TrackerError, MAX_DENIED,
+    TrackerError, MAX_DENIED, MAX_DHT_PEERS,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 

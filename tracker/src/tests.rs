@@ -471,6 +471,45 @@ fn an_announce_says_whether_the_tracker_knew_the_member() {
     h.check();
 }
 
+/// Announce replies name other members' DHT addresses: those after the
+/// announcer in name order, around the ring, at most `MAX_DHT_PEERS`, never
+/// its own, only of members that gave one.
+#[test]
+fn announce_replies_name_the_next_members_dht_addresses() {
+    use shoal_proto::tracker_api::MAX_DHT_PEERS;
+    let mut h = Harness::new();
+    let dht = |n: usize| -> shoal_proto::tracker_api::PeerAddr {
+        format!("10.0.0.{n}:4902").parse().unwrap()
+    };
+    let announce = |h: &mut Harness, n: usize, with_dht: bool| {
+        let a = Announce::new(
+            id(n),
+            format!("10.0.0.{n}:4901").parse().unwrap(),
+            vec![],
+            vec![],
+            false,
+        )
+        .unwrap()
+        .with_dht(with_dht.then(|| dht(n)));
+        h.t.announce(0, a).unwrap().dht_peers
+    };
+    assert!(announce(&mut h, 1, true).is_empty(), "nobody else yet");
+    // n2 gives no DHT address: it is named to nobody.
+    assert_eq!(announce(&mut h, 2, false), [dht(1)]);
+    assert_eq!(announce(&mut h, 3, true), [dht(1)]);
+    assert_eq!(announce(&mut h, 1, true), [dht(3)]);
+    for n in 4..30 {
+        announce(&mut h, n, true);
+    }
+    // Names sort as strings: after n3 come n4..n9, then n1 (wrapping), n10...
+    let got = announce(&mut h, 3, true);
+    assert_eq!(got.len(), MAX_DHT_PEERS);
+    assert_eq!(got[0], dht(4));
+    assert!(!got.contains(&dht(3)), "its own address");
+    assert!(!got.contains(&dht(2)), "a member without a DHT");
+    h.check();
+}
+
 #[test]
 fn time_never_goes_backwards() {
     let (d, l) = (blob(1), layout(2));

@@ -71,24 +71,63 @@ pub struct Vouched(Arc<Mutex<VouchedInner>>);
 struct VouchedInner {
     blobs: HashMap<Digest, BTreeMap<u32, [u8; 32]>>,
     order: VecDeque<Digest>,
+    /// Hashes held over all blobs.
+    total: usize,
 }
 
 impl Vouched {
     /// Blobs whose vouched hashes are kept.
     pub const MAX_BLOBS: usize = 256;
+    /// Hashes kept over all blobs (32 MiB).
+    pub const MAX_HASHES: usize = 1 << 20;
 
-    /// Records hashes of origin chunks of `blob`.
+    /// Records hashes of origin chunks of `blob` (or, once it is complete,
+    /// of all its chunks).
     pub fn record(&self, blob: &Digest, hashes: impl IntoIterator<Item = (u32, [u8; 32])>) {
+        self.add(blob, hashes, true);
+    }
+
+    /// Records hashes of chunks of `blob` that have none recorded yet (a
+    /// hash this node computed from origin bytes is never replaced).
+    pub fn fill(&self, blob: &Digest, hashes: impl IntoIterator<Item = (u32, [u8; 32])>) {
+        self.add(blob, hashes, false);
+    }
+
+    fn add(&self, blob: &Digest, hashes: impl IntoIterator<Item = (u32, [u8; 32])>, replace: bool) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if !g.blobs.contains_key(blob) {
-            if g.order.len() >= Self::MAX_BLOBS {
-                if let Some(old) = g.order.pop_front() {
-                    g.blobs.remove(&old);
-                }
-            }
             g.order.push_back(*blob);
         }
-        g.blobs.entry(*blob).or_default().extend(hashes);
+        let entry = g.blobs.entry(*blob).or_default();
+        let before = entry.len();
+        for (i, h) in hashes {
+            if replace {
+                entry.insert(i, h);
+            } else {
+                entry.entry(i).or_insert(h);
+            }
+        }
+        let added = entry.len() - before;
+        g.total += added;
+        while (g.order.len() > Self::MAX_BLOBS || g.total > Self::MAX_HASHES) && g.order.len() > 1 {
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
+            if let Some(m) = g.blobs.remove(&old) {
+                g.total -= m.len();
+            }
+        }
+    }
+
+    /// Every chunk hash of `blob` under `layout`, if all are recorded (the
+    /// blob completed here with its digest checked).
+    pub fn all(&self, blob: &Digest, count: u32) -> Option<Vec<[u8; 32]>> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = g.blobs.get(blob)?;
+        if m.len() != count as usize || m.keys().next_back() != count.checked_sub(1).as_ref() {
+            return None;
+        }
+        Some(m.values().copied().collect())
     }
 
     /// The vouched chunks among `have` and their hashes, in index order.
@@ -218,24 +257,39 @@ impl NodeSource {
         };
         {
             let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(st) = states.iter().find(|s| s.blob == *blob && s.size == layout.size()) {
+            if let Some(st) = states
+                .iter()
+                .find(|s| s.blob == *blob && s.size == layout.size())
+            {
                 return Ok(Some(BlobState::clone(st)));
             }
         }
-        let Some(open) = self.store.store.open_complete(blob) else {
-            return Ok(None);
-        };
         let n = layout.count().min(MAX_STATE_HASHES);
         let mut vouched = Bitfield::new(layout.count()).expect("a valid layout's count");
-        let mut hashes = Vec::with_capacity(n as usize);
-        let mut buf = vec![0u8; layout.chunk_size() as usize];
         for i in 0..n {
-            let (offset, len) = layout.range(i).expect("index within the layout");
-            let part = &mut buf[..len as usize];
-            open.file.read_exact_at(part, offset)?;
-            hashes.push(Sha256::digest(&*part).into());
             let _ = vouched.set(i);
         }
+        let hashes = match self.vouched.all(blob, layout.count()) {
+            // Recorded when its transfer completed: no need to read it.
+            Some(mut all) => {
+                all.truncate(n as usize);
+                all
+            }
+            None => {
+                let Some(open) = self.store.store.open_complete(blob) else {
+                    return Ok(None);
+                };
+                let mut hashes = Vec::with_capacity(n as usize);
+                let mut buf = vec![0u8; layout.chunk_size() as usize];
+                for i in 0..n {
+                    let (offset, len) = layout.range(i).expect("index within the layout");
+                    let part = &mut buf[..len as usize];
+                    open.file.read_exact_at(part, offset)?;
+                    hashes.push(Sha256::digest(&*part).into());
+                }
+                hashes
+            }
+        };
         let st = BlobState {
             blob: *blob,
             size: layout.size(),

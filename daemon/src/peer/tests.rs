@@ -1436,3 +1436,92 @@ async fn watchers_past_the_limit_are_told_busy_and_a_closed_watch_frees_its_slot
     })
     .await;
 }
+
+/// `GetState`: a complete blob is vouched for whole (every chunk hash, from
+/// the recorded ones or from reading the verified file, the same either
+/// way); a blob not held is `None`.
+#[tokio::test]
+async fn get_state_vouches_for_every_chunk_of_a_complete_blob_and_nothing_else() {
+    use super::source::{NodeSource, Vouched};
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+        let data = blob_data(30);
+        let (hashes, digest) = hashes_of(&data);
+        store.put_small(&digest, Kind::Blob, &data, None).unwrap();
+        let origin = shoal_registry_shim::client::OriginClient::new(Default::default()).unwrap();
+        let transfers = crate::transfer::Transfers::new(store.clone(), origin);
+        let vouched = Vouched::default();
+        let source = NodeSource::vouching(store.clone(), transfers, MIN_CHUNK, vouched.clone());
+        let ca = TestCa::new("cluster");
+        let (_server, peer) = serve(&ca, Arc::new(source), ServeLimits::default());
+        let client = ca.client(Some("client-1"));
+
+        let st = client
+            .state(&peer, &digest, DEADLINE)
+            .await
+            .unwrap()
+            .expect("a complete blob has a state");
+        assert_eq!((st.size, st.chunk_size), (data.len() as u64, MIN_CHUNK));
+        assert!(st.have.is_full() && st.vouched.is_full());
+        let want: Vec<[u8; 32]> = hashes.hashes().iter().map(|h| h.unwrap()).collect();
+        assert_eq!(st.hashes, want, "hashed from the file");
+
+        let other = Digest::of(&blob_data(31));
+        assert!(client
+            .state(&peer, &other, DEADLINE)
+            .await
+            .unwrap()
+            .is_none());
+
+        // Hashes recorded at completion are used as they are.
+        let (hashes2, digest2) = hashes_of(&blob_data(32));
+        store
+            .put_small(&digest2, Kind::Blob, &blob_data(32), None)
+            .unwrap();
+        vouched.fill(
+            &digest2,
+            hashes2
+                .hashes()
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (i as u32, h.unwrap())),
+        );
+        let st = client
+            .state(&peer, &digest2, DEADLINE)
+            .await
+            .unwrap()
+            .unwrap();
+        let want: Vec<[u8; 32]> = hashes2.hashes().iter().map(|h| h.unwrap()).collect();
+        assert_eq!(st.hashes, want);
+    })
+    .await;
+}
+
+#[test]
+fn vouched_hashes_keep_origin_ones_and_stay_bounded() {
+    use super::source::Vouched;
+    let v = Vouched::default();
+    let d = Digest::of(b"x");
+    v.record(&d, [(0, [1; 32]), (2, [3; 32])]);
+    // Filling never replaces a hash computed from origin bytes.
+    v.fill(&d, [(0, [9; 32]), (1, [2; 32])]);
+    let mut have = Bitfield::new(3).unwrap();
+    for i in 0..3 {
+        have.set(i).unwrap();
+    }
+    let (bits, hashes) = v.among(&d, &have);
+    assert_eq!(bits.count(), 3);
+    assert_eq!(hashes, vec![[1; 32], [2; 32], [3; 32]]);
+    assert_eq!(v.all(&d, 3), Some(vec![[1; 32], [2; 32], [3; 32]]));
+    assert_eq!(v.all(&d, 4), None, "a hash missing");
+    // Only held chunks are vouched for.
+    let mut some = Bitfield::new(3).unwrap();
+    some.set(2).unwrap();
+    assert_eq!(v.among(&d, &some).1, vec![[3; 32]]);
+    // Past the blob bound the oldest blob goes.
+    for i in 0..Vouched::MAX_BLOBS as u32 {
+        v.record(&Digest::of(&i.to_be_bytes()), [(0, [0; 32])]);
+    }
+    assert_eq!(v.all(&d, 3), None, "the oldest blob was kept");
+}
