@@ -116,9 +116,8 @@ pub struct RunArgs {
     )]
     pub join: Option<String>,
     /// TCP address of this node's DHT (libp2p Kademlia), which finds peers
-    /// when no tracker answers; the port must be the same on every node
-    /// that others reach only through the tracker's member list [default:
-    /// no DHT].
+    /// when no tracker answers; others dial the advertised IP with this
+    /// port [default: no DHT].
     #[arg(long, env = "SHOAL_DHT_LISTEN", value_name = "ADDR")]
     pub dht_listen: Option<SocketAddr>,
     /// DHT nodes to bootstrap from, `HOST:PORT` (repeatable; a headless
