@@ -10,14 +10,17 @@
 //! - **tracker down** (a call found it unreachable; it is tried again after
 //!   [`PROBE_AFTER`]) and a DHT configured: lookups become
 //!   [`DhtView::lookup`] — providers from the DHT, then each provider's own
-//!   `GetState` over QUIC: what it holds and the chunk hashes it vouches
-//!   for; leases are decided locally by **rendezvous hashing**: each run of
-//!   [`RUN`] chunks belongs to one of the members fetching the blob (the
-//!   providers not yet complete, and this node), the one with the highest
-//!   hash of (member, blob, run), so a cold fleet splits origin fetches
-//!   without talking to each other and the origin sends about one copy.
-//!   A run owned by someone else shows as leased elsewhere; the scheduler's
-//!   own timeouts fetch it from the origin if its owner never delivers.
+//!   `GetState` over QUIC: what it holds, the chunk hashes it vouches for,
+//!   and which chunks it is fetching from the origin (its leases, from the
+//!   tracker or local); leases are decided locally: a chunk someone holds
+//!   or is fetching is left to them, and the rest by **rendezvous
+//!   hashing**: each run of [`RUN`] chunks belongs to one of the members
+//!   fetching the blob (the providers not yet complete, and this node), the
+//!   one with the highest hash of (member, blob, run), so a cold fleet
+//!   splits origin fetches without talking to each other and the origin
+//!   sends about one copy. A run owned by someone else shows as leased
+//!   elsewhere; if nobody holds or fetches it for [`FALLBACK_STEP`] times
+//!   this node's rank for it, it is this node's too (views can differ).
 //!
 //! Trust without a tracker (also in `docs/RELIABILITY.md`): a chunk hash is
 //! taken from a member that holds the blob complete (it checked the
@@ -53,8 +56,10 @@ pub const PROBE_AFTER: Duration = Duration::from_secs(3);
 pub const RUN: u32 = 4;
 /// How long a member stays excluded here for bad data.
 pub const EXCLUDE_FOR: Duration = Duration::from_secs(600);
-/// How long a member reported unresponsive is left out.
-const UNRESPONSIVE_FOR: Duration = Duration::from_secs(30);
+/// A provider's last state stands in for this long when it does not
+/// answer `GetState` in time (a busy member is not a gone one: dropping it
+/// would hand its runs to others, who would fetch them again).
+const STATE_KEEP: Duration = Duration::from_secs(3);
 /// Providers are asked of the DHT at most this often per blob.
 const PROVIDERS_EVERY: Duration = Duration::from_secs(1);
 /// Most providers asked for their state per lookup.
@@ -71,6 +76,15 @@ const MAX_BLOBS: usize = 1_024;
 /// A blob's state is forgotten this long after its first DHT lookup (once
 /// the tables are full).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// A run nobody holds or fetches goes to the member ranked k-th for it
+/// (by rendezvous) after k times this.
+/// Long enough that a busy owner (its origin requests taken by other runs
+/// and blobs) gets to its runs first: fallbacks are for runs nobody thinks
+/// are theirs, which the scheduler would otherwise fetch only at its last
+/// resort (25 s).
+pub const FALLBACK_STEP: Duration = Duration::from_secs(8);
+/// Leases are decided on providers' states at most this old.
+const LEASE_VIEW_AGE: Duration = Duration::from_millis(300);
 /// How long a local lease lasts.
 const LEASE_FOR: Duration = Duration::from_secs(5);
 /// The hash epoch of DHT-mode views (the tracker's epochs are far larger,
@@ -170,6 +184,27 @@ impl MemberTracker {
     }
 }
 
+impl MemberTracker {
+    async fn lease_anywhere(&self, r: &LeaseRequest) -> Result<Lease, ApiError> {
+        if !self.skip_primary() {
+            let got = self.primary.lease(r.clone()).await;
+            if !self.noted(&got) {
+                return got;
+            }
+        }
+        match &self.dht {
+            Some(v) => {
+                crate::metrics::global()
+                    .dht_answers
+                    .get_or_create(&crate::metrics::CallLabel { call: "lease" })
+                    .inc();
+                Ok(v.lease(r).await)
+            }
+            None => unreachable!("skipped only with a DHT"),
+        }
+    }
+}
+
 impl TrackerApi for MemberTracker {
     async fn announce(&self, a: Announce) -> Result<AnnounceReply, ApiError> {
         let a = match &self.dht {
@@ -221,22 +256,15 @@ impl TrackerApi for MemberTracker {
     }
 
     async fn lease(&self, r: LeaseRequest) -> Result<Lease, ApiError> {
-        if !self.skip_primary() {
-            let got = self.primary.lease(r.clone()).await;
-            if !self.noted(&got) {
-                return got;
-            }
+        let asked = Instant::now();
+        let got = self.lease_anywhere(&r).await;
+        if let (Ok(l), Some(v)) = (&got, &self.dht) {
+            // Members that split origin fetches without the tracker leave
+            // these to this node.
+            v.vouched
+                .leased(r.blob(), &l.grant.chunks, (asked + l.valid_for).into_std());
         }
-        match &self.dht {
-            Some(v) => {
-                crate::metrics::global()
-                    .dht_answers
-                    .get_or_create(&crate::metrics::CallLabel { call: "lease" })
-                    .inc();
-                Ok(v.lease(&r).await)
-            }
-            None => unreachable!("skipped only with a DHT"),
-        }
+        got
     }
 
     async fn publish_hashes(&self, p: PublishHashes) -> Result<PublishReply, ApiError> {
@@ -281,6 +309,11 @@ struct Known {
     /// When the DHT was last asked for providers, and what it said.
     providers: Vec<(NodeId, PeerAddr)>,
     providers_at: Instant,
+    /// Per chunk: since when no provider has held it or been fetching it
+    /// (`None`: someone has, or is).
+    unclaimed: Vec<Option<Instant>>,
+    /// When each provider's state in `states` was told.
+    told: HashMap<NodeId, Instant>,
 }
 
 /// Lookups and leases from the DHT and the members themselves.
@@ -343,7 +376,9 @@ impl DhtView {
     }
 
     /// Providers (at most every [`PROVIDERS_EVERY`]) and their states now.
-    async fn refresh(&self, blob: &Digest) -> Option<Known> {
+    /// With `providers_since`, the DHT is asked again unless the providers
+    /// known were found after it.
+    async fn refresh(&self, blob: &Digest, providers_since: Option<Instant>) -> Option<Known> {
         let cached = self
             .blobs
             .lock()
@@ -351,7 +386,12 @@ impl DhtView {
             .get(blob)
             .cloned();
         let providers = match &cached {
-            Some(k) if k.providers_at.elapsed() < PROVIDERS_EVERY => k.providers.clone(),
+            Some(k)
+                if k.providers_at.elapsed() < PROVIDERS_EVERY
+                    && providers_since.is_none_or(|t| k.providers_at >= t) =>
+            {
+                k.providers.clone()
+            }
             _ => {
                 let found = tokio::time::timeout(STATE_DEADLINE, self.dht.providers(blob))
                     .await
@@ -370,7 +410,12 @@ impl DhtView {
             }
         };
         let providers_at = match &cached {
-            Some(k) if k.providers_at.elapsed() < PROVIDERS_EVERY => k.providers_at,
+            Some(k)
+                if k.providers_at.elapsed() < PROVIDERS_EVERY
+                    && providers_since.is_none_or(|t| k.providers_at >= t) =>
+            {
+                k.providers_at
+            }
             _ => Instant::now(),
         };
         let asks = providers
@@ -388,12 +433,15 @@ impl DhtView {
                 })
             });
         let mut states = Vec::new();
+        let mut told = HashMap::new();
         let mut layout = cached.as_ref().map(|k| k.layout);
+        let now = Instant::now();
         for (n, a, st) in futures_util::future::join_all(asks).await {
             match st {
                 Ok(Some(st)) => {
                     let Ok(l) = st.layout() else { continue };
                     if *layout.get_or_insert(l) == l {
+                        told.insert(n.clone(), now);
                         states.push((n, a, st));
                     } else {
                         tracing::debug!(peer = %n, %blob, "a provider lays the blob out differently; ignored");
@@ -401,16 +449,42 @@ impl DhtView {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(peer = %n, %blob, error = %e, "provider did not tell its state")
+                    tracing::debug!(peer = %n, %blob, error = %e, "provider did not tell its state");
+                    let last = cached.as_ref().and_then(|k| {
+                        let at = *k.told.get(&n)?;
+                        let st = k.states.iter().find(|(m, _, _)| *m == n)?;
+                        (at.elapsed() < STATE_KEEP).then(|| (at, st.clone()))
+                    });
+                    if let Some((at, st)) = last {
+                        told.insert(n, at);
+                        states.push(st);
+                    }
                 }
             }
         }
+        let layout = layout?;
+        let mut claimed = Bitfield::new(layout.count()).expect("a layout's count");
+        for (_, _, st) in &states {
+            claimed.union_with(&st.have);
+            claimed.union_with(&st.fetching);
+        }
+        let before = cached
+            .filter(|k| k.layout == layout)
+            .map(|k| k.unclaimed)
+            .unwrap_or_default();
+        let unclaimed = (0..layout.count())
+            .map(|i| {
+                (!claimed.get(i)).then(|| before.get(i as usize).copied().flatten().unwrap_or(now))
+            })
+            .collect();
         let known = Known {
-            layout: layout?,
+            layout,
             states,
-            asked: Instant::now(),
+            asked: now,
             providers,
             providers_at,
+            unclaimed,
+            told,
         };
         self.blobs
             .lock()
@@ -429,6 +503,23 @@ impl DhtView {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|d, _| first.contains_key(d));
+    }
+
+    /// Whether chunk `i` is this node's to fetch from the origin, when
+    /// nobody holds it or is fetching it: it owns the chunk's run by
+    /// rendezvous, or it is this node's turn as a fallback — the run has
+    /// gone unclaimed for [`FALLBACK_STEP`] times this node's rank for it.
+    /// Views of who is fetching can differ (provider records still
+    /// spreading, a member that did not answer `GetState`): without
+    /// fallbacks a run could wait for an owner that thinks it is another's.
+    fn mine_now(&self, k: &Known, fetchers: &[NodeId], blob: &Digest, i: u32) -> bool {
+        let r = rank(fetchers, &self.node, blob, i);
+        r == 0
+            || k.unclaimed
+                .get(i as usize)
+                .copied()
+                .flatten()
+                .is_some_and(|t| t.elapsed() >= FALLBACK_STEP * r as u32)
     }
 
     /// The members fetching `blob` (providers not complete, and this node),
@@ -455,11 +546,16 @@ impl DhtView {
                 self.prune(&mut first);
             }
         }
-        let Some(k) = self.refresh(blob).await else {
+        let Some(k) = self.refresh(blob, None).await else {
             return Err(ApiError::refused(&TrackerError::UnknownBlob(*blob)));
         };
         let count = k.layout.count();
-        let (hashes, served, conflict) = summarize(&k, blob);
+        let Summary {
+            hashes,
+            served,
+            conflict,
+            claimed,
+        } = summarize(&k, blob);
         let holders: Vec<Holder> = k
             .states
             .iter()
@@ -476,7 +572,9 @@ impl DhtView {
         let fetchers = self.fetchers(&k);
         let mut leased = Bitfield::new(count).expect("a layout's count");
         for i in 0..count {
-            if !served.get(i) && !conflict.get(i) && owner(&fetchers, blob, i) != &self.node {
+            let theirs =
+                !conflict.get(i) && (claimed.get(i) || !self.mine_now(&k, &fetchers, blob, i));
+            if !served.get(i) && theirs {
                 let _ = leased.set(i);
             }
         }
@@ -491,37 +589,48 @@ impl DhtView {
     /// ones first.
     pub async fn lease(&self, r: &LeaseRequest) -> Lease {
         let blob = *r.blob();
+        let first = self
+            .first_lookup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&blob)
+            .copied();
+        let settled = first.is_some_and(|t| t.elapsed() >= LEASE_SETTLE);
+        // Decide on who fetches what from a fresh view: providers found
+        // well after this node's first lookup (members that started with it
+        // have published theirs by then), states of a moment ago (who is
+        // fetching what).
+        let since = first.filter(|_| settled).map(|t| t + LEASE_SETTLE / 2);
         let fresh = self
             .blobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&blob)
-            .filter(|k| k.asked.elapsed() < PROVIDERS_EVERY)
+            .filter(|k| {
+                k.asked.elapsed() < LEASE_VIEW_AGE && since.is_none_or(|t| k.providers_at >= t)
+            })
             .cloned();
         let k = match fresh {
             Some(k) => Some(k),
-            None => self.refresh(&blob).await,
+            None => self.refresh(&blob, since).await,
         };
         let layout = r.layout();
         let count = layout.count();
-        let none = || Bitfield::new(count).expect("a layout's count");
-        let (fetchers, served, conflict) = match k.filter(|k| k.layout == layout) {
-            Some(k) => {
-                let (_, served, conflict) = summarize(&k, &blob);
-                (self.fetchers(&k), served, conflict)
-            }
-            None => (vec![self.node.clone()], none(), none()),
+        let k = k.filter(|k| k.layout == layout);
+        let (fetchers, sum) = match &k {
+            Some(k) => (self.fetchers(k), summarize(k, &blob)),
+            None => (vec![self.node.clone()], Summary::empty(count)),
         };
-        // A chunk members disagree on is everyone's to fetch.
+        // Not what someone serves; a chunk members disagree on is
+        // everyone's; one another member holds or is fetching is left to
+        // it; the rest as `mine_now` says.
         let open = |i: u32| {
-            !served.get(i) && (conflict.get(i) || owner(&fetchers, &blob, i) == &self.node)
+            !sum.served.get(i)
+                && (sum.conflict.get(i)
+                    || (!sum.claimed.get(i)
+                        && k.as_ref()
+                            .is_none_or(|k| self.mine_now(k, &fetchers, &blob, i))))
         };
-        let settled = self
-            .first_lookup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&blob)
-            .is_some_and(|t| t.elapsed() >= LEASE_SETTLE);
         let budget = if settled {
             r.max_chunks().min(64) as usize
         } else {
@@ -541,6 +650,14 @@ impl DhtView {
             }
         }
         held.extend(chunks.iter().copied());
+        if !chunks.is_empty() {
+            let ranks: Vec<usize> = chunks
+                .iter()
+                .map(|&i| rank(&fetchers, &self.node, &blob, i))
+                .collect();
+            tracing::debug!(%blob, ?chunks, ?ranks, fetchers = fetchers.len(),
+                "origin lease decided here (rank 0: owner; more: fallback)");
+        }
         let now_ms = self.started.elapsed().as_millis() as u64;
         Lease::new(
             LeaseGrant {
@@ -576,10 +693,9 @@ impl DhtView {
                 self.exclude(peer, EXCLUDE_FOR);
                 vec![peer.clone()]
             }
-            Report::Unresponsive { peer, .. } => {
-                self.exclude(peer, UNRESPONSIVE_FOR);
-                Vec::new()
-            }
+            // The scheduler benches a silent peer itself; a dead one stops
+            // answering `GetState` and drops out of the view.
+            Report::Unresponsive { .. } => Vec::new(),
             Report::DigestMismatch { blob, epoch, .. } if *epoch == DHT_EPOCH => {
                 // Some vouched hash was wrong and nothing says whose: leave
                 // out every member that vouched for one.
@@ -609,14 +725,18 @@ impl DhtView {
 
 /// The chunk hashes the providers vouch for (none for a chunk two of them
 /// disagree on), which chunks someone can serve verifiably (held, with a
-/// hash), and which chunks they disagree on.
-fn summarize(k: &Known, blob: &Digest) -> (Vec<Option<ChunkHash>>, Bitfield, Bitfield) {
+/// hash), which chunks they disagree on, and which chunks one of them
+/// holds or is fetching from the origin (claimed: a holder's hash follows
+/// its chunk within moments).
+fn summarize(k: &Known, blob: &Digest) -> Summary {
     let count = k.layout.count();
     let mut hashes: Vec<Option<ChunkHash>> = vec![None; count as usize];
     let mut conflict = Bitfield::new(count).expect("a layout's count");
     let mut held = Bitfield::new(count).expect("a layout's count");
+    let mut fetching = Bitfield::new(count).expect("a layout's count");
     for (_, _, st) in &k.states {
         held.union_with(&st.have);
+        fetching.union_with(&st.fetching);
         for (i, h) in st.vouched_hashes() {
             let h = ChunkHash::from_bytes(*h);
             match &hashes[i as usize] {
@@ -637,7 +757,36 @@ fn summarize(k: &Known, blob: &Digest) -> (Vec<Option<ChunkHash>>, Bitfield, Bit
             let _ = served.set(i);
         }
     }
-    (hashes, served, conflict)
+    fetching.union_with(&held);
+    Summary {
+        hashes,
+        served,
+        conflict,
+        claimed: fetching,
+    }
+}
+
+/// What the providers' states say of a blob, chunk by chunk.
+struct Summary {
+    hashes: Vec<Option<ChunkHash>>,
+    /// Held by someone, with a hash.
+    served: Bitfield,
+    /// Members vouch for different hashes.
+    conflict: Bitfield,
+    /// Held or being fetched from the origin by someone.
+    claimed: Bitfield,
+}
+
+impl Summary {
+    fn empty(count: u32) -> Self {
+        let none = || Bitfield::new(count).expect("a layout's count");
+        Summary {
+            hashes: vec![None; count as usize],
+            served: none(),
+            conflict: none(),
+            claimed: none(),
+        }
+    }
 }
 
 /// The member that fetches chunk `i`'s run of `blob` from the origin: the
@@ -645,19 +794,31 @@ fn summarize(k: &Known, blob: &Digest) -> (Vec<Option<ChunkHash>>, Bitfield, Bit
 /// same list picks the same owner, and a member joining or leaving moves
 /// only its own share.
 pub fn owner<'a>(fetchers: &'a [NodeId], blob: &Digest, i: u32) -> &'a NodeId {
-    let run = i / RUN;
     fetchers
         .iter()
-        .max_by_key(|n| {
-            let mut h = Sha256::new();
-            h.update(n.as_str().as_bytes());
-            h.update([0]);
-            h.update(blob.as_bytes());
-            h.update(run.to_be_bytes());
-            let out = h.finalize();
-            u64::from_be_bytes(out[..8].try_into().expect("8 bytes"))
-        })
+        .max_by_key(|n| score(n, blob, i / RUN))
         .expect("the fetchers always include this node")
+}
+
+/// `node`'s place for chunk `i`'s run among `fetchers`: 0 for its owner,
+/// 1 for the next in line, and so on.
+pub fn rank(fetchers: &[NodeId], node: &NodeId, blob: &Digest, i: u32) -> usize {
+    let run = i / RUN;
+    let mine = score(node, blob, run);
+    fetchers
+        .iter()
+        .filter(|n| *n != node && score(n, blob, run) > mine)
+        .count()
+}
+
+fn score(node: &NodeId, blob: &Digest, run: u32) -> u64 {
+    let mut h = Sha256::new();
+    h.update(node.as_str().as_bytes());
+    h.update([0]);
+    h.update(blob.as_bytes());
+    h.update(run.to_be_bytes());
+    let out = h.finalize();
+    u64::from_be_bytes(out[..8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]
@@ -686,6 +847,13 @@ mod tests {
         assert_eq!(per.len(), 6);
         for (node, c) in &per {
             assert!((60..=140).contains(c), "{node} owns {c} of {runs} runs");
+        }
+        // Ranks: one owner, then everyone once.
+        for r in 0..runs {
+            let mut ranks: Vec<usize> = all.iter().map(|n| rank(&all, n, &blob, r * RUN)).collect();
+            ranks.sort_unstable();
+            assert_eq!(ranks, (0..6).collect::<Vec<_>>());
+            assert_eq!(rank(&all, owner(&all, &blob, r * RUN), &blob, r * RUN), 0);
         }
         let fewer: Vec<NodeId> = all[1..].to_vec();
         for r in 0..runs {

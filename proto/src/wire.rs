@@ -47,7 +47,7 @@
 //! | `0x41` | `DontHave` | index `u32` |
 //! | `0x42` | `Bitfield` | blob `[32]`, chunk_size `u32`, len `u32`, bits `[ceil(len/8)]` ([`Bitfield::to_bytes`]) |
 //! | `0x43` | `Error` | code `u16` ([`ErrorKind`]), message UTF-8 (≤ 512 bytes) |
-//! | `0x44` | `State` | blob `[32]`, size `u64`, chunk_size `u32`, len `u32`, have bits, vouched bits (each `[ceil(len/8)]`), one hash `[32]` per vouched chunk (≤ [`MAX_STATE_HASHES`]) |
+//! | `0x44` | `State` | blob `[32]`, size `u64`, chunk_size `u32`, len `u32`, have bits, vouched bits, fetching bits (each `[ceil(len/8)]`), one hash `[32]` per vouched chunk (≤ [`MAX_STATE_HASHES`]) |
 //!
 //! Each tag has an exact payload bound, checked as soon as the 5 header bytes
 //! arrive, before any payload is buffered: control frames stay far below
@@ -116,7 +116,7 @@ pub const MAX_BITFIELD_PAYLOAD: u32 = BITFIELD_FIXED + MAX_CHUNKS / 8;
 /// the origin).
 pub const MAX_STATE_HASHES: u32 = 1 << 16;
 /// Largest `State` payload.
-pub const MAX_STATE_PAYLOAD: u32 = STATE_FIXED + 2 * (MAX_CHUNKS / 8) + 32 * MAX_STATE_HASHES;
+pub const MAX_STATE_PAYLOAD: u32 = STATE_FIXED + 3 * (MAX_CHUNKS / 8) + 32 * MAX_STATE_HASHES;
 /// Largest frame, header included: the most a [`Decoder`] ever holds.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_CHUNK_PAYLOAD as usize;
 /// Most chunk indices in one `GetChunks`.
@@ -377,6 +377,9 @@ pub struct BlobState {
     pub vouched: Bitfield,
     /// One hash per vouched chunk, in index order.
     pub hashes: Vec<[u8; 32]>,
+    /// Chunks the server is fetching from the origin now (none of them
+    /// held), so members splitting origin fetches leave them to it.
+    pub fetching: Bitfield,
 }
 
 impl BlobState {
@@ -398,13 +401,19 @@ impl BlobState {
             tag: tag::STATE,
             what,
         };
-        if self.have.len() != layout.count() || self.vouched.len() != layout.count() {
+        if self.have.len() != layout.count()
+            || self.vouched.len() != layout.count()
+            || self.fetching.len() != layout.count()
+        {
             return Err(malformed(
                 "bitfield length differs from the layout's chunk count",
             ));
         }
         if self.vouched.has_any_outside(&self.have, &self.have) {
             return Err(malformed("a vouched chunk that is not held"));
+        }
+        if self.fetching.intersects(&self.have) {
+            return Err(malformed("a chunk both held and being fetched"));
         }
         if self.vouched.count() as usize != self.hashes.len() {
             return Err(malformed("hash count differs from the vouched chunk count"));
@@ -647,8 +656,16 @@ impl Response {
                 dst.put_slice(message.as_bytes());
             }
             Response::State(st) => {
-                let (have, vouched) = (st.have.to_bytes(), st.vouched.to_bytes());
-                let len = STATE_FIXED as usize + have.len() + vouched.len() + 32 * st.hashes.len();
+                let (have, vouched, fetching) = (
+                    st.have.to_bytes(),
+                    st.vouched.to_bytes(),
+                    st.fetching.to_bytes(),
+                );
+                let len = STATE_FIXED as usize
+                    + have.len()
+                    + vouched.len()
+                    + fetching.len()
+                    + 32 * st.hashes.len();
                 put_header(dst, tag::STATE, len);
                 dst.put_slice(st.blob.as_bytes());
                 dst.put_u64(st.size);
@@ -656,6 +673,7 @@ impl Response {
                 dst.put_u32(st.have.len());
                 dst.put_slice(&have);
                 dst.put_slice(&vouched);
+                dst.put_slice(&fetching);
                 for h in &st.hashes {
                     dst.put_slice(h);
                 }
@@ -710,12 +728,14 @@ impl Response {
                     tag: tag::STATE,
                     what: "payload shorter than its bitfields and hashes",
                 };
-                if p.len() < 2 * n {
+                if p.len() < 3 * n {
                     return Err(truncated());
                 }
                 let have =
                     Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
                 let vouched =
+                    Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
+                let fetching =
                     Bitfield::from_bytes(len, &p.split_to(n)).map_err(WireError::BadBitfield)?;
                 if p.len() != 32 * vouched.count() as usize {
                     return Err(truncated());
@@ -731,6 +751,7 @@ impl Response {
                     have,
                     vouched,
                     hashes,
+                    fetching,
                 })
             }
             tag::ERROR => {
@@ -1460,6 +1481,11 @@ mod tests {
             have: have.clone(),
             vouched: vouched.clone(),
             hashes: vec![[9; 32]],
+            fetching: {
+                let mut f = Bitfield::new(3).unwrap();
+                f.set(1).unwrap();
+                f
+            },
         };
         let mut wire = BytesMut::new();
         Response::State(good.clone()).encode(&mut wire).unwrap();
@@ -1481,7 +1507,9 @@ mod tests {
         hash_missing.hashes.clear();
         let mut wrong_len = good.clone();
         wrong_len.size = u64::from(cs) * 5;
-        for bad in [not_held, hash_missing, wrong_len] {
+        let mut fetching_held = good.clone();
+        fetching_held.fetching.set(0).unwrap();
+        for bad in [not_held, hash_missing, wrong_len, fetching_held] {
             let e = Response::State(bad)
                 .encode(&mut BytesMut::new())
                 .unwrap_err();
@@ -1542,7 +1570,7 @@ mod tests {
         (
             arb_digest(),
             arb_chunk_size(),
-            prop::collection::vec((any::<bool>(), any::<bool>(), any::<[u8; 32]>()), 1..200),
+            prop::collection::vec((0u8..4, any::<[u8; 32]>()), 1..200),
             0u64..4096,
         )
             .prop_map(|(blob, chunk_size, v, tail)| {
@@ -1551,14 +1579,20 @@ mod tests {
                     u64::from(chunk_size) * u64::from(n - 1) + 1 + tail % u64::from(chunk_size);
                 let mut have = Bitfield::new(n).unwrap();
                 let mut vouched = Bitfield::new(n).unwrap();
+                let mut fetching = Bitfield::new(n).unwrap();
                 let mut hashes = Vec::new();
-                for (i, (h, vo, hash)) in v.into_iter().enumerate() {
-                    if h {
-                        have.set(i as u32).unwrap();
-                        if vo {
-                            vouched.set(i as u32).unwrap();
+                // 0: missing, 1: being fetched, 2: held, 3: held and vouched.
+                for (i, (kind, hash)) in v.into_iter().enumerate() {
+                    let i = i as u32;
+                    match kind {
+                        1 => fetching.set(i).map(drop).unwrap(),
+                        2 => have.set(i).map(drop).unwrap(),
+                        3 => {
+                            have.set(i).unwrap();
+                            vouched.set(i).unwrap();
                             hashes.push(hash);
                         }
+                        _ => {}
                     }
                 }
                 Response::State(BlobState {
@@ -1568,6 +1602,7 @@ mod tests {
                     have,
                     vouched,
                     hashes,
+                    fetching,
                 })
             })
     }

@@ -73,6 +73,8 @@ struct VouchedInner {
     order: VecDeque<Digest>,
     /// Hashes held over all blobs.
     total: usize,
+    /// Chunks this node holds origin leases on, until when.
+    leased: HashMap<Digest, HashMap<u32, std::time::Instant>>,
 }
 
 impl Vouched {
@@ -117,6 +119,39 @@ impl Vouched {
                 g.total -= m.len();
             }
         }
+    }
+
+    /// This node holds origin leases on `chunks` of `blob` until `until`:
+    /// it is fetching them, and says so in its `State`.
+    pub fn leased(&self, blob: &Digest, chunks: &[u32], until: std::time::Instant) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        g.leased.retain(|_, m| {
+            m.retain(|_, t| *t > now);
+            !m.is_empty()
+        });
+        if g.leased.len() < Self::MAX_BLOBS {
+            let m = g.leased.entry(*blob).or_default();
+            for &i in chunks.iter().take(MAX_STATE_HASHES as usize) {
+                m.insert(i, until);
+            }
+        }
+    }
+
+    /// The chunks of `blob` (of `count`) this node is fetching from the
+    /// origin now, leaving out those in `have`.
+    pub fn fetching(&self, blob: &Digest, count: u32, have: &Bitfield) -> Bitfield {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bits = Bitfield::new(count).expect("a layout's count");
+        let now = std::time::Instant::now();
+        if let Some(m) = g.leased.get(blob) {
+            for (&i, t) in m {
+                if *t > now && i < count && !have.get(i) {
+                    let _ = bits.set(i);
+                }
+            }
+        }
+        bits
     }
 
     /// Every chunk hash of `blob` under `layout`, if all are recorded (the
@@ -294,6 +329,7 @@ impl NodeSource {
             blob: *blob,
             size: layout.size(),
             chunk_size: layout.chunk_size(),
+            fetching: Bitfield::new(layout.count()).expect("a valid layout's count"),
             have,
             vouched,
             hashes,
@@ -366,6 +402,7 @@ impl ChunkSource for NodeSource {
             blob: *blob,
             size: layout.size(),
             chunk_size: layout.chunk_size(),
+            fetching: self.vouched.fetching(blob, layout.count(), &have),
             have,
             vouched,
             hashes,
