@@ -221,7 +221,8 @@ impl Dht {
             provided: HashSet::new(),
             queries: HashMap::new(),
             candidates: Vec::new(),
-            republish: true,
+            republish: false,
+            routed: 0,
         };
         tokio::spawn(node.run(rx));
         tracing::info!(peer_id = %local, dht = %advertise, "DHT node started");
@@ -318,8 +319,12 @@ struct Node {
     /// Addresses to bootstrap from, most recent first.
     candidates: Vec<SocketAddr>,
     /// Provider and node records are due to be (re)published: the routing
-    /// table grew, so there are (new) closest peers to hold them.
+    /// table grew to a power of two (1, 2, 4, …) peers, so there are new
+    /// closest peers to hold them — a handful of times over a node's life;
+    /// Kademlia also republishes them itself every ten minutes.
     republish: bool,
+    /// Peers the routing table has gained since the node started.
+    routed: u64,
 }
 
 impl Node {
@@ -394,7 +399,12 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 is_new_peer: true,
                 ..
-            })) => self.republish = true,
+            })) => {
+                self.routed += 1;
+                if self.routed.is_power_of_two() {
+                    self.republish = true;
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,

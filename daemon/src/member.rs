@@ -78,6 +78,7 @@ const MAX_BLOBS: usize = 1_024;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// A run nobody holds or fetches goes to the member ranked k-th for it
 /// (by rendezvous) after k times this.
+///
 /// Long enough that a busy owner (its origin requests taken by other runs
 /// and blobs) gets to its runs first: fallbacks are for runs nobody thinks
 /// are theirs, which the scheduler would otherwise fetch only at its last
@@ -182,9 +183,7 @@ impl MemberTracker {
         }
         down && self.dht.is_some()
     }
-}
 
-impl MemberTracker {
     async fn lease_anywhere(&self, r: &LeaseRequest) -> Result<Lease, ApiError> {
         if !self.skip_primary() {
             let got = self.primary.lease(r.clone()).await;
