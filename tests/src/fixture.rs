@@ -33,6 +33,45 @@ impl Origin {
     pub fn egress(&self) -> u64 {
         self.proxy.bytes_down()
     }
+
+    /// Pushes a random blob of each size to `repo`: the layers of a cold
+    /// image, as `(bytes, digest)`.
+    pub async fn push_random_layers(
+        &self,
+        repo: &str,
+        sizes: &[usize],
+    ) -> Result<Vec<(Vec<u8>, String)>> {
+        let mut out = Vec::new();
+        for &s in sizes {
+            let (blob, digest) = crate::random_blob(s, crate::fresh_seed());
+            self.registry.push_blob(repo, &blob).await?;
+            out.push((blob, digest));
+        }
+        Ok(out)
+    }
+}
+
+/// Every member GETs every blob of `repo` at once, each checked whole
+/// against its digest when its task is awaited (errors name the member and
+/// the blob).
+pub fn pull_all_at_once(
+    members: &[Shoald],
+    repo: &str,
+    blobs: &[(Vec<u8>, String)],
+) -> Vec<tokio::task::JoinHandle<Result<()>>> {
+    let mut pulls = Vec::new();
+    for n in members {
+        for (blob, digest) in blobs {
+            let url = format!("{}/v2/{repo}/blobs/{digest}", n.registry_url());
+            let (digest, size, who) = (digest.clone(), blob.len() as u64, n.registry_url());
+            pulls.push(tokio::spawn(async move {
+                let r = crate::http::get_hashed(&crate::http::client(), &url, &[]).await?;
+                r.expect_complete(&digest, size)
+                    .map_err(|e| e.context(format!("member at {who}: {digest}")))
+            }));
+        }
+    }
+    pulls
 }
 
 /// An [`Origin`] and a `shoald` allowed to fetch from it over plain HTTP, with the origin as

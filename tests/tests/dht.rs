@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use shoal_tests::cluster::Cluster;
-use shoal_tests::fixture::Origin;
+use shoal_tests::fixture::{pull_all_at_once, Origin};
 use shoal_tests::{fresh_seed, http, random_blob, Shoald, ShoaldOpts, MIB};
 
 const PEER_RX: &str = "shoal_peer_bytes_received_total";
@@ -49,13 +49,10 @@ async fn cold_pull_with_the_tracker_down(dht: bool, kill: Kill) -> (f64, f64) {
     const MEMBERS: usize = 6;
     let origin = Origin::start().await.unwrap();
     let sizes = [8 * MIB, 8 * MIB, 8 * MIB];
-    let blobs: Vec<(Vec<u8>, String)> = sizes
-        .iter()
-        .map(|&s| random_blob(s, fresh_seed()))
-        .collect();
-    for (blob, _) in &blobs {
-        origin.registry.push_blob("swarm/dht", blob).await.unwrap();
-    }
+    let blobs = origin
+        .push_random_layers("swarm/dht", &sizes)
+        .await
+        .unwrap();
     let image_bytes: u64 = sizes.iter().map(|&s| s as u64).sum();
     // 8 MiB/s: one copy takes 3 s, so members overlap.
     origin.proxy.set_rate(Some(8 * MIB as u64));
@@ -87,18 +84,7 @@ async fn cold_pull_with_the_tracker_down(dht: bool, kill: Kill) -> (f64, f64) {
 
     let before = origin.egress();
     let started = Instant::now();
-    let mut pulls = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for (blob, digest) in &blobs {
-            let url = format!("{}/v2/swarm/dht/blobs/{digest}", n.registry_url());
-            let (digest, size) = (digest.clone(), blob.len() as u64);
-            pulls.push(tokio::spawn(async move {
-                let r = http::get_hashed(&http::client(), &url, &[]).await?;
-                r.expect_complete(&digest, size)
-                    .map_err(|e| e.context(format!("node-{}: {digest}", i + 1)))
-            }));
-        }
-    }
+    let pulls = pull_all_at_once(&nodes, "swarm/dht", &blobs);
     if kill == Kill::Midway {
         while origin.egress() - before < image_bytes / 4 {
             assert!(

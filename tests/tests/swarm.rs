@@ -1,7 +1,7 @@
 //! Several members pull through the swarm: the origin serves about one copy.
 
 use shoal_tests::cluster::Cluster;
-use shoal_tests::fixture::Origin;
+use shoal_tests::fixture::{pull_all_at_once, Origin};
 use shoal_tests::{fresh_seed, http, random_blob, ShoaldOpts, MIB};
 
 const PEER_RX: &str = "shoal_peer_bytes_received_total";
@@ -540,13 +540,7 @@ async fn with_tracker_replicas_killing_one_mid_pull_still_costs_the_origin_one_c
     const MEMBERS: usize = 6;
     let origin = Origin::start().await.unwrap();
     let sizes = [8 * MIB, 8 * MIB, 8 * MIB];
-    let blobs: Vec<(Vec<u8>, String)> = sizes
-        .iter()
-        .map(|&s| random_blob(s, fresh_seed()))
-        .collect();
-    for (blob, _) in &blobs {
-        origin.registry.push_blob("swarm/ha", blob).await.unwrap();
-    }
+    let blobs = origin.push_random_layers("swarm/ha", &sizes).await.unwrap();
     let image_bytes: u64 = sizes.iter().map(|&s| s as u64).sum();
     // A slow origin (8 MiB/s): the pull lasts seconds, so the kill lands
     // mid-pull.
@@ -558,18 +552,7 @@ async fn with_tracker_replicas_killing_one_mid_pull_still_costs_the_origin_one_c
         nodes.push(cluster.member(&format!("node-{n}"), opts).await.unwrap());
     }
     let before = origin.egress();
-    let mut pulls = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for (blob, digest) in &blobs {
-            let url = format!("{}/v2/swarm/ha/blobs/{digest}", n.registry_url());
-            let (digest, size) = (digest.clone(), blob.len() as u64);
-            pulls.push(tokio::spawn(async move {
-                let r = http::get_hashed(&http::client(), &url, &[]).await?;
-                r.expect_complete(&digest, size)
-                    .map_err(|e| e.context(format!("node-{}: {digest}", i + 1)))
-            }));
-        }
-    }
+    let pulls = pull_all_at_once(&nodes, "swarm/ha", &blobs);
     let started = std::time::Instant::now();
     while origin.egress() - before < image_bytes / 4 {
         assert!(
