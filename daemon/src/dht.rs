@@ -59,6 +59,11 @@ const TICK: Duration = Duration::from_secs(5);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most node records kept (one per member).
 const MAX_RECORDS: usize = 100_000;
+/// How long a provider query is waited for (the query itself may go on,
+/// and its records land in the local store for the next).
+const PROVIDERS_WAIT: Duration = Duration::from_millis(1500);
+/// How long a provider's node record is waited for.
+const RECORD_WAIT: Duration = Duration::from_millis(1500);
 /// Largest node record accepted.
 const MAX_NODE_RECORD: usize = 512;
 
@@ -267,7 +272,7 @@ impl Dht {
         if self.tx.send(Cmd::Providers(*blob, tx)).is_err() {
             return Vec::new();
         }
-        let Ok(peers) = rx.await else {
+        let Ok(Ok(peers)) = tokio::time::timeout(PROVIDERS_WAIT, rx).await else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -281,10 +286,12 @@ impl Dht {
                 }
             }
         }
+        // A node record not found soon leaves that provider out this time;
+        // the others are answered.
         let lookups = unknown.into_iter().map(|p| async move {
             let (tx, rx) = oneshot::channel();
             self.tx.send(Cmd::Record(p, tx)).ok()?;
-            let value = rx.await.ok()??;
+            let value = tokio::time::timeout(RECORD_WAIT, rx).await.ok()?.ok()??;
             let rec: NodeRecord = serde_json::from_slice(&value).ok()?;
             Some((p, rec))
         });

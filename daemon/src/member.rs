@@ -392,9 +392,8 @@ impl DhtView {
                 k.providers.clone()
             }
             _ => {
-                let found = tokio::time::timeout(STATE_DEADLINE, self.dht.providers(blob))
-                    .await
-                    .unwrap_or_default();
+                // Bounded inside (the DHT query, then each node record).
+                let found = self.dht.providers(blob).await;
                 // Providers the DHT forgot are kept a little: records land
                 // on other nodes only after the routing table settles.
                 let mut merged = found;
