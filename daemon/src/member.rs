@@ -132,13 +132,15 @@ impl MemberTracker {
     /// `blob` completed here, its digest checked; `last` are the session's
     /// final requests. With a DHT, this node now vouches for every chunk
     /// hash: those it computed from origin bytes (published, some in
-    /// `last`), and for the other chunks, which came from peers, the hashes
-    /// in `hashes` they were verified against — so a member asking for the
-    /// blob's state gets it without the blob being read again.
+    /// `last`), and for the chunks that came from peers, the hashes they
+    /// were verified against (`verified_with`) — so a member asking for the
+    /// blob's state gets it without the blob being read again. A chunk with
+    /// neither (a chunk that came both ways) makes the set incomplete, and
+    /// the state is then hashed from the file once.
     pub fn completed(
         &self,
         blob: &Digest,
-        hashes: &shoal_proto::ChunkHashes,
+        verified_with: &HashMap<u32, [u8; 32]>,
         last: &[shoal_proto::session::Io],
     ) {
         if let Some(v) = &self.dht {
@@ -147,14 +149,8 @@ impl MemberTracker {
                     v.published(p);
                 }
             }
-            v.vouched.fill(
-                blob,
-                hashes
-                    .hashes()
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, h)| Some((i as u32, (*h)?))),
-            );
+            v.vouched
+                .fill(blob, verified_with.iter().map(|(&i, &h)| (i, h)));
         }
     }
 

@@ -336,6 +336,10 @@ impl Transfers {
         let mut net = swarm.map(|sw| Net::new(sw, *digest, ev_tx.clone()));
         let mut runs: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
         let mut tally = Tally::default();
+        // The hash each chunk from a peer was verified against (the last
+        // one, if it came again): what this node may vouch for once the
+        // blob's digest checks.
+        let mut verified_with: HashMap<u32, [u8; 32]> = HashMap::new();
         let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
         'download: loop {
@@ -429,11 +433,22 @@ impl Transfers {
                     chunk,
                     task: _,
                     result,
+                    hash,
                 } => match result {
+                    // Already stored (its bytes perhaps already hashed into
+                    // the digest): a late copy is counted, never written.
+                    ChunkResult::Verified(_) if session.have().get(chunk) => {
+                        Some((chunk, Source::Peer(peer), None))
+                    }
                     ChunkResult::Verified(bytes) => {
                         let (off, _) = layout.range(chunk).expect("verified against the layout");
                         match file.write_all_at(&bytes, off) {
-                            Ok(()) => Some((chunk, Source::Peer(peer), None)),
+                            Ok(()) => {
+                                if let Some(h) = hash {
+                                    verified_with.insert(chunk, h);
+                                }
+                                Some((chunk, Source::Peer(peer), None))
+                            }
                             Err(e) => {
                                 for h in runs.values() {
                                     h.abort();
@@ -532,9 +547,7 @@ impl Transfers {
         tx.send_modify(|p| p.phase = Phase::Done);
         if let Some(net) = &net {
             let last = session.finish();
-            net.swarm
-                .tracker
-                .completed(digest, &session.hashes().0, &last);
+            net.swarm.tracker.completed(digest, &verified_with, &last);
             net.finish(last);
         }
         let (store, d, f) = (self.store.clone(), *digest, file.clone());
@@ -596,6 +609,8 @@ enum Ev {
         /// The request it answers ([`Net::fetch_peer`]).
         task: u64,
         result: ChunkResult,
+        /// For a verified chunk, the hash it was verified against.
+        hash: Option<[u8; 32]>,
     },
     /// A tracker lookup answered.
     Looked(Result<LookupReply, ApiError>),
@@ -794,11 +809,16 @@ impl Net {
                     &chunks,
                     PEER_DEADLINE,
                     |chunk, result| {
+                        let hash = match result {
+                            ChunkResult::Verified(_) => hashes.get(chunk),
+                            _ => None,
+                        };
                         let _ = ev.send(Ev::Peer {
                             peer,
                             chunk,
                             task,
                             result,
+                            hash,
                         });
                     },
                     |chunk| {
