@@ -46,6 +46,26 @@ if [ "${#missing[@]}" -gt 0 ]; then
     done
 fi
 
+# The Kubernetes examples are rendered with kubectl (its built-in kustomize)
+# and checked against the Kubernetes schemas with kubernetes-validate (PyPI).
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing kubernetes-client (kubectl)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends kubernetes-client
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1 && [ ! -x "$HOME/.local/bin/kubernetes-validate" ]; then
+    echo "scripts/test.sh: installing kubernetes-validate (pip)" >&2
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        $SUDO apt-get update
+        $SUDO apt-get install -y --no-install-recommends python3-pip
+    fi
+    # A Debian system Python refuses plain pip installs (PEP 668).
+    python3 -m pip install --user kubernetes-validate \
+        || python3 -m pip install --user --break-system-packages kubernetes-validate
+fi
+
 # The integration tests spawn target/debug/shoald.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
