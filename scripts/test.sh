@@ -15,6 +15,7 @@ declare -A NEEDED=(
     [containerd]=containerd
     [skopeo]=skopeo
     [redis-server]=redis-server
+    [podman]=podman
 )
 missing=()
 for pkg in "${!NEEDED[@]}"; do
@@ -38,7 +39,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
         exit 1
     fi
-    for prog in docker-registry containerd ctr skopeo redis-server; do
+    for prog in docker-registry containerd ctr skopeo redis-server podman; do
         if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ]; then
             echo "scripts/test.sh: $prog is still missing after the install" >&2
             exit 1
