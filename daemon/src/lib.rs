@@ -12,6 +12,7 @@
 //!   `/healthz` endpoint.
 
 pub mod config;
+pub mod configure;
 pub mod content;
 pub mod dht;
 pub mod member;

@@ -48,6 +48,79 @@ enum Cmd {
         /// Directory to create the CA in (refuses to replace one).
         dir: std::path::PathBuf,
     },
+    /// Print (or with --write, install) the container runtime's mirror
+    /// configuration pointing at this node's shoald. Files shoald did not
+    /// write are kept as NAME.before-shoal first; the Docker daemon.json is
+    /// merged, never replaced.
+    Configure {
+        /// The runtime.
+        #[arg(value_enum)]
+        runtime: shoal_daemon::configure::Runtime,
+        /// shoald's registry endpoint, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:4900")]
+        mirror: String,
+        /// Origins to mirror, NAME or NAME=URL (repeatable) [default:
+        /// docker.io, quay.io, ghcr.io, registry.k8s.io].
+        #[arg(long = "origin", value_name = "NAME[=URL]")]
+        origins: Vec<shoal_daemon::configure::Origin>,
+        /// Where: containerd's certs.d directory, Docker's daemon.json, or
+        /// the registries.conf.d drop-in [default: the runtime's usual path].
+        #[arg(long)]
+        path: Option<std::path::PathBuf>,
+        /// Write the files (otherwise they are printed).
+        #[arg(long)]
+        write: bool,
+    },
+}
+
+/// `shoald configure`: plans the files, then prints or writes them.
+fn configure(
+    runtime: shoal_daemon::configure::Runtime,
+    mirror: &str,
+    mut origins: Vec<shoal_daemon::configure::Origin>,
+    path: Option<std::path::PathBuf>,
+    write: bool,
+) -> anyhow::Result<()> {
+    use shoal_daemon::configure::{self as cf, Runtime};
+    if !shoal_proto::reference::valid_host(mirror) {
+        anyhow::bail!("--mirror {mirror:?} is not HOST:PORT");
+    }
+    if origins.is_empty() {
+        for o in ["docker.io", "quay.io", "ghcr.io", "registry.k8s.io"] {
+            origins.push(o.parse().map_err(anyhow::Error::msg)?);
+        }
+    }
+    let path = path.unwrap_or_else(|| cf::default_path(runtime).into());
+    let planned = cf::plan(runtime, mirror, &origins, &path, |p| {
+        std::fs::read_to_string(p).ok()
+    })?;
+    for p in &planned {
+        if write {
+            match cf::write(p)? {
+                Some(kept) => println!(
+                    "wrote {} (the file that was there: {})",
+                    p.path.display(),
+                    kept.display()
+                ),
+                None => println!("wrote {}", p.path.display()),
+            }
+        } else {
+            println!("# {}\n{}", p.path.display(), p.content);
+        }
+    }
+    match runtime {
+        Runtime::Containerd => println!(
+            "containerd reads these with config_path = \"{}\" in its CRI registry config",
+            path.display()
+        ),
+        Runtime::Docker if origins.iter().any(|o| o.name != "docker.io") => println!(
+            "note: the Docker engine mirrors only Docker Hub; requests without ns go to shoald's --default-upstream"
+        ),
+        Runtime::Docker => println!("restart the Docker engine to use it"),
+        Runtime::Crio => println!("restart CRI-O to use it"),
+        Runtime::Podman => {}
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -63,6 +136,19 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("shoald cluster-init: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Configure {
+            runtime,
+            mirror,
+            origins,
+            path,
+            write,
+        } => match configure(runtime, &mirror, origins, path, write) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shoald configure: {e:#}");
                 ExitCode::FAILURE
             }
         },
