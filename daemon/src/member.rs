@@ -180,6 +180,17 @@ impl MemberTracker {
         down && self.dht.is_some()
     }
 
+    /// The DHT view answering `call` because the tracker did not (counted).
+    /// Only reached with a DHT: without one the tracker is never skipped
+    /// and its answer, down or not, is returned.
+    fn fallback(&self, call: &'static str) -> &DhtView {
+        crate::metrics::global()
+            .dht_answers
+            .get_or_create(&crate::metrics::CallLabel { call })
+            .inc();
+        self.dht.as_ref().expect("skipped or down only with a DHT")
+    }
+
     async fn lease_anywhere(&self, r: &LeaseRequest) -> Result<Lease, ApiError> {
         if !self.skip_primary() {
             let got = self.primary.lease(r.clone()).await;
@@ -187,16 +198,7 @@ impl MemberTracker {
                 return got;
             }
         }
-        match &self.dht {
-            Some(v) => {
-                crate::metrics::global()
-                    .dht_answers
-                    .get_or_create(&crate::metrics::CallLabel { call: "lease" })
-                    .inc();
-                Ok(v.lease(r).await)
-            }
-            None => unreachable!("skipped only with a DHT"),
-        }
+        Ok(self.fallback("lease").lease(r).await)
     }
 }
 
@@ -238,16 +240,7 @@ impl TrackerApi for MemberTracker {
                 return r;
             }
         }
-        match &self.dht {
-            Some(v) => {
-                crate::metrics::global()
-                    .dht_answers
-                    .get_or_create(&crate::metrics::CallLabel { call: "lookup" })
-                    .inc();
-                v.lookup(blob).await
-            }
-            None => unreachable!("skipped only with a DHT"),
-        }
+        self.fallback("lookup").lookup(blob).await
     }
 
     async fn lease(&self, r: LeaseRequest) -> Result<Lease, ApiError> {
