@@ -33,7 +33,8 @@ pub const JOIN_TOKEN: &str = "test-join-token-0123456789abcdef0123456789abcdef";
 /// short, so tests see them renewed.
 pub const JOINED_CERT_VALIDITY_S: u64 = 30;
 
-fn sibling_binary(name: &str) -> Result<PathBuf> {
+/// A binary of this workspace built beside `shoald` (`shoal-tracker`, ...).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let shoald = shoald_binary()?;
     let bin = shoald.with_file_name(name);
     if !bin.is_file() {

@@ -89,7 +89,7 @@ fn args(container: &Value) -> Vec<String> {
 
 /// Every `--flag` in `args` is one `BINARY SUBCOMMAND --help` lists.
 fn flags_exist(binary: &str, sub: &[&str], args: &[String]) {
-    let bin = repo().join("target/debug").join(binary);
+    let bin = shoal_tests::cluster::sibling_binary(binary).unwrap();
     let mut help_args: Vec<&str> = sub.to_vec();
     help_args.push("--help");
     let help = run(bin.to_str().unwrap(), &help_args, None);
