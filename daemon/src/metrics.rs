@@ -132,6 +132,25 @@ impl Metrics {
             origin_requests: Family::default(),
             registry: Registry::default(),
         };
+        // Series with known label values exist from the start, at zero, so
+        // `rate()` and alerts see them before the first event.
+        for kind in ["blob", "manifest"] {
+            let k = KindLabel { kind };
+            let _ = m.origin_bytes.get_or_create(&k);
+            let _ = m.cache_hits.get_or_create(&k);
+            let _ = m.cache_misses.get_or_create(&k);
+        }
+        for source in ["peer", "origin"] {
+            let _ = m.chunks_rejected.get_or_create(&SourceLabel { source });
+        }
+        for reason in ["no_space", "io"] {
+            let _ = m
+                .store_write_failures
+                .get_or_create(&ReasonLabel { reason });
+        }
+        for call in ["lookup", "lease"] {
+            let _ = m.dht_answers.get_or_create(&CallLabel { call });
+        }
         let r = &mut m.registry;
         r.register(
             "shoal_origin_bytes",

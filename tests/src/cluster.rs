@@ -323,6 +323,11 @@ impl Cluster {
         self.dir.path().join("ca")
     }
 
+    /// The (first) tracker's ops endpoint (`/metrics`, `/healthz`).
+    pub fn tracker_ops_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ops_port)
+    }
+
     /// The (first) tracker's URL.
     pub fn tracker_url(&self) -> String {
         format!("https://{}", self.tracker_addr)
