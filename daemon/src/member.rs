@@ -124,11 +124,6 @@ impl MemberTracker {
         &self.primary
     }
 
-    /// The DHT fallback, if configured.
-    pub fn dht(&self) -> Option<&DhtView> {
-        self.dht.as_ref()
-    }
-
     /// `blob` completed here, its digest checked; `last` are the session's
     /// final requests. With a DHT, this node now vouches for every chunk
     /// hash: those it computed from origin bytes (published, some in
@@ -343,11 +338,6 @@ impl DhtView {
         }
     }
 
-    /// The DHT node.
-    pub fn dht(&self) -> &Dht {
-        &self.dht
-    }
-
     fn is_excluded(&self, node: &NodeId) -> bool {
         let mut ex = self.excluded.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
@@ -373,47 +363,33 @@ impl DhtView {
             .unwrap_or_else(|p| p.into_inner())
             .get(blob)
             .cloned();
-        let providers = match &cached {
-            Some(k)
-                if k.providers_at.elapsed() < PROVIDERS_EVERY
-                    && providers_since.is_none_or(|t| k.providers_at >= t) =>
-            {
-                k.providers.clone()
-            }
-            _ => {
+        let recent = cached.as_ref().filter(|k| {
+            k.providers_at.elapsed() < PROVIDERS_EVERY
+                && providers_since.is_none_or(|t| k.providers_at >= t)
+        });
+        let (providers, providers_at) = match recent {
+            Some(k) => (k.providers.clone(), k.providers_at),
+            None => {
                 // Bounded inside (the DHT query, then each node record).
-                let found = self.dht.providers(blob).await;
+                let mut found = self.dht.providers(blob).await;
                 // Providers the DHT forgot are kept a little: records land
                 // on other nodes only after the routing table settles.
-                let mut merged = found;
                 if let Some(k) = &cached {
                     for p in &k.providers {
-                        if !merged.contains(p) && k.providers_at.elapsed() < PROVIDERS_EVERY * 10 {
-                            merged.push(p.clone());
+                        if !found.contains(p) && k.providers_at.elapsed() < PROVIDERS_EVERY * 10 {
+                            found.push(p.clone());
                         }
                     }
                 }
-                merged
+                (found, Instant::now())
             }
-        };
-        let providers_at = match &cached {
-            Some(k)
-                if k.providers_at.elapsed() < PROVIDERS_EVERY
-                    && providers_since.is_none_or(|t| k.providers_at >= t) =>
-            {
-                k.providers_at
-            }
-            _ => Instant::now(),
         };
         let asks = providers
             .iter()
             .filter(|(n, _)| *n != self.node && !self.is_excluded(n))
             .take(MAX_ASKED)
             .filter_map(|(n, a)| {
-                let addr = crate::peer::PeerAddr {
-                    addr: a.as_str().parse().ok()?,
-                    name: n.as_str().to_owned(),
-                };
+                let addr = crate::transfer::resolve_peer(n, a)?;
                 Some(async move {
                     let st = self.peers.state(&addr, blob, STATE_DEADLINE).await;
                     (n.clone(), a.clone(), st)

@@ -673,9 +673,12 @@ impl HashBook for Hashes {
     }
 }
 
-/// A holder the tracker names is dialled at its advertised QUIC address and
-/// must prove its node name.
-fn resolve_peer(node: &NodeId, addr: &shoal_proto::tracker_api::PeerAddr) -> Option<PeerAddr> {
+/// A holder the tracker (or, without one, the DHT) names is dialled at its
+/// advertised QUIC address and must prove its node name.
+pub(crate) fn resolve_peer(
+    node: &NodeId,
+    addr: &shoal_proto::tracker_api::PeerAddr,
+) -> Option<PeerAddr> {
     match addr.as_str().parse::<SocketAddr>() {
         Ok(addr) => Some(PeerAddr {
             addr,
