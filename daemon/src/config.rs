@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json if present].
     #[arg(long, env = "SHOAL_DOCKER_CONFIG", value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
+    /// Unix socket of the admin API `shoalctl` uses (mode 0600)
+    /// [default: DATA-DIR/admin.sock].
+    #[arg(long, env = "SHOAL_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
     /// How long an origin's confirmation that a repository holds a blob is
     /// trusted, in seconds [default: 300].
     #[arg(long, env = "SHOAL_AUTHORITY_TTL", value_name = "SECS")]
@@ -154,6 +158,7 @@ struct FileConfig {
     default_upstream: Option<String>,
     cache_max_bytes: Option<toml::Value>,
     docker_config: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
     authority_ttl: Option<u64>,
     log_format: Option<String>,
     cluster_dir: Option<PathBuf>,
@@ -202,6 +207,8 @@ pub struct Config {
     pub cache_max_bytes: Option<u64>,
     /// Credentials file.
     pub docker_config: Option<PathBuf>,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
     /// Authority confirmation lifetime.
     pub authority_ttl: Duration,
     /// Log format.
@@ -504,11 +511,16 @@ impl RunArgs {
                 })
             }
         };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/shoal"));
         Ok(Config {
-            data_dir: self
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("/var/lib/shoal")),
+            admin_socket: self
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| data_dir.join("admin.sock")),
+            data_dir,
             registry_listen,
             ops_listen,
             upstreams,

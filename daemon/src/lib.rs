@@ -9,8 +9,11 @@
 //! - [`content`]: what the registry API serves, backed by the store,
 //!   transfers from origins and the swarm;
 //! - [`config`] and [`ops`]: the daemon's flags and its `/metrics` and
-//!   `/healthz` endpoint.
+//!   `/healthz` endpoint;
+//! - [`admin`] and [`preheat`]: the admin API on a Unix socket that
+//!   `shoalctl` uses, and the worker that runs the tracker's preheat jobs.
 
+pub mod admin;
 pub mod config;
 pub mod configure;
 pub mod content;
@@ -19,6 +22,7 @@ pub mod member;
 mod metrics;
 pub mod ops;
 pub mod peer;
+pub mod preheat;
 pub mod rate;
 pub mod store;
 pub mod swarm;

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use shoal_daemon::config::{Config, LogFormat, RunArgs};
 use shoal_daemon::content::NodeContent;
 use shoal_daemon::store::Store;
-use shoal_daemon::{ops, peer, swarm};
+use shoal_daemon::{admin, ops, peer, preheat, swarm};
 
 /// mimalloc keeps the chunk buffers of the peer and registry paths in
 /// reused memory; glibc's allocator hands such 0.25–4 MiB buffers back to
@@ -296,6 +296,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let registry_listener = bind(cfg.registry_listen, "registry-listen").await?;
     let ops_listener = bind(cfg.ops_listen, "ops-listen").await?;
+    let admin_listener = admin::bind(&cfg.admin_socket).await?;
+    let preheater = peer_server.as_ref().map(|(_, swarm)| {
+        preheat::Preheater::new(
+            swarm.clone(),
+            content.clone(),
+            policy.clone(),
+            store.clone(),
+        )
+    });
+    let preheat_task = preheater.clone().map(|p| tokio::spawn(p.run()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -323,6 +333,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         )
     });
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        cfg.admin_socket.clone(),
+        Arc::new(admin::Admin {
+            store: store.clone(),
+            transfers: content.transfers().clone(),
+            swarm: peer_server.as_ref().map(|(_, s)| s.clone()),
+            trackers: match &cfg.swarm {
+                Some(sc) if sc.trackers.is_empty() => vec!["embedded".into()],
+                Some(sc) => sc.trackers.clone(),
+                None => vec![],
+            },
+            preheater,
+            started: std::time::Instant::now(),
+        }),
+        stopped(stop_rx.clone()),
+    ));
     let housekeeping = tokio::spawn({
         let store = store.clone();
         async move {
@@ -335,14 +362,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     tracing::info!(registry = %cfg.registry_listen, ops = %cfg.ops_listen, default_upstream = %cfg.default_upstream,
-        "shoald serving");
+        admin_socket = %cfg.admin_socket.display(), "shoald serving");
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; draining");
     let _ = stop_tx.send(true);
     let _ = registry.await;
     let _ = ops.await;
+    let _ = admin_task.await;
     housekeeping.abort();
+    if let Some(t) = preheat_task {
+        t.abort();
+    }
     if let Some((server, swarm)) = peer_server {
         server.shutdown().await;
         swarm.peers.close_all();

@@ -74,6 +74,26 @@ fn db<T, E: Into<redb::Error>>(r: Result<T, E>) -> Result<T, StoreError> {
     r.map_err(|e| StoreError::Index(e.into()))
 }
 
+/// Why an operator's store request (`shoalctl pin/unpin/evict`) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Not in the store.
+    #[error("{0} is not in this node's store")]
+    NotStored(Digest),
+    /// Still arriving.
+    #[error("{0} is still being fetched")]
+    Partial(Digest),
+    /// Pinned: eviction refused.
+    #[error("{0} is pinned: unpin it first")]
+    Pinned(Digest),
+    /// Being read.
+    #[error("{0} is being read by {1} client(s) now")]
+    InUse(Digest, usize),
+    /// The index could not be written.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
 /// What a stored blob is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
@@ -813,6 +833,54 @@ impl Store {
         inner.dropped.drain(..n).collect()
     }
 
+    /// Pins (or unpins) a complete blob: eviction skips pinned blobs.
+    /// Written to the index at once (a pin survives a crash).
+    pub fn set_pinned(&self, d: &Digest, pinned: bool) -> Result<(), AdminError> {
+        let meta = {
+            let mut inner = self.shared.inner.lock().expect("store lock");
+            let e = inner.entries.get_mut(d).ok_or(AdminError::NotStored(*d))?;
+            if !e.meta.complete {
+                return Err(AdminError::Partial(*d));
+            }
+            e.meta.pinned = pinned;
+            e.meta.clone()
+        };
+        self.put(d, &meta).map_err(AdminError::Store)
+    }
+
+    /// Removes a complete blob at an operator's request: refused while it
+    /// is read or pinned (unpin first), or while it is still arriving.
+    pub fn evict(&self, d: &Digest) -> Result<u64, AdminError> {
+        let size = {
+            let inner = self.shared.inner.lock().expect("store lock");
+            let e = inner.entries.get(d).ok_or(AdminError::NotStored(*d))?;
+            if !e.meta.complete {
+                return Err(AdminError::Partial(*d));
+            }
+            if e.meta.pinned {
+                return Err(AdminError::Pinned(*d));
+            }
+            if e.readers > 0 {
+                return Err(AdminError::InUse(*d, e.readers));
+            }
+            e.meta.size
+        };
+        self.remove(d).map_err(AdminError::Store)?;
+        Ok(size)
+    }
+
+    /// Every record, most recently used first.
+    pub fn list(&self) -> Vec<(Digest, BlobMeta)> {
+        let inner = self.shared.inner.lock().expect("store lock");
+        let mut all: Vec<(u64, Digest, BlobMeta)> = inner
+            .entries
+            .iter()
+            .map(|(d, e)| (e.lru, *d, e.meta.clone()))
+            .collect();
+        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        all.into_iter().map(|(_, d, m)| (d, m)).collect()
+    }
+
     /// The record of a blob, if any.
     pub fn meta(&self, d: &Digest) -> Option<BlobMeta> {
         let inner = self.shared.inner.lock().expect("store lock");
@@ -878,6 +946,33 @@ mod tests {
         let mut s = String::new();
         b.file.read_to_string(&mut s).unwrap();
         assert_eq!(s, "hello");
+    }
+
+    #[test]
+    fn operators_pin_unpin_and_evict() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+        let d = put(&store, b"hello");
+        store.set_pinned(&d, true).unwrap();
+        assert!(matches!(store.evict(&d), Err(AdminError::Pinned(_))));
+        drop(store);
+        // The pin is in the index.
+        let (store, _) = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(store.meta(&d).unwrap().pinned);
+        store.set_pinned(&d, false).unwrap();
+        let guard = store.guard(&d).unwrap();
+        assert!(matches!(store.evict(&d), Err(AdminError::InUse(_, 1))));
+        drop(guard);
+        assert_eq!(store.evict(&d).unwrap(), 5);
+        assert!(!store.has_complete(&d));
+        assert!(!store.blob_path(&d).exists());
+        let other = Digest::of(b"other");
+        assert!(matches!(store.evict(&other), Err(AdminError::NotStored(_))));
+        assert!(matches!(
+            store.set_pinned(&other, true),
+            Err(AdminError::NotStored(_))
+        ));
+        assert_eq!(store.take_dropped(10), vec![d]);
     }
 
     #[test]

@@ -157,6 +157,17 @@ impl Transfers {
         running.get(digest).map(|t| t.reader())
     }
 
+    /// Every running transfer's progress, by blob.
+    pub fn list(&self) -> Vec<(Digest, Progress)> {
+        let running = self.running.lock().expect("transfers lock");
+        let mut all: Vec<(Digest, Progress)> = running
+            .iter()
+            .map(|(d, t)| (*d, t.progress.borrow().clone()))
+            .collect();
+        all.sort_by_key(|(d, _)| *d);
+        all
+    }
+
     /// Whether a transfer of `digest` is running.
     pub fn is_running(&self, digest: &Digest) -> bool {
         self.running

@@ -8,6 +8,7 @@ pub mod chunk;
 pub mod digest;
 pub mod error;
 pub mod media;
+pub mod preheat;
 pub mod range;
 pub mod reference;
 pub mod sched;

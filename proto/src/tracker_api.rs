@@ -215,6 +215,12 @@ pub enum TrackerError {
     /// refused until taken off the list.
     #[error("node {0} is denied by the cluster's operator")]
     Denied(NodeId),
+    /// A preheat request or progress report is malformed.
+    #[error("preheat: {0}")]
+    BadPreheat(String),
+    /// No such preheat job (never, or finished and forgotten).
+    #[error("no preheat job {0}")]
+    UnknownJob(u64),
     /// A list or a table is at its limit.
     #[error("too many {what} (limit {limit})")]
     TooMany {
@@ -235,6 +241,7 @@ impl TrackerError {
             TrackerError::Excluded { .. } => "excluded",
             TrackerError::Denied(_) => "denied",
             TrackerError::TooMany { .. } => "too_many",
+            TrackerError::UnknownJob(_) => "not_found",
             _ => "bad_request",
         }
     }

@@ -272,6 +272,21 @@ impl Shoald {
         self.dir.path().join("data")
     }
 
+    /// Runs `shoalctl --socket <data dir>/admin.sock ARGS` (bounded to
+    /// `timeout`); its output whatever its exit status.
+    pub async fn ctl(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {
+        let mut cmd = tokio::process::Command::new(crate::cluster::sibling_binary("shoalctl")?);
+        cmd.arg("--socket")
+            .arg(self.data_dir().join("admin.sock"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(out) => Ok(out?),
+            Err(_) => bail!("shoalctl {args:?} did not finish within {timeout:?}"),
+        }
+    }
+
     /// Bytes of all regular files under `<data dir>/blobs`.
     pub fn blob_store_bytes(&self) -> Result<u64> {
         util::dir_regular_file_bytes(&self.data_dir().join("blobs"))

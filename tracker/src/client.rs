@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shoal_proto::preheat::{JobProgress, JobStatus, JobsReply, PreheatReply, PreheatRequest};
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, HashCursor, LeaseGrant, LeaseRequest, LookupReply, NodeId,
     PublishHashes, PublishReply, Report, ReportReply, TrackerError,
@@ -389,6 +390,59 @@ impl TrackerApi for AnyTracker {
 
     async fn report(&self, r: Report) -> Result<ReportReply, ApiError> {
         dispatch!(self, t => t.report(r))
+    }
+}
+
+/// Preheat jobs ([`shoal_proto::preheat`]): creating them, picking them
+/// up, reporting progress. Apart from [`TrackerApi`] because transfers do
+/// not need it and the DHT cannot answer it.
+pub trait JobsApi: Send + Sync {
+    /// `POST /v1/preheat`.
+    fn preheat(
+        &self,
+        r: PreheatRequest,
+    ) -> impl Future<Output = Result<PreheatReply, ApiError>> + Send;
+    /// `GET /v1/jobs?node=N`.
+    fn jobs_for(&self, node: &NodeId) -> impl Future<Output = Result<JobsReply, ApiError>> + Send;
+    /// `POST /v1/jobs/progress`.
+    fn job_progress(&self, p: JobProgress) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// `GET /v1/jobs/ID`.
+    fn job(&self, id: u64) -> impl Future<Output = Result<JobStatus, ApiError>> + Send;
+}
+
+impl JobsApi for Embedded {
+    async fn preheat(&self, r: PreheatRequest) -> Result<PreheatReply, ApiError> {
+        self.with(|t, now| t.preheat(now, r)).map(|(r, _)| r)
+    }
+
+    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
+        self.with(|t, _| Ok(t.jobs_for(node))).map(|(r, _)| r)
+    }
+
+    async fn job_progress(&self, p: JobProgress) -> Result<(), ApiError> {
+        self.with(|t, now| t.job_progress(now, p)).map(|_| ())
+    }
+
+    async fn job(&self, id: u64) -> Result<JobStatus, ApiError> {
+        self.with(|t, _| t.job(id)).map(|(r, _)| r)
+    }
+}
+
+impl JobsApi for AnyTracker {
+    async fn preheat(&self, r: PreheatRequest) -> Result<PreheatReply, ApiError> {
+        dispatch!(self, t => t.preheat(r))
+    }
+
+    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
+        dispatch!(self, t => t.jobs_for(node))
+    }
+
+    async fn job_progress(&self, p: JobProgress) -> Result<(), ApiError> {
+        dispatch!(self, t => t.job_progress(p))
+    }
+
+    async fn job(&self, id: u64) -> Result<JobStatus, ApiError> {
+        dispatch!(self, t => t.job(id))
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use shoal_proto::preheat::{JobProgress, PreheatReply, PreheatRequest};
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, LeaseGrant, LeaseRequest, NodeId, PublishHashes, PublishReply, Report,
     ReportReply, TrackerError,
@@ -28,6 +29,10 @@ pub enum Command {
     Expire,
     /// The operator's deny list, whole ([`Tracker::deny`]).
     Deny(BTreeSet<NodeId>),
+    /// `POST /v1/preheat` (and the registry webhook).
+    Preheat(PreheatRequest),
+    /// `POST /v1/jobs/progress`.
+    JobProgress(JobProgress),
 }
 
 /// What a [`Command`] returned.
@@ -46,6 +51,17 @@ pub enum Outcome {
     Expired(u64),
     /// The deny list was replaced; how many nodes are newly denied.
     Denied(u32),
+    /// A preheat job was created.
+    Preheat(PreheatReply),
+    /// A member's progress was recorded (for this job).
+    Progressed(ProgressReply),
+}
+
+/// The reply to a [`JobProgress`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProgressReply {
+    /// The job.
+    pub job: u64,
 }
 
 /// Why a logged command could not be read back.
@@ -68,6 +84,8 @@ impl Command {
             Command::Report(_) => "report",
             Command::Expire => "expire",
             Command::Deny(_) => "deny",
+            Command::Preheat(_) => "preheat",
+            Command::JobProgress(_) => "job_progress",
         }
     }
 
@@ -80,6 +98,8 @@ impl Command {
             Command::Hashes(p) => serde_json::to_vec(p),
             Command::Report(r) => serde_json::to_vec(r),
             Command::Deny(nodes) => serde_json::to_vec(nodes),
+            Command::Preheat(r) => serde_json::to_vec(r),
+            Command::JobProgress(p) => serde_json::to_vec(p),
             Command::Expire => return Vec::new(),
         };
         json.expect("tracker requests serialize")
@@ -101,6 +121,8 @@ impl Command {
             "report" => Command::Report(json(op, body)?),
             "expire" => Command::Expire,
             "deny" => Command::Deny(json(op, body)?),
+            "preheat" => Command::Preheat(json(op, body)?),
+            "job_progress" => Command::JobProgress(json(op, body)?),
             other => {
                 return Err(DecodeError {
                     op: other.chars().take(32).collect(),
@@ -119,6 +141,10 @@ impl Command {
             Command::Report(r) => Outcome::Report(t.report(now_ms, r)?),
             Command::Expire => Outcome::Expired(t.expire(now_ms)),
             Command::Deny(nodes) => Outcome::Denied(t.deny(now_ms, nodes)?),
+            Command::Preheat(r) => Outcome::Preheat(t.preheat(now_ms, r)?),
+            Command::JobProgress(p) => Outcome::Progressed(ProgressReply {
+                job: t.job_progress(now_ms, p)?,
+            }),
         })
     }
 }

@@ -55,6 +55,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use shoal_proto::preheat::{JobProgress, JobStatus, JobsReply, PreheatReply, PreheatRequest};
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, BlobView, HashCursor, Holder, LeaseGrant, LeaseRequest, LookupReply,
     NodeId, PeerAddr, PublishHashes, PublishRejection, PublishReply, Rack, Report, ReportReply,
@@ -247,6 +248,9 @@ pub struct Tracker {
     #[serde(default)]
     denied: BTreeSet<NodeId>,
     hashes: u64,
+    /// Preheat jobs ([`Tracker::preheat`]).
+    #[serde(default)]
+    jobs: crate::jobs::Jobs,
 }
 
 type Result<T> = std::result::Result<T, TrackerError>;
@@ -270,6 +274,7 @@ impl Tracker {
             exclusion_ends: BTreeSet::new(),
             denied: BTreeSet::new(),
             hashes: 0,
+            jobs: Default::default(),
         })
     }
 
@@ -838,7 +843,43 @@ impl Tracker {
             self.exclusion_ends.pop_first();
             self.excluded.remove(&node);
         }
+        let members = &self.members;
+        self.jobs.expire(now, |n| members.contains_key(n));
         now
+    }
+
+    // -----------------------------------------------------------------------
+    // Preheat jobs
+    // -----------------------------------------------------------------------
+
+    /// Creates a preheat job for the live members `req.nodes` selects.
+    pub fn preheat(&mut self, now_ms: u64, req: PreheatRequest) -> Result<PreheatReply> {
+        let now = self.expire(now_ms);
+        let live = self.members.iter().map(|(n, m)| (n, m.rack.as_ref()));
+        self.jobs.create(now, req, live)
+    }
+
+    /// The preheat jobs `node` has not finished.
+    pub fn jobs_for(&self, node: &NodeId) -> JobsReply {
+        self.jobs.pending(node)
+    }
+
+    /// Records a member's progress on a job.
+    pub fn job_progress(&mut self, now_ms: u64, p: JobProgress) -> Result<u64> {
+        let now = self.expire(now_ms);
+        let job = p.job;
+        self.jobs.progress(now, p)?;
+        Ok(job)
+    }
+
+    /// One preheat job and its members' progress.
+    pub fn job(&self, id: u64) -> Result<JobStatus> {
+        self.jobs.status(id)
+    }
+
+    /// Every preheat job the tracker keeps, newest first.
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.jobs.all()
     }
 
     // -----------------------------------------------------------------------
@@ -1138,6 +1179,7 @@ impl Tracker {
         if self.blobs.len() > self.cfg.max_blobs {
             return Err("too many blobs".into());
         }
+        self.jobs.check()?;
         if self.excluded.len() > self.cfg.max_members {
             return Err("too many exclusions".into());
         }

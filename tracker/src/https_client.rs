@@ -27,13 +27,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use shoal_proto::preheat::{JobProgress, JobStatus, JobsReply, PreheatReply, PreheatRequest};
 use shoal_proto::tracker_api::{
     Announce, AnnounceReply, HashCursor, JoinReply, JoinRequest, LeaseGrant, LeaseRequest,
     LookupReply, NodeId, PublishHashes, PublishReply, RenewRequest, Report, ReportReply,
 };
 use shoal_proto::Digest;
 
-use crate::client::{ApiError, ErrorBody, ErrorCode, Lease, TrackerApi};
+use crate::client::{ApiError, ErrorBody, ErrorCode, JobsApi, Lease, TrackerApi};
 use crate::server::{DEFAULT_MAX_BODY_BYTES, NOW_HEADER};
 
 /// Timeouts, retries and size limits of an [`HttpsTracker`].
@@ -452,6 +453,30 @@ impl TrackerApi for HttpsTracker {
 
     async fn report(&self, r: Report) -> Result<ReportReply, ApiError> {
         self.post("/v1/report", &r).await.map(|(r, _)| r)
+    }
+}
+
+impl JobsApi for HttpsTracker {
+    async fn preheat(&self, r: PreheatRequest) -> Result<PreheatReply, ApiError> {
+        self.post("/v1/preheat", &r).await.map(|(r, _)| r)
+    }
+
+    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
+        self.call(Method::GET, &format!("/v1/jobs?node={node}"), Bytes::new())
+            .await
+            .map(|(r, _)| r)
+    }
+
+    async fn job_progress(&self, p: JobProgress) -> Result<(), ApiError> {
+        self.post::<_, crate::command::ProgressReply>("/v1/jobs/progress", &p)
+            .await
+            .map(|_| ())
+    }
+
+    async fn job(&self, id: u64) -> Result<JobStatus, ApiError> {
+        self.call(Method::GET, &format!("/v1/jobs/{id}"), Bytes::new())
+            .await
+            .map(|(r, _)| r)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod command;
 pub mod core;
 #[cfg(feature = "net")]
 pub mod https_client;
+mod jobs;
 #[cfg(feature = "net")]
 pub mod metrics;
 #[cfg(feature = "net")]

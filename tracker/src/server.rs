@@ -51,6 +51,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use shoal_proto::preheat::{JobProgress, PreheatRequest};
 use shoal_proto::tracker_api::{
     Announce, HashCursor, JoinReply, JoinRequest, LeaseRequest, NodeId, PublishHashes,
     RenewRequest, Report, TrackerError,
@@ -749,9 +750,21 @@ impl Inner {
                 self.post(peer, req, Report::node, Command::Report).await,
             ),
             "/v1/renew" => ("renew", self.renew(peer, req).await),
-            p => match p.strip_prefix("/v1/blobs/") {
-                Some(digest) => ("lookup", self.lookup(peer, &req, digest)),
-                None => (
+            "/v1/preheat" => (
+                "preheat",
+                self.post(peer, req, |r: &PreheatRequest| &r.node, Command::Preheat)
+                    .await,
+            ),
+            "/v1/jobs/progress" => (
+                "job_progress",
+                self.post(peer, req, JobProgress::node, Command::JobProgress)
+                    .await,
+            ),
+            "/v1/jobs" => ("jobs", self.jobs(peer, &req, None)),
+            p => match (p.strip_prefix("/v1/blobs/"), p.strip_prefix("/v1/jobs/")) {
+                (Some(digest), _) => ("lookup", self.lookup(peer, &req, digest)),
+                (_, Some(id)) => ("jobs", self.jobs(peer, &req, Some(id))),
+                _ => (
                     "other",
                     Err(Failure::new(
                         ErrorCode::NotFound,
@@ -973,6 +986,47 @@ impl Inner {
         peer.check(&node)?;
         let (reply, now) = self.call(|t, now| t.lookup_since(now, &node, &blob, since))?;
         Ok(Self::reply(&reply, now))
+    }
+
+    /// `GET /v1/jobs?node=N` (that member's unfinished jobs), `GET
+    /// /v1/jobs` (every job) and `GET /v1/jobs/ID` (one job).
+    fn jobs(
+        &self,
+        peer: &Peer,
+        req: &Request<Incoming>,
+        id: Option<&str>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        if req.method() != Method::GET {
+            return Err(Failure::method("GET", req.method(), req.uri().path()));
+        }
+        if let Some(id) = id {
+            let id: u64 = id.parse().map_err(|_| {
+                Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("job id {id:?} is not a number"),
+                )
+            })?;
+            let (status, now) = self.call(|t, _| t.job(id))?;
+            return Ok(Self::reply(&status, now));
+        }
+        let node = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("node="));
+        match node {
+            Some(n) => {
+                let node: NodeId = n.parse()?;
+                peer.check(&node)?;
+                let (reply, now) = self.call(|t, _| Ok(t.jobs_for(&node)))?;
+                Ok(Self::reply(&reply, now))
+            }
+            None => {
+                let (reply, now) = self.call(|t, _| Ok(t.jobs()))?;
+                Ok(Self::reply(&reply, now))
+            }
+        }
     }
 
     fn ops(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -1,0 +1,302 @@
+//! `shoalctl preheat`: the tracker hands a job to the chosen members, they
+//! fetch the image through the swarm (about one copy from the origin for
+//! the whole cluster), report per-blob progress, and shoalctl exits
+//! non-zero when any member failed. Also `shoalctl status/ls/pin/unpin/evict`
+//! on one node's store.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use shoal_tests::cluster::Cluster;
+use shoal_tests::fixture::Origin;
+use shoal_tests::image::TestImage;
+use shoal_tests::{fresh_seed, http, skopeo, Shoald, ShoaldOpts, MIB};
+
+const CTL_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits until the tracker counts `n` live members.
+async fn wait_members(cluster: &Cluster, n: u64) {
+    let started = Instant::now();
+    loop {
+        let r = http::get(&format!("{}/status", cluster.tracker_ops_url()), &[])
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        if v["stats"]["members"].as_u64() == Some(n) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the tracker has {} members, not {n}",
+            v["stats"]["members"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The complete blobs in a member's store, from `shoalctl ls --json`.
+async fn stored(node: &Shoald) -> BTreeSet<String> {
+    let out = node.ctl(&["ls", "--json"], CTL_TIMEOUT).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.iter()
+        .filter(|b| b["complete"] == true)
+        .map(|b| b["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_fills_every_member_through_the_swarm_and_fails_loudly() {
+    let origin = Origin::start().await.unwrap();
+    // linux/amd64 and linux/arm64 under an index, two layers each.
+    let image = TestImage::generate(&[3 * MIB, 3 * MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&image, &origin.registry, "team/app")
+        .await
+        .unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b", "node-c"] {
+        let opts = ShoaldOpts::insecure_default(&origin.addr());
+        nodes.push(cluster.member(name, opts).await.unwrap());
+    }
+    wait_members(&cluster, 3).await;
+
+    // Preheat the image for every member: each member's own platform.
+    let amd64 = image.platform("amd64");
+    let arm64 = image.platform("arm64");
+    let amd64_bytes = image.layer_bytes("amd64") + amd64.config_size;
+    let before = origin.egress();
+    let reference = format!("{}/team/app:latest", origin.addr());
+    let out = nodes[0]
+        .ctl(&["preheat", &reference], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    let report = text(&out);
+    eprintln!("{report}");
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("3 members: 3 done"), "{report}");
+    let egress = origin.egress() - before;
+    let mut peer_bytes = 0.0;
+    for n in &nodes {
+        let held = stored(n).await;
+        for l in &amd64.layers {
+            assert!(
+                held.contains(&l.digest),
+                "{} lacks {}",
+                n.registry_url(),
+                l.digest
+            );
+        }
+        assert!(held.contains(&amd64.config_digest));
+        for l in &arm64.layers {
+            assert!(
+                !held.contains(&l.digest),
+                "the other platform was fetched too"
+            );
+        }
+        peer_bytes += n
+            .metric("shoal_peer_bytes_received_total", &[])
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "preheat of {amd64_bytes} bytes to 3 members: origin sent {egress} ({:.3}x), peers {peer_bytes} ({:.2}x)",
+        egress as f64 / amd64_bytes as f64,
+        peer_bytes / amd64_bytes as f64
+    );
+    assert!(
+        (egress as f64) < 1.3 * amd64_bytes as f64,
+        "the origin sent {egress} bytes for a {amd64_bytes}-byte image preheated on 3 members"
+    );
+    assert!(
+        peer_bytes >= 1.0 * amd64_bytes as f64,
+        "peers sent only {peer_bytes}"
+    );
+
+    // A runtime's pull of a preheated layer costs the origin nothing.
+    let before = origin.egress();
+    let layer = &amd64.layers[0];
+    let r = http::get_hashed(
+        &http::client(),
+        &format!(
+            "{}/v2/team/app/blobs/{}",
+            nodes[2].registry_url(),
+            layer.digest
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    r.expect_complete(&layer.digest, layer.size).unwrap();
+    assert_eq!(
+        origin.egress() - before,
+        0,
+        "a preheated layer went to the origin"
+    );
+
+    // `--platform all` on one member by name adds the other platform there.
+    let out = nodes[2]
+        .ctl(
+            &[
+                "preheat",
+                &reference,
+                "--platform",
+                "all",
+                "--nodes",
+                "node-c",
+                "--pin",
+            ],
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let held = stored(&nodes[2]).await;
+    for l in arm64.layers.iter().chain(&amd64.layers) {
+        assert!(held.contains(&l.digest), "node-c lacks {}", l.digest);
+    }
+
+    // Failures: a tag the origin lacks, a platform the index lacks. Each
+    // exits non-zero and names the member and the reason.
+    let missing = format!("{}/team/app:nope", origin.addr());
+    let out = nodes[1]
+        .ctl(
+            &["preheat", &missing, "--nodes", "node-a,node-b"],
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("2 failed"), "{report}");
+    assert!(
+        report.contains("node-a") && report.contains("FAILED"),
+        "{report}"
+    );
+    assert!(
+        report.contains("MANIFEST_UNKNOWN") || report.contains("manifest unknown"),
+        "{report}"
+    );
+    let out = nodes[1]
+        .ctl(
+            &[
+                "preheat",
+                &reference,
+                "--platform",
+                "linux/s390x",
+                "--nodes",
+                "1",
+            ],
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("no manifest for linux/s390x"), "{report}");
+    assert!(report.contains("linux/amd64, linux/arm64"), "{report}");
+
+    // Refused before any job exists: no origin host, no such member.
+    let out = nodes[0]
+        .ctl(&["preheat", "team/app:latest"], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("name the origin"), "{}", text(&out));
+    let out = nodes[0]
+        .ctl(&["preheat", &reference, "--nodes", "node-z"], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("node-z is not a live member"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoalctl_shows_the_node_and_pins_unpins_and_evicts() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let node = cluster
+        .member("node-a", ShoaldOpts::insecure_default(&origin.addr()))
+        .await
+        .unwrap();
+    let (blob, digest) = shoal_tests::random_blob(2 * MIB, fresh_seed());
+    origin.registry.push_blob("team/blob", &blob).await.unwrap();
+    let r = http::get_hashed(
+        &http::client(),
+        &format!("{}/v2/team/blob/blobs/{digest}", node.registry_url()),
+        &[],
+    )
+    .await
+    .unwrap();
+    r.expect_complete(&digest, blob.len() as u64).unwrap();
+    node.wait_idle().await.unwrap();
+
+    let out = node.ctl(&["status", "--json"], CTL_TIMEOUT).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["node"], "node-a");
+    assert_eq!(s["store"]["blobs"], 1);
+    assert!(
+        s["bytes"]["origin"].as_u64().unwrap() >= blob.len() as u64,
+        "{s}"
+    );
+    assert!(
+        s["bytes"]["served"].as_u64().unwrap() >= blob.len() as u64,
+        "{s}"
+    );
+    let out = node.ctl(&["status"], CTL_TIMEOUT).await.unwrap();
+    assert!(text(&out).contains("node        node-a"), "{}", text(&out));
+    let out = node.ctl(&["ls"], CTL_TIMEOUT).await.unwrap();
+    assert!(text(&out).contains(&digest), "{}", text(&out));
+
+    // Pinned: eviction refused until unpinned.
+    let out = node.ctl(&["pin", &digest], CTL_TIMEOUT).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = node.ctl(&["ls", "--json"], CTL_TIMEOUT).await.unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["pinned"], true);
+    let out = node.ctl(&["evict", &digest], CTL_TIMEOUT).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("is pinned: unpin it first"),
+        "{}",
+        text(&out)
+    );
+    let out = node.ctl(&["unpin", &digest], CTL_TIMEOUT).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = node.ctl(&["evict", &digest], CTL_TIMEOUT).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2.00 MiB freed"), "{}", text(&out));
+    assert!(stored(&node).await.is_empty());
+    assert_eq!(node.blob_store_bytes().unwrap(), 0);
+
+    // Bad input: a malformed digest, an unknown blob, no daemon.
+    let out = node.ctl(&["pin", "sha256:xyz"], CTL_TIMEOUT).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = node.ctl(&["evict", &digest], CTL_TIMEOUT).await.unwrap();
+    assert!(
+        text(&out).contains("is not in this node's store"),
+        "{}",
+        text(&out)
+    );
+    let gone = shoal_tests::cluster::sibling_binary("shoalctl").unwrap();
+    let out = std::process::Command::new(gone)
+        .args(["--socket", "/nonexistent/admin.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("is shoald running"), "{}", text(&out));
+}
