@@ -65,10 +65,19 @@ fn cluster_init(dir: &std::path::Path) -> Result<()> {
 impl Cluster {
     /// Writes a cluster CA with `shoald cluster-init` and starts `shoal-tracker` on loopback.
     pub async fn start() -> Result<Cluster> {
+        Self::start_with_tracker_args(&[], None).await
+    }
+
+    /// Like [`start`](Self::start), with more `shoal-tracker` flags and
+    /// optionally a given ops port.
+    pub async fn start_with_tracker_args(extra: &[String], ops: Option<u16>) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         cluster_init(&dir.path().join("ca"))?;
         let port = util::free_port()?;
-        let ops = util::free_port()?;
+        let ops = match ops {
+            Some(p) => p,
+            None => util::free_port()?,
+        };
         let join_port = util::free_port()?;
         let token_file = dir.path().join("join-tokens");
         std::fs::write(&token_file, format!("{JOIN_TOKEN}\n"))?;
@@ -80,7 +89,7 @@ impl Cluster {
             "--node-cert-validity".to_owned(),
             format!("{JOINED_CERT_VALIDITY_S}s"),
         ];
-        let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
+        let join_args: Vec<&str> = join_args.iter().chain(extra).map(String::as_str).collect();
         let tracker = Self::spawn_tracker(dir.path(), port, ops, &join_args, "tracker.log")?;
         let mut cluster = Cluster {
             dir,

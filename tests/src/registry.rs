@@ -18,6 +18,9 @@ use crate::util::{self, sha256_digest};
 pub struct RegistryOpts {
     /// htpasswd Basic auth with these users (user, password).
     pub htpasswd: Vec<(String, String)>,
+    /// A notification endpoint (`notifications.endpoints`): its URL and the
+    /// bearer secret sent in `Authorization`.
+    pub notify: Option<(String, String)>,
 }
 
 impl RegistryOpts {
@@ -25,6 +28,7 @@ impl RegistryOpts {
     pub fn basic_auth(user: &str, password: &str) -> Self {
         RegistryOpts {
             htpasswd: vec![(user.to_string(), password.to_string())],
+            notify: None,
         }
     }
 }
@@ -83,6 +87,14 @@ impl Registry {
                 path.display()
             );
         }
+        let notifications = match &opts.notify {
+            None => String::new(),
+            Some((url, bearer)) => format!(
+                "notifications:\n  endpoints:\n    - name: shoal\n      url: {url}\n      \
+                 headers:\n        Authorization: [\"Bearer {bearer}\"]\n      timeout: 2s\n      \
+                 threshold: 3\n      backoff: 1s\n"
+            ),
+        };
         let secret =
             util::sha256_hex(format!("{port}{:?}", std::time::SystemTime::now()).as_bytes());
         let config = format!(
@@ -92,7 +104,7 @@ impl Registry {
              maintenance:\n    uploadpurging:\n      enabled: false\n  redirect:\n    disable: true\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: {secret}\n  \
              headers:\n    X-Content-Type-Options: [nosniff]\n\
-             {auth}",
+             {auth}{notifications}",
             root = root.display(),
         );
         let config_path = dir.path().join("config.yml");

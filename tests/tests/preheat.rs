@@ -300,3 +300,112 @@ async fn shoalctl_shows_the_node_and_pins_unpins_and_evicts() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("is shoald running"), "{}", text(&out));
 }
+
+/// The origin registry's notifications preheat a pushed image: a real
+/// `docker-registry` with `notifications.endpoints` pointing at the
+/// tracker's ops listener, and the image pushed with skopeo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_watched_repository_is_preheated_through_the_registry_webhook() {
+    const SECRET: &str = "webhook-secret-0123456789abcdef";
+    let ops = shoal_tests::util::free_port().unwrap();
+    let hook = format!("http://127.0.0.1:{ops}/v1/notifications");
+    let origin = Origin::start_with(shoal_tests::registry::RegistryOpts {
+        notify: Some((hook.clone(), SECRET.into())),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("webhook-secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let args: Vec<String> = [
+        "--webhook-secret-file",
+        secret_file.to_str().unwrap(),
+        "--webhook-origin",
+        &origin.addr(),
+        "--preheat-repo",
+        "team/*",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cluster = Cluster::start_with_tracker_args(&args, Some(ops))
+        .await
+        .unwrap();
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let opts = ShoaldOpts::insecure_default(&origin.addr());
+        nodes.push(cluster.member(name, opts).await.unwrap());
+    }
+    wait_members(&cluster, 2).await;
+
+    // Without the secret: refused.
+    let r = http::send(
+        &http::client(),
+        reqwest::Method::POST,
+        &hook,
+        &[("Authorization", "Bearer wrong-secret-0123456789")],
+        Some(br#"{"events":[]}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401, "{:?}", r.body_text());
+
+    // An unwatched repository: nothing happens.
+    let other = TestImage::generate_single(&[MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&other, &origin.registry, "other/app")
+        .await
+        .unwrap();
+    // A watched one: both members fetch it without any runtime asking.
+    let image = TestImage::generate_single(&[3 * MIB, 2 * MIB], fresh_seed()).unwrap();
+    let before = origin.egress();
+    skopeo::push_image(&image, &origin.registry, "team/app")
+        .await
+        .unwrap();
+    let p = image.platform("amd64");
+    let bytes = image.layer_bytes("amd64") + p.config_size;
+    let started = Instant::now();
+    for n in &nodes {
+        loop {
+            let held = stored(n).await;
+            if p.layers.iter().all(|l| held.contains(&l.digest)) && held.contains(&p.config_digest)
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} did not get the pushed image within 60 s; tracker log:\n{}\nregistry log:\n{}",
+                n.registry_url(),
+                cluster.tracker_log(),
+                origin.registry.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let egress = origin.egress() - before;
+    eprintln!(
+        "webhook preheat of {bytes} bytes on 2 members in {:.1?}: origin sent {egress} ({:.3}x)",
+        started.elapsed(),
+        egress as f64 / bytes as f64
+    );
+    assert!(
+        (egress as f64) < 1.3 * bytes as f64,
+        "origin sent {egress} for {bytes}"
+    );
+    let out = nodes[0]
+        .ctl(&["job", "1", "--json"], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["job"]["by"], "registry-webhook");
+    let image_ref = job["job"]["image"].as_str().unwrap();
+    assert!(
+        image_ref.starts_with(&format!("{}/team/app:latest@sha256:", origin.addr())),
+        "{image_ref}"
+    );
+    // Only one job: the unwatched push made none.
+    let out = nodes[0].ctl(&["job", "2"], CTL_TIMEOUT).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no preheat job 2"), "{}", text(&out));
+}

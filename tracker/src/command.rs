@@ -148,3 +148,52 @@ impl Command {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TrackerConfig;
+    use shoal_proto::preheat::{JobState, NodeSelector};
+    use shoal_proto::tracker_api::PeerAddr;
+
+    /// Preheat commands survive the replicas' log encoding, and a replica
+    /// restored from a snapshot knows the jobs.
+    #[test]
+    fn preheat_commands_log_and_snapshot() {
+        let mut t = Tracker::new(TrackerConfig::default()).unwrap();
+        let node: NodeId = "node-a".parse().unwrap();
+        let addr: PeerAddr = "127.0.0.1:4901".parse().unwrap();
+        t.announce(
+            1,
+            Announce::new(node.clone(), addr, vec![], vec![], true).unwrap(),
+        )
+        .unwrap();
+        let preheat = Command::Preheat(PreheatRequest {
+            node: node.clone(),
+            image: "registry.example.com/team/app:v1".into(),
+            blob: false,
+            platforms: vec!["linux/arm64".into()],
+            nodes: NodeSelector::All,
+            pin: true,
+        });
+        let decoded = Command::decode(preheat.op(), &preheat.body()).unwrap();
+        assert_eq!(decoded, preheat);
+        let Outcome::Preheat(reply) = decoded.apply(&mut t, 2).unwrap() else {
+            panic!("a preheat reply")
+        };
+        let progress = Command::JobProgress(JobProgress {
+            node: node.clone(),
+            job: reply.job,
+            state: JobState::Running,
+            blobs: vec![],
+            error: None,
+        });
+        let decoded = Command::decode(progress.op(), &progress.body()).unwrap();
+        assert_eq!(decoded, progress);
+        decoded.apply(&mut t, 3).unwrap();
+        let restored = Tracker::restore(TrackerConfig::default(), &t.snapshot()).unwrap();
+        assert_eq!(restored.job(reply.job), t.job(reply.job));
+        assert_eq!(restored.jobs_for(&node).jobs.len(), 1);
+        assert!(Command::decode("preheat", b"{\"node\":\"n\",\"image\":\"x\"}").is_err());
+    }
+}

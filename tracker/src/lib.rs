@@ -28,6 +28,8 @@ pub mod metrics;
 pub mod replica;
 #[cfg(feature = "net")]
 pub mod server;
+#[cfg(feature = "net")]
+pub mod webhook;
 
 pub use crate::core::{ConfigError, Tracker, TrackerConfig, TrackerStats};
 pub use shoal_proto::tracker_api;

@@ -122,6 +122,56 @@ struct Args {
         value_parser = parse_duration
     )]
     node_cert_validity: std::time::Duration,
+    /// Turns on `POST /v1/notifications` on the ops listener: the origin
+    /// registry's notifications (CNCF distribution `notifications.endpoints`
+    /// with `Authorization: [Bearer SECRET]`), authenticated by this file's
+    /// first line (16 to 256 characters).
+    #[arg(long, env = "SHOAL_TRACKER_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    webhook_secret_file: Option<PathBuf>,
+    /// The origin's name as members know it (`registry.example.com`,
+    /// `host:port`), for jobs from notifications [default: the Host the
+    /// registry's client used].
+    #[arg(long, env = "SHOAL_TRACKER_WEBHOOK_ORIGIN", value_name = "HOST")]
+    webhook_origin: Option<String>,
+    /// Repositories whose tagged pushes are preheated: a name, or a prefix
+    /// ending in `*` (`team/*`; `*` for all). Repeatable.
+    #[arg(
+        long = "preheat-repo",
+        env = "SHOAL_TRACKER_PREHEAT_REPO",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    preheat_repos: Vec<String>,
+    /// A blob pulled from the origin this many times within
+    /// --preheat-window is preheated (0: off).
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_PREHEAT_PULLS",
+        value_name = "K",
+        default_value_t = 0
+    )]
+    preheat_pulls: u32,
+    /// The window for --preheat-pulls (`10m`, `60s`).
+    #[arg(long, env = "SHOAL_TRACKER_PREHEAT_WINDOW", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    preheat_window: std::time::Duration,
+    /// Which members get webhook preheats: all, a count, rack=NAME, or
+    /// NAME,NAME,…
+    #[arg(
+        long,
+        env = "SHOAL_TRACKER_PREHEAT_NODES",
+        value_name = "SELECTOR",
+        default_value = "all"
+    )]
+    preheat_nodes: shoal_proto::preheat::NodeSelector,
+    /// Platforms for webhook preheats of multi-platform images (repeatable;
+    /// `all`) [default: each member's own].
+    #[arg(
+        long = "preheat-platform",
+        env = "SHOAL_TRACKER_PREHEAT_PLATFORM",
+        value_name = "OS/ARCH",
+        value_delimiter = ','
+    )]
+    preheat_platforms: Vec<String>,
     /// Log format.
     #[arg(
         long,
@@ -272,9 +322,43 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
             }))
         }
     };
+    let webhook = match &args.webhook_secret_file {
+        None => None,
+        Some(f) => {
+            let secret = shoal_tracker::webhook::read_secret(f)
+                .map_err(|e| anyhow::anyhow!("--webhook-secret-file {}: {e}", f.display()))?;
+            if let Some(o) = &args.webhook_origin {
+                anyhow::ensure!(
+                    shoal_proto::reference::valid_host(o),
+                    "--webhook-origin {o:?} is not HOST[:PORT]"
+                );
+            }
+            for p in &args.preheat_platforms {
+                shoal_proto::preheat::check_platform(p)
+                    .map_err(|e| anyhow::anyhow!("--preheat-platform: {e}"))?;
+            }
+            if args.preheat_repos.is_empty() && args.preheat_pulls == 0 {
+                tracing::warn!("--webhook-secret-file without --preheat-repo or --preheat-pulls: notifications are accepted and ignored");
+            }
+            tracing::info!(repos = ?args.preheat_repos, pulls = args.preheat_pulls, window = ?args.preheat_window,
+                nodes = %args.preheat_nodes, "registry webhook on the ops listener (POST /v1/notifications)");
+            Some(Arc::new(shoal_tracker::webhook::Webhook::new(
+                shoal_tracker::webhook::WebhookConfig {
+                    secret,
+                    origin: args.webhook_origin.clone(),
+                    repos: args.preheat_repos.clone(),
+                    pulls: args.preheat_pulls,
+                    window: args.preheat_window,
+                    nodes: args.preheat_nodes.clone(),
+                    platforms: args.preheat_platforms.clone(),
+                },
+            )))
+        }
+    };
     let server_cfg = ServerConfig {
         deny_file: args.deny_file.clone(),
         join,
+        webhook,
         ..ServerConfig::default()
     };
     let server = if args.store == "memory" {

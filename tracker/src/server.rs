@@ -108,6 +108,9 @@ pub struct ServerConfig {
     /// Joining with a token ([`Server::serve_join`]): who signs, which
     /// tokens count, for how long certificates are issued.
     pub join: Option<Arc<JoinConfig>>,
+    /// The origin registry's notifications (`POST /v1/notifications` on
+    /// the ops listener), if enabled.
+    pub webhook: Option<Arc<crate::webhook::Webhook>>,
 }
 
 /// What the join listener needs.
@@ -160,7 +163,7 @@ pub fn read_join_tokens(path: &std::path::Path) -> Result<Vec<String>, String> {
 }
 
 /// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -177,6 +180,7 @@ impl Default for ServerConfig {
             deny_file: None,
             deny_poll: Duration::from_secs(2),
             join: None,
+            webhook: None,
         }
     }
 }
@@ -359,7 +363,7 @@ impl Server {
             async move {
                 let svc = service_fn(move |req| {
                     let inner = inner.clone();
-                    async move { Ok::<_, Infallible>(inner.ops(&req)) }
+                    async move { Ok::<_, Infallible>(inner.ops(req).await) }
                 });
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -1029,7 +1033,81 @@ impl Inner {
         }
     }
 
-    fn ops(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    /// `POST /v1/notifications`: the origin registry's events, turned into
+    /// preheat jobs ([`crate::webhook`]).
+    async fn notifications(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        let Some(hook) = self.cfg.webhook.clone() else {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                "the registry webhook is off: start the tracker with --webhook-secret-file",
+            ));
+        };
+        if req.method() != Method::POST {
+            return Err(Failure::method("POST", req.method(), req.uri().path()));
+        }
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !hook.authorized(auth) {
+            return Err(Failure::new(
+                ErrorCode::Unauthorized,
+                "Authorization: Bearer <the --webhook-secret-file secret> required",
+            ));
+        }
+        let body = Limited::new(req.into_body(), crate::webhook::MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorCode::BodyTooLarge,
+                    format!(
+                        "notifications are at most {} bytes",
+                        crate::webhook::MAX_BODY
+                    ),
+                )
+            })?
+            .to_bytes();
+        let envelope: crate::webhook::Envelope = serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(
+                ErrorCode::BadRequest,
+                format!("not a registry notification: {e}"),
+            )
+        })?;
+        let decision = hook.decide(Instant::now(), &envelope);
+        let mut jobs = Vec::new();
+        let mut refused = decision.rejected.clone();
+        for r in decision.preheats {
+            let image = r.image.clone();
+            match self.execute(Command::Preheat(r)).await {
+                Ok((Outcome::Preheat(reply), _)) => {
+                    tracing::info!(job = reply.job, %image, members = reply.nodes.len(), "preheat from the registry webhook");
+                    jobs.push(reply.job);
+                }
+                Ok(_) => {}
+                Err(f) => {
+                    tracing::warn!(%image, code = %f.code, message = %f.message, "registry webhook preheat refused");
+                    refused.push(format!("{image}: {}", f.message));
+                }
+            }
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"jobs": jobs, "ignored": decision.ignored, "refused": refused}),
+        ))
+    }
+
+    async fn ops(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/v1/notifications" {
+            return self
+                .notifications(req)
+                .await
+                .unwrap_or_else(|f| f.response());
+        }
+        let req = &req;
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text_response(
                 StatusCode::METHOD_NOT_ALLOWED,
