@@ -16,6 +16,7 @@ declare -A NEEDED=(
     [skopeo]=skopeo
     [redis-server]=redis-server
     [podman]=podman
+    [chromium]=chromium
 )
 missing=()
 for pkg in "${!NEEDED[@]}"; do
@@ -28,6 +29,10 @@ done
 if ! command -v ctr >/dev/null 2>&1 && [[ ! " ${missing[*]} " =~ " containerd " ]]; then
     missing+=(containerd)
 fi
+# The tracker's status page is checked in headless chromium: give it a font.
+if [[ " ${missing[*]} " =~ " chromium " ]]; then
+    missing+=(fonts-dejavu-core)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -39,7 +44,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
         exit 1
     fi
-    for prog in docker-registry containerd ctr skopeo redis-server podman; do
+    for prog in docker-registry containerd ctr skopeo redis-server podman chromium; do
         if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ]; then
             echo "scripts/test.sh: $prog is still missing after the install" >&2
             exit 1

@@ -122,6 +122,11 @@ impl Blob {
         self.layout.count()
     }
 
+    /// Members holding the whole blob.
+    pub(crate) fn complete_holders(&self) -> u32 {
+        self.complete
+    }
+
     /// Members holding chunk `i` (partial and complete).
     pub(crate) fn copies(&self, i: u32) -> u32 {
         self.copies[i as usize] + self.complete

@@ -160,6 +160,42 @@ impl TrackerConfig {
     }
 }
 
+/// A member as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberSummary {
+    /// Its name.
+    pub node: NodeId,
+    /// Where peers reach it.
+    pub addr: PeerAddr,
+    /// Where it sits.
+    pub rack: Option<Rack>,
+    /// Milliseconds since its last announce.
+    pub seen_ms_ago: u64,
+    /// Blobs it holds (whole or in part).
+    pub blobs: usize,
+    /// Excluded for bad data now.
+    pub excluded: bool,
+}
+
+/// A blob as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlobSummary {
+    /// The blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its chunks.
+    pub chunks: u32,
+    /// Members holding all of it.
+    pub complete: u32,
+    /// Members holding part of it.
+    pub partial: u32,
+    /// Chunks leased for origin fetches now.
+    pub leases: usize,
+    /// Chunk hashes known.
+    pub hashes: u32,
+}
+
 /// Counts for metrics and the status page.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TrackerStats {
@@ -875,6 +911,51 @@ impl Tracker {
     /// One preheat job and its members' progress.
     pub fn job(&self, id: u64) -> Result<JobStatus> {
         self.jobs.status(id)
+    }
+
+    /// Up to `limit` members, by name.
+    pub fn member_summaries(&self, limit: usize) -> Vec<MemberSummary> {
+        self.members
+            .iter()
+            .take(limit)
+            .map(|(n, m)| MemberSummary {
+                node: n.clone(),
+                addr: m.addr.clone(),
+                rack: m.rack.clone(),
+                seen_ms_ago: self.now.saturating_sub(m.seen),
+                blobs: m.blobs.len(),
+                excluded: self.excluded.contains_key(n),
+            })
+            .collect()
+    }
+
+    /// The `limit` blobs with the most holders (then the most leases).
+    pub fn hot_blobs(&self, limit: usize) -> Vec<BlobSummary> {
+        let mut all: Vec<BlobSummary> = self
+            .blobs
+            .values()
+            .map(|b| {
+                let complete = b.complete_holders();
+                BlobSummary {
+                    digest: b.digest,
+                    size: b.layout.size(),
+                    chunks: b.count(),
+                    complete,
+                    partial: (b.holders.len() as u32).saturating_sub(complete),
+                    leases: b.leases.len(),
+                    hashes: b.known,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            (b.complete + b.partial, b.leases, a.digest).cmp(&(
+                a.complete + a.partial,
+                a.leases,
+                b.digest,
+            ))
+        });
+        all.truncate(limit);
+        all
     }
 
     /// Every preheat job the tracker keeps, newest first.

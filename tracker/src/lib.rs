@@ -25,13 +25,17 @@ mod jobs;
 #[cfg(feature = "net")]
 pub mod metrics;
 #[cfg(feature = "net")]
+pub mod page;
+#[cfg(feature = "net")]
 pub mod replica;
 #[cfg(feature = "net")]
 pub mod server;
 #[cfg(feature = "net")]
 pub mod webhook;
 
-pub use crate::core::{ConfigError, Tracker, TrackerConfig, TrackerStats};
+pub use crate::core::{
+    BlobSummary, ConfigError, MemberSummary, Tracker, TrackerConfig, TrackerStats,
+};
 pub use shoal_proto::tracker_api;
 
 #[cfg(test)]

@@ -1158,10 +1158,35 @@ impl Inner {
                     format!("{POISONED}\n"),
                 ),
             },
+            "/" => {
+                let data = self.tracker.lock().ok().map(|t| crate::page::PageData {
+                    uptime_s: self.started.elapsed().as_secs(),
+                    mode: match &self.replica {
+                        None => "one tracker, state in memory".into(),
+                        Some(r) => format!("replica, log applied to {}", r.applied()),
+                    },
+                    stats: t.stats(),
+                    members: t.member_summaries(crate::page::ROWS),
+                    blobs: t.hot_blobs(crate::page::ROWS),
+                    jobs: t.jobs(),
+                });
+                match data {
+                    Some(d) => text_response(
+                        StatusCode::OK,
+                        "text/html; charset=utf-8",
+                        crate::page::render(&d),
+                    ),
+                    None => text_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("{POISONED}\n"),
+                    ),
+                }
+            }
             _ => text_response(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /metrics, /healthz or /status\n".into(),
+                "not found: try /, /metrics, /healthz or /status\n".into(),
             ),
         }
     }
