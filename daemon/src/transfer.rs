@@ -34,6 +34,7 @@ use shoal_registry_shim::client::{OriginClient, OriginError};
 use shoal_registry_shim::serve::{ByteStream, Target};
 use shoal_tracker::client::{ApiError, ErrorCode as TrackerCode, Lease, TrackerApi};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::metrics::{self, KindLabel, SourceLabel};
 use crate::peer::client::ChunkResult;
@@ -116,6 +117,41 @@ enum Fail {
 impl From<OciError> for Fail {
     fn from(e: OciError) -> Self {
         Fail::Oci(e)
+    }
+}
+
+/// A new transfer id: 16 hex characters, unique in practice across the
+/// cluster; members log it, and send it to the tracker with each request
+/// the transfer makes.
+fn transfer_id(digest: &Digest) -> Arc<str> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = Sha256::new();
+    h.update(std::process::id().to_le_bytes());
+    h.update(
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(now.as_nanos().to_le_bytes());
+    h.update(digest.as_bytes());
+    hex::encode(&h.finalize()[..8]).into()
+}
+
+/// Spawns `fut` in the current transfer: its log lines carry the
+/// transfer's span, its tracker requests the transfer's id.
+fn spawn_here<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let span = tracing::Span::current();
+    match shoal_tracker::https_client::current_transfer() {
+        Some(id) => {
+            tokio::spawn(shoal_tracker::https_client::in_transfer(id, fut).instrument(span))
+        }
+        None => tokio::spawn(fut.instrument(span)),
     }
 }
 
@@ -215,7 +251,10 @@ impl Transfers {
         let this = self.clone();
         let (target, digest) = (target.clone(), *digest);
         metrics::global().transfers_active.inc();
-        tokio::spawn(async move {
+        let id = transfer_id(&digest);
+        let span = tracing::info_span!("transfer", id = %id, digest = %digest);
+        let run = async move {
+            tracing::info!(upstream = %target.upstream, repo = %target.repo, "transfer started");
             match this.fetch(&target, &digest, vouched, &tx).await {
                 Ok(()) => {}
                 Err(Fail::Oci(e)) => {
@@ -243,7 +282,8 @@ impl Transfers {
             }
             this.running.lock().expect("transfers lock").remove(&digest);
             metrics::global().transfers_active.dec();
-        });
+        };
+        tokio::spawn(shoal_tracker::https_client::in_transfer(id, run).instrument(span));
         Some(t)
     }
 
@@ -367,7 +407,7 @@ impl Transfers {
                             events: ev_tx.clone(),
                             hash_chunks: net.is_some(),
                         };
-                        let handle = tokio::spawn(run.fetch(chunks.clone()));
+                        let handle = spawn_here(run.fetch(chunks.clone()));
                         for c in chunks {
                             runs.insert(c, handle.abort_handle());
                         }
@@ -755,18 +795,18 @@ impl Net {
         let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
         match io {
             Io::Lookup { since } => {
-                tokio::spawn(async move {
+                spawn_here(async move {
                     let r = sw.tracker.lookup(&sw.node, &blob, since).await;
                     let _ = ev.send(Ev::Looked(r));
                 });
             }
             Io::Lease(req) => {
-                tokio::spawn(async move {
+                spawn_here(async move {
                     let _ = ev.send(Ev::Leased(sw.tracker.lease(req).await));
                 });
             }
             Io::Publish(p) => {
-                tokio::spawn(async move {
+                spawn_here(async move {
                     if let Err(e) = sw.tracker.publish_hashes(p).await {
                         tracing::debug!(error = %e, "publishing chunk hashes failed");
                     }
@@ -774,7 +814,7 @@ impl Net {
                 });
             }
             Io::Announce(a) => {
-                tokio::spawn(async move {
+                spawn_here(async move {
                     if let Err(e) = sw.tracker.announce(a).await {
                         tracing::debug!(error = %e, "announce failed");
                     }
@@ -782,7 +822,7 @@ impl Net {
                 });
             }
             Io::Report(r) => {
-                tokio::spawn(async move {
+                spawn_here(async move {
                     let _ = sw.tracker.report(r).await;
                 });
             }
@@ -814,7 +854,7 @@ impl Net {
         self.next_task += 1;
         let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
         let owed = chunks.clone();
-        let handle = tokio::spawn(async move {
+        let handle = spawn_here(async move {
             sw.peers
                 .fetch_each(
                     &addr,
@@ -851,7 +891,7 @@ impl Net {
     /// then `None` when the watch ends, however it ends.
     fn watch(&mut self, peer: u32, addr: PeerAddr, layout: ChunkLayout) {
         let (sw, blob, ev) = (self.swarm.clone(), self.blob, self.events.clone());
-        let handle = tokio::spawn(async move {
+        let handle = spawn_here(async move {
             let r = sw
                 .peers
                 .watch(&addr, &blob, layout, WATCH_DEADLINE, |bits| {
@@ -900,7 +940,7 @@ impl Net {
     /// publish and announce, in order, without holding the transfer up.
     fn finish(&self, msgs: Vec<Io>) {
         let sw = self.swarm.clone();
-        tokio::spawn(async move {
+        spawn_here(async move {
             for io in msgs {
                 let r = match io {
                     Io::Publish(p) => sw.tracker.publish_hashes(p).await.map(|_| ()),

@@ -37,6 +37,34 @@ use shoal_proto::Digest;
 use crate::client::{ApiError, ErrorBody, ErrorCode, JobsApi, Lease, TrackerApi};
 use crate::server::{DEFAULT_MAX_BODY_BYTES, NOW_HEADER};
 
+/// The header that carries a member's transfer id to the tracker, so that
+/// the tracker's request logs can be matched with the member's.
+pub const TRANSFER_HEADER: &str = "shoal-transfer";
+
+tokio::task_local! {
+    static TRANSFER: Arc<str>;
+}
+
+/// Runs `f` as part of transfer `id`: the tracker requests it makes carry
+/// the id ([`TRANSFER_HEADER`]).
+pub async fn in_transfer<F: std::future::Future>(id: Arc<str>, f: F) -> F::Output {
+    TRANSFER.scope(id, f).await
+}
+
+/// The transfer the current task works for, if any.
+pub fn current_transfer() -> Option<Arc<str>> {
+    TRANSFER.try_with(Arc::clone).ok()
+}
+
+/// Whether `id` may be logged as a transfer id: 1 to 64 characters of
+/// `[A-Za-z0-9._-]`.
+pub fn valid_transfer_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// Timeouts, retries and size limits of an [`HttpsTracker`].
 #[derive(Debug, Clone)]
 pub struct HttpsConfig {
@@ -336,11 +364,15 @@ impl HttpsTracker {
         url: &str,
         body: Bytes,
     ) -> Result<Result<(R, Option<u64>), ApiError>, Attempt> {
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method.clone())
             .uri(url)
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT, "application/json");
+        if let Some(id) = current_transfer() {
+            req = req.header(TRANSFER_HEADER, &*id);
+        }
+        let req = req
             .body(Full::new(body))
             .map_err(|e| Attempt::Bad(0, format!("building the request: {e}")))?;
         let limit = self.inner.cfg.max_response_bytes;

@@ -698,11 +698,28 @@ fn text_response(status: StatusCode, ct: &'static str, body: String) -> Response
 impl Inner {
     async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let started = Instant::now();
+        // A member's transfer id, so its requests can be found in this log.
+        let transfer = req
+            .headers()
+            .get(crate::https_client::TRANSFER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| crate::https_client::valid_transfer_id(t))
+            .map(str::to_owned);
         let (route, result) = self.dispatch(peer, req).await;
         let resp = result.unwrap_or_else(|f| {
-            tracing::debug!(peer = %peer.addr, route, code = %f.code, message = %f.message, "request refused");
+            tracing::debug!(peer = %peer.addr, route, transfer, code = %f.code, message = %f.message, "request refused");
             f.response()
         });
+        if let Some(transfer) = &transfer {
+            tracing::debug!(
+                transfer,
+                route,
+                status = resp.status().as_u16(),
+                node = peer.names.first().map(String::as_str).unwrap_or(""),
+                took_us = started.elapsed().as_micros() as u64,
+                "member request"
+            );
+        }
         self.metrics
             .observe(route, resp.status().as_u16(), started.elapsed());
         resp
