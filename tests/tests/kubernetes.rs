@@ -210,16 +210,27 @@ fn the_prometheus_overlay_scrapes_both_ops_ports() {
     }
 }
 
-/// The init container's script, run against a directory standing in for
-/// the node's `/etc/containerd/certs.d`: it writes a `hosts.toml` per
-/// origin (shoald first, the origin as the fallback), keeps a `hosts.toml`
-/// it did not write as `hosts.toml.before-shoal`, and running it again
-/// (a pod restart) changes nothing else.
+/// The init container's `shoald configure containerd`, run against a
+/// directory standing in for the node's `/etc/containerd/certs.d`: it
+/// writes a `hosts.toml` per origin (shoald first, the origin as the
+/// fallback), keeps a `hosts.toml` it did not write as
+/// `hosts.toml.before-shoal`, and running it again (a pod restart) changes
+/// nothing else. The image has no shell: every container runs a Shoal
+/// binary.
 #[test]
 fn the_init_container_points_containerd_at_shoald_and_keeps_what_was_there() {
     let docs = render("base");
     let ds = find(&docs, "DaemonSet", "shoald");
-    let init = ds["spec"]["template"]["spec"]["initContainers"]
+    let pod = &ds["spec"]["template"]["spec"];
+    for c in pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["containers"].as_array().unwrap())
+    {
+        assert_eq!(c["command"][0], "shoald", "{}", c["name"]);
+    }
+    let init = pod["initContainers"]
         .as_array()
         .unwrap()
         .iter()
@@ -227,29 +238,35 @@ fn the_init_container_points_containerd_at_shoald_and_keeps_what_was_there() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs.d");
-    let script = init["args"][0]
-        .as_str()
-        .unwrap()
-        .replace("/host/etc/containerd/certs.d", certs.to_str().unwrap());
-    let origins = init["env"][0]["value"].as_str().unwrap();
-    assert_eq!(init["env"][0]["name"], "SHOAL_ORIGINS");
+    let init_args: Vec<String> = args(init)
+        .into_iter()
+        .map(|a| a.replace("/host/etc/containerd/certs.d", certs.to_str().unwrap()))
+        .collect();
+    assert_eq!(init_args[..2], ["configure", "containerd"]);
+    flags_exist("shoald", &["configure", "containerd"], &init_args);
+    let origins: Vec<String> = init_args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--origin="))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        origins,
+        ["docker.io", "quay.io", "ghcr.io", "registry.k8s.io"]
+    );
 
     let theirs = "server = \"https://mirror.example.internal\"\n";
     std::fs::create_dir_all(certs.join("quay.io")).unwrap();
     std::fs::write(certs.join("quay.io/hosts.toml"), theirs).unwrap();
+    let shoald = shoal_tests::cluster::sibling_binary("shoald").unwrap();
     for _ in 0..2 {
-        let out = Command::new("sh")
-            .args(["-c", &script])
-            .env("SHOAL_ORIGINS", origins)
-            .output()
-            .unwrap();
+        let out = Command::new(&shoald).args(&init_args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for origin in origins.split_whitespace() {
+    for origin in &origins {
         let text = std::fs::read_to_string(certs.join(origin).join("hosts.toml")).unwrap();
         let t: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{origin}: {e}"));
         let server = if origin == "docker.io" {
