@@ -47,6 +47,8 @@ pub struct Status {
     pub node: Option<String>,
     /// The tracker(s): `embedded` or URLs.
     pub trackers: Vec<String>,
+    /// Peers this node is connected to (QUIC, connections it dialled).
+    pub peers: usize,
     /// Connected DHT peers.
     pub dht_peers: i64,
     /// The store.
@@ -238,6 +240,7 @@ impl Admin {
             uptime_s: self.started.elapsed().as_secs(),
             node: self.swarm.as_ref().map(|s| s.node.to_string()),
             trackers: self.trackers.clone(),
+            peers: self.swarm.as_ref().map_or(0, |s| s.peers.connected()),
             dht_peers: m.dht_peers.get(),
             store: StoreStatus {
                 used,

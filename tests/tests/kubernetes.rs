@@ -198,6 +198,27 @@ fn the_ha_overlay_runs_tracker_replicas_over_redis() {
 }
 
 #[test]
+fn the_webhook_overlay_lets_the_origin_registry_preheat() {
+    let docs = render("overlays/webhook");
+    let tracker = find(&docs, "Deployment", "shoal-tracker");
+    let spec = &tracker["spec"]["template"]["spec"];
+    let a = args(&spec["containers"][0]);
+    flags_exist("shoal-tracker", &[], &a);
+    assert!(
+        a.iter()
+            .any(|x| x == "--webhook-secret-file=/etc/shoal/webhook/secret"),
+        "{a:?}"
+    );
+    assert!(a.iter().any(|x| x.starts_with("--preheat-repo=")), "{a:?}");
+    assert!(spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "shoal-webhook"));
+    find(&docs, "DaemonSet", "shoald");
+}
+
+#[test]
 fn the_prometheus_overlay_scrapes_both_ops_ports() {
     let docs = render("overlays/prometheus-operator");
     for name in ["shoald", "shoal-tracker"] {

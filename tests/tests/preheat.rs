@@ -249,6 +249,7 @@ async fn shoalctl_shows_the_node_and_pins_unpins_and_evicts() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["node"], "node-a");
     assert_eq!(s["store"]["blobs"], 1);
+    assert_eq!(s["peers"], 0, "{s}");
     assert!(
         s["bytes"]["origin"].as_u64().unwrap() >= blob.len() as u64,
         "{s}"
@@ -350,6 +351,17 @@ async fn a_push_to_a_watched_repository_is_preheated_through_the_registry_webhoo
     .await
     .unwrap();
     assert_eq!(r.status, 401, "{:?}", r.body_text());
+    let bearer = format!("Bearer {SECRET}");
+    let r = http::send(
+        &http::client(),
+        reqwest::Method::POST,
+        &hook,
+        &[("Authorization", bearer.as_str())],
+        Some(vec![b' '; (1 << 20) + 1]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413, "{:?}", r.body_text());
 
     // An unwatched repository: nothing happens.
     let other = TestImage::generate_single(&[MIB], fresh_seed()).unwrap();
@@ -408,4 +420,49 @@ async fn a_push_to_a_watched_repository_is_preheated_through_the_registry_webhoo
     let out = nodes[0].ctl(&["job", "2"], CTL_TIMEOUT).await.unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("no preheat job 2"), "{}", text(&out));
+}
+
+/// Benchmark (ignored in CI): six members preheat a cold 24 MiB image
+/// from an origin limited to 8 MiB/s. The bound is one copy at the
+/// origin's rate (3 s); direct pulls would cost six copies (18 s).
+/// `cargo test -p shoal-tests --test preheat bench -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_preheat_six_members_against_the_origin_bound() {
+    const MEMBERS: usize = 6;
+    const RATE: u64 = 8 * MIB as u64;
+    let origin = Origin::start().await.unwrap();
+    let image = TestImage::generate_single(&[8 * MIB, 8 * MIB, 8 * MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&image, &origin.registry, "team/big")
+        .await
+        .unwrap();
+    let bytes = image.layer_bytes("amd64") + image.platform("amd64").config_size;
+    origin.proxy.set_rate(Some(RATE));
+    let cluster = Cluster::start().await.unwrap();
+    let mut nodes = Vec::new();
+    for n in 1..=MEMBERS {
+        let opts = ShoaldOpts::insecure_default(&origin.addr());
+        nodes.push(cluster.member(&format!("node-{n}"), opts).await.unwrap());
+    }
+    wait_members(&cluster, MEMBERS as u64).await;
+    let before = origin.egress();
+    let started = Instant::now();
+    let out = nodes[0]
+        .ctl(
+            &["preheat", &format!("{}/team/big:latest", origin.addr())],
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let egress = origin.egress() - before;
+    let bound = bytes as f64 / RATE as f64;
+    eprintln!(
+        "preheat of {bytes} bytes on {MEMBERS} members, origin at {RATE} B/s: {took:.2?} \
+         ({:.2}x the {bound:.2} s bound; direct pulls: {:.1} s, {MEMBERS}x), origin sent {:.3}x the image",
+        took.as_secs_f64() / bound,
+        bound * MEMBERS as f64,
+        egress as f64 / bytes as f64
+    );
 }

@@ -346,10 +346,15 @@ mod tests {
             &envelope(&[r#"{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"md5:x","repository":"team/a","tag":"v"}}"#.into()]),
         );
         assert_eq!(d.rejected.len(), 1, "{d:?}");
+        // A bad event does not spoil the good ones beside it.
         let d = h.decide(
             Instant::now(),
-            &envelope(&[event("push", media::OCI_MANIFEST, "team/BAD", "v1", 'a')]),
+            &envelope(&[
+                event("push", media::OCI_MANIFEST, "team/BAD", "v1", 'a'),
+                event("push", media::OCI_MANIFEST, "team/good", "v1", 'b'),
+            ]),
         );
         assert_eq!(d.rejected.len(), 1, "{d:?}");
+        assert_eq!(d.preheats.len(), 1, "{d:?}");
     }
 }

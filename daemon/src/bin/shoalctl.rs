@@ -154,7 +154,10 @@ fn status(s: &Status) {
             s.trackers.join(", ")
         }
     );
-    println!("dht peers   {}", s.dht_peers);
+    println!(
+        "peers       {} connected, {} in the DHT",
+        s.peers, s.dht_peers
+    );
     println!(
         "store       {} of {} ({:.0}%), {} blobs, {} pinned",
         HumanBytes(s.store.used),

@@ -410,6 +410,22 @@ impl PeerClient {
         });
     }
 
+    /// Peers this node has an open connection to now (it dialled them).
+    pub fn connected(&self) -> usize {
+        let cache = self.cache.lock().expect("peer cache lock");
+        cache
+            .slots
+            .values()
+            .filter(|slot| {
+                slot.conn
+                    .try_lock()
+                    .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                    // Being used right now: connected or dialling.
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
     /// Closes every cached connection.
     pub fn close_all(&self) {
         let mut cache = self.cache.lock().expect("peer cache lock");
