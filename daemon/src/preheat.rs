@@ -1,6 +1,6 @@
 //! The preheat worker: picks this member's jobs up from the tracker (it
-//! only dials out: a poll every [`POLL`], sooner when this node created
-//! a job), fetches each job's blobs through the same path a runtime's pull
+//! only dials out: a long poll, answered as soon as the tracker has a new
+//! job for this node), fetches each job's blobs through the same path a runtime's pull
 //! takes (origin for manifests, swarm and origin leases for blobs, every
 //! byte verified), and reports per-blob progress every [`REPORT_EVERY`].
 
@@ -22,7 +22,9 @@ use crate::content::NodeContent;
 use crate::store::Store;
 use crate::swarm::Swarm;
 
-/// How often the tracker is asked for new jobs.
+/// How long a request for jobs may wait at the tracker for a new one.
+pub const LONG_POLL: Duration = Duration::from_secs(3);
+/// How often the tracker is asked for new jobs when it answers at once.
 pub const POLL: Duration = Duration::from_secs(2);
 /// How often a running job's progress is sent.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -76,21 +78,30 @@ impl Preheater {
         self.wake.notify_one();
     }
 
-    /// Polls the tracker for this node's jobs until the task is dropped.
+    /// Asks the tracker for this node's jobs until the task is dropped: a
+    /// long poll ([`LONG_POLL`]) where the tracker is remote, a poll every
+    /// [`POLL`] otherwise and after errors.
     pub async fn run(self: Arc<Self>) {
+        let mut pause = Duration::ZERO;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = self.wake.notified() => {}
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = self.wake.notified() => {}
+                }
             }
             let tracker = self.swarm.tracker.primary();
-            let jobs = match tracker.jobs_for(&self.swarm.node).await {
+            let asked = tokio::time::Instant::now();
+            let jobs = match tracker.jobs_for(&self.swarm.node, LONG_POLL).await {
                 Ok(r) => r.jobs,
                 Err(e) => {
                     tracing::debug!(error = %e, "asking the tracker for preheat jobs");
+                    pause = POLL;
                     continue;
                 }
             };
+            // An answer that came at once and brought nothing new (an
+            // in-process tracker, or jobs this node already runs) waits.
             let listed: BTreeSet<u64> = jobs.iter().map(|j| j.id).collect();
             let resend: Vec<JobProgress> = {
                 let mut unsent = self.unsent.lock().expect("lock");
@@ -103,6 +114,7 @@ impl Preheater {
                     self.unsent.lock().expect("lock").remove(&id);
                 }
             }
+            let mut started = 0;
             for job in jobs {
                 let fresh = {
                     let unsent = self.unsent.lock().expect("lock");
@@ -110,9 +122,15 @@ impl Preheater {
                         && self.running.lock().expect("lock").insert(job.id)
                 };
                 if fresh {
+                    started += 1;
                     tokio::spawn(self.clone().run_job(job));
                 }
             }
+            pause = if started == 0 && asked.elapsed() < LONG_POLL / 2 {
+                POLL
+            } else {
+                Duration::ZERO
+            };
         }
     }
 

@@ -402,8 +402,14 @@ pub trait JobsApi: Send + Sync {
         &self,
         r: PreheatRequest,
     ) -> impl Future<Output = Result<PreheatReply, ApiError>> + Send;
-    /// `GET /v1/jobs?node=N`.
-    fn jobs_for(&self, node: &NodeId) -> impl Future<Output = Result<JobsReply, ApiError>> + Send;
+    /// `GET /v1/jobs?node=N&wait_ms=W`: the member's unfinished jobs, once
+    /// it has one it has not started or `wait` has passed (a long poll;
+    /// in-process trackers answer at once).
+    fn jobs_for(
+        &self,
+        node: &NodeId,
+        wait: Duration,
+    ) -> impl Future<Output = Result<JobsReply, ApiError>> + Send;
     /// `POST /v1/jobs/progress`.
     fn job_progress(&self, p: JobProgress) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// `GET /v1/jobs/ID`.
@@ -415,7 +421,7 @@ impl JobsApi for Embedded {
         self.with(|t, now| t.preheat(now, r)).map(|(r, _)| r)
     }
 
-    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
+    async fn jobs_for(&self, node: &NodeId, _wait: Duration) -> Result<JobsReply, ApiError> {
         self.with(|t, _| Ok(t.jobs_for(node))).map(|(r, _)| r)
     }
 
@@ -433,8 +439,8 @@ impl JobsApi for AnyTracker {
         dispatch!(self, t => t.preheat(r))
     }
 
-    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
-        dispatch!(self, t => t.jobs_for(node))
+    async fn jobs_for(&self, node: &NodeId, wait: Duration) -> Result<JobsReply, ApiError> {
+        dispatch!(self, t => t.jobs_for(node, wait))
     }
 
     async fn job_progress(&self, p: JobProgress) -> Result<(), ApiError> {

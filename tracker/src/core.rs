@@ -900,6 +900,11 @@ impl Tracker {
         self.jobs.pending(node)
     }
 
+    /// Whether `node` has a preheat job it has not started.
+    pub fn has_new_jobs(&self, node: &NodeId) -> bool {
+        self.jobs.has_new(node)
+    }
+
     /// Records a member's progress on a job.
     pub fn job_progress(&mut self, now_ms: u64, p: JobProgress) -> Result<u64> {
         let now = self.expire(now_ms);

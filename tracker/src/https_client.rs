@@ -493,8 +493,16 @@ impl JobsApi for HttpsTracker {
         self.post("/v1/preheat", &r).await.map(|(r, _)| r)
     }
 
-    async fn jobs_for(&self, node: &NodeId) -> Result<JobsReply, ApiError> {
-        self.call(Method::GET, &format!("/v1/jobs?node={node}"), Bytes::new())
+    async fn jobs_for(&self, node: &NodeId, wait: Duration) -> Result<JobsReply, ApiError> {
+        // The tracker must answer within the request timeout.
+        let wait = wait.min(
+            self.inner
+                .cfg
+                .request_timeout
+                .saturating_sub(Duration::from_secs(1)),
+        );
+        let path = format!("/v1/jobs?node={node}&wait_ms={}", wait.as_millis());
+        self.call(Method::GET, &path, Bytes::new())
             .await
             .map(|(r, _)| r)
     }

@@ -173,6 +173,15 @@ impl Jobs {
         }
     }
 
+    /// Whether `node` has a job it has not picked up yet.
+    pub(crate) fn has_new(&self, node: &NodeId) -> bool {
+        self.jobs.values().any(|j| {
+            j.nodes
+                .get(node)
+                .is_some_and(|p| p.state == JobState::Pending)
+        })
+    }
+
     /// Records a member's progress.
     pub(crate) fn progress(&mut self, now: u64, mut p: JobProgress) -> Result<(), TrackerError> {
         p.validate()?;

@@ -162,6 +162,9 @@ pub fn read_join_tokens(path: &std::path::Path) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The longest a member's `GET /v1/jobs` waits for a new job.
+const MAX_JOBS_WAIT_MS: u64 = 25_000;
+
 /// Compares two secrets in time independent of where they differ.
 pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -210,6 +213,8 @@ struct Inner {
     metrics: Metrics,
     cfg: ServerConfig,
     started: Instant,
+    /// Woken when a preheat job is created here (members long-poll for jobs).
+    jobs_changed: tokio::sync::Notify,
 }
 
 impl Server {
@@ -223,6 +228,7 @@ impl Server {
                 metrics: Metrics::new(),
                 cfg,
                 started: Instant::now(),
+                jobs_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -239,6 +245,7 @@ impl Server {
                 metrics,
                 cfg,
                 started: Instant::now(),
+                jobs_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -771,20 +778,23 @@ impl Inner {
                 self.post(peer, req, Report::node, Command::Report).await,
             ),
             "/v1/renew" => ("renew", self.renew(peer, req).await),
-            "/v1/preheat" => (
-                "preheat",
-                self.post(peer, req, |r: &PreheatRequest| &r.node, Command::Preheat)
-                    .await,
-            ),
+            "/v1/preheat" => {
+                let r = self
+                    .post(peer, req, |r: &PreheatRequest| &r.node, Command::Preheat)
+                    .await;
+                // Members waiting for jobs look again.
+                self.jobs_changed.notify_waiters();
+                ("preheat", r)
+            }
             "/v1/jobs/progress" => (
                 "job_progress",
                 self.post(peer, req, JobProgress::node, Command::JobProgress)
                     .await,
             ),
-            "/v1/jobs" => ("jobs", self.jobs(peer, &req, None)),
+            "/v1/jobs" => ("jobs", self.jobs(peer, &req, None).await),
             p => match (p.strip_prefix("/v1/blobs/"), p.strip_prefix("/v1/jobs/")) {
                 (Some(digest), _) => ("lookup", self.lookup(peer, &req, digest)),
-                (_, Some(id)) => ("jobs", self.jobs(peer, &req, Some(id))),
+                (_, Some(id)) => ("jobs", self.jobs(peer, &req, Some(id)).await),
                 _ => (
                     "other",
                     Err(Failure::new(
@@ -1011,7 +1021,7 @@ impl Inner {
 
     /// `GET /v1/jobs?node=N` (that member's unfinished jobs), `GET
     /// /v1/jobs` (every job) and `GET /v1/jobs/ID` (one job).
-    fn jobs(
+    async fn jobs(
         &self,
         peer: &Peer,
         req: &Request<Incoming>,
@@ -1030,18 +1040,41 @@ impl Inner {
             let (status, now) = self.call(|t, _| t.job(id))?;
             return Ok(Self::reply(&status, now));
         }
-        let node = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("node="));
-        match node {
+        let query = req.uri().query().unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        };
+        match param("node") {
             Some(n) => {
                 let node: NodeId = n.parse()?;
                 peer.check(&node)?;
-                let (reply, now) = self.call(|t, _| Ok(t.jobs_for(&node)))?;
-                Ok(Self::reply(&reply, now))
+                let wait = match param("wait_ms") {
+                    None => 0,
+                    Some(w) => w.parse::<u64>().map_err(|_| {
+                        Failure::new(
+                            ErrorCode::BadRequest,
+                            format!("wait_ms {w:?} is not a number"),
+                        )
+                    })?,
+                };
+                let deadline = Instant::now() + Duration::from_millis(wait.min(MAX_JOBS_WAIT_MS));
+                loop {
+                    // Registered before looking, so a job created meanwhile wakes it.
+                    let changed = self.jobs_changed.notified();
+                    tokio::pin!(changed);
+                    changed.as_mut().enable();
+                    let ((jobs, new), now) =
+                        self.call(|t, _| Ok((t.jobs_for(&node), t.has_new_jobs(&node))))?;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if new || left.is_zero() {
+                        return Ok(Self::reply(&jobs, now));
+                    }
+                    // Replicas apply jobs other replicas took: look again
+                    // every second.
+                    let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), changed).await;
+                }
             }
             None => {
                 let (reply, now) = self.call(|t, _| Ok(t.jobs()))?;
@@ -1110,6 +1143,9 @@ impl Inner {
                     refused.push(format!("{image}: {}", f.message));
                 }
             }
+        }
+        if !jobs.is_empty() {
+            self.jobs_changed.notify_waiters();
         }
         Ok(json_response(
             StatusCode::OK,

@@ -93,7 +93,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// A preheat job's status (any node's shoald can tell).
+    /// A preheat job's status (any node's shoald can tell); exits 0 once
+    /// every member is done, 1 while some run or if any failed.
     Job {
         /// The job id.
         id: u64,
