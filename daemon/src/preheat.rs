@@ -100,8 +100,6 @@ impl Preheater {
                     continue;
                 }
             };
-            // An answer that came at once and brought nothing new (an
-            // in-process tracker, or jobs this node already runs) waits.
             let listed: BTreeSet<u64> = jobs.iter().map(|j| j.id).collect();
             let resend: Vec<JobProgress> = {
                 let mut unsent = self.unsent.lock().expect("lock");
@@ -126,6 +124,8 @@ impl Preheater {
                     tokio::spawn(self.clone().run_job(job));
                 }
             }
+            // An answer that came at once and brought nothing new (an
+            // in-process tracker, or jobs this node already runs) waits.
             pause = if started == 0 && asked.elapsed() < LONG_POLL / 2 {
                 POLL
             } else {
