@@ -7,7 +7,7 @@
 //! - `GET /v1/blobs` → `[BlobEntry]`
 //! - `POST /v1/blobs/DIGEST/pin`, `POST /v1/blobs/DIGEST/unpin`,
 //!   `DELETE /v1/blobs/DIGEST` (evict)
-//! - `POST /v1/preheat` ([`PreheatAsk`]) → `PreheatReply`, through the
+//! - `POST /v1/preheat` (a `Preheat`: this node asks) → `PreheatReply`, through the
 //!   tracker; `GET /v1/jobs/ID` → [`JobStatus`]
 //!
 //! Errors are `{"error": {"code", "message"}}` with a matching status.
@@ -22,7 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use shoal_proto::preheat::{JobStatus, NodeSelector, PreheatRequest};
+use shoal_proto::preheat::{JobStatus, Preheat, PreheatRequest};
 use shoal_proto::Digest;
 use shoal_tracker::client::{ApiError, JobsApi};
 use tokio::net::UnixListener;
@@ -115,25 +115,6 @@ pub struct BlobEntry {
     pub pinned: bool,
     /// Last use, seconds since the epoch.
     pub last_access: u64,
-}
-
-/// `POST /v1/preheat`: a [`PreheatRequest`] without the node (this one asks).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PreheatAsk {
-    /// `HOST/NAME[:TAG][@DIGEST]`.
-    pub image: String,
-    /// Only the blob `image` names.
-    #[serde(default)]
-    pub blob: bool,
-    /// Platforms (`OS/ARCH[/VARIANT]` or `all`; none: each member's own).
-    #[serde(default)]
-    pub platforms: Vec<String>,
-    /// Which members.
-    #[serde(default)]
-    pub nodes: NodeSelector,
-    /// Pin what is fetched.
-    #[serde(default)]
-    pub pin: bool,
 }
 
 /// An admin error body.
@@ -337,17 +318,13 @@ impl Admin {
                 "this node is not in a swarm (no --tracker or --cluster-dir): nothing to preheat",
             );
         };
-        let ask: PreheatAsk = match serde_json::from_slice(&body) {
+        let preheat: Preheat = match serde_json::from_slice(&body) {
             Ok(a) => a,
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
         };
         let req = PreheatRequest {
             node: swarm.node.clone(),
-            image: ask.image,
-            blob: ask.blob,
-            platforms: ask.platforms,
-            nodes: ask.nodes,
-            pin: ask.pin,
+            preheat,
         };
         if let Err(e) = req.validate() {
             return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());

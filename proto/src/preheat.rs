@@ -112,12 +112,10 @@ impl<'de> serde::Deserialize<'de> for NodeSelector {
     }
 }
 
-/// `POST /v1/preheat`: fetch `image` on the members `nodes` selects.
+/// What to preheat and where: a [`PreheatRequest`] without who asks
+/// (what `shoalctl` sends its node).
 #[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "PreheatWire")]
-pub struct PreheatRequest {
-    /// Who asks (a member, or the tracker's webhook).
-    pub node: NodeId,
+pub struct Preheat {
     /// `HOST/NAME[:TAG][@DIGEST]`; the host is required (it names the origin).
     pub image: String,
     /// With `blob`, `image` names a repository and a blob digest
@@ -136,35 +134,16 @@ pub struct PreheatRequest {
     pub pin: bool,
 }
 
-#[derive(serde::Deserialize)]
-struct PreheatWire {
-    node: NodeId,
-    image: String,
-    #[serde(default)]
-    blob: bool,
-    #[serde(default)]
-    platforms: Vec<String>,
-    #[serde(default)]
-    nodes: NodeSelector,
-    #[serde(default)]
-    pin: bool,
-}
-
-impl TryFrom<PreheatWire> for PreheatRequest {
-    type Error = TrackerError;
-
-    fn try_from(w: PreheatWire) -> Result<Self, Self::Error> {
-        let r = PreheatRequest {
-            node: w.node,
-            image: w.image,
-            blob: w.blob,
-            platforms: w.platforms,
-            nodes: w.nodes,
-            pin: w.pin,
-        };
-        r.validate()?;
-        Ok(r)
-    }
+/// `POST /v1/preheat`: fetch `image` on the members `nodes` selects.
+/// Checked ([`validate`](Self::validate)) where it enters: the tracker's
+/// core refuses one that is not.
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PreheatRequest {
+    /// Who asks (a member, or the tracker's webhook).
+    pub node: NodeId,
+    /// What and where.
+    #[serde(flatten)]
+    pub preheat: Preheat,
 }
 
 /// Checks an image reference for a preheat: a host, a repository, and for
@@ -213,6 +192,13 @@ fn truncate(s: &str) -> String {
 }
 
 impl PreheatRequest {
+    /// Checks the image and the platforms.
+    pub fn validate(&self) -> Result<(), TrackerError> {
+        self.preheat.validate()
+    }
+}
+
+impl Preheat {
     /// Checks the image and the platforms.
     pub fn validate(&self) -> Result<(), TrackerError> {
         parse_image(&self.image, self.blob)?;
@@ -513,10 +499,11 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_checked_when_read() {
+    fn requests_are_checked() {
         let ok = r#"{"node":"n1","image":"127.0.0.1:5000/app:v1","nodes":"2","platforms":["linux/amd64"]}"#;
         let r: PreheatRequest = serde_json::from_str(ok).unwrap();
-        assert_eq!(r.nodes, NodeSelector::Count(2));
+        r.validate().unwrap();
+        assert_eq!(r.preheat.nodes, NodeSelector::Count(2));
         for (bad, why) in [
             (r#"{"node":"n1","image":"app:v1"}"#, "name the origin"),
             (r#"{"node":"n1","image":"h.io/App"}"#, "image"),
@@ -530,8 +517,11 @@ mod tests {
             ),
             (r#"{"node":"n1","image":"h.io/app","nodes":"0"}"#, "count"),
         ] {
-            let e = serde_json::from_str::<PreheatRequest>(bad).unwrap_err();
-            assert!(e.to_string().contains(why), "{bad}: {e}");
+            let e = match serde_json::from_str::<PreheatRequest>(bad) {
+                Err(e) => e.to_string(),
+                Ok(r) => r.validate().unwrap_err().to_string(),
+            };
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

@@ -153,7 +153,7 @@ impl Command {
 mod tests {
     use super::*;
     use crate::TrackerConfig;
-    use shoal_proto::preheat::{JobState, NodeSelector};
+    use shoal_proto::preheat::{JobState, NodeSelector, Preheat};
     use shoal_proto::tracker_api::PeerAddr;
 
     /// Preheat commands survive the replicas' log encoding, and a replica
@@ -170,11 +170,13 @@ mod tests {
         .unwrap();
         let preheat = Command::Preheat(PreheatRequest {
             node: node.clone(),
-            image: "registry.example.com/team/app:v1".into(),
-            blob: false,
-            platforms: vec!["linux/arm64".into()],
-            nodes: NodeSelector::All,
-            pin: true,
+            preheat: Preheat {
+                image: "registry.example.com/team/app:v1".into(),
+                blob: false,
+                platforms: vec!["linux/arm64".into()],
+                nodes: NodeSelector::All,
+                pin: true,
+            },
         });
         let decoded = Command::decode(preheat.op(), &preheat.body()).unwrap();
         assert_eq!(decoded, preheat);
@@ -194,6 +196,8 @@ mod tests {
         let restored = Tracker::restore(TrackerConfig::default(), &t.snapshot()).unwrap();
         assert_eq!(restored.job(reply.job), t.job(reply.job));
         assert_eq!(restored.jobs_for(&node).jobs.len(), 1);
-        assert!(Command::decode("preheat", b"{\"node\":\"n\",\"image\":\"x\"}").is_err());
+        // A request that is not valid is refused when applied.
+        let bad = Command::decode("preheat", b"{\"node\":\"n\",\"image\":\"x\"}").unwrap();
+        assert!(bad.apply(&mut t, 4).is_err());
     }
 }

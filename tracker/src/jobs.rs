@@ -79,7 +79,7 @@ impl Jobs {
     ) -> Result<PreheatReply, TrackerError> {
         req.validate()?;
         let id = self.next_id + 1;
-        let mut chosen: Vec<NodeId> = match &req.nodes {
+        let mut chosen: Vec<NodeId> = match &req.preheat.nodes {
             NodeSelector::All => live.map(|(n, _)| n.clone()).collect(),
             NodeSelector::Rack(r) => live
                 .filter(|(_, rack)| *rack == Some(r))
@@ -105,7 +105,7 @@ impl Jobs {
         if chosen.is_empty() {
             return Err(TrackerError::BadPreheat(format!(
                 "no live member matches --nodes {}",
-                req.nodes
+                req.preheat.nodes
             )));
         }
         if chosen.len() > MAX_JOB_NODES {
@@ -134,12 +134,13 @@ impl Jobs {
             }
         }
         self.next_id = id;
+        let p = req.preheat;
         let job = PreheatJob {
             id,
-            image: req.image,
-            blob: req.blob,
-            platforms: req.platforms,
-            pin: req.pin,
+            image: p.image,
+            blob: p.blob,
+            platforms: p.platforms,
+            pin: p.pin,
             by: req.node,
             created_ms: now,
         };
@@ -266,7 +267,7 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::preheat::BlobProgress;
+    use shoal_proto::preheat::{BlobProgress, Preheat};
 
     fn n(s: &str) -> NodeId {
         s.parse().unwrap()
@@ -275,11 +276,13 @@ mod tests {
     fn req(nodes: &str) -> PreheatRequest {
         PreheatRequest {
             node: n("ctl"),
-            image: "127.0.0.1:5000/app:v1".into(),
-            blob: false,
-            platforms: vec![],
-            nodes: nodes.parse().unwrap(),
-            pin: false,
+            preheat: Preheat {
+                image: "127.0.0.1:5000/app:v1".into(),
+                blob: false,
+                platforms: vec![],
+                nodes: nodes.parse().unwrap(),
+                pin: false,
+            },
         }
     }
 

@@ -1131,7 +1131,7 @@ impl Inner {
         let mut jobs = Vec::new();
         let mut refused = decision.rejected.clone();
         for r in decision.preheats {
-            let image = r.image.clone();
+            let image = r.preheat.image.clone();
             match self.execute(Command::Preheat(r)).await {
                 Ok((Outcome::Preheat(reply), _)) => {
                     tracing::info!(job = reply.job, %image, members = reply.nodes.len(), "preheat from the registry webhook");

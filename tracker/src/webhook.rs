@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use shoal_proto::preheat::{NodeSelector, PreheatRequest};
+use shoal_proto::preheat::{NodeSelector, Preheat, PreheatRequest};
 use shoal_proto::{media, Digest};
 
 /// Largest notification body accepted.
@@ -138,11 +138,13 @@ impl Webhook {
     fn request(&self, image: String, blob: bool) -> Result<PreheatRequest, String> {
         let r = PreheatRequest {
             node: WEBHOOK_NODE.parse().expect("a valid node id"),
-            image,
-            blob,
-            platforms: self.cfg.platforms.clone(),
-            nodes: self.cfg.nodes.clone(),
-            pin: false,
+            preheat: Preheat {
+                image,
+                blob,
+                platforms: self.cfg.platforms.clone(),
+                nodes: self.cfg.nodes.clone(),
+                pin: false,
+            },
         };
         r.validate().map_err(|e| e.to_string())?;
         Ok(r)
@@ -289,7 +291,11 @@ mod tests {
                 event("pull", layer, "team/app", "", 'c'),
             ]),
         );
-        let images: Vec<&str> = d.preheats.iter().map(|r| r.image.as_str()).collect();
+        let images: Vec<&str> = d
+            .preheats
+            .iter()
+            .map(|r| r.preheat.image.as_str())
+            .collect();
         assert_eq!(
             images,
             vec![
@@ -301,7 +307,7 @@ mod tests {
         assert!(d
             .preheats
             .iter()
-            .all(|r| r.node.as_str() == WEBHOOK_NODE && !r.blob));
+            .all(|r| r.node.as_str() == WEBHOOK_NODE && !r.preheat.blob));
     }
 
     #[test]
@@ -322,9 +328,9 @@ mod tests {
             .is_empty());
         let d = h.decide(t0 + Duration::from_secs(63), &pull);
         assert_eq!(d.preheats.len(), 1);
-        assert!(d.preheats[0].blob);
+        assert!(d.preheats[0].preheat.blob);
         assert_eq!(
-            d.preheats[0].image,
+            d.preheats[0].preheat.image,
             format!("registry.example.com/x/y@sha256:{}", "c".repeat(64))
         );
         // Counting starts over.

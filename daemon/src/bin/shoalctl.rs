@@ -16,8 +16,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 use serde::de::DeserializeOwned;
-use shoal_daemon::admin::{BlobEntry, ErrorBody, PreheatAsk, Status};
-use shoal_proto::preheat::{JobState, JobStatus, NodeSelector, PreheatReply};
+use shoal_daemon::admin::{BlobEntry, ErrorBody, Status};
+use shoal_proto::preheat::{JobState, JobStatus, NodeSelector, Preheat, PreheatReply};
 use shoal_proto::Digest;
 
 /// Operate a node's shoald: status, its store, and cluster-wide preheats.
@@ -371,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_wait,
             json,
         } => {
-            let ask = PreheatAsk {
+            let ask = Preheat {
                 image: image.clone(),
                 blob,
                 platforms,
