@@ -137,7 +137,7 @@ impl Preheater {
     async fn run_job(self: Arc<Self>, job: PreheatJob) {
         let _slot = self.slots.clone().acquire_owned().await;
         let id = job.id;
-        tracing::info!(job = id, image = %job.image, by = %job.by, "preheat started");
+        tracing::info!(job = id, image = %job.preheat.image, by = %job.by, "preheat started");
         let blobs: Shared = Arc::default();
         let report = |state, blobs: &Shared, error: Option<String>| JobProgress {
             node: self.swarm.node.clone(),
@@ -178,11 +178,11 @@ impl Preheater {
                     let b = blobs.lock().expect("lock");
                     (b.len(), b.iter().map(|b| b.size).sum::<u64>())
                 };
-                tracing::info!(job = id, image = %job.image, blobs = n, bytes, "preheat done");
+                tracing::info!(job = id, image = %job.preheat.image, blobs = n, bytes, "preheat done");
                 report(JobState::Done, &blobs, None)
             }
             Err(e) => {
-                tracing::warn!(job = id, image = %job.image, error = %e, "preheat failed");
+                tracing::warn!(job = id, image = %job.preheat.image, error = %e, "preheat failed");
                 report(JobState::Failed, &blobs, Some(e))
             }
         };
@@ -196,7 +196,7 @@ impl Preheater {
 
     /// Fetches the job's blobs; the error says why not.
     async fn fetch(&self, job: &PreheatJob, blobs: &Shared) -> Result<(), String> {
-        let image = parse_image(&job.image, job.blob).map_err(|e| e.to_string())?;
+        let image = parse_image(&job.preheat.image, job.preheat.blob).map_err(|e| e.to_string())?;
         if !self.policy.allows(&image.registry) {
             return Err(format!(
                 "origin {} is not one this node may fetch from (its --upstream list)",
@@ -207,10 +207,10 @@ impl Preheater {
             upstream: image.registry.clone(),
             repo: image.repo.clone(),
         };
-        let wanted: Vec<(Digest, u64)> = match (job.blob, image.digest) {
+        let wanted: Vec<(Digest, u64)> = match (job.preheat.blob, image.digest) {
             (true, Some(d)) => vec![(d, 0)],
             _ => {
-                self.resolve(&target, &image.reference(), &job.platforms)
+                self.resolve(&target, &image.reference(), &job.preheat.platforms)
                     .await?
             }
         };
@@ -223,7 +223,7 @@ impl Preheater {
             })
             .collect();
         let results: Vec<Result<(), String>> = futures_util::stream::iter(0..wanted.len())
-            .map(|i| self.fetch_blob(&target, i, blobs, job.pin))
+            .map(|i| self.fetch_blob(&target, i, blobs, job.preheat.pin))
             .buffer_unordered(PARALLEL_BLOBS)
             .collect()
             .await;

@@ -226,17 +226,9 @@ pub struct PreheatReply {
 pub struct PreheatJob {
     /// The job's id.
     pub id: u64,
-    /// What to fetch (checked as in [`PreheatRequest`]).
-    pub image: String,
-    /// Only the blob `image` names.
-    #[serde(default)]
-    pub blob: bool,
-    /// Platforms (none: the member's own).
-    #[serde(default)]
-    pub platforms: Vec<String>,
-    /// Pin what is fetched.
-    #[serde(default)]
-    pub pin: bool,
+    /// What to fetch, and where (checked when the job was made).
+    #[serde(flatten)]
+    pub preheat: Preheat,
     /// Who asked.
     pub by: NodeId,
     /// When the tracker took it (tracker time, ms).

@@ -272,6 +272,15 @@ impl Shoald {
         self.dir.path().join("data")
     }
 
+    /// GETs blob `digest` of `repo` through this daemon and checks it whole
+    /// (size and digest).
+    pub async fn pull_blob(&self, repo: &str, digest: &str, size: u64) -> Result<()> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.registry_url());
+        crate::http::get_hashed(&crate::http::client(), &url, &[])
+            .await?
+            .expect_complete(digest, size)
+    }
+
     /// Runs `shoalctl --socket <data dir>/admin.sock ARGS` (bounded to
     /// `timeout`); its output whatever its exit status.
     pub async fn ctl(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use shoal_tests::cluster::Cluster;
 use shoal_tests::fixture::Origin;
-use shoal_tests::{fresh_seed, http, ShoaldOpts, MIB};
+use shoal_tests::{fresh_seed, ShoaldOpts, MIB};
 
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
@@ -31,14 +31,9 @@ async fn one_transfer_id_follows_a_pull_through_the_daemon_and_tracker_logs() {
     opts.extra_args
         .extend(["--log-format".into(), "json".into()]);
     let node = cluster.member("node-a", opts).await.unwrap();
-    let r = http::get_hashed(
-        &http::client(),
-        &format!("{}/v2/team/blob/blobs/{digest}", node.registry_url()),
-        &[],
-    )
-    .await
-    .unwrap();
-    r.expect_complete(&digest, blob.len() as u64).unwrap();
+    node.pull_blob("team/blob", &digest, blob.len() as u64)
+        .await
+        .unwrap();
     node.wait_idle().await.unwrap();
 
     // shoald: every line of the transfer names it, its id and its digest.

@@ -234,14 +234,9 @@ async fn shoalctl_shows_the_node_and_pins_unpins_and_evicts() {
         .unwrap();
     let (blob, digest) = shoal_tests::random_blob(2 * MIB, fresh_seed());
     origin.registry.push_blob("team/blob", &blob).await.unwrap();
-    let r = http::get_hashed(
-        &http::client(),
-        &format!("{}/v2/team/blob/blobs/{digest}", node.registry_url()),
-        &[],
-    )
-    .await
-    .unwrap();
-    r.expect_complete(&digest, blob.len() as u64).unwrap();
+    node.pull_blob("team/blob", &digest, blob.len() as u64)
+        .await
+        .unwrap();
     node.wait_idle().await.unwrap();
 
     let out = node.ctl(&["status", "--json"], CTL_TIMEOUT).await.unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use shoal_tests::cluster::Cluster;
 use shoal_tests::fixture::Origin;
 use shoal_tests::util::{require_program, run_command};
-use shoal_tests::{fresh_seed, http, ShoaldOpts, MIB};
+use shoal_tests::{fresh_seed, ShoaldOpts, MIB};
 
 /// The DOM chromium renders for `url`, and a screenshot's size in bytes.
 async fn browse(url: &str) -> (String, u64) {
@@ -54,14 +54,9 @@ async fn the_status_page_lists_members_hot_blobs_and_jobs_in_a_browser() {
         .await
         .unwrap();
     for n in [&a, &b] {
-        let r = http::get_hashed(
-            &http::client(),
-            &format!("{}/v2/team/blob/blobs/{digest}", n.registry_url()),
-            &[],
-        )
-        .await
-        .unwrap();
-        r.expect_complete(&digest, blob.len() as u64).unwrap();
+        n.pull_blob("team/blob", &digest, blob.len() as u64)
+            .await
+            .unwrap();
     }
     // A job that fails on both members (no such tag), so the page shows it.
     let missing = format!("{}/team/blob:none", origin.addr());

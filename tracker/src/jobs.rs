@@ -134,13 +134,9 @@ impl Jobs {
             }
         }
         self.next_id = id;
-        let p = req.preheat;
         let job = PreheatJob {
             id,
-            image: p.image,
-            blob: p.blob,
-            platforms: p.platforms,
-            pin: p.pin,
+            preheat: req.preheat,
             by: req.node,
             created_ms: now,
         };

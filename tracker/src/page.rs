@@ -125,7 +125,7 @@ pub fn render(d: &PageData) -> String {
             h,
             "<tr><td class=\"n\">{}</td><td><code>{}</code></td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n{}\">{}</td><td class=\"n\">{} of {}</td></tr>",
             j.job.id,
-            escape(&j.job.image),
+            escape(&j.job.preheat.image),
             escape(j.job.by.as_str()),
             j.nodes.len(),
             n(JobState::Done),

@@ -413,7 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// One line per member, failures with their reason.
 fn report(s: &JobStatus) {
-    println!("job {} {}: {}", s.job.id, s.job.image, counts(s));
+    println!("job {} {}: {}", s.job.id, s.job.preheat.image, counts(s));
     for (node, p) in &s.nodes {
         let (done, total) = p.bytes();
         let state = match p.state {
