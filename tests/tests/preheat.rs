@@ -122,6 +122,28 @@ async fn preheat_fills_every_member_through_the_swarm_and_fails_loudly() {
         "peers sent only {peer_bytes}"
     );
 
+    // On a terminal (util-linux `script` gives it one), progress bars:
+    // one for all layers and one per layer, drawn to the end.
+    let ctl = shoal_tests::cluster::sibling_binary("shoalctl").unwrap();
+    let socket = nodes[1].data_dir().join("admin.sock");
+    let line = format!(
+        "{} --socket {} preheat {reference} --nodes node-b",
+        ctl.display(),
+        socket.display()
+    );
+    let mut tty = tokio::process::Command::new(
+        shoal_tests::util::require_program("script", "bsdutils").unwrap(),
+    );
+    tty.args(["-qec", &line, "/dev/null"]).env("TERM", "xterm");
+    let out = shoal_tests::util::run_command(tty, CTL_TIMEOUT)
+        .await
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("all layers ["), "{screen}");
+    assert!(screen.contains("1 members: 1 done"), "{screen}");
+    let short = &amd64.layers[0].digest["sha256:".len()..][..12];
+    assert!(screen.contains(&format!("{short} [")), "{screen}");
+
     // A runtime's pull of a preheated layer costs the origin nothing.
     let before = origin.egress();
     let layer = &amd64.layers[0];

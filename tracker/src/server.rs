@@ -1111,14 +1111,21 @@ impl Inner {
         let body = Limited::new(req.into_body(), crate::webhook::MAX_BODY)
             .collect()
             .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::BodyTooLarge,
-                    format!(
-                        "notifications are at most {} bytes",
-                        crate::webhook::MAX_BODY
-                    ),
-                )
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    Failure::new(
+                        ErrorCode::BodyTooLarge,
+                        format!(
+                            "notifications are at most {} bytes",
+                            crate::webhook::MAX_BODY
+                        ),
+                    )
+                } else {
+                    Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("reading the notification: {e}"),
+                    )
+                }
             })?
             .to_bytes();
         let envelope: crate::webhook::Envelope = serde_json::from_slice(&body).map_err(|e| {
