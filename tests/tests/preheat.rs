@@ -511,3 +511,58 @@ async fn bench_preheat_six_members_against_the_origin_bound() {
         bound * MEMBERS as f64,
     );
 }
+
+/// With tracker replicas over Redis, jobs are part of the shared state:
+/// members long-polling different replicas all get a job, and after the
+/// replica that took it is killed, the job's record and new jobs are
+/// served by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_jobs_live_in_the_replicated_tracker_state() {
+    let origin = Origin::start().await.unwrap();
+    let image = TestImage::generate_single(&[2 * MIB, MIB], fresh_seed()).unwrap();
+    skopeo::push_image(&image, &origin.registry, "team/ha")
+        .await
+        .unwrap();
+    let mut cluster = Cluster::start_replicated(2).await.unwrap();
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b", "node-c"] {
+        let opts = ShoaldOpts::insecure_default(&origin.addr());
+        nodes.push(cluster.member(name, opts).await.unwrap());
+    }
+    wait_members(&cluster, 3).await;
+    let reference = format!("{}/team/ha:latest", origin.addr());
+    let out = nodes[0]
+        .ctl(&["preheat", &reference], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("3 members: 3 done"), "{}", text(&out));
+
+    cluster.kill_first_tracker();
+    // The job's record, from the surviving replica.
+    let out = nodes[1]
+        .ctl(&["job", "1", "--json"], CTL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["nodes"].as_object().unwrap().len(), 3, "{job}");
+    // A new job through the surviving replica (pinning what is held).
+    let out = nodes[2]
+        .ctl(
+            &["preheat", &reference, "--pin", "--nodes", "node-a,node-c"],
+            CTL_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("preheat job 2"), "{}", text(&out));
+    let out = nodes[2].ctl(&["ls", "--json"], CTL_TIMEOUT).await.unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let layer = &image.platform("amd64").layers[0].digest;
+    assert!(
+        list.iter()
+            .any(|b| b["digest"] == layer.as_str() && b["pinned"] == true),
+        "{list:?}"
+    );
+}
