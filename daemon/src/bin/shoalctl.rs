@@ -268,8 +268,27 @@ async fn follow(
     let mut bars: BTreeMap<Digest, ProgressBar> = BTreeMap::new();
     let started = Instant::now();
     let mut last_line = Instant::now();
+    let mut failing_since: Option<Instant> = None;
     loop {
-        let s: JobStatus = call(socket, Method::GET, &format!("/v1/jobs/{job}"), None).await?;
+        // The job goes on at the members whatever happens here: a tracker
+        // or daemon briefly unreachable is waited out (30 s), not fatal.
+        let s: JobStatus = match call(socket, Method::GET, &format!("/v1/jobs/{job}"), None).await {
+            Ok(s) => {
+                failing_since = None;
+                s
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(30) {
+                    return Err(e.context(format!(
+                        "following job {job} (it goes on: `shoalctl job {job}`)"
+                    )));
+                }
+                multi.suspend(|| eprintln!("shoalctl: {e:#}; trying again"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let ((done, total), by_blob) = totals(&s);
         overall.set_length(total);
         overall.set_position(done);
