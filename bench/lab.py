@@ -416,6 +416,15 @@ def received_per_node(r, image_bytes):
     return {"min": round(got[0], 3), "median": round(got[len(got) // 2], 3), "max": round(got[-1], 3)}
 
 
+def origin_payload(r, image_bytes):
+    """Blob bytes all members received from the origin, × image (`None`
+    unless every member answered)."""
+    got = r["received"]
+    if not got or not all(got):
+        return None
+    return round(sum(m["origin"] for m in got) / image_bytes, 4)
+
+
 def nodes_up_use(r, nodes, rate_bps):
     """The nodes' uploads until the last one was done, as a share of what
     their uplinks could carry in that time."""
@@ -694,6 +703,10 @@ def main():
                     "nodes_up_mbps_by_second": r["nodes_up"],
                     "nodes_up_use": nodes_up_use(r, args.nodes, rate),
                     "received_per_node_x_image": received_per_node(r, F),
+                    # What the members got from the origin, by their own
+                    # counters: the origin's payload, as the simulator
+                    # counts egress (no headers, no TCP retransmissions).
+                    "origin_payload_ratio": origin_payload(r, F),
                     "chunks_stored": r["chunks"],
                     "origin_tcp_ext": r["tcp_ext"],
                     "shoald_rss_idle_mib_max": r["rss_idle"] and round(r["rss_idle"], 1),

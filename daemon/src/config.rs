@@ -90,6 +90,11 @@ pub struct RunArgs {
     /// `50MB`); default none.
     #[arg(long, env = "SHOAL_PEER_UPLOAD_RATE", value_name = "RATE")]
     pub peer_upload_rate: Option<String>,
+    /// `auto`: pace uploads just under the node's uplink once losses on
+    /// most peer connections at once show it is full (under
+    /// --peer-upload-rate if set); `off`: never. Default auto.
+    #[arg(long, env = "SHOAL_PEER_UPLOAD_PACING", value_name = "auto|off")]
+    pub peer_upload_pacing: Option<String>,
     /// Cap on bytes per second received from peers, all together; default
     /// none.
     #[arg(long, env = "SHOAL_PEER_DOWNLOAD_RATE", value_name = "RATE")]
@@ -168,6 +173,7 @@ struct FileConfig {
     #[serde(default)]
     tracker: Vec<String>,
     peer_upload_rate: Option<toml::Value>,
+    peer_upload_pacing: Option<String>,
     peer_download_rate: Option<toml::Value>,
     peer_max_uploads: Option<usize>,
     chunk_size: Option<toml::Value>,
@@ -232,6 +238,8 @@ pub struct SwarmConfig {
     pub trackers: Vec<String>,
     /// Cap on bytes per second to peers.
     pub upload_rate: Option<u64>,
+    /// Learn an upload cap from losses ([`crate::uplink`]).
+    pub upload_pacing: bool,
     /// Cap on bytes per second from peers.
     pub download_rate: Option<u64>,
     /// Where this node sits, if the operator said.
@@ -406,6 +414,15 @@ impl RunArgs {
             file.peer_upload_rate,
             "peer-upload-rate",
         )?;
+        let upload_pacing = match self
+            .peer_upload_pacing
+            .or(file.peer_upload_pacing)
+            .as_deref()
+        {
+            None | Some("auto") => true,
+            Some("off") => false,
+            Some(other) => bail!("`peer-upload-pacing`: {other:?} is not one of auto, off"),
+        };
         let download_rate = rate_setting(
             self.peer_download_rate,
             file.peer_download_rate,
@@ -504,6 +521,7 @@ impl RunArgs {
                     advertise,
                     trackers,
                     upload_rate,
+                    upload_pacing,
                     download_rate,
                     max_uploads,
                     chunk_size,
@@ -601,12 +619,18 @@ mod tests {
         let sc = member(|_| {}).unwrap().swarm.unwrap();
         assert_eq!(sc.chunk_size, 256 << 10);
         assert_eq!(
-            (sc.upload_rate, sc.download_rate, sc.max_uploads),
-            (None, None, 16)
+            (
+                sc.upload_rate,
+                sc.upload_pacing,
+                sc.download_rate,
+                sc.max_uploads
+            ),
+            (None, true, None, 16)
         );
         let sc = member(|a| {
             a.chunk_size = Some("256KiB".into());
             a.peer_upload_rate = Some("100mbit".into());
+            a.peer_upload_pacing = Some("off".into());
             a.peer_max_uploads = Some(4);
         })
         .unwrap()
@@ -614,7 +638,10 @@ mod tests {
         .unwrap();
         assert_eq!(sc.chunk_size, 256 << 10);
         assert_eq!(sc.upload_rate, Some(12_500_000));
+        assert!(!sc.upload_pacing);
         assert_eq!(sc.max_uploads, 4);
+        let err = member(|a| a.peer_upload_pacing = Some("sometimes".into())).unwrap_err();
+        assert!(format!("{err:#}").contains("peer-upload-pacing"), "{err:#}");
         for bad in ["1000", "8MiB", "32KiB", "huge"] {
             let err = member(|a| a.chunk_size = Some(bad.into()))
                 .map(|_| ())

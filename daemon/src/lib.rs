@@ -27,3 +27,4 @@ pub mod rate;
 pub mod store;
 pub mod swarm;
 mod transfer;
+pub mod uplink;

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub denied_refusals: Counter,
     /// Other DHT nodes this node is connected to.
     pub dht_peers: Gauge,
+    /// The upload cap learned from losses (`--peer-upload-pacing auto`),
+    /// bytes a second; 0 while there is none.
+    pub peer_upload_learned_cap: Gauge,
     /// Tracker calls answered from the DHT and the members (the tracker
     /// was unreachable), by call.
     pub dht_answers: Family<CallLabel, Counter>,
@@ -128,6 +131,7 @@ impl Metrics {
             denied_nodes: Gauge::default(),
             denied_refusals: Counter::default(),
             dht_peers: Gauge::default(),
+            peer_upload_learned_cap: Gauge::default(),
             dht_answers: Family::default(),
             origin_requests: Family::default(),
             registry: Registry::default(),
@@ -231,6 +235,11 @@ impl Metrics {
             "shoal_dht_peers",
             "Other members' DHT nodes this node is connected to",
             m.dht_peers.clone(),
+        );
+        r.register(
+            "shoal_peer_upload_learned_cap_bytes_per_second",
+            "The upload cap shoald learned from losses on most peer connections at once (0: none)",
+            m.peer_upload_learned_cap.clone(),
         );
         r.register(
             "shoal_dht_answers",

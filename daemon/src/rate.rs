@@ -57,8 +57,49 @@ impl TokenBucket {
 }
 
 /// A shared cap on bytes per second, or no cap. Cheap to clone.
+///
+/// The cap is the lower of two: the operator's (`--peer-upload-rate`) and
+/// one learned at run time ([`RateLimit::set_learned`], from
+/// [`crate::uplink`]); either may be absent.
 #[derive(Debug, Clone, Default)]
-pub struct RateLimit(Option<Arc<Mutex<TokenBucket>>>);
+pub struct RateLimit(Option<Arc<Mutex<Caps>>>);
+
+#[derive(Debug)]
+struct Caps {
+    configured: Option<u64>,
+    learned: Option<u64>,
+    bucket: Option<TokenBucket>,
+}
+
+impl Caps {
+    fn effective(&self) -> Option<u64> {
+        match (self.configured, self.learned) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Makes the bucket follow the effective cap, keeping its level.
+    fn rebucket(&mut self) {
+        self.bucket = self.effective().map(|rate| {
+            let burst = burst_of(rate);
+            match self.bucket.take() {
+                Some(mut b) => {
+                    b.rate = rate.max(1) as f64;
+                    b.burst = burst as f64;
+                    b.tokens = b.tokens.min(b.burst);
+                    b
+                }
+                None => TokenBucket::new(rate, burst, Instant::now()),
+            }
+        });
+    }
+}
+
+/// Bursts of a tenth of a second's worth, at least 64 KiB.
+fn burst_of(bytes_per_sec: u64) -> u64 {
+    (bytes_per_sec / 10).max(64 << 10)
+}
 
 impl RateLimit {
     /// No cap.
@@ -69,12 +110,7 @@ impl RateLimit {
     /// At most `bytes_per_sec` on average, with bursts of a tenth of a
     /// second's worth (at least 64 KiB).
     pub fn new(bytes_per_sec: u64) -> Self {
-        let burst = (bytes_per_sec / 10).max(64 << 10);
-        RateLimit(Some(Arc::new(Mutex::new(TokenBucket::new(
-            bytes_per_sec,
-            burst,
-            Instant::now(),
-        )))))
+        Self::adjustable(Some(bytes_per_sec))
     }
 
     /// `Some(rate)` is a cap, `None` none.
@@ -82,19 +118,48 @@ impl RateLimit {
         bytes_per_sec.map_or_else(Self::unlimited, Self::new)
     }
 
-    /// Whether this is a cap (not [`RateLimit::unlimited`]).
+    /// The operator's cap (or none), lowered while a learned cap is set.
+    pub fn adjustable(configured: Option<u64>) -> Self {
+        let mut caps = Caps {
+            configured,
+            learned: None,
+            bucket: None,
+        };
+        caps.rebucket();
+        RateLimit(Some(Arc::new(Mutex::new(caps))))
+    }
+
+    /// Sets or clears the learned cap. No effect on
+    /// [`RateLimit::unlimited`].
+    pub fn set_learned(&self, bytes_per_sec: Option<u64>) {
+        let Some(caps) = &self.0 else { return };
+        let mut caps = caps.lock().expect("rate caps lock");
+        if caps.learned != bytes_per_sec {
+            caps.learned = bytes_per_sec;
+            caps.rebucket();
+        }
+    }
+
+    /// The cap in force now, if any.
+    pub fn current(&self) -> Option<u64> {
+        self.0
+            .as_ref()
+            .and_then(|c| c.lock().expect("rate caps lock").effective())
+    }
+
+    /// Whether a cap is in force now.
     pub fn is_limited(&self) -> bool {
-        self.0.is_some()
+        self.current().is_some()
     }
 
     /// Accounts `n` bytes just moved (or about to be) and waits off any
     /// debt.
     pub async fn spend(&self, n: usize) {
-        let Some(bucket) = &self.0 else { return };
-        let wait = bucket
-            .lock()
-            .expect("rate bucket lock")
-            .take(n as u64, Instant::now());
+        let Some(caps) = &self.0 else { return };
+        let wait = match &mut caps.lock().expect("rate caps lock").bucket {
+            Some(bucket) => bucket.take(n as u64, Instant::now()),
+            None => return,
+        };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -175,6 +240,43 @@ mod tests {
         assert_eq!(b.take(1000, t0), Duration::ZERO);
         let earlier = t0 - Duration::from_secs(1);
         assert_eq!(b.take(100, earlier), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_cap_applies_under_the_operators_and_can_be_cleared() {
+        let open = RateLimit::adjustable(None);
+        assert_eq!(open.current(), None);
+        assert!(!open.is_limited());
+        open.set_learned(Some(1 << 20));
+        assert_eq!(open.current(), Some(1 << 20));
+        let t0 = Instant::now();
+        for _ in 0..11 {
+            open.spend(100 << 10).await;
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(950),
+            "{:?}",
+            t0.elapsed()
+        );
+        open.set_learned(None);
+        assert!(!open.is_limited());
+
+        let capped = RateLimit::adjustable(Some(1000));
+        capped.set_learned(Some(5000));
+        assert_eq!(
+            capped.current(),
+            Some(1000),
+            "the operator's cap is a ceiling"
+        );
+        capped.set_learned(Some(500));
+        assert_eq!(capped.current(), Some(500));
+        capped.set_learned(None);
+        assert_eq!(capped.current(), Some(1000));
+
+        // `unlimited` has nothing to lower: it stays without a cap.
+        let none = RateLimit::unlimited();
+        none.set_learned(Some(1));
+        assert_eq!(none.current(), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -171,7 +171,12 @@ impl Swarm {
         let denied = Arc::new(DenyList::default());
         let limits = ServeLimits {
             max_concurrent_uploads: cfg.max_uploads,
-            upload_rate: RateLimit::from_option(cfg.upload_rate),
+            upload_rate: if cfg.upload_pacing {
+                RateLimit::adjustable(cfg.upload_rate)
+            } else {
+                RateLimit::from_option(cfg.upload_rate)
+            },
+            pace_uploads: cfg.upload_pacing,
             denied: denied.clone(),
             ..ServeLimits::default()
         };

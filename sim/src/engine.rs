@@ -411,7 +411,7 @@ impl Sim {
                 id: name.parse().expect("valid node id"),
                 rate,
                 addr: format!("{name}:7000").parse().expect("valid address"),
-                up: net.add_link(rate),
+                up: net.add_link(sc.upload_cap.map_or(rate, |c| rate.min(c as f64))),
                 down: net.add_link(rate),
                 rack: (sc.racks > 0).then(|| i % sc.racks),
                 rack_label: (sc.racks > 0 && sc.rack_labels).then(|| {

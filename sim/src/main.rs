@@ -47,6 +47,10 @@ struct Cli {
     /// The origin's upload rate (default: --rate).
     #[arg(long, value_parser = rate)]
     origin_rate: Option<u64>,
+    /// Members pace their uploads to this rate, below --rate, as shoald's
+    /// --peer-upload-rate does (the bound stays that of --rate).
+    #[arg(long, value_parser = rate)]
+    upload_cap: Option<u64>,
     /// Round-trip time between hosts in milliseconds (e.g. 0.2).
     #[arg(long)]
     rtt_ms: Option<f64>,
@@ -209,6 +213,9 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if let Some(l) = cli.rack_labels {
         sc.rack_labels = l;
+    }
+    if cli.upload_cap.is_some() {
+        sc.upload_cap = cli.upload_cap;
     }
     if cli.origin_rate.is_some() {
         sc.origin_rate = cli.origin_rate;

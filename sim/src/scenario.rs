@@ -75,6 +75,10 @@ pub struct Scenario {
     pub rate: u64,
     /// The origin's upload rate (default: `rate`).
     pub origin_rate: Option<u64>,
+    /// Members pace their uploads to this rate, below their link's, as
+    /// shoald's `--peer-upload-rate` does (default: the link's rate). The
+    /// bound is still that of the links.
+    pub upload_cap: Option<u64>,
     /// A fraction of members with a different rate (heterogeneity).
     pub slow_fraction: f64,
     /// Their rate.
@@ -142,6 +146,7 @@ impl Default for Scenario {
             chunk_size: DEFAULT_CHUNK_SIZE,
             rate: 100_000_000 / 8,
             origin_rate: None,
+            upload_cap: None,
             slow_fraction: 0.0,
             slow_rate: None,
             rtt_us: 200,
@@ -181,7 +186,13 @@ impl Scenario {
                 v.insert(key.into(), toml::Value::Integer(n as i64));
             }
         }
-        for key in ["rate", "origin_rate", "slow_rate", "rack_uplink"] {
+        for key in [
+            "rate",
+            "origin_rate",
+            "upload_cap",
+            "slow_rate",
+            "rack_uplink",
+        ] {
             if let Some(toml::Value::String(s)) = v.get(key) {
                 let n = parse_rate(s).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
                 v.insert(key.into(), toml::Value::Integer(n as i64));
@@ -218,6 +229,7 @@ impl Scenario {
             "tracker_cores must be 1..=1024"
         );
         anyhow::ensure!(self.origin_rate != Some(0), "origin_rate must be positive");
+        anyhow::ensure!(self.upload_cap != Some(0), "upload_cap must be positive");
         anyhow::ensure!(self.slow_rate != Some(0), "slow_rate must be positive");
         anyhow::ensure!(self.rack_uplink != Some(0), "rack_uplink must be positive");
         anyhow::ensure!(self.upload_slots >= 1, "upload_slots must be at least 1");

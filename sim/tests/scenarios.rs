@@ -258,3 +258,35 @@ fn the_fair_share_model_is_a_bounded_pessimistic_approximation_of_max_min() {
         );
     }
 }
+
+#[test]
+fn members_pacing_their_uploads_never_send_faster_and_keep_the_links_bound() {
+    let sc = Scenario {
+        layer_bytes: 8 << 20,
+        ..base(20)
+    };
+    let free = run(sc.clone()).unwrap();
+    let cap = sc.rate / 2;
+    let paced = run(Scenario {
+        upload_cap: Some(cap),
+        ..sc.clone()
+    })
+    .unwrap();
+    sound(&free);
+    sound(&paced);
+    assert_eq!(paced.bound_s, free.bound_s, "the bound is the links'");
+    let t = paced.t_all_s.unwrap();
+    let most_sent = paced.up_per_node.max * sc.image_bytes() as f64;
+    assert!(
+        most_sent <= cap as f64 * t * 1.001,
+        "a member sent {most_sent:.0} bytes in {t:.2} s at a cap of {cap} B/s: {}",
+        paced.table()
+    );
+    // Peers carry most of the image, at half the rate.
+    assert!(
+        t > free.t_all_s.unwrap() * 1.2,
+        "paced {t:.2} s against {:.2} s: {}",
+        free.t_all_s.unwrap(),
+        paced.table()
+    );
+}

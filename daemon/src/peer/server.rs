@@ -60,6 +60,7 @@ use super::source::ChunkSource;
 use super::{close, stream_code, DenyList};
 use crate::metrics;
 use crate::rate::RateLimit;
+use crate::uplink;
 
 /// Limits of the peer server.
 #[derive(Debug, Clone)]
@@ -83,6 +84,11 @@ pub struct ServeLimits {
     /// The cap on bytes per second sent to all peers together
     /// (`--peer-upload-rate`; default none).
     pub upload_rate: RateLimit,
+    /// Learn a cap under `upload_rate` when losses show the uplink is full
+    /// ([`crate::uplink`]; `--peer-upload-pacing`, default off here, auto in
+    /// the daemon). `upload_rate` must then be
+    /// [`RateLimit::adjustable`].
+    pub pace_uploads: bool,
     /// `GetChunks` requests held, first come first served, while every
     /// upload slot is taken; more get `Error{Busy}` at once (default 4).
     /// Holding a few spares the requester a round trip and a back-off when
@@ -111,6 +117,7 @@ impl Default for ServeLimits {
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             upload_rate: RateLimit::unlimited(),
+            pace_uploads: false,
             upload_queue: 4,
             upload_queue_wait: Duration::from_secs(2),
             watchers_per_blob: WATCHERS_PER_BLOB,
@@ -141,6 +148,37 @@ struct Shared {
     watches: Mutex<HashMap<Digest, usize>>,
     /// Requests waiting for an upload slot.
     queued: AtomicUsize,
+    /// Live connections, for [`crate::uplink`].
+    conns: uplink::Connections,
+}
+
+/// A connection's place in [`Shared::conns`] while it is served.
+struct Registered {
+    conns: uplink::Connections,
+    id: usize,
+}
+
+impl Registered {
+    fn new(conns: &uplink::Connections, conn: &Connection) -> Self {
+        let id = conn.stable_id();
+        conns
+            .lock()
+            .expect("connections lock")
+            .insert(id, conn.clone());
+        Registered {
+            conns: conns.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.conns
+            .lock()
+            .expect("connections lock")
+            .remove(&self.id);
+    }
 }
 
 /// One open watch, counted against the limits while it lives.
@@ -192,6 +230,7 @@ impl PeerServer {
             limits,
             watches: Mutex::default(),
             queued: AtomicUsize::new(0),
+            conns: uplink::Connections::default(),
         });
         let task = tokio::spawn(accept_loop(endpoint.clone(), shared, stop_rx));
         PeerServerHandle {
@@ -224,6 +263,12 @@ impl PeerServerHandle {
 async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let connections = Arc::new(Semaphore::new(shared.limits.max_connections));
     let mut tasks = JoinSet::new();
+    let pacer = shared.limits.pace_uploads.then(|| {
+        tokio::spawn(uplink::run(
+            shared.conns.clone(),
+            shared.limits.upload_rate.clone(),
+        ))
+    });
     loop {
         tokio::select! {
             biased;
@@ -255,6 +300,9 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, mut stop: watch::R
     .await;
     if drained.is_err() {
         tasks.abort_all();
+    }
+    if let Some(pacer) = pacer {
+        pacer.abort();
     }
 }
 
@@ -321,6 +369,7 @@ async fn serve_connection(
         return;
     }
     tracing::debug!(%remote, "peer connected");
+    let _registered = Registered::new(&shared.conns, &conn);
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {

@@ -1525,3 +1525,126 @@ fn vouched_hashes_keep_origin_ones_and_stay_bounded() {
     }
     assert_eq!(v.all(&d, 3), None, "the oldest blob was kept");
 }
+
+// ---------------------------------------------------------------------------
+// Upload pacing learned from losses
+// ---------------------------------------------------------------------------
+
+/// A UDP socket that drops every `every`-th datagram it sends (all
+/// connections alike, as a full uplink does), one datagram per send.
+#[derive(Debug)]
+struct Lossy {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    every: usize,
+    sent: AtomicUsize,
+}
+
+impl quinn::AsyncUdpSocket for Lossy {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        if self.every > 0 && self.sent.fetch_add(1, Ordering::Relaxed) % self.every == 0 {
+            return Ok(());
+        }
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The operator's upload cap in [`pacing_under_loss`]: low enough that
+/// loopback itself loses nothing.
+const OPERATOR_CAP: u64 = 2_000_000;
+
+/// Serves 16 chunks to four clients, each fetching them over and over for
+/// two seconds, through a server socket that drops every `every`-th
+/// datagram (0: none), under [`OPERATOR_CAP`]; returns the cap in force at
+/// the end.
+async fn pacing_under_loss(every: usize) -> Option<u64> {
+    let data: Vec<u8> = (0..MIN_CHUNK as usize * 16)
+        .map(|i| (i * 7 + i / 4099) as u8)
+        .collect();
+    let (hashes, digest) = hashes_of(&data);
+    let ca = TestCa::new("cluster");
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let socket = Arc::new(Lossy {
+        inner: runtime.wrap_udp_socket(socket).unwrap(),
+        every,
+        sent: AtomicUsize::new(0),
+    });
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(ca.server_config("server-1")),
+        socket,
+        runtime,
+    )
+    .unwrap();
+    let rate = crate::rate::RateLimit::adjustable(Some(OPERATOR_CAP));
+    let limits = ServeLimits {
+        upload_rate: rate.clone(),
+        pace_uploads: true,
+        ..ServeLimits::default()
+    };
+    let handle = PeerServer::spawn(endpoint, Arc::new(MemSource::with(&data)), limits);
+    let peer = PeerAddr {
+        addr: handle.local_addr().unwrap(),
+        name: "server-1".into(),
+    };
+    let all: Vec<u32> = (0..16).collect();
+    let until = Instant::now() + 2 * SECOND;
+    let mut clients = tokio::task::JoinSet::new();
+    for k in 0..4 {
+        let client = ca.client(Some(&format!("client-{k}")));
+        let (peer, digest, hashes, all) = (peer.clone(), digest, hashes.clone(), all.clone());
+        clients.spawn(async move {
+            let mut verified = 0;
+            while Instant::now() < until {
+                let got = client.fetch(&peer, &digest, &hashes, &all, DEADLINE).await;
+                for (_, r) in got {
+                    assert!(matches!(r, ChunkResult::Verified(_)), "{r:?}");
+                    verified += 1;
+                }
+            }
+            verified
+        });
+    }
+    while let Some(verified) = clients.join_next().await {
+        assert!(
+            verified.unwrap() >= 16,
+            "every client got the blob at least once"
+        );
+    }
+    let learned = rate.current();
+    handle.shutdown().await;
+    learned
+}
+
+#[tokio::test]
+async fn losses_on_every_connection_teach_the_server_to_pace_its_uploads() {
+    bounded(async {
+        // 5 % of the server's datagrams lost, on all four connections:
+        // uploads are paced under what got through, below the operator's cap.
+        let cap = pacing_under_loss(20).await.unwrap();
+        assert!(
+            cap < OPERATOR_CAP * 95 / 100,
+            "{cap} B/s learned under 5 % loss"
+        );
+        // Without losses only the operator's cap holds.
+        assert_eq!(pacing_under_loss(0).await, Some(OPERATOR_CAP));
+    })
+    .await;
+}
