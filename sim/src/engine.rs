@@ -456,6 +456,12 @@ impl Sim {
         if let Some(w) = sc.watch_peers {
             cfg.watch_peers = w;
         }
+        if let Some(d) = sc.peer_depth {
+            cfg.sched.peer_depth = d;
+        }
+        if let Some(m) = sc.max_inflight {
+            cfg.sched.max_inflight = m;
+        }
         let mut sim = Sim {
             sc,
             cfg,

@@ -104,6 +104,12 @@ struct Cli {
     /// Try another lookup interval (ms) than the daemon's.
     #[arg(long)]
     lookup_interval_ms: Option<u64>,
+    /// Try another number of chunks in flight per peer than the daemon's.
+    #[arg(long)]
+    peer_depth: Option<u32>,
+    /// Try another number of chunks in flight from peers per download.
+    #[arg(long)]
+    max_inflight: Option<u32>,
     /// Try another least time between announces (ms) than the daemon's.
     #[arg(long)]
     announce_every_ms: Option<u64>,
@@ -201,6 +207,12 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     }
     if cli.lookup_interval_ms.is_some() {
         sc.lookup_interval_ms = cli.lookup_interval_ms;
+    }
+    if cli.peer_depth.is_some() {
+        sc.peer_depth = cli.peer_depth;
+    }
+    if cli.max_inflight.is_some() {
+        sc.max_inflight = cli.max_inflight;
     }
     if cli.announce_every_ms.is_some() {
         sc.announce_every_ms = cli.announce_every_ms;

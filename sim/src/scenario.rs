@@ -131,6 +131,10 @@ pub struct Scenario {
     pub keepalive_ms: Option<u64>,
     /// Peers each download watches, if not the daemon's.
     pub watch_peers: Option<u32>,
+    /// Overrides the scheduler's chunks in flight per peer.
+    pub peer_depth: Option<u32>,
+    /// Overrides the scheduler's chunks in flight from peers per download.
+    pub max_inflight: Option<u32>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Simulated time after which the run stops, finished or not.
@@ -169,6 +173,8 @@ impl Default for Scenario {
             announce_every_ms: None,
             keepalive_ms: None,
             watch_peers: None,
+            peer_depth: None,
+            max_inflight: None,
             seed: 1,
             max_sim_ms: 3_600_000,
         }
@@ -252,6 +258,10 @@ impl Scenario {
         }
         anyhow::ensure!(self.max_sim_ms > 0, "max_sim_ms must be positive");
         anyhow::ensure!(
+            self.peer_depth != Some(0) && self.max_inflight != Some(0),
+            "peer_depth and max_inflight must be positive"
+        );
+        anyhow::ensure!(
             self.lookup_interval_ms != Some(0) && self.announce_every_ms != Some(0),
             "lookup_interval_ms and announce_every_ms must be positive"
         );
@@ -315,5 +325,11 @@ mod tests {
         assert!(e.to_string().contains("churn"), "{e}");
         let e = Scenario::from_toml("chunk_size = 1000").unwrap_err();
         assert!(e.to_string().contains("chunk_size"), "{e}");
+        let e = Scenario::from_toml("max_inflight = 0").unwrap_err();
+        assert!(e.to_string().contains("max_inflight"), "{e}");
+        let e = Scenario::from_toml("upload_cap = \"0mbit\"").unwrap_err();
+        assert!(e.to_string().contains("upload_cap"), "{e}");
+        let s = Scenario::from_toml("upload_cap = \"9mbit\"\npeer_depth = 2").unwrap();
+        assert_eq!((s.upload_cap, s.peer_depth), (Some(1_125_000), Some(2)));
     }
 }
