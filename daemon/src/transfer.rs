@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -159,6 +160,9 @@ where
 #[derive(Debug, Clone)]
 pub struct Transfers {
     running: Arc<Mutex<HashMap<Digest, Arc<Transfer>>>>,
+    /// Transfers fetching chunks now: they share the node's chunks in
+    /// flight from peers ([`Session::set_downloads`]).
+    fetching: Arc<AtomicU32>,
     store: Store,
     origin: OriginClient,
     swarm: Arc<OnceLock<Arc<Swarm>>>,
@@ -169,6 +173,7 @@ impl Transfers {
     pub fn new(store: Store, origin: OriginClient) -> Self {
         Transfers {
             running: Arc::default(),
+            fetching: Arc::default(),
             store,
             origin,
             swarm: Arc::default(),
@@ -374,6 +379,7 @@ impl Transfers {
             addr: sw.addr.clone(),
             rack: sw.rack.clone(),
         });
+        let _fetching = Fetching::enter(&self.fetching);
         let mut session: Session<PeerAddr, Hashes> = Session::new(
             SessionConfig::default(),
             *digest,
@@ -394,6 +400,7 @@ impl Transfers {
         let mut unsynced = 0u64;
         let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
         'download: loop {
+            session.set_downloads(self.fetching.load(Ordering::Relaxed));
             while let Some(io) = session.poll(now()) {
                 tracing::trace!(digest = %digest, at = now(), ?io, "session");
                 match io {
@@ -616,6 +623,22 @@ impl Transfers {
             }
         }
         Ok(())
+    }
+}
+
+/// One transfer counted among those fetching chunks while it lives.
+struct Fetching(Arc<AtomicU32>);
+
+impl Fetching {
+    fn enter(count: &Arc<AtomicU32>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Fetching(count.clone())
+    }
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -272,6 +272,12 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         }
     }
 
+    /// Tells the scheduler how many downloads this node runs now (this one
+    /// included): they share its chunks in flight from peers.
+    pub fn set_downloads(&mut self, downloads: u32) {
+        self.sched.set_downloads(downloads);
+    }
+
     /// The blob's layout.
     pub fn layout(&self) -> &ChunkLayout {
         &self.layout

@@ -364,6 +364,9 @@ impl Sim {
             .collect();
         let tracker_cfg = TrackerConfig {
             max_members: (sc.nodes as usize + 16).max(TrackerConfig::default().max_members),
+            max_blob_lease_bytes: sc
+                .blob_lease_bytes
+                .unwrap_or(TrackerConfig::default().max_blob_lease_bytes),
             ..TrackerConfig::default()
         };
         let announce_every_us = tracker_cfg.announce_interval_ms * 1000;
@@ -446,6 +449,9 @@ impl Sim {
         let mut cfg = SessionConfig::default();
         if let Some(ms) = sc.lookup_interval_ms {
             cfg.sched.lookup_interval_ms = ms;
+        }
+        if let Some(ms) = sc.hurried_lookup_ms {
+            cfg.sched.hurried_lookup_ms = ms;
         }
         if let Some(ms) = sc.announce_every_ms {
             cfg.announce_every_ms = ms;
@@ -870,6 +876,13 @@ impl Sim {
             unreachable!("checked above");
         };
         let now = self.ms();
+        // This member's downloads share its chunks in flight from peers.
+        let downloads = self.nodes[i as usize]
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerState::Active(_) | LayerState::Running))
+            .count();
+        s.set_downloads(downloads as u32);
         let mut complete = false;
         let trace = self.trace == Some(i);
         while let Some(io) = s.poll(now) {

@@ -104,12 +104,19 @@ struct Cli {
     /// Try another lookup interval (ms) than the daemon's.
     #[arg(long)]
     lookup_interval_ms: Option<u64>,
+    /// Try another time to the next lookup when one soon is worth it (ms).
+    #[arg(long)]
+    hurried_lookup_ms: Option<u64>,
     /// Try another number of chunks in flight per peer than the daemon's.
     #[arg(long)]
     peer_depth: Option<u32>,
     /// Try another number of chunks in flight from peers per download.
     #[arg(long)]
     max_inflight: Option<u32>,
+    /// Try another most bytes of one blob the tracker leases at once
+    /// (e.g. 16MiB).
+    #[arg(long, value_parser = size)]
+    blob_lease_bytes: Option<u64>,
     /// Try another least time between announces (ms) than the daemon's.
     #[arg(long)]
     announce_every_ms: Option<u64>,
@@ -208,11 +215,17 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     if cli.lookup_interval_ms.is_some() {
         sc.lookup_interval_ms = cli.lookup_interval_ms;
     }
+    if cli.hurried_lookup_ms.is_some() {
+        sc.hurried_lookup_ms = cli.hurried_lookup_ms;
+    }
     if cli.peer_depth.is_some() {
         sc.peer_depth = cli.peer_depth;
     }
     if cli.max_inflight.is_some() {
         sc.max_inflight = cli.max_inflight;
+    }
+    if cli.blob_lease_bytes.is_some() {
+        sc.blob_lease_bytes = cli.blob_lease_bytes;
     }
     if cli.announce_every_ms.is_some() {
         sc.announce_every_ms = cli.announce_every_ms;

@@ -124,6 +124,8 @@ pub struct Scenario {
     pub sharing: Sharing,
     /// Overrides the session's lookup interval (ms), to try a policy.
     pub lookup_interval_ms: Option<u64>,
+    /// Overrides the scheduler's time to a lookup that is worth it soon (ms).
+    pub hurried_lookup_ms: Option<u64>,
     /// Overrides the session's least time between announces (ms).
     pub announce_every_ms: Option<u64>,
     /// Overrides the session's most time between announces of an
@@ -135,6 +137,8 @@ pub struct Scenario {
     pub peer_depth: Option<u32>,
     /// Overrides the scheduler's chunks in flight from peers per download.
     pub max_inflight: Option<u32>,
+    /// Overrides the tracker's most bytes of one blob leased at once.
+    pub blob_lease_bytes: Option<u64>,
     /// Seed of every random choice.
     pub seed: u64,
     /// Simulated time after which the run stops, finished or not.
@@ -170,11 +174,13 @@ impl Default for Scenario {
             rack_labels: true,
             sharing: Sharing::Auto,
             lookup_interval_ms: None,
+            hurried_lookup_ms: None,
             announce_every_ms: None,
             keepalive_ms: None,
             watch_peers: None,
             peer_depth: None,
             max_inflight: None,
+            blob_lease_bytes: None,
             seed: 1,
             max_sim_ms: 3_600_000,
         }
@@ -186,7 +192,7 @@ impl Scenario {
     /// (`"16MiB"`, `"10gbit"`).
     pub fn from_toml(text: &str) -> anyhow::Result<Scenario> {
         let mut v: toml::Table = toml::from_str(text)?;
-        for key in ["layer_bytes", "chunk_size"] {
+        for key in ["layer_bytes", "chunk_size", "blob_lease_bytes"] {
             if let Some(toml::Value::String(s)) = v.get(key) {
                 let n = parse_size(s).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
                 v.insert(key.into(), toml::Value::Integer(n as i64));
@@ -258,12 +264,16 @@ impl Scenario {
         }
         anyhow::ensure!(self.max_sim_ms > 0, "max_sim_ms must be positive");
         anyhow::ensure!(
-            self.peer_depth != Some(0) && self.max_inflight != Some(0),
-            "peer_depth and max_inflight must be positive"
+            self.peer_depth != Some(0)
+                && self.max_inflight != Some(0)
+                && self.blob_lease_bytes != Some(0),
+            "peer_depth, max_inflight and blob_lease_bytes must be positive"
         );
         anyhow::ensure!(
-            self.lookup_interval_ms != Some(0) && self.announce_every_ms != Some(0),
-            "lookup_interval_ms and announce_every_ms must be positive"
+            self.lookup_interval_ms != Some(0)
+                && self.hurried_lookup_ms != Some(0)
+                && self.announce_every_ms != Some(0),
+            "lookup_interval_ms, hurried_lookup_ms and announce_every_ms must be positive"
         );
         Ok(())
     }

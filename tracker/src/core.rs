@@ -81,6 +81,19 @@ pub struct TrackerConfig {
     pub lease_ttl_ms: u64,
     /// The most chunks of one blob a member may hold leases on. Default 16.
     pub max_lease_chunks: u32,
+    /// The most bytes of one blob leased at once (at least one chunk), all
+    /// members of a rack together (members that name no rack count as one
+    /// rack). Default 16 MiB. Lessees fetch their chunks from
+    /// the origin, whose link they share: with every chunk leased at once
+    /// (300 members, 5 × 200 MiB, 10 gbit, in the simulator) each came in
+    /// at the origin's rate divided by a thousand, the first after 0.2 s
+    /// and the last at 0.83 s, and members started on their peers 0.35 s
+    /// late; a few leases at a time let the first chunks spread while the
+    /// origin sends the next (1.29× the bound against 1.79×). Per rack, as
+    /// each rack's chunks come in through its own uplink: one cap for a
+    /// cluster of ten racks, 15:1 oversubscribed, left the origin's flows
+    /// few among the many crossing those uplinks, and slow.
+    pub max_blob_lease_bytes: u64,
     /// The most holders one lookup returns. Default 32.
     pub max_peers_per_lookup: u32,
     /// How often members should announce; also how often the holder subset a
@@ -115,6 +128,7 @@ impl Default for TrackerConfig {
             member_ttl_ms: 30_000,
             lease_ttl_ms: 3_000,
             max_lease_chunks: 16,
+            max_blob_lease_bytes: 16 << 20,
             max_peers_per_lookup: 32,
             announce_interval_ms: 5_000,
             max_members: 20_000,
@@ -140,6 +154,7 @@ impl TrackerConfig {
             (self.member_ttl_ms == 0, "member_ttl_ms"),
             (self.lease_ttl_ms == 0, "lease_ttl_ms"),
             (self.max_lease_chunks == 0, "max_lease_chunks"),
+            (self.max_blob_lease_bytes == 0, "max_blob_lease_bytes"),
             (self.max_peers_per_lookup == 0, "max_peers_per_lookup"),
             (self.announce_interval_ms == 0, "announce_interval_ms"),
             (self.max_members == 0, "max_members"),
@@ -635,7 +650,8 @@ impl Tracker {
     /// chunks it still lacks are renewed and listed first (those nearest
     /// `from` first, at most the request's budget); then chunks that nobody
     /// serves and nobody leases, from `from` onward, wrapping to the start.
-    /// A member holds at most `max_lease_chunks` leases per blob.
+    /// A member holds at most `max_lease_chunks` leases per blob, and the
+    /// members of a rack at most `max_blob_lease_bytes` of it.
     pub fn lease(&mut self, now_ms: u64, r: LeaseRequest) -> Result<LeaseGrant> {
         let now = self.expire(now_ms);
         let node = r.node().clone();
@@ -659,7 +675,22 @@ impl Tracker {
             .take(budget)
             .collect();
         let fresh_cap = (cap as usize).saturating_sub(mine.len());
-        let fresh = b.open_from(from, (budget - renew.len()).min(fresh_cap));
+        // The blob's leases held in the requester's rack (members that said
+        // none count as one rack): each rack brings its chunks in through
+        // its own uplink.
+        let rack = self.members.get(&node).and_then(|m| m.rack.as_ref());
+        let members = &self.members;
+        let held: usize = b
+            .by_node
+            .iter()
+            .filter(|(n, _)| members.get(*n).and_then(|m| m.rack.as_ref()) == rack)
+            .map(|(_, s)| s.len())
+            .sum();
+        let blob_cap = (self.cfg.max_blob_lease_bytes / u64::from(b.layout.chunk_size())).max(1);
+        let blob_room = usize::try_from(blob_cap)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(held);
+        let fresh = b.open_from(from, (budget - renew.len()).min(fresh_cap).min(blob_room));
         let mut chunks = renew;
         chunks.extend(fresh);
         for &i in &chunks {

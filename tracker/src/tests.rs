@@ -205,9 +205,15 @@ fn cold_cluster_fetches_each_chunk_from_the_origin_once() {
                 grants.push((n, g.chunks));
             }
             h.check();
+            // A few at a time: the blob's lease cap, 16 MiB.
+            assert!(
+                this_round.len() <= 16,
+                "{} leased at once",
+                this_round.len()
+            );
             // Each node fetches its chunks from the origin and publishes them.
-            now += 500;
-            for (n, chunks) in grants {
+            now += 100;
+            for (n, chunks) in grants.into_iter().filter(|(_, c)| !c.is_empty()) {
                 let r = h.publish_true(now, n, d, &chunks);
                 assert_eq!(r.accepted as usize, chunks.len());
             }
@@ -268,9 +274,11 @@ fn expired_lease_is_handed_over() {
 #[test]
 fn leases_are_renewed_within_budget() {
     let (d, l) = (blob(1), layout(40));
-    // Written for a 10 s lease (the default is shorter).
+    // Written for a 10 s lease (the default is shorter), about one member's
+    // cap (the blob's is tested below).
     let mut h = Harness::with(TrackerConfig {
         lease_ttl_ms: 10_000,
+        max_blob_lease_bytes: u64::MAX,
         ..TrackerConfig::default()
     });
     h.announce(0, 0, vec![]).unwrap();
@@ -979,6 +987,7 @@ fn small_config() -> TrackerConfig {
         member_ttl_ms: 30_000,
         lease_ttl_ms: 10_000,
         max_lease_chunks: 3,
+        max_blob_lease_bytes: 5 * u64::from(MIB),
         max_peers_per_lookup: 2,
         announce_interval_ms: 5_000,
         max_members: 4,
@@ -1061,6 +1070,11 @@ fn step(t: &mut Tracker, now: u64, op: &Op) -> Result<String, TestCaseError> {
             let reply = t.lease(now, r);
             if let Ok(g) = &reply {
                 prop_assert!(g.chunks.len() <= max.min(cfg.max_lease_chunks) as usize);
+                // No member names a rack here: one cap for the blob.
+                let leased = (0..l.count())
+                    .filter(|&i| t.lease_of(&d, i).is_some())
+                    .count();
+                prop_assert!(leased as u64 <= cfg.max_blob_lease_bytes / u64::from(MIB));
                 let set: BTreeSet<_> = g.chunks.iter().collect();
                 prop_assert_eq!(set.len(), g.chunks.len(), "a chunk granted twice");
                 for &c in &g.chunks {
@@ -1387,6 +1401,45 @@ fn a_downloading_member_that_promised_its_next_announce_is_forgotten_soon_after_
     assert_eq!(r.suspected, [id(1)]);
     assert_eq!(h.t.lookup(11_500, &id(3), &d).unwrap().holders().len(), 1);
     assert!(h.t.lookup(11_501, &id(3), &d).unwrap().holders().is_empty());
+    h.check();
+}
+
+#[test]
+fn a_blob_is_leased_a_few_chunks_at_a_time_per_rack() {
+    let (d, l) = (blob(1), layout(40));
+    let mut h = Harness::with(TrackerConfig {
+        max_lease_chunks: 4,
+        max_blob_lease_bytes: 6 * u64::from(MIB) + 1,
+        ..TrackerConfig::default()
+    });
+    let announce = |h: &mut Harness, now, n: usize, rack: Option<&str>| {
+        let addr = format!("10.0.0.{}:4901", n + 1).parse().unwrap();
+        let a = Announce::new(id(n), addr, vec![], vec![], false)
+            .unwrap()
+            .with_rack(rack.map(|r| r.parse().unwrap()));
+        h.t.announce(now, a).unwrap();
+    };
+    for n in 0..3 {
+        announce(&mut h, 0, n, None);
+    }
+    for n in 3..5 {
+        announce(&mut h, 0, n, Some("r1"));
+    }
+    // Six chunks of this blob at once among the members without a rack.
+    assert_eq!(h.lease(0, 0, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    assert_eq!(h.lease(0, 1, d, l, 4, 0).chunks, [4, 5]);
+    assert!(h.lease(0, 2, d, l, 4, 0).chunks.is_empty());
+    // Rack r1 brings its chunks in through its own uplink: its own six.
+    assert_eq!(h.lease(0, 3, d, l, 4, 0).chunks, [6, 7, 8, 9]);
+    assert_eq!(h.lease(0, 4, d, l, 4, 0).chunks, [10, 11]);
+    assert_eq!(h.lease(0, 4, d, l, 4, 0).chunks, [10, 11], "renewals only");
+    // Renewals stay within the member's budget whatever the blob's cap.
+    assert_eq!(h.lease(100, 0, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    // Published chunks free their leases: the next member gets room.
+    assert_eq!(h.publish_true(200, 0, d, &[0, 1]).accepted, 2);
+    assert_eq!(h.lease(200, 2, d, l, 4, 0).chunks, [12, 13]);
+    // Expired leases free it too (3 s without a renewal).
+    assert_eq!(h.lease(3_500, 2, d, l, 4, 0).chunks, [2, 3, 4, 5]);
     h.check();
 }
 
