@@ -188,10 +188,18 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
         }
         None => Scenario::default(),
     };
+    // A flag given sets the scenario's field (`set_opt!`: an optional one).
     macro_rules! set {
         ($field:ident) => {
             if let Some(v) = cli.$field {
                 sc.$field = v;
+            }
+        };
+    }
+    macro_rules! set_opt {
+        ($field:ident) => {
+            if cli.$field.is_some() {
+                sc.$field = cli.$field;
             }
         };
     }
@@ -212,42 +220,18 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;
     }
-    if cli.lookup_interval_ms.is_some() {
-        sc.lookup_interval_ms = cli.lookup_interval_ms;
-    }
-    if cli.hurried_lookup_ms.is_some() {
-        sc.hurried_lookup_ms = cli.hurried_lookup_ms;
-    }
-    if cli.peer_depth.is_some() {
-        sc.peer_depth = cli.peer_depth;
-    }
-    if cli.max_inflight.is_some() {
-        sc.max_inflight = cli.max_inflight;
-    }
-    if cli.blob_lease_bytes.is_some() {
-        sc.blob_lease_bytes = cli.blob_lease_bytes;
-    }
-    if cli.announce_every_ms.is_some() {
-        sc.announce_every_ms = cli.announce_every_ms;
-    }
-    if cli.keepalive_ms.is_some() {
-        sc.keepalive_ms = cli.keepalive_ms;
-    }
-    if cli.watch_peers.is_some() {
-        sc.watch_peers = cli.watch_peers;
-    }
-    if let Some(l) = cli.rack_labels {
-        sc.rack_labels = l;
-    }
-    if cli.upload_cap.is_some() {
-        sc.upload_cap = cli.upload_cap;
-    }
-    if cli.origin_rate.is_some() {
-        sc.origin_rate = cli.origin_rate;
-    }
-    if cli.rack_uplink.is_some() {
-        sc.rack_uplink = cli.rack_uplink;
-    }
+    set_opt!(lookup_interval_ms);
+    set_opt!(hurried_lookup_ms);
+    set_opt!(peer_depth);
+    set_opt!(max_inflight);
+    set_opt!(blob_lease_bytes);
+    set_opt!(announce_every_ms);
+    set_opt!(keepalive_ms);
+    set_opt!(watch_peers);
+    set!(rack_labels);
+    set_opt!(upload_cap);
+    set_opt!(origin_rate);
+    set_opt!(rack_uplink);
     if let Some(ms) = cli.rtt_ms {
         anyhow::ensure!(
             ms.is_finite() && (0.0..=10_000.0).contains(&ms),
