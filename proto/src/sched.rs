@@ -18,7 +18,8 @@
 //! * **Only verifiable chunks from peers**: a chunk is asked of a peer only
 //!   once its hash is known (published by whoever fetched it from the
 //!   origin), so every byte can be checked before it is stored or forwarded.
-//! * **Load spread**: at most `peer_depth` chunks in flight per peer, and the
+//! * **Load spread**: at most `peer_depth` chunks in flight per peer, the
+//!   node's `max_inflight` shared by its downloads running at once, and the
 //!   least loaded peers are served first. A peer that answers `Busy` (its
 //!   upload slots are full) is left alone for a back-off — at first about
 //!   the usual chunk time here — that doubles while it stays busy, without
@@ -166,8 +167,8 @@ pub struct SchedConfig {
     /// known), or the tracker leased the chunks this node asked for to
     /// others (a lookup names them, to be watched). At 10 gbit new hashes
     /// come in every millisecond: in the simulator (300 members, 5 × 200
-    /// MiB) 50 ms took 1.29× the bound, 100 ms 1.39×, 25 ms no better than
-    /// 50 with twice the lookups.
+    /// MiB, the tracker's lease cap at 16 MiB) 50 ms took 1.29× the bound,
+    /// 100 ms 1.39×, 25 ms no better than 50 with twice the lookups.
     pub hurried_lookup_ms: u64,
     /// Origin failures (after the origin client's own retries) before the
     /// download gives up.
