@@ -517,7 +517,11 @@ impl Transfers {
                     }
                     // Bad data is reported to the tracker by the session.
                     other => {
-                        session.on_chunk(now(), Source::Peer(peer), chunk, other.outcome(), None);
+                        let t = now();
+                        session.on_chunk(t, Source::Peer(peer), chunk, other.outcome(), None);
+                        if let Some(ms) = other.retry_ms() {
+                            session.peer_busy_until(peer, t + u64::from(ms));
+                        }
                         None
                     }
                 },

@@ -13,6 +13,7 @@ pub mod range;
 pub mod reference;
 pub mod sched;
 pub mod session;
+pub mod slots;
 pub mod tracker_api;
 pub mod units;
 pub mod wire;

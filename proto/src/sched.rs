@@ -622,6 +622,18 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         self.downloads = downloads;
     }
 
+    /// `peer` answered `Busy` and said when it expects a slot for this node
+    /// ([`crate::slots`]): no requests go to it before `until` (ms), in
+    /// place of the back-off guessed from this node's chunk time, and never
+    /// later than the longest such back-off.
+    pub fn busy_until(&mut self, peer: &P, until: u64) {
+        let longest = self.cfg.busy_backoff_ms << (BUSY_STEPS - 1);
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.busy_until = until.clamp(self.now + 1, self.now + longest);
+            self.reopen_at = self.reopen_at.min(state.busy_until);
+        }
+    }
+
     /// Chunks in flight from peers allowed now: this download's share.
     pub fn inflight_limit(&self) -> u32 {
         let max = self.cfg.max_inflight;
@@ -2204,6 +2216,43 @@ mod tests {
             "{:?}",
             s.next_deadline()
         );
+    }
+
+    #[test]
+    fn a_busy_peer_that_names_its_retry_time_is_asked_again_then_and_not_before() {
+        let mut s = sched(4);
+        let have = Bitfield::full(4).unwrap();
+        s.handle(0, Event::PeerHas { peer: 1, have });
+        assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1, 2, 3])]);
+        let busy = |s: &mut Scheduler<u32>, now| {
+            for chunk in 0..4 {
+                let (source, outcome) = (Source::Peer(1), Outcome::Busy);
+                s.handle(
+                    now,
+                    Event::Chunk {
+                        source,
+                        chunk,
+                        outcome,
+                    },
+                );
+            }
+        };
+        // Its answer: come back at 37 ms (a guess here would be 200 ms).
+        busy(&mut s, 5);
+        s.busy_until(&1, 37);
+        assert_eq!(s.next_deadline(), Some(37));
+        assert!(peer_fetches(&drain(&mut s, 36)).is_empty());
+        assert_eq!(
+            peer_fetches(&drain(&mut s, 37)),
+            vec![(1, vec![0, 1, 2, 3])]
+        );
+        // A hint past the longest back-off (800 ms) is cut to it.
+        busy(&mut s, 40);
+        s.busy_until(&1, 60_000);
+        // (An unknown peer's hint changes nothing.)
+        s.busy_until(&9, 50);
+        assert!(peer_fetches(&drain(&mut s, 839)).is_empty());
+        assert_eq!(peer_fetches(&drain(&mut s, 840)), vec![(1, vec![0, 1, 2, 3])]);
     }
 
     #[test]

@@ -278,6 +278,12 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         self.sched.set_downloads(downloads);
     }
 
+    /// Peer `peer` answered `Busy` with a retry-after hint: nothing is
+    /// asked of it before `until` (ms).
+    pub fn peer_busy_until(&mut self, peer: u32, until: u64) {
+        self.sched.busy_until(&peer, until);
+    }
+
     /// The blob's layout.
     pub fn layout(&self) -> &ChunkLayout {
         &self.layout

@@ -24,6 +24,12 @@
 //!   Members ask this of each other when no tracker answers (DHT mode), in
 //!   place of the tracker's lookup.
 //!
+//! A `Busy` error's message may start with `retry in N ms: ` — when the
+//! server expects an upload slot for this requester ([`busy_message`],
+//! [`busy_retry_ms`], the turns of [`crate::slots`]). A peer that does not
+//! know the convention shows it as text; one that finds no such prefix
+//! guesses its own back-off.
+//!
 //! `DontHave` means "lacks data" and is not an error: a client scores a peer
 //! that lacks data differently from one that sends bad data. Chunk data is
 //! never trusted here: the client checks each chunk's index against what it
@@ -606,6 +612,24 @@ pub fn encode_chunk_header(index: u32, len: usize) -> Result<[u8; CHUNK_HEADER_L
     out[1..5].copy_from_slice(&(4 + len as u32).to_be_bytes());
     out[5..9].copy_from_slice(&index.to_be_bytes());
     Ok(out)
+}
+
+/// A `Busy` error message that says when to ask again: `retry in N ms:
+/// REASON`.
+pub fn busy_message(retry_ms: u32, reason: &str) -> String {
+    format!("retry in {retry_ms} ms: {reason}")
+}
+
+/// The retry time a `Busy` error's message carries ([`busy_message`]), at
+/// most [`MAX_RETRY_US`](crate::slots::MAX_RETRY_US); `None` if it carries
+/// none or a malformed one.
+pub fn busy_retry_ms(message: &str) -> Option<u32> {
+    let (n, _) = message.strip_prefix("retry in ")?.split_once(" ms")?;
+    if n.is_empty() || n.len() > 7 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms: u32 = n.parse().ok()?;
+    Some(ms.min((crate::slots::MAX_RETRY_US / 1000) as u32))
 }
 
 impl Response {
@@ -1387,6 +1411,39 @@ mod tests {
             WireError::UnknownTag(0x90).to_string(),
             "unknown reserved frame tag 0x90"
         );
+    }
+
+    #[test]
+    fn a_busy_message_carries_its_retry_time_and_garbage_carries_none() {
+        let m = busy_message(12, "all 16 upload slots are in use");
+        assert_eq!(m, "retry in 12 ms: all 16 upload slots are in use");
+        assert_eq!(busy_retry_ms(&m), Some(12));
+        assert_eq!(busy_retry_ms("retry in 0 ms"), Some(0));
+        // Bounded: a peer cannot park a requester for long.
+        assert_eq!(busy_retry_ms("retry in 9999999 ms: x"), Some(2_000));
+        for bad in [
+            "all 16 upload slots are in use",
+            "retry in  ms: x",
+            "retry in -3 ms: x",
+            "retry in 3ms",
+            "retry in 99999999999 ms",
+            "retry in 1e3 ms",
+            "retry in +4 ms",
+            "",
+        ] {
+            assert_eq!(busy_retry_ms(bad), None, "{bad:?}");
+        }
+        // It survives the wire like any message.
+        let mut buf = BytesMut::new();
+        Response::error(ErrorKind::Busy, m.clone())
+            .encode(&mut buf)
+            .unwrap();
+        let mut dec = ResponseDecoder::new();
+        assert_eq!(dec.push(&buf), buf.len());
+        let Some(Response::Error { code, message }) = dec.next_response().unwrap() else {
+            panic!("an error frame");
+        };
+        assert_eq!((code, busy_retry_ms(&message)), (ErrorKind::Busy, Some(12)));
     }
 
     #[test]

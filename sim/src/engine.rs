@@ -31,11 +31,12 @@
 //!   announcing and pulling; requests to it hang until the requester's
 //!   scheduler gives up on them.
 
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
 use shoal_proto::sched::{Outcome, Source, PROGRESS_MS};
 use shoal_proto::session::{HashBook, Io, Member, Session, SessionConfig, TrackerFailure};
+use shoal_proto::slots::Appointments;
 use shoal_proto::tracker_api::{
     Announce, BlobHave, BlobView, ChunkHash, HashCursor, LeaseRequest, NodeId, PeerAddr,
     PublishHashes, Rack, Report, TrackerError,
@@ -109,6 +110,8 @@ struct FlowData {
     active: bool,
     /// Holds an upload slot at the sending member.
     slot: bool,
+    /// When it took the slot (µs).
+    slot_at: u64,
     /// Bytes already counted in the node and origin totals.
     credited: f64,
     /// Tells this request from every other (flow ids are reused, and a
@@ -127,8 +130,9 @@ struct Node {
     /// What it tells the tracker of its rack.
     rack_label: Option<Rack>,
     layers: Vec<LayerState>,
-    wake: Vec<u64>,
     slots: u32,
+    /// The retry times its `Busy` answers hand out.
+    appointments: Appointments,
     halted: bool,
     /// Halts at this time (µs), if it churns.
     halts_at: Option<u64>,
@@ -188,6 +192,8 @@ enum Ev {
     Reply(u32, u16, Box<Answer>),
     Arrive(FlowId, u32),
     Refused {
+        /// A `Busy` holder's retry-after time (µs).
+        retry_at: Option<u64>,
         node: u32,
         layer: u16,
         peer: u32,
@@ -218,27 +224,59 @@ enum Ev {
     },
 }
 
-struct Queued {
-    at: u64,
-    seq: u64,
-    ev: Ev,
+impl Ev {
+    /// Its place in [`Counters::events_by_kind`].
+    fn kind(&self) -> usize {
+        match self {
+            Ev::Join(_) | Ev::Heartbeat(_) => 0,
+            Ev::Start(_) | Ev::Halt(_) => 1,
+            Ev::Wake(..) => 2,
+            Ev::TrackerIn(_) | Ev::TrackerServe(..) | Ev::Reply(..) => 3,
+            Ev::Arrive(..) => 4,
+            Ev::Refused { .. } => 5,
+            Ev::Boundary(_) => 6,
+            Ev::Tick(..) => 7,
+            Ev::WatchOpen { .. } => 8,
+            Ev::WatchFlush(..) => 9,
+            Ev::WatchFrame { .. } => 10,
+        }
+    }
 }
 
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
+/// Pending events, earliest `(at, seq)` first. The heap holds small keys
+/// and the events wait in a slab: sifting 64-byte events through a heap of
+/// a million was an eighth of a 2,000-member run's time.
+#[derive(Default)]
+struct EventQueue {
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<u32>,
 }
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
+
+impl EventQueue {
+    fn push(&mut self, at: u64, seq: u64, ev: Ev) {
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.slab[k as usize] = Some(ev);
+                k
+            }
+            None => {
+                self.slab.push(Some(ev));
+                u32::try_from(self.slab.len() - 1).expect("under 4G pending events")
+            }
+        };
+        self.heap.push(Reverse((at, seq, slot)));
     }
-}
-impl Ord for Queued {
-    /// Earliest first in a max-heap.
-    fn cmp(&self, o: &Self) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
+
+    fn peek(&self) -> Option<(u64, u64)> {
+        self.heap.peek().map(|Reverse((at, seq, _))| (*at, *seq))
+    }
+
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let Reverse((at, _, slot)) = self.heap.pop()?;
+        self.free.push(slot);
+        let ev = self.slab[slot as usize].take().expect("a pending event");
+        Some((at, ev))
     }
 }
 
@@ -247,6 +285,11 @@ impl Ord for Queued {
 pub struct Counters {
     /// Events processed.
     pub events: u64,
+    /// Of which: joins and heartbeats, starts and halts, session wake-ups,
+    /// tracker work (requests in, served, answers back), peer requests
+    /// reaching holders, refusals, chunk boundaries, progress ticks, watch
+    /// opens, flushes and frames.
+    pub events_by_kind: [u64; 11],
     /// Tracker requests served (refused ones included).
     pub tracker_requests: u64,
     /// Of which lookups, leases, publishes, announces, reports.
@@ -280,7 +323,7 @@ pub struct Sim {
     seq: u64,
     /// Requests made so far (each request's serial).
     requests: u64,
-    queue: BinaryHeap<Queued>,
+    queue: EventQueue,
     net: FlowNet<FlowData>,
     nodes: Vec<Node>,
     origin_up: LinkId,
@@ -304,6 +347,9 @@ pub struct Sim {
     rng: Rng,
     /// Each moving flow's next chunk boundary.
     boundaries: Timers,
+    /// Each member's next session deadline per layer (id: member × layers
+    /// + layer): one entry each, moved when a deadline comes sooner.
+    wakes: Timers,
     /// Print progress to stderr every two million events.
     pub progress: bool,
 }
@@ -423,8 +469,8 @@ impl Sim {
                         .expect("a valid rack name")
                 }),
                 layers: (0..sc.layers).map(|_| LayerState::Waiting).collect(),
-                wake: vec![0; sc.layers as usize],
                 slots: 0,
+                appointments: Appointments::new(),
                 halted: false,
                 halts_at,
                 frozen,
@@ -474,7 +520,7 @@ impl Sim {
             now: 0,
             seq: 0,
             requests: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             net,
             nodes,
             origin_up,
@@ -493,6 +539,7 @@ impl Sim {
                 .and_then(|v| v.parse().ok()),
             rng: Rng::new(sc_seed ^ 0x6a09_e667_f3bc_c909),
             boundaries: Timers::default(),
+            wakes: Timers::default(),
             progress: false,
         };
         for i in 0..n {
@@ -510,11 +557,7 @@ impl Sim {
 
     fn at(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Queued {
-            at: at.max(self.now),
-            seq: self.seq,
-            ev,
-        });
+        self.queue.push(at.max(self.now), self.seq, ev);
     }
 
     fn ms(&self) -> u64 {
@@ -537,25 +580,39 @@ impl Sim {
         let mut pending = self.nodes.iter().filter(|n| n.halts_at.is_none()).count();
         while pending > 0 {
             // The earlier of the next event and the next chunk boundary.
-            let event = self.queue.peek().map(|q| (q.at, q.seq));
-            let ev = match (event, self.boundaries.peek()) {
-                (None, None) => break,
-                (e, Some((at, seq, f))) if e.is_none_or(|e| (at, seq) < e) => {
-                    self.boundaries.remove(f);
-                    Queued {
-                        at,
-                        seq,
-                        ev: Ev::Boundary(f),
-                    }
-                }
-                _ => self.queue.pop().expect("peeked"),
+            // The earliest of the next event, chunk boundary and wake-up.
+            let event = self.queue.peek();
+            let boundary = self.boundaries.peek().map(|(at, seq, _)| (at, seq));
+            let wake = self.wakes.peek().map(|(at, seq, _)| (at, seq));
+            // A boundary shares its seq with the event set before it, and
+            // goes after it.
+            let queued = event.into_iter().chain(wake).min();
+            let first = match (queued, boundary) {
+                (q, Some(b)) if q.is_none_or(|q| b < q) => Some(b),
+                (q, _) => q,
             };
-            if ev.at > limit {
+            let (at, ev) = match first {
+                None => break,
+                Some(first) if Some(first) == boundary && queued != Some(first) => {
+                    let (at, _, f) = self.boundaries.peek().expect("peeked");
+                    self.boundaries.remove(f);
+                    (at, Ev::Boundary(f))
+                }
+                Some(first) if Some(first) == wake => {
+                    let (at, _, k) = self.wakes.peek().expect("peeked");
+                    self.wakes.remove(k);
+                    let layers = u32::from(self.sc.layers);
+                    (at, Ev::Wake(k / layers, (k % layers) as u16))
+                }
+                Some(_) => self.queue.pop().expect("peeked"),
+            };
+            if at > limit {
                 break;
             }
-            self.now = ev.at;
+            self.now = at;
             self.counters.events += 1;
-            if self.handle(ev.ev) {
+            self.counters.events_by_kind[ev.kind()] += 1;
+            if self.handle(ev) {
                 pending -= 1;
             }
             if self.progress && self.counters.events % 2_000_000 == 0 {
@@ -587,13 +644,7 @@ impl Sim {
             }
             Ev::Start(i) => return self.start(i),
             Ev::Halt(i) => self.halt(i),
-            Ev::Wake(i, l) => {
-                let node = &mut self.nodes[i as usize];
-                if node.wake[l as usize] == self.now {
-                    node.wake[l as usize] = 0;
-                    return self.drive(i, l);
-                }
-            }
+            Ev::Wake(i, l) => return self.drive(i, l),
             Ev::TrackerIn(rpc) => self.tracker_in(rpc),
             Ev::TrackerServe(rpc, done) => self.tracker_serve(*rpc, done),
             Ev::Reply(i, l, answer) => {
@@ -622,6 +673,7 @@ impl Sim {
                 }
             }
             Ev::Refused {
+                retry_at,
                 node,
                 layer,
                 peer,
@@ -640,6 +692,9 @@ impl Sim {
                 };
                 for c in chunks {
                     s.on_chunk(now, Source::Peer(peer), c, outcome, None);
+                }
+                if let Some(t) = retry_at {
+                    s.peer_busy_until(peer, t.div_ceil(1000));
                 }
                 return self.drive(node, layer);
             }
@@ -939,10 +994,10 @@ impl Sim {
                 self.counters.past_deadlines += 1;
             }
             let t = (t * 1000).max(self.now + 1000);
-            let w = &mut self.nodes[i as usize].wake[l as usize];
-            if *w == 0 || *w < self.now || t < *w {
-                *w = t;
-                self.at(t, Ev::Wake(i, l));
+            let k = i * u32::from(self.sc.layers) + u32::from(l);
+            if self.wakes.get(k).is_none_or(|w| t < w) {
+                self.seq += 1;
+                self.wakes.set(k, t, self.seq);
             }
         }
         false
@@ -1051,6 +1106,7 @@ impl Sim {
             next: 0,
             active: false,
             slot: false,
+            slot_at: 0,
             credited: 0.0,
             serial: self.requests,
         };
@@ -1113,7 +1169,12 @@ impl Sim {
                 self.counters.busy += 1;
                 let (d, _) = self.net.stop(self.now, f).expect("live");
                 self.forget(&d.data);
-                self.refuse(to, layer, id, d.data.chunks, Outcome::Busy);
+                let retry = self.sc.busy_hint.then(|| {
+                    let (slots, now) = (self.sc.upload_slots, self.now);
+                    let n = &mut self.nodes[node as usize];
+                    n.appointments.refuse(now, n.waiting.len(), slots)
+                });
+                self.refuse_until(to, layer, id, d.data.chunks, Outcome::Busy, retry);
                 return;
             }
         }
@@ -1123,10 +1184,24 @@ impl Sim {
     /// Member `to`'s request of layer `layer` to its peer `id` is answered
     /// `outcome` for `chunks`, half a round trip from now.
     fn refuse(&mut self, to: u32, layer: u16, id: u32, chunks: Vec<u32>, outcome: Outcome) {
+        self.refuse_until(to, layer, id, chunks, outcome, None);
+    }
+
+    /// [`refuse`](Self::refuse), with the holder's retry-after time.
+    fn refuse_until(
+        &mut self,
+        to: u32,
+        layer: u16,
+        id: u32,
+        chunks: Vec<u32>,
+        outcome: Outcome,
+        retry_at: Option<u64>,
+    ) {
         let at = self.now + self.half_rtt();
         self.at(
             at,
             Ev::Refused {
+                retry_at,
                 node: to,
                 layer,
                 peer: id,
@@ -1181,6 +1256,7 @@ impl Sim {
         let mut data = old.data;
         data.active = true;
         data.slot = matches!(from, Sender::Peer { .. });
+        data.slot_at = self.now;
         let serial = data.serial;
         let links = self.path(from, to);
         let (nf, changed) = self.net.start(self.now, &links, data);
@@ -1305,7 +1381,11 @@ impl Sim {
         self.forget(&fl.data);
         self.reschedule(&changed);
         if let (true, Sender::Peer { node, .. }) = (fl.data.slot, fl.data.from) {
-            self.nodes[node as usize].slots -= 1;
+            let (held, now) = (self.now - fl.data.slot_at, self.now);
+            let n = &mut self.nodes[node as usize];
+            n.appointments.served(held);
+            n.appointments.freed(now, n.waiting.len());
+            n.slots -= 1;
             self.admit(node);
         }
     }

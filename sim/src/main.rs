@@ -63,6 +63,9 @@ struct Cli {
     /// Requests each member holds while its upload slots are taken.
     #[arg(long)]
     upload_queue: Option<u32>,
+    /// `Busy` answers carry a retry-after time (`true`) or not.
+    #[arg(long)]
+    busy_hint: Option<bool>,
     /// Tracker cores serving requests at once.
     #[arg(long)]
     tracker_cores: Option<u32>,
@@ -216,6 +219,7 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(tracker_cores);
     set!(upload_slots);
     set!(upload_queue);
+    set!(busy_hint);
     set!(tracker_serial_us);
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;

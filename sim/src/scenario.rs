@@ -100,6 +100,10 @@ pub struct Scenario {
     /// Requests a member holds while its upload slots are all taken (more
     /// get `Busy`).
     pub upload_queue: u32,
+    /// A member's `Busy` answer says when to ask again, as the daemon's
+    /// does ([`shoal_proto::slots`]); `false` models peers that guess
+    /// their own back-off.
+    pub busy_hint: bool,
     /// When members start.
     pub start: Start,
     /// Fraction of members that die mid-pull (stop answering anyone).
@@ -163,6 +167,7 @@ impl Default for Scenario {
             tracker_serial_us: 5,
             upload_slots: 16,
             upload_queue: 4,
+            busy_hint: true,
             start: Start::AllAtOnce,
             churn: 0.0,
             churn_window_ms: 5_000,

@@ -53,6 +53,14 @@ impl Timers {
         }
     }
 
+    /// When `id`'s timer is set for, if it is.
+    pub fn get(&self, id: u32) -> Option<u64> {
+        match self.pos.get(id as usize) {
+            Some(&k) if k != usize::MAX => Some(self.heap[k].0),
+            _ => None,
+        }
+    }
+
     /// The earliest timer: `(at, seq, id)`.
     pub fn peek(&self) -> Option<(u64, u64, u32)> {
         self.heap.first().copied()

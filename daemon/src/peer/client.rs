@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint, RecvStream};
 use shoal_proto::sched::Outcome;
 use shoal_proto::wire::{
-    BlobState, ErrorKind, Request, Response, ResponseDecoder, WireError, MAX_INDICES,
+    busy_retry_ms, BlobState, ErrorKind, Request, Response, ResponseDecoder, WireError, MAX_INDICES,
 };
 use shoal_proto::{Bitfield, ChunkError, ChunkHashes, ChunkLayout, Digest};
 use tokio::time::Instant;
@@ -66,6 +66,14 @@ impl ChunkResult {
             ChunkResult::DontHave => Outcome::DontHave,
             ChunkResult::Failed(FetchError::Busy(_)) => Outcome::Busy,
             ChunkResult::Failed(_) => Outcome::Failed,
+        }
+    }
+
+    /// When a `Busy` peer said to ask again (ms from now), if it did.
+    pub fn retry_ms(&self) -> Option<u32> {
+        match self {
+            ChunkResult::Failed(FetchError::Busy(message)) => busy_retry_ms(message),
+            _ => None,
         }
     }
 }

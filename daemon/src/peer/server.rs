@@ -11,7 +11,9 @@
 //! 2. `GetChunks` takes one of [`ServeLimits::max_concurrent_uploads`] upload
 //!    slots, shared by all connections — waiting for one in a short queue
 //!    ([`ServeLimits::upload_queue`]) when all are taken, or getting
-//!    `Error{Busy}` when the queue is full too; then
+//!    `Error{Busy}` when the queue is full too — its message says when to
+//!    ask again, the refused requests' turns handed out one slot time
+//!    apart ([`shoal_proto::slots`]); then
 //!    per requested index, in order, a `Chunk` (header, then the chunk's
 //!    bytes without a copy) or `DontHave`. The next chunk is read from disk
 //!    while the current one is written;
@@ -43,14 +45,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
+use shoal_proto::slots::Appointments;
 use shoal_proto::wire::{
-    encode_chunk_header, ErrorKind, Request, RequestDecoder, Response, WireError, ALPN,
-    WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS,
+    busy_message, encode_chunk_header, ErrorKind, Request, RequestDecoder, Response, WireError,
+    ALPN, WATCHERS_PER_BLOB, WATCH_FRAME_GAP_MS,
 };
 use shoal_proto::{Bitfield, ChunkLayout, Digest};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -150,6 +153,55 @@ struct Shared {
     queued: AtomicUsize,
     /// Live connections, for [`crate::uplink`].
     conns: uplink::Connections,
+    /// The retry times `Busy` answers give, and how long requests hold
+    /// their upload slots ([`shoal_proto::slots`]).
+    appointments: Mutex<Appointments>,
+    /// Where the appointments' clock starts.
+    epoch: Instant,
+}
+
+impl Shared {
+    /// Microseconds since the server started.
+    fn clock_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The `Busy` answer to a request refused now: when its turn for a
+    /// slot comes.
+    fn busy(&self) -> Response {
+        let now = self.clock_us();
+        let queued = self.queued.load(Ordering::Acquire);
+        let slots = u32::try_from(self.limits.max_concurrent_uploads).unwrap_or(u32::MAX);
+        let at = self
+            .appointments
+            .lock()
+            .expect("appointments lock")
+            .refuse(now, queued, slots);
+        let retry_ms = u32::try_from((at - now).div_ceil(1000)).unwrap_or(u32::MAX);
+        let reason = format!(
+            "all {} upload slots are in use",
+            self.limits.max_concurrent_uploads
+        );
+        Response::error(ErrorKind::Busy, busy_message(retry_ms, &reason))
+    }
+}
+
+/// An upload slot's time, told to [`Shared::appointments`] when the
+/// request that held it is done.
+struct SlotTime<'a> {
+    shared: &'a Shared,
+    from: u64,
+}
+
+impl Drop for SlotTime<'_> {
+    fn drop(&mut self) {
+        let now = self.shared.clock_us();
+        let queued = self.shared.queued.load(Ordering::Acquire);
+        if let Ok(mut a) = self.shared.appointments.lock() {
+            a.served(now.saturating_sub(self.from));
+            a.freed(now, queued);
+        }
+    }
 }
 
 /// A connection's place in [`Shared::conns`] while it is served.
@@ -231,6 +283,8 @@ impl PeerServer {
             watches: Mutex::default(),
             queued: AtomicUsize::new(0),
             conns: uplink::Connections::default(),
+            appointments: Mutex::default(),
+            epoch: Instant::now(),
         });
         let task = tokio::spawn(accept_loop(endpoint.clone(), shared, stop_rx));
         PeerServerHandle {
@@ -714,14 +768,12 @@ async fn serve_chunks(
         Ok(slot) => slot,
         Err(_) => match wait_for_slot(out, shared).await? {
             Some(slot) => slot,
-            None => {
-                let msg = format!(
-                    "all {} upload slots are in use",
-                    shared.limits.max_concurrent_uploads
-                );
-                return out.frame(&Response::error(ErrorKind::Busy, msg)).await;
-            }
+            None => return out.frame(&shared.busy()).await,
         },
+    };
+    let _time = SlotTime {
+        shared,
+        from: shared.clock_us(),
     };
     let layout = match shared.source.layout(&blob, chunk_size) {
         Ok(Some(layout)) => layout,

@@ -735,6 +735,9 @@ async fn busy_when_upload_slots_are_taken() {
             "{second:?}"
         );
         assert_eq!(second[0].1.outcome(), shoal_proto::sched::Outcome::Busy);
+        // It says when to come back: no request timed yet, so one slot's
+        // turn is the default hold time, 50 ms.
+        assert_eq!(second[0].1.retry_ms(), Some(50), "{second:?}");
         // The slot is free again.
         let again = async {
             let got = client.fetch(&peer, &digest, &hashes, &[1], DEADLINE);
