@@ -2252,7 +2252,10 @@ mod tests {
         // (An unknown peer's hint changes nothing.)
         s.busy_until(&9, 50);
         assert!(peer_fetches(&drain(&mut s, 839)).is_empty());
-        assert_eq!(peer_fetches(&drain(&mut s, 840)), vec![(1, vec![0, 1, 2, 3])]);
+        assert_eq!(
+            peer_fetches(&drain(&mut s, 840)),
+            vec![(1, vec![0, 1, 2, 3])]
+        );
     }
 
     #[test]

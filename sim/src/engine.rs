@@ -601,7 +601,7 @@ impl Sim {
                 Some(first) if Some(first) == wake => {
                     let (at, _, k) = self.wakes.peek().expect("peeked");
                     self.wakes.remove(k);
-                    let layers = u32::from(self.sc.layers);
+                    let layers = self.sc.layers;
                     (at, Ev::Wake(k / layers, (k % layers) as u16))
                 }
                 Some(_) => self.queue.pop().expect("peeked"),
@@ -994,7 +994,7 @@ impl Sim {
                 self.counters.past_deadlines += 1;
             }
             let t = (t * 1000).max(self.now + 1000);
-            let k = i * u32::from(self.sc.layers) + u32::from(l);
+            let k = i * self.sc.layers + u32::from(l);
             if self.wakes.get(k).is_none_or(|w| t < w) {
                 self.seq += 1;
                 self.wakes.set(k, t, self.seq);
