@@ -1821,6 +1821,19 @@ mod tests {
         out
     }
 
+    /// Peer `peer`'s answer for `chunk`.
+    fn answer(s: &mut Scheduler<u32>, now: u64, peer: u32, chunk: u32, outcome: Outcome) {
+        let source = Source::Peer(peer);
+        s.handle(
+            now,
+            Event::Chunk {
+                source,
+                chunk,
+                outcome,
+            },
+        );
+    }
+
     fn peer_fetches(actions: &[Action<u32>]) -> Vec<(u32, Vec<u32>)> {
         actions
             .iter()
@@ -2226,15 +2239,7 @@ mod tests {
         assert_eq!(peer_fetches(&drain(&mut s, 0)), vec![(1, vec![0, 1, 2, 3])]);
         let busy = |s: &mut Scheduler<u32>, now| {
             for chunk in 0..4 {
-                let (source, outcome) = (Source::Peer(1), Outcome::Busy);
-                s.handle(
-                    now,
-                    Event::Chunk {
-                        source,
-                        chunk,
-                        outcome,
-                    },
-                );
+                answer(s, now, 1, chunk, Outcome::Busy);
             }
         };
         // Its answer: come back at 37 ms (a guess here would be 200 ms).

@@ -31,8 +31,7 @@
 //!   announcing and pulling; requests to it hang until the requester's
 //!   scheduler gives up on them.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 
 use shoal_proto::sched::{Outcome, Source, PROGRESS_MS};
 use shoal_proto::session::{HashBook, Io, Member, Session, SessionConfig, TrackerFailure};
@@ -46,6 +45,7 @@ use shoal_proto::{Bitfield, ChunkLayout, Digest};
 use shoal_tracker::{Tracker, TrackerConfig};
 
 use crate::net::{FlowId, FlowNet, LinkId};
+use crate::queue::EventQueue;
 use crate::report::{NodeResult, Outcome as RunOutcome, Report as RunReport};
 use crate::rng::Rng;
 use crate::scenario::{Scenario, Start};
@@ -243,43 +243,6 @@ impl Ev {
     }
 }
 
-/// Pending events, earliest `(at, seq)` first. The heap holds small keys
-/// and the events wait in a slab: sifting 64-byte events through a heap of
-/// a million was an eighth of a 2,000-member run's time.
-#[derive(Default)]
-struct EventQueue {
-    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
-    slab: Vec<Option<Ev>>,
-    free: Vec<u32>,
-}
-
-impl EventQueue {
-    fn push(&mut self, at: u64, seq: u64, ev: Ev) {
-        let slot = match self.free.pop() {
-            Some(k) => {
-                self.slab[k as usize] = Some(ev);
-                k
-            }
-            None => {
-                self.slab.push(Some(ev));
-                u32::try_from(self.slab.len() - 1).expect("under 4G pending events")
-            }
-        };
-        self.heap.push(Reverse((at, seq, slot)));
-    }
-
-    fn peek(&self) -> Option<(u64, u64)> {
-        self.heap.peek().map(|Reverse((at, seq, _))| (*at, *seq))
-    }
-
-    fn pop(&mut self) -> Option<(u64, Ev)> {
-        let Reverse((at, _, slot)) = self.heap.pop()?;
-        self.free.push(slot);
-        let ev = self.slab[slot as usize].take().expect("a pending event");
-        Some((at, ev))
-    }
-}
-
 /// Counters a run reports besides per-node results.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
@@ -323,7 +286,7 @@ pub struct Sim {
     seq: u64,
     /// Requests made so far (each request's serial).
     requests: u64,
-    queue: EventQueue,
+    queue: EventQueue<Ev>,
     net: FlowNet<FlowData>,
     nodes: Vec<Node>,
     origin_up: LinkId,

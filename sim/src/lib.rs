@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod net;
+pub mod queue;
 pub mod report;
 pub mod rng;
 pub mod scenario;
