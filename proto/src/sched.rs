@@ -1976,16 +1976,7 @@ mod tests {
         };
         // The rest of the first request keeps coming, a chunk per 3 s.
         let arrive = |s: &mut Scheduler<u32>, now, chunk| {
-            let source = Source::Peer(1);
-            let outcome = Outcome::Verified;
-            s.handle(
-                now,
-                Event::Chunk {
-                    source,
-                    chunk,
-                    outcome,
-                },
-            );
+            answer(s, now, 1, chunk, Outcome::Verified);
             drain(s, now)
         };
         assert!(!cancelled(&arrive(&mut s, 6_000, 1), 4));

@@ -542,7 +542,6 @@ impl Sim {
         let limit = self.t0 + self.sc.max_sim_ms * 1000;
         let mut pending = self.nodes.iter().filter(|n| n.halts_at.is_none()).count();
         while pending > 0 {
-            // The earlier of the next event and the next chunk boundary.
             // The earliest of the next event, chunk boundary and wake-up.
             let event = self.queue.peek();
             let boundary = self.boundaries.peek().map(|(at, seq, _)| (at, seq));
