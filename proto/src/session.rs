@@ -29,6 +29,10 @@ use crate::tracker_api::{
     PublishHashes, Rack, Report,
 };
 
+/// The most lease grant times a download remembers (a member holds a few
+/// leases a blob; entries of leases lost to expiry go oldest first).
+const MAX_LEASE_TIMES: usize = 256;
+
 /// Tunables of a session around its scheduler.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -213,6 +217,15 @@ pub struct Session<A, H = ()> {
     /// Watches open now.
     watching: u32,
     to_publish: Vec<(u32, ChunkHash)>,
+    /// When each chunk leased here was first granted (ms), until it is held.
+    leased_at: Vec<(u32, u64)>,
+    /// Grant-to-verified times of the origin chunks in `to_publish`: sum, count.
+    fetch_ms: (u64, u32),
+    /// Smoothed round trip of lookups and lease requests (µs), once measured.
+    rtt_us: Option<u64>,
+    /// When the lookup and the lease request in flight were sent.
+    lookup_sent: Option<u64>,
+    lease_sent: Option<u64>,
     dirty: bool,
     last_announce: u64,
     /// Publishes and announces in flight (at most one at a time).
@@ -263,6 +276,11 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             watches: Vec::new(),
             watching: 0,
             to_publish: Vec::new(),
+            leased_at: Vec::new(),
+            fetch_ms: (0, 0),
+            rtt_us: None,
+            lookup_sent: None,
+            lease_sent: None,
             dirty: false,
             last_announce: 0,
             in_flight: 0,
@@ -328,6 +346,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         if self.me.is_some() {
             if self.next_probe().is_some_and(|t| now >= t) {
                 self.last_probe = now;
+                self.lookup_sent = Some(now);
                 return Some(Io::Lookup { since: self.cursor });
             }
             if let Some(io) = self.flush(now) {
@@ -352,7 +371,13 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             Action::Lease { from, max } => {
                 let me = self.me.as_ref().expect("leases only in a swarm");
                 match LeaseRequest::new(me.node.clone(), self.blob, self.layout, max.max(1), from) {
-                    Ok(r) => Io::Lease(r),
+                    Ok(r) => {
+                        self.lease_sent = Some(now);
+                        let rtt_ms = self
+                            .rtt_us
+                            .map(|us| u32::try_from(us / 1_000).unwrap_or(u32::MAX));
+                        Io::Lease(r.with_rtt_ms(rtt_ms))
+                    }
                     // Cannot happen for a layout the scheduler accepted;
                     // answered as a refusal all the same.
                     Err(_) => {
@@ -361,7 +386,10 @@ impl<A: Clone, H: HashBook> Session<A, H> {
                     }
                 }
             }
-            Action::Lookup => Io::Lookup { since: self.cursor },
+            Action::Lookup => {
+                self.lookup_sent = Some(now);
+                Io::Lookup { since: self.cursor }
+            }
             Action::Unresponsive { peer } => {
                 let (me, (stalled, _)) = (self.me.as_ref()?, self.peers.get(peer as usize)?);
                 Io::Report(Report::Unresponsive {
@@ -415,20 +443,31 @@ impl<A: Clone, H: HashBook> Session<A, H> {
             .map(|_| self.last_probe + self.cfg.probe_every_ms)
     }
 
+    /// The mean grant-to-verified time of the chunks about to be published.
+    fn take_fetch_ms(&mut self) -> Option<u32> {
+        let (sum, n) = std::mem::take(&mut self.fetch_ms);
+        (n > 0).then(|| u32::try_from(sum / u64::from(n)).unwrap_or(u32::MAX))
+    }
+
     /// Publishes pending chunk hashes, else announces progress (at most one
     /// message in flight; see [`announce_at`](Self::announce_at)).
     fn flush(&mut self, now: u64) -> Option<Io> {
         if self.in_flight > 0 {
             return None;
         }
-        let me = self.me.as_ref()?;
+        self.me.as_ref()?;
         if !self.to_publish.is_empty() {
             let hashes = std::mem::take(&mut self.to_publish);
-            let p = PublishHashes::new(me.node.clone(), self.blob, hashes).ok()?;
+            let fetch_ms = self.take_fetch_ms();
+            let me = self.me.as_ref()?;
+            let p = PublishHashes::new(me.node.clone(), self.blob, hashes)
+                .ok()?
+                .with_fetch_ms(fetch_ms);
             self.in_flight += 1;
             return Some(Io::Publish(p));
         }
         if self.announce_at().is_some_and(|at| now >= at) {
+            let me = self.me.as_ref()?;
             self.dirty = false;
             self.last_announce = now;
             let bh = BlobHave::new(self.blob, self.layout, self.have().clone(), false).ok()?;
@@ -475,6 +514,10 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         now: u64,
         reply: Result<BlobView, TrackerFailure>,
     ) -> Option<Notice> {
+        let sent = self.lookup_sent.take();
+        if !matches!(reply, Err(TrackerFailure::Down | TrackerFailure::Excluded)) {
+            self.round_trip(now, sent);
+        }
         let (view, notice) = match reply {
             Err(why @ (TrackerFailure::Down | TrackerFailure::Excluded)) => {
                 return self.went_down(now, why)
@@ -596,14 +639,42 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         Some(Notice::TrackerBack)
     }
 
+    /// A tracker answer to a request sent at `sent`: one more round trip
+    /// in the smoothed one (a quarter weight).
+    fn round_trip(&mut self, now: u64, sent: Option<u64>) {
+        let Some(sent) = sent else { return };
+        let sample = now.saturating_sub(sent).saturating_mul(1_000);
+        self.rtt_us = Some(match self.rtt_us {
+            None => sample,
+            Some(rtt) => rtt - rtt / 4 + sample / 4,
+        });
+    }
+
     /// A lease request answered (the chunks granted).
     pub fn on_lease(
         &mut self,
         now: u64,
         reply: Result<Vec<u32>, TrackerFailure>,
     ) -> Option<Notice> {
+        let sent = self.lease_sent.take();
+        if !matches!(reply, Err(TrackerFailure::Down | TrackerFailure::Excluded)) {
+            self.round_trip(now, sent);
+        }
         let (event, notice) = match reply {
-            Ok(chunks) => (Event::LeaseGranted(chunks), None),
+            Ok(chunks) => {
+                for &c in &chunks {
+                    if !self.leased_at.iter().any(|&(l, _)| l == c) {
+                        self.leased_at.push((c, now));
+                    }
+                }
+                // Leases lost to expiry leave entries behind until the chunk
+                // comes from elsewhere; a member holds a few leases a blob.
+                if self.leased_at.len() > MAX_LEASE_TIMES {
+                    let excess = self.leased_at.len() - MAX_LEASE_TIMES;
+                    self.leased_at.drain(..excess);
+                }
+                (Event::LeaseGranted(chunks), None)
+            }
             Err(why @ (TrackerFailure::Down | TrackerFailure::Excluded)) => {
                 (Event::LeaseFailed, self.went_down(now, why))
             }
@@ -627,11 +698,21 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         let new = outcome == Outcome::Verified
             && chunk < self.layout.count()
             && !self.sched.have().get(chunk);
+        let leased = if new {
+            let at = self.leased_at.iter().position(|&(l, _)| l == chunk);
+            at.map(|at| self.leased_at.swap_remove(at).1)
+        } else {
+            None
+        };
         if let (Source::Origin, Outcome::Verified, Some(h), Some(_)) =
             (&source, outcome, hash, &self.me)
         {
             if new {
                 self.to_publish.push((chunk, h));
+                if let Some(at) = leased {
+                    self.fetch_ms.0 += now.saturating_sub(at);
+                    self.fetch_ms.1 += 1;
+                }
             }
         }
         if let (Source::Peer(p), Outcome::Bad, Some(me)) = (&source, outcome, &self.me) {
@@ -669,6 +750,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
     /// yet, then an announce of the whole blob (send both, in this order,
     /// whatever else is in flight).
     pub fn finish(&mut self) -> Vec<Io> {
+        let fetch_ms = self.take_fetch_ms();
         let Some(me) = &self.me else {
             return Vec::new();
         };
@@ -676,7 +758,7 @@ impl<A: Clone, H: HashBook> Session<A, H> {
         let hashes = std::mem::take(&mut self.to_publish);
         if !hashes.is_empty() {
             if let Ok(p) = PublishHashes::new(me.node.clone(), self.blob, hashes) {
-                out.push(Io::Publish(p));
+                out.push(Io::Publish(p.with_fetch_ms(fetch_ms)));
             }
         }
         let bh = BlobHave::complete(self.blob, self.layout);
@@ -864,17 +946,24 @@ mod tests {
             panic!("{acts:?}")
         };
         assert_eq!(p.hashes(), &[(0, h)]);
+        assert_eq!(p.fetch_ms(), Some(298), "granted at 2, verified at 300");
         assert_eq!(acts.len(), 1, "one message in flight: {acts:?}");
         s.on_sent();
         let acts = drain(&mut s, 301);
         assert!(matches!(acts.as_slice(), [Io::Announce(a)] if a.blobs()[0].have().count() == 1));
         s.on_sent();
-        // Announces are spaced: the next one waits for the interval.
+        // Announces are spaced: the next one waits for the interval. A
+        // renewal keeps the first grant's time.
+        s.on_lease(301, Ok(vec![1, 2, 3]));
         s.on_chunk(302, Source::Origin, 1, Outcome::Verified, Some(h));
-        let acts = drain(&mut s, 302);
-        assert!(matches!(acts.as_slice(), [Io::Publish(_)]), "{acts:?}");
+        s.on_chunk(304, Source::Origin, 2, Outcome::Verified, Some(h));
+        let acts = drain(&mut s, 304);
+        assert!(
+            matches!(acts.as_slice(), [Io::Publish(p)] if p.fetch_ms() == Some(301)),
+            "{acts:?}"
+        );
         s.on_sent();
-        assert_eq!(drain(&mut s, 303), vec![]);
+        assert_eq!(drain(&mut s, 305), vec![]);
         assert_eq!(s.next_deadline(), Some(501));
         assert!(matches!(drain(&mut s, 501).as_slice(), [Io::Announce(_)]));
     }

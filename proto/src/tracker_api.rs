@@ -983,7 +983,11 @@ impl BlobView {
 // ---------------------------------------------------------------------------
 
 /// "Let me fetch chunks of `blob` that nobody holds from the origin." JSON:
-/// `{"node", "blob", "size", "chunk_size", "max_chunks", "from"}`.
+/// `{"node", "blob", "size", "chunk_size", "max_chunks", "from", "rtt_ms"?}`.
+/// `rtt_ms` (optional; older members send none) is the member's smoothed
+/// round trip to the tracker, its queue included: how long a lease is out
+/// before its chunks can start, and after they are in before the tracker
+/// knows (see [`PublishHashes`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawLeaseRequest")]
 pub struct LeaseRequest {
@@ -993,6 +997,8 @@ pub struct LeaseRequest {
     layout: ChunkLayout,
     max_chunks: u32,
     from: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rtt_ms: Option<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1004,6 +1010,8 @@ struct RawLeaseRequest {
     max_chunks: u32,
     #[serde(default)]
     from: u32,
+    #[serde(default)]
+    rtt_ms: Option<u32>,
 }
 
 impl TryFrom<RawLeaseRequest> for LeaseRequest {
@@ -1011,7 +1019,7 @@ impl TryFrom<RawLeaseRequest> for LeaseRequest {
 
     fn try_from(r: RawLeaseRequest) -> Result<Self, TrackerError> {
         let layout = ChunkLayout::new(r.size, r.chunk_size)?;
-        LeaseRequest::new(r.node, r.blob, layout, r.max_chunks, r.from)
+        Ok(LeaseRequest::new(r.node, r.blob, layout, r.max_chunks, r.from)?.with_rtt_ms(r.rtt_ms))
     }
 }
 
@@ -1038,7 +1046,30 @@ impl LeaseRequest {
             layout,
             max_chunks,
             from,
+            rtt_ms: None,
         })
+    }
+
+    /// The same, saying the member's round trip to the tracker (ms).
+    pub fn with_rtt_ms(mut self, rtt_ms: Option<u32>) -> Self {
+        self.rtt_ms = rtt_ms;
+        self
+    }
+
+    /// The same, its round trip at least `queued_ms`: what a tracker server
+    /// saw the request wait in its queue (before the member can have
+    /// measured it, at a cold start, a burst of requests may queue long).
+    pub fn waited(mut self, queued_ms: u64) -> Self {
+        let queued = u32::try_from(queued_ms).unwrap_or(u32::MAX);
+        if queued > 0 {
+            self.rtt_ms = Some(self.rtt_ms.unwrap_or(0).max(queued));
+        }
+        self
+    }
+
+    /// The member's round trip to the tracker, if said.
+    pub fn rtt_ms(&self) -> Option<u32> {
+        self.rtt_ms
     }
 
     /// The requesting node.
@@ -1082,13 +1113,20 @@ pub struct LeaseGrant {
 // ---------------------------------------------------------------------------
 
 /// "These are the hashes of chunks I fetched from the origin under my lease."
-/// JSON: `{"node", "blob", "hashes": [[index, "hex"], …]}`.
+/// JSON: `{"node", "blob", "hashes": [[index, "hex"], …], "fetch_ms"?}`.
+/// `fetch_ms` (optional; older members send none) is how long, on average,
+/// the chunks took from the lease's grant reaching the member to the chunk
+/// verified: the part of a lease's life spent at the origin. The tracker
+/// compares it with the whole life it saw, grant to publish, to size the
+/// leases out at once (`max_blob_lease_bytes` of the tracker's config).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawPublishHashes")]
 pub struct PublishHashes {
     node: NodeId,
     blob: Digest,
     hashes: Vec<(u32, ChunkHash)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fetch_ms: Option<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1096,13 +1134,15 @@ struct RawPublishHashes {
     node: NodeId,
     blob: Digest,
     hashes: Vec<(u32, ChunkHash)>,
+    #[serde(default)]
+    fetch_ms: Option<u32>,
 }
 
 impl TryFrom<RawPublishHashes> for PublishHashes {
     type Error = TrackerError;
 
     fn try_from(r: RawPublishHashes) -> Result<Self, TrackerError> {
-        PublishHashes::new(r.node, r.blob, r.hashes)
+        Ok(PublishHashes::new(r.node, r.blob, r.hashes)?.with_fetch_ms(r.fetch_ms))
     }
 }
 
@@ -1124,7 +1164,24 @@ impl PublishHashes {
         if let Some(w) = idx.windows(2).find(|w| w[0] == w[1]) {
             return Err(TrackerError::DuplicateChunk(w[0]));
         }
-        Ok(PublishHashes { node, blob, hashes })
+        Ok(PublishHashes {
+            node,
+            blob,
+            hashes,
+            fetch_ms: None,
+        })
+    }
+
+    /// The same, saying how long its chunks took at the origin on average
+    /// (grant received to chunk verified, ms).
+    pub fn with_fetch_ms(mut self, fetch_ms: Option<u32>) -> Self {
+        self.fetch_ms = fetch_ms;
+        self
+    }
+
+    /// How long the chunks took at the origin on average, if said.
+    pub fn fetch_ms(&self) -> Option<u32> {
+        self.fetch_ms
     }
 
     /// The publishing node.
@@ -1520,7 +1577,19 @@ mod tests {
         let r = LeaseRequest::new(node("n1"), d(1), layout, 4, 2).unwrap();
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["from"], json!(2));
+        assert!(
+            v.get("rtt_ms").is_none(),
+            "older trackers see what they know"
+        );
         assert_eq!(serde_json::from_value::<LeaseRequest>(v).unwrap(), r);
+        let timed = r.clone().with_rtt_ms(Some(250));
+        let v = serde_json::to_value(&timed).unwrap();
+        assert_eq!(v["rtt_ms"], json!(250));
+        assert_eq!(serde_json::from_value::<LeaseRequest>(v).unwrap(), timed);
+        assert_eq!(timed.clone().waited(100).rtt_ms(), Some(250));
+        assert_eq!(timed.waited(400).rtt_ms(), Some(400));
+        assert_eq!(r.clone().waited(0).rtt_ms(), None);
+        assert_eq!(r.waited(7).rtt_ms(), Some(7));
         assert_eq!(
             LeaseRequest::new(node("n1"), d(1), layout, 4, 3),
             Err(TrackerError::ChunkOutOfRange { index: 3, count: 3 })
@@ -1539,7 +1608,17 @@ mod tests {
         let p = PublishHashes::new(node("n1"), d(1), vec![(0, h), (2, h)]).unwrap();
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["hashes"][1][0], json!(2));
+        assert!(
+            v.get("fetch_ms").is_none(),
+            "older trackers see what they know"
+        );
         assert_eq!(serde_json::from_value::<PublishHashes>(v).unwrap(), p);
+        let timed = p.clone().with_fetch_ms(Some(12));
+        let v = serde_json::to_value(&timed).unwrap();
+        assert_eq!(v["fetch_ms"], json!(12));
+        assert_eq!(serde_json::from_value::<PublishHashes>(v).unwrap(), timed);
+        let bad = json!({"node": "n1", "blob": d(1), "hashes": [], "fetch_ms": -1});
+        assert!(serde_json::from_value::<PublishHashes>(bad).is_err());
         assert_eq!(
             PublishHashes::new(node("n1"), d(1), vec![(2, h), (0, h), (2, h)]),
             Err(TrackerError::DuplicateChunk(2))

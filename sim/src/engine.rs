@@ -169,6 +169,8 @@ enum Call {
 
 struct Rpc {
     node: u32,
+    /// When it reached the tracker (µs).
+    arrived: u64,
     /// The session that waits for the answer (none: fire and forget).
     layer: Option<u16>,
     call: Call,
@@ -1465,6 +1467,7 @@ impl Sim {
             at,
             Ev::TrackerIn(Box::new(Rpc {
                 node: i,
+                arrived: at,
                 layer,
                 call,
             })),
@@ -1532,7 +1535,7 @@ impl Sim {
             }
             Call::Lease(r) => Answer::Lease(
                 self.tracker
-                    .lease(now, r.clone())
+                    .lease(now, r.clone().waited((self.now - rpc.arrived) / 1_000))
                     .map(|g| g.chunks)
                     .map_err(refusal),
             ),

@@ -116,8 +116,8 @@ struct Cli {
     /// Try another number of chunks in flight from peers per download.
     #[arg(long)]
     max_inflight: Option<u32>,
-    /// Try another most bytes of one blob the tracker leases at once
-    /// (e.g. 16MiB).
+    /// Try another cap on the bytes of one blob at the origin at once than
+    /// the tracker's (16MiB; e.g. 1TiB for every chunk leasable at once).
     #[arg(long, value_parser = size)]
     blob_lease_bytes: Option<u64>,
     /// Try another least time between announces (ms) than the daemon's.

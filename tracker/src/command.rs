@@ -132,6 +132,17 @@ impl Command {
         })
     }
 
+    /// The same, a lease request having waited `queued` for the tracker's
+    /// core (see [`LeaseRequest::waited`]); other commands unchanged.
+    pub fn waited(self, queued: std::time::Duration) -> Command {
+        match self {
+            Command::Lease(r) => {
+                Command::Lease(r.waited(u64::try_from(queued.as_millis()).unwrap_or(u64::MAX)))
+            }
+            other => other,
+        }
+    }
+
     /// Applies the command to `t` at `now_ms`.
     pub fn apply(self, t: &mut Tracker, now_ms: u64) -> Result<Outcome, TrackerError> {
         Ok(match self {

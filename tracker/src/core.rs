@@ -81,25 +81,25 @@ pub struct TrackerConfig {
     pub lease_ttl_ms: u64,
     /// The most chunks of one blob a member may hold leases on. Default 16.
     pub max_lease_chunks: u32,
-    /// The most bytes of one blob leased at once (at least one chunk), all
-    /// members of a rack together (members that name no rack count as one
-    /// rack). Default: no limit. Lessees fetch their chunks from
-    /// the origin, whose link they share: with every chunk leased at once
-    /// (300 members, 5 × 200 MiB, 10 gbit, in the simulator) each came in
-    /// at the origin's rate divided by a thousand, the first after 0.2 s
-    /// and the last at 0.83 s, and members started on their peers 0.35 s
-    /// late; a few leases at a time let the first chunks spread while the
-    /// origin sends the next (16 MiB: 1.29× the bound against 1.79×). But a
-    /// lease is held for two tracker round trips (the grant, then the
-    /// publish that ends it), so the origin gets at most the cap per
-    /// round trip: with 16 MiB a tracker whose queue had grown to 0.7 s
-    /// (10,000 members) let the origin send the image in 11 s instead of
-    /// 0.84 (15× the bound), and 64 MiB in 2.6 s (5.5×, against 2.7× with
-    /// no cap). Until the limit follows the lease's round trip it is off by
-    /// default; `shoal-sim --blob-lease-bytes` shows what it does. Per rack, as
-    /// each rack's chunks come in through its own uplink: one cap for a
-    /// cluster of ten racks, 15:1 oversubscribed, left the origin's flows
-    /// few among the many crossing those uplinks, and slow.
+    /// The bytes of one blob its lessees should have at the origin at once
+    /// (at least one chunk), all members of a rack together (members that
+    /// name no rack count as one rack). Default 16 MiB. Lessees fetch their
+    /// chunks from the origin, whose link they share: with every chunk
+    /// leased at once (300 members, 5 × 200 MiB, 10 gbit, in the simulator)
+    /// each came in at the origin's rate divided by a thousand, the first
+    /// after 0.2 s, and members started on their peers 0.35 s late; a few
+    /// at a time let the first chunks spread while the origin sends the
+    /// next (1.27–1.29× the bound against 1.72–1.76×). A lease is out
+    /// longer than its chunks are at the origin: the grant's way back, the
+    /// publish's way in and its wait in the tracker's queue. So the leases
+    /// out at once are this cap stretched by how much longer, learned per
+    /// blob ([`LeaseRequest`]'s `rtt_ms`, [`PublishHashes`]'s `fetch_ms`, the
+    /// tracker's own queue): with a fixed cap a tracker whose queue had
+    /// grown to 0.7 s (10,000 members) let the origin send the image in 11 s
+    /// instead of 0.84. Per rack, as each rack's chunks come in through its
+    /// own uplink: one cap for a cluster of ten racks, 15:1 oversubscribed,
+    /// left the origin's flows few among the many crossing those uplinks,
+    /// and slow.
     pub max_blob_lease_bytes: u64,
     /// The most holders one lookup returns. Default 32.
     pub max_peers_per_lookup: u32,
@@ -135,7 +135,7 @@ impl Default for TrackerConfig {
             member_ttl_ms: 30_000,
             lease_ttl_ms: 3_000,
             max_lease_chunks: 16,
-            max_blob_lease_bytes: u64::MAX,
+            max_blob_lease_bytes: 16 << 20,
             max_peers_per_lookup: 32,
             announce_interval_ms: 5_000,
             max_members: 20_000,
@@ -669,6 +669,9 @@ impl Tracker {
         let budget = r.max_chunks().min(cap) as usize;
         let expires = now + self.cfg.lease_ttl_ms;
         let b = self.blobs.get_mut(&d).expect("just ensured");
+        if let Some(rtt) = r.rtt_ms() {
+            b.lease_life.sample_rtt(rtt);
+        }
         let from = r.from();
 
         let mine: Vec<u32> = b.by_node.get(&node).map_or(Vec::new(), |s| {
@@ -686,6 +689,7 @@ impl Tracker {
         // said none count as one rack): each rack brings its chunks in
         // through its own uplink.
         let blob_cap = (self.cfg.max_blob_lease_bytes / u64::from(b.layout.chunk_size())).max(1);
+        let blob_cap = b.lease_life.leased_for(blob_cap);
         let blob_room = if blob_cap >= u64::from(b.count()) {
             usize::MAX
         } else {
@@ -703,7 +707,7 @@ impl Tracker {
         let mut chunks = renew;
         chunks.extend(fresh);
         for &i in &chunks {
-            b.grant(i, &node, expires, &mut self.leases);
+            b.grant(i, &node, now, expires, &mut self.leases);
         }
         if !chunks.is_empty() {
             self.members
@@ -725,7 +729,7 @@ impl Tracker {
     /// publisher or the chunk's lessee; a different hash from the lessee is a
     /// conflict and a strike against it.
     pub fn publish_hashes(&mut self, now_ms: u64, p: PublishHashes) -> Result<PublishReply> {
-        self.expire(now_ms);
+        let now = self.expire(now_ms);
         let node = p.node().clone();
         self.check_member(&node)?;
         let d = *p.blob();
@@ -736,6 +740,8 @@ impl Tracker {
             accepted: 0,
             rejected: Vec::new(),
         };
+        // Lives (grant to now) of the publisher's leases this publish ends.
+        let mut lives = (0u64, 0u64);
         for &(i, hash) in p.hashes() {
             // A conflict may have excluded the publisher (and dropped the blob).
             let Some(b) = self.blobs.get_mut(&d) else {
@@ -756,6 +762,10 @@ impl Tracker {
             };
             match outcome {
                 Ok(fresh) => {
+                    if let Some(l) = b.leases.get(&i).filter(|l| l.node == node) {
+                        lives.0 += now.saturating_sub(l.granted);
+                        lives.1 += 1;
+                    }
                     if fresh {
                         b.accept_hash(i, hash, &node, &mut self.leases);
                         self.hashes += 1;
@@ -782,6 +792,11 @@ impl Tracker {
                         self.strike(&node);
                     }
                 }
+            }
+        }
+        if let (Some(fetch), Some(b)) = (p.fetch_ms(), self.blobs.get_mut(&d)) {
+            if let Some(life) = lives.0.checked_div(lives.1) {
+                b.lease_life.sample(life, u64::from(fetch));
             }
         }
         self.settle(&d);

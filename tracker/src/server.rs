@@ -832,7 +832,12 @@ impl Inner {
     /// Applies a command: here, or through the replicas' log.
     async fn execute(&self, cmd: Command) -> Result<(Outcome, u64), Failure> {
         match &self.replica {
-            None => self.call(|t, now| cmd.apply(t, now)),
+            None => {
+                // What a lease request waited for the core counts as its
+                // round trip (the cap on a blob's leases follows it).
+                let asked = std::time::Instant::now();
+                self.call(|t, now| cmd.waited(asked.elapsed()).apply(t, now))
+            }
             Some(r) => r.submit(cmd).await.map_err(|e| match e {
                 ReplicaError::Refused(e) => Failure::from(e),
                 ReplicaError::Unavailable(why) => Failure::new(ErrorCode::Unavailable, why),

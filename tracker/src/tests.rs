@@ -1399,6 +1399,63 @@ fn a_downloading_member_that_promised_its_next_announce_is_forgotten_soon_after_
 }
 
 #[test]
+fn a_blob_leased_out_longer_than_at_the_origin_gets_more_leases() {
+    let (d, l) = (blob(1), layout(40));
+    let mut h = Harness::with(TrackerConfig {
+        max_lease_chunks: 4,
+        max_blob_lease_bytes: 2 * u64::from(MIB),
+        ..TrackerConfig::default()
+    });
+    for n in 0..4 {
+        h.announce(0, n, vec![]).unwrap();
+    }
+    assert_eq!(h.lease(0, 0, d, l, 4, 0).chunks, [0, 1]);
+    assert!(h.lease(0, 1, d, l, 4, 0).chunks.is_empty());
+    // A renewal keeps the grant's time: the leases live 400 ms.
+    assert_eq!(h.lease(300, 0, d, l, 4, 0).chunks, [0, 1]);
+    // Publishes without a fetch time (older members) teach nothing.
+    assert_eq!(h.publish_true(400, 0, d, &[0]).accepted, 1);
+    assert_eq!(h.lease(400, 1, d, l, 4, 0).chunks, [2]);
+    // 300 ms of its 400 at the origin, counted as 50 (a long fetch is the
+    // lessee's as much as the origin's), 100 ms out but not at the origin:
+    // six leases keep two chunks there.
+    let p = PublishHashes::new(id(0), d, vec![(1, truth(&d, 1))])
+        .unwrap()
+        .with_fetch_ms(Some(300));
+    assert_eq!(h.t.publish_hashes(400, p).unwrap().accepted, 1);
+    assert_eq!(h.lease(400, 2, d, l, 4, 0).chunks, [3, 4, 5, 6]);
+    assert_eq!(h.lease(400, 3, d, l, 4, 0).chunks, [7]);
+    assert!(h.lease(400, 0, d, l, 4, 0).chunks.is_empty());
+    // Leases that lived about as long as their fetch (100 ms; a fetch said
+    // to be longer counts as the life) shrink it back, an eighth a publish.
+    for (k, i) in (3..7).enumerate() {
+        let p = PublishHashes::new(id(2), d, vec![(i, truth(&d, i))])
+            .unwrap()
+            .with_fetch_ms(Some(1_000));
+        assert_eq!(h.t.publish_hashes(500 + k as u64, p).unwrap().accepted, 1);
+    }
+    // Smoothed life 277 ms, 218 of them at the origin: 59 ms out on top of
+    // 50, four leases; nodes 1 and 3 hold two.
+    assert_eq!(h.lease(600, 0, d, l, 4, 0).chunks, [8, 9]);
+    assert!(h.lease(600, 2, d, l, 4, 0).chunks.is_empty());
+
+    // Before any publish, the lessees' round trip to the tracker counts:
+    // 150 ms on top of an assumed 50 at the origin, four times the cap.
+    let d2 = blob(2);
+    let ask = |h: &mut Harness, n: usize, rtt: Option<u32>| {
+        let r = LeaseRequest::new(id(n), d2, l, 4, 0)
+            .unwrap()
+            .with_rtt_ms(rtt);
+        h.t.lease(700, r).unwrap().chunks
+    };
+    assert_eq!(ask(&mut h, 0, None), [0, 1]);
+    assert!(ask(&mut h, 1, None).is_empty());
+    assert_eq!(ask(&mut h, 1, Some(150)), [2, 3, 4, 5]);
+    assert_eq!(ask(&mut h, 2, Some(150)), [6, 7]);
+    h.check();
+}
+
+#[test]
 fn a_blob_is_leased_a_few_chunks_at_a_time_per_rack() {
     let (d, l) = (blob(1), layout(40));
     let mut h = Harness::with(TrackerConfig {
