@@ -518,6 +518,8 @@ pub struct Scheduler<P> {
     /// Orders equally rare chunks ([`Scheduler::set_tie_seed`]; by index
     /// without one).
     tie_seed: Option<u64>,
+    /// The session's smoothed round trip to the tracker (ms; 0 unknown).
+    tracker_rtt_ms: u64,
     /// A pass over the peers may find something new: set by every event
     /// that can open a peer, free a request or add a wanted chunk a peer
     /// holds, and cleared by the pass.
@@ -590,6 +592,7 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             hurry: false,
             hurry_again: false,
             tie_seed: None,
+            tracker_rtt_ms: 0,
             pass_due: true,
             reopen_at: u64::MAX,
             stall_due: u64::MAX,
@@ -609,6 +612,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// hash of its name and the blob) rather than by index.
     pub fn set_tie_seed(&mut self, seed: u64) {
         self.tie_seed = Some(seed);
+    }
+
+    /// Tells the scheduler its round trip to the tracker (ms, smoothed).
+    pub fn set_tracker_rtt(&mut self, ms: u64) {
+        self.tracker_rtt_ms = ms;
     }
 
     /// Tells the scheduler how many downloads this node runs now (this one
@@ -824,7 +832,8 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
         // the origin's link idle), doubling while refused up to a lookup
         // interval (most members never get a lease). Asking at once would
         // loop on the tracker: the simulator caught members sending
-        // thousands of lease requests a second that way.
+        // thousands of lease requests a second that way. Not sooner than
+        // the tracker's round trip either (below).
         if fresh > 0 {
             self.lease_refusals = 0;
         } else if !self.renewing {
@@ -833,6 +842,11 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
             let gap = first
                 .saturating_mul(1 << self.lease_refusals.min(16))
                 .min(self.cfg.lookup_interval_ms);
+            // Not sooner than the tracker answers: a refusal is a round
+            // trip old when it comes, and a member asking faster than its
+            // answers come keeps a slow tracker's queue long (10,000
+            // members: 142k lease requests a pull without this, 127k with).
+            let gap = gap.max(self.tracker_rtt_ms);
             self.lease_refusals += 1;
             self.lease_retry_at = now + gap;
         }
@@ -1324,7 +1338,12 @@ impl<P: Ord + Clone + Debug> Scheduler<P> {
     /// Time between lookups: shorter while one soon is worth it.
     fn lookup_gap(&self) -> u64 {
         if self.hurry {
-            self.cfg.hurried_lookup_ms.min(self.cfg.lookup_interval_ms)
+            // Hurried, but not sooner than the tracker answers (up to the
+            // usual interval): at 10,000 members a tracker 0.6 s behind got
+            // a fifth fewer lookups and the pull went from 3.33× the bound
+            // to 2.98×.
+            let hurried = self.cfg.hurried_lookup_ms.min(self.cfg.lookup_interval_ms);
+            hurried.max(self.tracker_rtt_ms.min(self.cfg.lookup_interval_ms))
         } else {
             self.cfg.lookup_interval_ms
         }
@@ -2657,6 +2676,32 @@ mod tests {
         let is_lease = |a: &Action<u32>| matches!(a, Action::Lease { from: 1, .. });
         assert!(!drain(&mut s, at + 50).iter().any(is_lease));
         assert!(drain(&mut s, at + 51).iter().any(is_lease));
+    }
+
+    #[test]
+    fn a_refused_lease_waits_at_least_the_tracker_round_trip() {
+        let mut s = sched(6);
+        s.set_tracker_rtt(700);
+        assert_eq!(drain(&mut s, 0), vec![lease(0)]);
+        s.handle(1, Event::LeaseGranted(vec![]));
+        assert!(!drain(&mut s, 700).contains(&lease(0)));
+        assert!(drain(&mut s, 701).contains(&lease(0)));
+    }
+
+    #[test]
+    fn a_hurried_lookup_waits_at_least_the_tracker_round_trip() {
+        let mut s = sched(6);
+        drain(&mut s, 0);
+        s.handle(1, Event::LeaseGranted(vec![]));
+        s.set_tracker_rtt(300);
+        assert!(!drain(&mut s, 299).contains(&Action::Lookup));
+        assert!(drain(&mut s, 300).contains(&Action::Lookup));
+        // Never longer than the usual interval (counted from the answer).
+        s.handle(301, Event::LookedUp);
+        s.handle(302, Event::LeaseGranted(vec![]));
+        s.set_tracker_rtt(5_000);
+        assert!(!drain(&mut s, 800).contains(&Action::Lookup));
+        assert!(drain(&mut s, 801).contains(&Action::Lookup));
     }
 
     #[test]

@@ -644,10 +644,12 @@ impl<A: Clone, H: HashBook> Session<A, H> {
     fn round_trip(&mut self, now: u64, sent: Option<u64>) {
         let Some(sent) = sent else { return };
         let sample = now.saturating_sub(sent).saturating_mul(1_000);
-        self.rtt_us = Some(match self.rtt_us {
+        let rtt = match self.rtt_us {
             None => sample,
             Some(rtt) => rtt - rtt / 4 + sample / 4,
-        });
+        };
+        self.rtt_us = Some(rtt);
+        self.sched.set_tracker_rtt(rtt / 1_000);
     }
 
     /// A lease request answered (the chunks granted).
@@ -966,6 +968,29 @@ mod tests {
         assert_eq!(drain(&mut s, 305), vec![]);
         assert_eq!(s.next_deadline(), Some(501));
         assert!(matches!(drain(&mut s, 501).as_slice(), [Io::Announce(_)]));
+    }
+
+    #[test]
+    fn lease_requests_say_the_round_trip_to_the_tracker() {
+        let mut s = session();
+        let acts = drain(&mut s, 0);
+        assert!(
+            acts.iter()
+                .any(|io| matches!(io, Io::Lease(r) if r.rtt_ms().is_none())),
+            "nothing measured yet: {acts:?}"
+        );
+        // A lookup answered after 100 ms, a lease refused after 200:
+        // smoothed 125 ms, and the refused lease waits at least that.
+        s.on_lookup(100, Err(TrackerFailure::Refused));
+        s.on_lease(200, Ok(vec![]));
+        let lease = |acts: &[Io]| {
+            acts.iter().find_map(|io| match io {
+                Io::Lease(r) => Some(r.rtt_ms()),
+                _ => None,
+            })
+        };
+        assert_eq!(lease(&drain(&mut s, 324)), None);
+        assert_eq!(lease(&drain(&mut s, 325)), Some(Some(125)));
     }
 
     #[test]
