@@ -291,6 +291,22 @@ fn members_pacing_their_uploads_never_send_faster_and_keep_the_links_bound() {
     );
 }
 
+/// `sc` with the tracker's lease cap (the default) and with every chunk
+/// leasable at once; both sound, the origin sending the image once.
+fn capped_and_all_at_once(sc: Scenario) -> (Report, Report) {
+    let capped = run(sc.clone()).unwrap();
+    let all_at_once = run(Scenario {
+        blob_lease_bytes: Some(u64::MAX),
+        ..sc
+    })
+    .unwrap();
+    for r in [&capped, &all_at_once] {
+        sound(r);
+        assert!(r.egress_ratio < 1.01, "{}", r.table());
+    }
+    (capped, all_at_once)
+}
+
 #[test]
 fn a_tracker_with_a_long_queue_does_not_starve_the_origin() {
     // A lease is out for the tracker's queue on top of its chunks' time at
@@ -311,16 +327,7 @@ fn a_tracker_with_a_long_queue_does_not_starve_the_origin() {
         tracker_serial_us: 2_000,
         ..Scenario::default()
     };
-    let capped = run(sc.clone()).unwrap();
-    let all_at_once = run(Scenario {
-        blob_lease_bytes: Some(u64::MAX),
-        ..sc
-    })
-    .unwrap();
-    for r in [&capped, &all_at_once] {
-        sound(r);
-        assert!(r.egress_ratio < 1.01, "{}", r.table());
-    }
+    let (capped, all_at_once) = capped_and_all_at_once(sc);
     let (a, b) = (capped.origin_done_s, all_at_once.origin_done_s);
     assert!(
         a < b * 2.0,
@@ -344,16 +351,7 @@ fn at_10_gbit_the_origin_leases_a_few_chunks_at_a_time_and_members_start_sooner(
         sharing: Sharing::FairShare,
         ..Scenario::default()
     };
-    let capped = run(sc.clone()).unwrap();
-    let all_at_once = run(Scenario {
-        blob_lease_bytes: Some(u64::MAX),
-        ..sc
-    })
-    .unwrap();
-    for r in [&capped, &all_at_once] {
-        sound(r);
-        assert!(r.egress_ratio < 1.01, "{}", r.table());
-    }
+    let (capped, all_at_once) = capped_and_all_at_once(sc);
     let (a, b) = (
         capped.ratio_to_bound.unwrap(),
         all_at_once.ratio_to_bound.unwrap(),
