@@ -54,22 +54,24 @@ impl LeaseLife {
     pub(crate) fn sample(&mut self, life_ms: u64, fetch_ms: u64) {
         let life = life_ms.saturating_mul(1_000);
         let fetch = fetch_ms.saturating_mul(1_000).min(life);
-        if self.life_us == 0 {
-            (self.life_us, self.fetch_us) = (life, fetch);
-        } else {
-            self.life_us = self.life_us - self.life_us / 8 + life / 8;
-            self.fetch_us = self.fetch_us - self.fetch_us / 8 + fetch / 8;
-        }
+        let first = self.life_us == 0;
+        self.life_us = Self::smooth(self.life_us, life, first);
+        self.fetch_us = Self::smooth(self.fetch_us, fetch, first);
     }
 
     /// One lease request's round trip to the tracker (the member's smoothed).
     pub(crate) fn sample_rtt(&mut self, rtt_ms: u32) {
         let rtt = u64::from(rtt_ms) * 1_000;
-        self.rtt_us = if self.rtt_us == 0 {
-            rtt
+        self.rtt_us = Self::smooth(self.rtt_us, rtt, self.rtt_us == 0);
+    }
+
+    /// `old` moved an eighth of the way to `new`; `new` itself if `first`.
+    fn smooth(old: u64, new: u64, first: bool) -> u64 {
+        if first {
+            new
         } else {
-            self.rtt_us - self.rtt_us / 8 + rtt / 8
-        };
+            old - old / 8 + new / 8
+        }
     }
 
     /// `chunks` at the origin at once take `chunks × (fetch + overhead) ÷
