@@ -186,7 +186,7 @@ impl Swarm {
                 .map_err(|e| anyhow::anyhow!("embedded tracker: {e}"))?
                 .starting_epochs_at(shoal_tracker::clock::epoch_base());
             AnyTracker::Embedded(Embedded::new(
-                Arc::new(std::sync::Mutex::new(core)),
+                Arc::new(std::sync::RwLock::new(core)),
                 Arc::new(MonotonicClock::new()),
             ))
         } else {
@@ -409,7 +409,7 @@ fn heartbeat_period(interval_ms: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
-    use std::sync::Mutex;
+    use std::sync::RwLock;
 
     use shoal_tracker::clock::Clock;
 
@@ -428,7 +428,7 @@ mod tests {
         }
     }
 
-    fn swarm(tracker: Arc<Mutex<Tracker>>, clock: Arc<TestClock>) -> Swarm {
+    fn swarm(tracker: Arc<RwLock<Tracker>>, clock: Arc<TestClock>) -> Swarm {
         let endpoint = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
         Swarm {
             node: "node-1".parse().unwrap(),
@@ -453,10 +453,10 @@ mod tests {
     async fn the_heartbeat_brings_the_clusters_deny_list_to_the_peer_server() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
-        let core = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let denied: std::collections::BTreeSet<NodeId> =
             ["mallory".parse().unwrap()].into_iter().collect();
-        core.lock().unwrap().deny(0, denied).unwrap();
+        core.write().unwrap().deny(0, denied).unwrap();
         let sw = Arc::new(swarm(core, Arc::new(TestClock::default())));
         let beat = tokio::spawn(sw.clone().heartbeat(store, Duration::from_millis(10)));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -481,13 +481,13 @@ mod tests {
             .parse()
             .unwrap();
         store.put_small(&d, Kind::Blob, &data, None).unwrap();
-        let core = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let clock = Arc::new(TestClock::default());
         let sw = swarm(core.clone(), clock.clone());
         let me: NodeId = "node-1".parse().unwrap();
         // Another member looks the blob up.
         let other: NodeId = "node-2".parse().unwrap();
-        let join = |t: &Mutex<Tracker>, rack: Option<Rack>| {
+        let join = |t: &RwLock<Tracker>, rack: Option<Rack>| {
             let a = Announce::new(
                 other.clone(),
                 "127.0.0.1:4902".parse().unwrap(),
@@ -496,12 +496,12 @@ mod tests {
                 false,
             );
             let a = a.unwrap().with_rack(rack);
-            t.lock().unwrap().announce(0, a).unwrap();
+            t.write().unwrap().announce(0, a).unwrap();
         };
         join(&core, None);
 
         assert!(sw.announce_all(&store).await);
-        let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
+        let view = core.write().unwrap().lookup(0, &other, &d).unwrap();
         let holder = &view.holders()[0];
         assert!(holder.complete && holder.node == me, "{view:?}");
         assert!(!holder.near, "no rack said, nobody near");
@@ -518,11 +518,11 @@ mod tests {
         };
         assert!(sw.announce_all(&store).await);
         join(&core, Some(rack));
-        let view = core.lock().unwrap().lookup(0, &other, &d).unwrap();
+        let view = core.write().unwrap().lookup(0, &other, &d).unwrap();
         assert!(view.holders()[0].near, "{view:?}");
 
         // A full announce after the tracker forgot the node restores it.
-        let fresh = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let fresh = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let sw = swarm(fresh.clone(), clock);
         let reply = sw
             .tracker
@@ -534,7 +534,7 @@ mod tests {
         join(&fresh, None);
         assert_eq!(
             fresh
-                .lock()
+                .write()
                 .unwrap()
                 .lookup(0, &other, &d)
                 .unwrap()

@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use shoal_proto::preheat::{JobProgress, JobStatus, JobsReply, PreheatReply, PreheatRequest};
@@ -288,18 +288,18 @@ pub(crate) const POISONED: &str =
 /// simulator. Cheap to clone; clones share the tracker.
 #[derive(Debug, Clone)]
 pub struct Embedded {
-    tracker: Arc<Mutex<Tracker>>,
+    tracker: Arc<RwLock<Tracker>>,
     clock: Arc<dyn Clock>,
 }
 
 impl Embedded {
     /// Wraps a shared tracker read at `clock`'s time.
-    pub fn new(tracker: Arc<Mutex<Tracker>>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(tracker: Arc<RwLock<Tracker>>, clock: Arc<dyn Clock>) -> Self {
         Embedded { tracker, clock }
     }
 
     /// The shared tracker (for stats and tests).
-    pub fn tracker(&self) -> &Arc<Mutex<Tracker>> {
+    pub fn tracker(&self) -> &Arc<RwLock<Tracker>> {
         &self.tracker
     }
 
@@ -308,7 +308,7 @@ impl Embedded {
         &self,
         f: impl FnOnce(&mut Tracker, u64) -> Result<T, TrackerError>,
     ) -> Result<(T, u64), ApiError> {
-        let mut t = self.tracker.lock().map_err(|_| ApiError::poisoned())?;
+        let mut t = self.tracker.write().map_err(|_| ApiError::poisoned())?;
         let now = self.clock.now_ms();
         f(&mut t, now)
             .map(|v| (v, now))
@@ -327,6 +327,17 @@ impl TrackerApi for Embedded {
         blob: &Digest,
         since: Option<HashCursor>,
     ) -> Result<LookupReply, ApiError> {
+        {
+            // Under the shared lock unless something has to expire first,
+            // as the HTTPS server answers lookups.
+            let t = self.tracker.read().map_err(|_| ApiError::poisoned())?;
+            let now = self.clock.now_ms();
+            if !t.expiry_due(now) {
+                return t
+                    .lookup_current(now, node, blob, since)
+                    .map_err(|e| ApiError::refused(&e));
+            }
+        }
         self.with(|t, now| t.lookup_since(now, node, blob, since))
             .map(|(r, _)| r)
     }
@@ -490,7 +501,7 @@ mod tests {
     fn embedded_reports_refusals_and_lease_lifetimes() {
         let clock = Arc::new(ManualClock::new(1_000));
         let t = Tracker::new(TrackerConfig::default()).unwrap();
-        let e = Embedded::new(Arc::new(Mutex::new(t)), clock.clone());
+        let e = Embedded::new(Arc::new(RwLock::new(t)), clock.clone());
         let n: NodeId = "n1".parse().unwrap();
         let d = Digest::of(b"blob");
         let err = poll_ready(Box::pin(e.lookup(&n, &d, None))).unwrap_err();

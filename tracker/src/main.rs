@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use clap::Parser;
@@ -365,7 +365,7 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         let tracker = Tracker::new(TrackerConfig::default())?
             .starting_epochs_at(shoal_tracker::clock::epoch_base());
         Server::new(
-            Arc::new(Mutex::new(tracker)),
+            Arc::new(RwLock::new(tracker)),
             Arc::new(MonotonicClock::new()),
             server_cfg,
         )

@@ -46,7 +46,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -186,7 +186,7 @@ impl Keys {
 /// One tracker replica: its core, shared with the server for lookups, and
 /// its place in the log.
 pub struct Replica {
-    tracker: Arc<Mutex<Tracker>>,
+    tracker: Arc<RwLock<Tracker>>,
     /// The last entry applied; written with the tracker locked.
     applied: Mutex<EntryId>,
     cfg: ReplicaConfig,
@@ -272,7 +272,7 @@ impl Replica {
             ),
         };
         let replica = Arc::new(Replica {
-            tracker: Arc::new(Mutex::new(tracker)),
+            tracker: Arc::new(RwLock::new(tracker)),
             applied: Mutex::new(at),
             me: format!("{}-{}", std::process::id(), crate::clock::epoch_base()),
             cfg,
@@ -295,7 +295,7 @@ impl Replica {
     }
 
     /// The core, as of the last entry applied.
-    pub fn tracker(&self) -> &Arc<Mutex<Tracker>> {
+    pub fn tracker(&self) -> &Arc<RwLock<Tracker>> {
         &self.tracker
     }
 
@@ -423,7 +423,7 @@ impl Replica {
         }
         let mut replies = Vec::new();
         {
-            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = self.tracker.write().unwrap_or_else(|p| p.into_inner());
             let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
             for e in entries {
                 if e.id <= *applied {
@@ -484,7 +484,7 @@ impl Replica {
             return Ok(());
         };
         {
-            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = self.tracker.write().unwrap_or_else(|p| p.into_inner());
             let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
             *t = fresh;
             *applied = at;
@@ -574,7 +574,7 @@ impl Replica {
             return Ok(false);
         }
         let (state, at) = {
-            let t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            let t = self.tracker.read().unwrap_or_else(|p| p.into_inner());
             let at = self.applied();
             if at == EntryId::default() {
                 return Ok(false);

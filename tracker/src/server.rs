@@ -38,7 +38,7 @@ use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -205,7 +205,7 @@ pub struct Server {
 
 #[derive(Debug)]
 struct Inner {
-    tracker: Arc<Mutex<Tracker>>,
+    tracker: Arc<RwLock<Tracker>>,
     clock: Arc<dyn Clock>,
     /// With replicas sharing a log: commands go through it, and time is
     /// the log's.
@@ -219,7 +219,7 @@ struct Inner {
 
 impl Server {
     /// A server for `tracker`, reading time from `clock`.
-    pub fn new(tracker: Arc<Mutex<Tracker>>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Self {
+    pub fn new(tracker: Arc<RwLock<Tracker>>, clock: Arc<dyn Clock>, cfg: ServerConfig) -> Self {
         Server {
             inner: Arc::new(Inner {
                 tracker,
@@ -391,7 +391,7 @@ impl Server {
                 if let Err(e) = r.submit(Command::Expire).await {
                     tracing::debug!(error = %e, "could not log the expiry tick");
                 }
-            } else if let Ok(mut t) = self.inner.tracker.lock() {
+            } else if let Ok(mut t) = self.inner.tracker.write() {
                 t.expire(self.inner.clock.now_ms());
             }
         }
@@ -815,10 +815,31 @@ impl Inner {
     ) -> Result<(T, u64), Failure> {
         let mut t = self
             .tracker
-            .lock()
+            .write()
             .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
         let now = self.now(&t);
         Ok((op(&mut t, now)?, now))
+    }
+
+    /// Runs `op` on the tracker under the shared lock (many at once, on
+    /// every core) unless time passing has something to expire first: then
+    /// `write`, under the exclusive one.
+    fn read_or_write<T>(
+        &self,
+        op: impl FnOnce(&Tracker, u64) -> Result<T, TrackerError>,
+        write: impl FnOnce(&mut Tracker, u64) -> Result<T, TrackerError>,
+    ) -> Result<(T, u64), Failure> {
+        {
+            let t = self
+                .tracker
+                .read()
+                .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
+            let now = self.now(&t);
+            if !t.expiry_due(now) {
+                return Ok((op(&t, now)?, now));
+            }
+        }
+        self.call(write)
     }
 
     /// The tracker time for a reply made from `t`'s state.
@@ -921,7 +942,7 @@ impl Inner {
         {
             let t = self
                 .tracker
-                .lock()
+                .read()
                 .map_err(|_| Failure::new(ErrorCode::Internal, POISONED))?;
             if t.denied().contains(node) {
                 return Err(TrackerError::Denied(node.clone()).into());
@@ -1020,7 +1041,10 @@ impl Inner {
             })
             .transpose()?;
         peer.check(&node)?;
-        let (reply, now) = self.call(|t, now| t.lookup_since(now, &node, &blob, since))?;
+        let (reply, now) = self.read_or_write(
+            |t, now| t.lookup_current(now, &node, &blob, since),
+            |t, now| t.lookup_since(now, &node, &blob, since),
+        )?;
         Ok(Self::reply(&reply, now))
     }
 
@@ -1182,7 +1206,7 @@ impl Inner {
         }
         let state = self
             .tracker
-            .lock()
+            .read()
             .ok()
             .map(|t| (t.stats(), t.config().clone(), self.now(&t)));
         match req.uri().path() {
@@ -1224,7 +1248,7 @@ impl Inner {
                 ),
             },
             "/" => {
-                let data = self.tracker.lock().ok().map(|t| crate::page::PageData {
+                let data = self.tracker.read().ok().map(|t| crate::page::PageData {
                     uptime_s: self.started.elapsed().as_secs(),
                     mode: match &self.replica {
                         None => "one tracker, state in memory".into(),

@@ -373,6 +373,53 @@ fn conflicting_hashes_are_refused_and_struck() {
 }
 
 #[test]
+fn a_lookup_under_the_shared_lock_answers_as_the_exclusive_one_until_something_runs_out() {
+    let (d, l) = (blob(1), layout(8));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![partial(d, l, [0, 1])]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    let g = h.lease(0, 1, d, l, 2, 2);
+    assert_eq!(g.chunks, [2, 3]);
+    for now in [1, g.expires_ms - 1] {
+        assert!(!h.t.expiry_due(now), "nothing has run out at {now}");
+        let shared = h.t.lookup_current(now, &id(1), &d, None).unwrap();
+        assert_eq!(shared, h.t.lookup_since(now, &id(1), &d, None).unwrap());
+        assert!(shared.leased().get(2));
+    }
+    // The lease runs out: the shared answer would still show it, so the
+    // server takes the exclusive lock and expires it first.
+    let end = g.expires_ms;
+    assert!(h.t.expiry_due(end));
+    assert!(h
+        .t
+        .lookup_current(end, &id(1), &d, None)
+        .unwrap()
+        .leased()
+        .get(2));
+    assert!(!h
+        .t
+        .lookup_since(end, &id(1), &d, None)
+        .unwrap()
+        .leased()
+        .get(2));
+    assert!(!h.t.expiry_due(end));
+    // A member silent past its time is due too.
+    let ttl = TrackerConfig::default().member_ttl_ms;
+    h.announce(ttl, 1, vec![]).unwrap();
+    assert!(!h.t.expiry_due(ttl));
+    assert!(h.t.expiry_due(ttl + 1), "member 0 fell silent at 0");
+    let stale = h.t.lookup_current(ttl + 1, &id(1), &d, None).unwrap();
+    assert_eq!(stale.holders()[0].node, id(0));
+    assert_eq!(
+        h.t.lookup_since(ttl + 1, &id(1), &d, None),
+        Err(TrackerError::UnknownBlob(d)),
+        "the blob left with its only holder"
+    );
+    assert!(!h.t.expiry_due(ttl + 1));
+    h.check();
+}
+
+#[test]
 fn member_expiry_removes_holdings_and_leases() {
     let (d, l) = (blob(1), layout(8));
     let mut h = Harness::new();
@@ -509,6 +556,15 @@ fn announce_replies_name_the_next_members_dht_addresses() {
     assert_eq!(got[0], dht(4));
     assert!(!got.contains(&dht(3)), "its own address");
     assert!(!got.contains(&dht(2)), "a member without a DHT");
+    // n4 stops running its DHT: no longer named; a restored snapshot names
+    // the same members.
+    announce(&mut h, 4, false);
+    let got = announce(&mut h, 3, true);
+    assert_eq!(got[0], dht(5));
+    assert!(!got.contains(&dht(4)));
+    let restored = Tracker::restore(TrackerConfig::default(), &h.t.snapshot()).unwrap();
+    h.t = restored;
+    assert_eq!(announce(&mut h, 3, true), got);
     h.check();
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use common::{bounded, dead_port, http_get, raw_client, send, Cluster, Running};
@@ -237,7 +237,7 @@ async fn a_member_cannot_speak_for_another_node() {
         );
         assert_eq!(code, ErrorCode::NodeMismatch);
         // Nothing reached the core: node-2 is the only member.
-        assert_eq!(t.tracker.lock().unwrap().stats().members, 1);
+        assert_eq!(t.tracker.read().unwrap().stats().members, 1);
     })
     .await;
 }
@@ -471,7 +471,7 @@ async fn script<T: TrackerApi>(n1: &T, n2: &T, clock: &ManualClock) -> Vec<Strin
 async fn embedded_and_https_give_identical_replies() {
     bounded(async {
         let clock = Arc::new(ManualClock::new(0));
-        let tracker = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let tracker = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let e = Embedded::new(tracker, clock.clone());
         let embedded = script(&e, &e, &clock).await;
 

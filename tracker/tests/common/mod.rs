@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,7 +79,7 @@ pub struct Running {
     pub ops: SocketAddr,
     pub url: String,
     pub clock: Arc<ManualClock>,
-    pub tracker: Arc<Mutex<Tracker>>,
+    pub tracker: Arc<RwLock<Tracker>>,
     pub server: Server,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<()>>,
@@ -93,7 +93,7 @@ impl Running {
     pub async fn start_with(cluster: &Cluster, cfg: ServerConfig) -> Running {
         let tls = server::tls_config(&cluster.identity("127.0.0.1")).unwrap();
         let clock = Arc::new(ManualClock::new(0));
-        let tracker = Arc::new(Mutex::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let tracker = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let srv = Server::new(tracker.clone(), clock.clone(), cfg);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
