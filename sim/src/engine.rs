@@ -75,6 +75,9 @@ fn fingerprint(h: &ChunkHash) -> u64 {
 
 type Sess = Session<u32, Known>;
 
+/// The width of the delivered-bytes timeline's slots (µs).
+const TIMELINE_US: u64 = 25_000;
+
 enum LayerState {
     Waiting,
     Active(Box<Sess>),
@@ -174,6 +177,8 @@ struct Rpc {
     /// The session that waits for the answer (none: fire and forget).
     layer: Option<u16>,
     call: Call,
+    /// A lookup served under the shared lock (nothing to expire first).
+    shared: bool,
 }
 
 enum Answer {
@@ -296,8 +301,11 @@ pub struct Sim {
     tracker: Tracker,
     /// When each tracker core is free again.
     tracker_free_at: Vec<u64>,
-    /// When the tracker core's lock is free again.
+    /// When the tracker core's lock is free again of the requests that
+    /// hold it alone.
     tracker_lock_free_at: u64,
+    /// When the lookups holding the lock shared are done with it.
+    tracker_readers_until: u64,
     announce_every_us: u64,
     blobs: Vec<(Digest, ChunkLayout)>,
     /// When the pull starts (µs); reported times count from here.
@@ -317,6 +325,10 @@ pub struct Sim {
     wakes: Timers,
     /// Print progress to stderr every two million events.
     pub progress: bool,
+    /// Bytes delivered to members in each [`TIMELINE_US`] of the pull,
+    /// from peers and from the origin (`SHOAL_SIM_TIMELINE=1` prints them
+    /// as shares of the members' downlinks: where a pull loses time).
+    delivered: Vec<(f64, f64)>,
 }
 
 fn node_name(i: u32) -> String {
@@ -493,12 +505,14 @@ impl Sim {
             tracker,
             tracker_free_at: vec![0; tracker_cores],
             tracker_lock_free_at: 0,
+            tracker_readers_until: 0,
             announce_every_us,
             blobs,
             t0,
             origin_bytes: 0.0,
             origin_done: 0,
             counters: Counters::default(),
+            delivered: Vec::new(),
             trace: std::env::var("SHOAL_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -1454,6 +1468,15 @@ impl Sim {
         } else if sent != truth {
             self.counters.corrupt_stored += 1;
         }
+        let slot = (self.now.saturating_sub(self.t0) / TIMELINE_US) as usize;
+        if self.delivered.len() <= slot {
+            self.delivered.resize(slot + 1, (0.0, 0.0));
+        }
+        let bytes = f64::from(self.blobs[l as usize].1.chunk_len(chunk).unwrap_or(0));
+        match source {
+            Source::Origin => self.delivered[slot].1 += bytes,
+            Source::Peer(_) => self.delivered[slot].0 += bytes,
+        }
         let s = self.session(to, l).expect("just found");
         if s.on_chunk(now, source, chunk, outcome, hash) {
             self.watch_stored(to, l);
@@ -1470,6 +1493,7 @@ impl Sim {
                 arrived: at,
                 layer,
                 call,
+                shared: false,
             })),
         );
     }
@@ -1502,10 +1526,26 @@ impl Sim {
             .expect("at least one core");
         let start = self.tracker_free_at[core].max(self.now);
         // Outside the lock first (TLS, HTTP, parsing), then the core's work
-        // under it; the core waits for the lock (a blocking mutex).
+        // under it; the core waits for the lock (a blocking, writer-preferring
+        // read-write lock: a lookup waits for the writers queued before it,
+        // a writer for them and for the lookups holding it).
         let serial = self.sc.tracker_serial_us.min(self.sc.tracker_us);
-        let locked = (start + self.sc.tracker_us - serial).max(self.tracker_lock_free_at);
-        self.tracker_lock_free_at = locked + serial;
+        let ready = start + self.sc.tracker_us - serial;
+        let mut rpc = rpc;
+        rpc.shared = self.sc.shared_lookups
+            && matches!(rpc.call, Call::Lookup(_))
+            && !self.tracker.expiry_due(self.ms());
+        let locked = if rpc.shared {
+            let locked = ready.max(self.tracker_lock_free_at);
+            self.tracker_readers_until = self.tracker_readers_until.max(locked + serial);
+            locked
+        } else {
+            let locked = ready
+                .max(self.tracker_lock_free_at)
+                .max(self.tracker_readers_until);
+            self.tracker_lock_free_at = locked + serial;
+            locked
+        };
         let done = locked + serial;
         self.counters.tracker_max_wait_us = self
             .counters
@@ -1530,7 +1570,11 @@ impl Sim {
         let answer = match &rpc.call {
             Call::Lookup(since) => {
                 let (blob, _) = self.blobs[rpc.layer.unwrap_or(0) as usize];
-                let r = self.tracker.lookup_since(now, &node, &blob, *since);
+                let r = if rpc.shared {
+                    self.tracker.lookup_current(now, &node, &blob, *since)
+                } else {
+                    self.tracker.lookup_since(now, &node, &blob, *since)
+                };
                 Answer::Lookup(r.map_err(refusal))
             }
             Call::Lease(r) => Answer::Lease(
@@ -1589,6 +1633,20 @@ impl Sim {
     }
 
     fn report(self, finished: bool) -> RunReport {
+        if std::env::var_os("SHOAL_SIM_TIMELINE").is_some() {
+            let slot_s = TIMELINE_US as f64 / 1e6;
+            let downlinks: f64 = self.nodes.iter().map(|n| n.rate).sum::<f64>() * slot_s;
+            eprintln!("t_s\tfrom_peers\tfrom_origin\tdownlinks_used");
+            for (i, (peers, origin)) in self.delivered.iter().enumerate() {
+                eprintln!(
+                    "{:.3}\t{:.3}\t{:.3}\t{:.3}",
+                    i as f64 * slot_s,
+                    peers / downlinks,
+                    origin / downlinks,
+                    (peers + origin) / downlinks
+                );
+            }
+        }
         let nodes = self
             .nodes
             .iter()

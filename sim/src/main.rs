@@ -69,6 +69,10 @@ struct Cli {
     /// Tracker cores serving requests at once.
     #[arg(long)]
     tracker_cores: Option<u32>,
+    /// Lookups hold the tracker core's lock shared (`true`, as the server's
+    /// read lock does) or alone, like every other request (`false`).
+    #[arg(long)]
+    shared_lookups: Option<bool>,
     /// Of --tracker-us, microseconds under the core's lock (serial across
     /// cores).
     #[arg(long)]
@@ -97,8 +101,8 @@ struct Cli {
     /// Members say their rack to the tracker (`true`, the default) or not.
     #[arg(long)]
     rack_labels: Option<bool>,
-    /// Bandwidth sharing: `auto` (max-min up to 300 members, fair share
-    /// above), `fair-share` or `max-min`.
+    /// Bandwidth sharing: `auto` (max-min up to 300 members, water-fill up
+    /// to 3,000, fair share above), `fair-share`, `water-fill` or `max-min`.
     #[arg(long)]
     sharing: Option<String>,
     /// Seed of every random choice.
@@ -220,6 +224,7 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(upload_slots);
     set!(upload_queue);
     set!(busy_hint);
+    set!(shared_lookups);
     set!(tracker_serial_us);
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;
@@ -253,8 +258,11 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
         sc.sharing = match s.as_str() {
             "auto" => Sharing::Auto,
             "fair-share" => Sharing::FairShare,
+            "water-fill" => Sharing::WaterFill,
             "max-min" => Sharing::MaxMin,
-            other => anyhow::bail!("--sharing {other:?}: expected auto, fair-share or max-min"),
+            other => anyhow::bail!(
+                "--sharing {other:?}: expected auto, fair-share, water-fill or max-min"
+            ),
         };
     }
     sc.validate()?;

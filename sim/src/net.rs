@@ -22,6 +22,10 @@ struct Link {
     flows: Vec<FlowId>,
     /// Flows on it when its flows were last re-rated together.
     rated: usize,
+    /// What a flow not limited elsewhere got when it was last filled
+    /// ([`Sharing::WaterFill`]; its capacity when every flow was limited
+    /// elsewhere).
+    level: f64,
 }
 
 /// A link with more flows than this re-rates them all only once their
@@ -33,12 +37,18 @@ struct Link {
 const BIG_LINK: usize = 64;
 /// See [`BIG_LINK`].
 const DRIFT: f64 = 0.02;
+/// A link's water level that moved by more than this fraction refills the
+/// links its flows share ([`Sharing::WaterFill`]).
+const LEVEL_MOVE: f64 = 0.01;
 
 /// A flow and what the simulator keeps with it.
 #[derive(Debug)]
 pub struct Flow<T> {
     links: [LinkId; 4],
     nlinks: u8,
+    /// What each of its links gave it when that link was last filled
+    /// ([`Sharing::WaterFill`]): its rate is the least of them.
+    alloc: [f64; 4],
     /// Bytes per microsecond.
     pub rate: f64,
     /// Bytes sent up to `at`.
@@ -99,6 +109,7 @@ impl<T> FlowNet<T> {
             cap: bytes_per_s / 1e6,
             flows: Vec::new(),
             rated: 0,
+            level: bytes_per_s / 1e6,
         });
         (self.links.len() - 1) as LinkId
     }
@@ -138,6 +149,7 @@ impl<T> FlowNet<T> {
         let mut flow = Flow {
             links: l,
             nlinks: links.len() as u8,
+            alloc: [f64::INFINITY; 4],
             rate: 0.0,
             done: 0.0,
             at: now,
@@ -242,8 +254,136 @@ impl<T> FlowNet<T> {
                 });
                 touched
             }
+            Sharing::WaterFill => {
+                let mut touched: Vec<FlowId> = Vec::new();
+                let mut moved: Vec<LinkId> = Vec::new();
+                for &l in links {
+                    let link = &mut self.links[l as usize];
+                    let n = link.flows.len();
+                    let drift = (n as f64 - link.rated as f64).abs();
+                    if n <= BIG_LINK || drift > DRIFT * link.rated as f64 {
+                        link.rated = n;
+                        let before = link.level;
+                        self.fill(l, &mut touched);
+                        let after = self.links[l as usize].level;
+                        if (after - before).abs() > LEVEL_MOVE * before.max(after) {
+                            moved.push(l);
+                        }
+                    }
+                }
+                // Where a link's level moved, the other links of its flows
+                // are filled again, once: what it now gives or leaves
+                // reaches the links it shares flows with.
+                let mut next: Vec<LinkId> = Vec::new();
+                for &l in &moved {
+                    for &id in &self.links[l as usize].flows {
+                        let f = self.get(id).expect("live flow");
+                        for &k in f.links() {
+                            if !links.contains(&k) && self.links[k as usize].flows.len() <= BIG_LINK
+                            {
+                                next.push(k);
+                            }
+                        }
+                    }
+                }
+                next.sort_unstable();
+                next.dedup();
+                for k in next {
+                    self.fill(k, &mut touched);
+                }
+                if let Some(newest) = new_flow {
+                    // A big link not filled again gives a newcomer its level,
+                    // at most an equal share.
+                    let f = self.flows[newest as usize].as_mut().expect("live flow");
+                    for (i, &l) in f.links[..f.nlinks as usize].iter().enumerate() {
+                        if f.alloc[i].is_infinite() {
+                            let link = &self.links[l as usize];
+                            f.alloc[i] = link.level.min(link.cap / link.flows.len() as f64);
+                        }
+                    }
+                    touched.push(newest);
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                touched.retain(|&id| {
+                    let f = self.get(id).expect("live flow");
+                    let rate = f.alloc[..f.nlinks as usize]
+                        .iter()
+                        .copied()
+                        .fold(f64::INFINITY, f64::min);
+                    let before = f.rate;
+                    self.set_rate(id, now, rate);
+                    self.get(id).expect("live flow").rate != before
+                });
+                touched
+            }
             Sharing::MaxMin => self.max_min(now),
         }
+    }
+
+    /// Water-fills link `l`: each flow on it can use at most the level of
+    /// its tightest other link; the capacity those flows leave is shared
+    /// equally by the rest. A flow's rate is the least any of its links
+    /// gave it, so no link carries more than its capacity (as with the
+    /// equal share), but the share a flow limited elsewhere cannot use goes
+    /// to the others, as with max-min. The other links are not filled again
+    /// in turn: what they gave stays until their own flows change.
+    /// Flows whose allocation changed are added to `changed`.
+    fn fill(&mut self, l: LinkId, changed: &mut Vec<FlowId>) {
+        let link = &self.links[l as usize];
+        let mut wants: Vec<(f64, FlowId, usize)> = link
+            .flows
+            .iter()
+            .map(|&id| {
+                let f = self.flows[id as usize].as_ref().expect("live flow");
+                let mut elsewhere = f64::INFINITY;
+                let mut slot = 0;
+                for (i, &k) in f.links[..f.nlinks as usize].iter().enumerate() {
+                    if k == l {
+                        slot = i;
+                    } else {
+                        elsewhere = elsewhere.min(self.links[k as usize].level);
+                    }
+                }
+                (elsewhere, id, slot)
+            })
+            .collect();
+        let (mut left, mut open) = (link.cap, wants.len());
+        let mut level = f64::INFINITY;
+        let equal = link.cap / wants.len().max(1) as f64;
+        if wants.iter().all(|w| w.0 >= equal) {
+            // Nobody is held below the equal share elsewhere: no sort.
+            level = equal;
+        } else {
+            wants.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+            for &(want, ..) in &wants {
+                if want * open as f64 <= left {
+                    left -= want;
+                    open -= 1;
+                } else {
+                    level = left / open as f64;
+                    break;
+                }
+            }
+        }
+        // Every flow limited elsewhere: what they leave is split among them
+        // as room to grow, so a link with capacity to spare never holds a
+        // flow to what its other links gave it when this one was filled.
+        let room = if level.is_finite() {
+            0.0
+        } else {
+            left / wants.len().max(1) as f64
+        };
+        for &(want, id, slot) in &wants {
+            let f = self.flows[id as usize].as_mut().expect("live flow");
+            let give = want.min(level) + room;
+            if f.alloc[slot] != give {
+                f.alloc[slot] = give;
+                changed.push(id);
+            }
+        }
+        let link = &mut self.links[l as usize];
+        link.level = if level.is_finite() { level } else { link.cap };
     }
 
     fn fair_share(&self, id: FlowId) -> f64 {
@@ -344,8 +484,13 @@ mod tests {
     #[test]
     fn max_min_hands_unused_share_to_the_others() {
         // Two flows share a 10 MB/s uplink; one is limited to 2 MB/s by its
-        // downlink, so max-min gives the other 8 — the fair share gives 5.
-        for (sharing, other) in [(Sharing::MaxMin, 8.0), (Sharing::FairShare, 5.0)] {
+        // downlink, so max-min gives the other 8 — the fair share gives 5,
+        // water-filling 8 too.
+        for (sharing, other) in [
+            (Sharing::MaxMin, 8.0),
+            (Sharing::FairShare, 5.0),
+            (Sharing::WaterFill, 8.0),
+        ] {
             let mut n = FlowNet::new(sharing);
             let up = n.add_link(10.0 * MB);
             let slow = n.add_link(2.0 * MB);
@@ -354,6 +499,67 @@ mod tests {
             let (b, _) = n.start(0, &[up, fast], ());
             assert_eq!(n.get(a).unwrap().rate, 2.0);
             assert_eq!(n.get(b).unwrap().rate, other, "{sharing:?}");
+        }
+    }
+
+    #[test]
+    fn water_filling_hands_on_what_a_flow_leaves_and_takes_it_back() {
+        let mut n = FlowNet::new(Sharing::WaterFill);
+        let up = n.add_link(10.0 * MB);
+        let slow = n.add_link(2.0 * MB);
+        let (fast1, fast2) = (n.add_link(100.0 * MB), n.add_link(100.0 * MB));
+        let (a, _) = n.start(0, &[up, slow], ());
+        let (b, _) = n.start(0, &[up, fast1], ());
+        assert_eq!((n.get(a).unwrap().rate, n.get(b).unwrap().rate), (2.0, 8.0));
+        // A second flow on the slow downlink: `a` drops to 1, and the
+        // uplink's level moves, so `b` and the newcomer on it share the 9
+        // left (a flow on `fast2` only).
+        let (c, _) = n.start(1, &[slow], ());
+        assert_eq!(n.get(a).unwrap().rate, 1.0);
+        assert_eq!(n.get(c).unwrap().rate, 1.0);
+        assert_eq!(n.get(b).unwrap().rate, 9.0);
+        let (d, _) = n.start(2, &[up, fast2], ());
+        assert_eq!(n.get(b).unwrap().rate, 4.5);
+        assert_eq!(n.get(d).unwrap().rate, 4.5);
+        n.stop(3, c);
+        // `a` may have 2 again on its downlink; the uplink gives it its
+        // share once the uplink is filled again (its level moved).
+        let sum: f64 = [a, b, d].iter().map(|&f| n.get(f).unwrap().rate).sum();
+        assert!(sum <= 10.0 + 1e-9, "the uplink carries {sum}");
+        assert_eq!(n.get(a).unwrap().rate, 2.0);
+    }
+
+    #[test]
+    fn water_filling_never_fills_a_link_past_its_capacity() {
+        let mut rng = crate::rng::Rng::new(7);
+        let mut n = FlowNet::new(Sharing::WaterFill);
+        let caps: Vec<f64> = (0..12).map(|i| f64::from(1 + i % 5) * MB).collect();
+        let links: Vec<LinkId> = caps.iter().map(|&c| n.add_link(c)).collect();
+        let mut live: Vec<FlowId> = Vec::new();
+        // At most 60 flows, so no link has more than `BIG_LINK` (a big
+        // link's newcomers get its level without a fill, within `DRIFT`).
+        for step in 0..2_000u64 {
+            if live.len() >= 60 || (live.len() > 3 && rng.below(3) == 0) {
+                let f = live.swap_remove(rng.below(live.len() as u64) as usize);
+                n.stop(step, f);
+            } else {
+                let a = links[rng.below(6) as usize];
+                let b = links[6 + rng.below(6) as usize];
+                live.push(n.start(step, &[a, b], ()).0);
+            }
+            for (l, &cap) in caps.iter().enumerate() {
+                let carried: f64 = live
+                    .iter()
+                    .map(|&f| n.get(f).unwrap())
+                    .filter(|f| f.links().contains(&(l as LinkId)))
+                    .map(|f| f.rate)
+                    .sum();
+                assert!(
+                    carried <= cap / 1e6 * (1.0 + 1e-9),
+                    "step {step}: link {l} carries {carried}"
+                );
+            }
+            assert!(live.iter().all(|&f| n.get(f).unwrap().rate > 0.0));
         }
     }
 }

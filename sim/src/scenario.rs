@@ -10,7 +10,8 @@ use shoal_proto::units::{parse_rate, parse_size};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Sharing {
-    /// Max-min up to [`MAX_MIN_NODES`] members, fair share above.
+    /// Max-min up to [`MAX_MIN_NODES`] members, water-filling up to
+    /// [`WATER_FILL_NODES`], fair share above.
     Auto,
     /// Each flow gets the smallest of its links' equal shares
     /// (`capacity / flows on it`), updated only for the links whose flow
@@ -18,6 +19,13 @@ pub enum Sharing {
     /// link carries (capacity a flow bottlenecked elsewhere leaves unused is
     /// not handed to the others).
     FairShare,
+    /// Each link, when its flows change, shares its capacity by water-filling:
+    /// a flow gets at most what its other links last gave it, and what such
+    /// flows leave is shared equally by the others. Never above what a link
+    /// carries (like the fair share) but it hands on the share a flow
+    /// limited elsewhere leaves unused, as max-min does; it costs a sort of
+    /// the changed links' flows, so it runs at 10,000 members.
+    WaterFill,
     /// Exact max-min fairness (progressive filling over every link at every
     /// change): the reference the fair share is checked against, for
     /// clusters of a few hundred nodes. It matched the shaped lab at 8
@@ -29,6 +37,10 @@ pub enum Sharing {
 
 /// The largest swarm [`Sharing::Auto`] simulates with exact max-min.
 pub const MAX_MIN_NODES: u32 = 300;
+/// The largest swarm [`Sharing::Auto`] simulates with water-filling (it
+/// costs 1.6–2× the fair share's time: 10,000 members would take longer
+/// than ten minutes).
+pub const WATER_FILL_NODES: u32 = 3_000;
 
 /// When the members start pulling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -95,6 +107,10 @@ pub struct Scenario {
     /// Of `tracker_us`, the part spent holding the core's lock, one request
     /// at a time (the core's own work; its JSON, HTTP/2 and TLS run outside).
     pub tracker_serial_us: u64,
+    /// Lookups hold the core's lock shared, many at once, as the tracker
+    /// server's read lock does (unless something has to expire first);
+    /// `false`: every request holds it alone, as before.
+    pub shared_lookups: bool,
     /// Upload slots per member (requests served at once; more get `Busy`).
     pub upload_slots: u32,
     /// Requests a member holds while its upload slots are all taken (more
@@ -165,6 +181,7 @@ impl Default for Scenario {
             tracker_us: 40,
             tracker_cores: 1,
             tracker_serial_us: 5,
+            shared_lookups: true,
             upload_slots: 16,
             upload_queue: 4,
             busy_hint: true,
@@ -287,6 +304,7 @@ impl Scenario {
     pub fn sharing(&self) -> Sharing {
         match self.sharing {
             Sharing::Auto if self.nodes <= MAX_MIN_NODES => Sharing::MaxMin,
+            Sharing::Auto if self.nodes <= WATER_FILL_NODES => Sharing::WaterFill,
             Sharing::Auto => Sharing::FairShare,
             other => other,
         }
