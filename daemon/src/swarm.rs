@@ -43,6 +43,8 @@ pub struct Swarm {
     /// The cluster's deny list, from the tracker's announce replies; the
     /// peer server refuses whom it names.
     pub denied: Arc<DenyList>,
+    /// The transfers' announces: one on its way, the rest merged.
+    pub announcer: std::sync::Mutex<shoal_proto::announcer::Announcer>,
 }
 
 /// The validity (Unix seconds) of the node certificate in `dir`, if any.
@@ -148,6 +150,39 @@ async fn renew_once(
 }
 
 impl Swarm {
+    /// Sends a transfer's announce through the node's announcer: when
+    /// another is on its way it waits, merged with what the other transfers
+    /// announce meanwhile, and goes when that one is answered (a node
+    /// pulling five layers sends one announce where it sent five).
+    pub fn announce_merged(self: &Arc<Self>, a: shoal_proto::tracker_api::Announce) {
+        let first = self
+            .announcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .submit(a);
+        let Some(mut a) = first else {
+            return;
+        };
+        let sw = self.clone();
+        let task = async move {
+            loop {
+                if let Err(e) = sw.tracker.announce(a).await {
+                    tracing::debug!(error = %e, "announce failed");
+                }
+                let next = sw
+                    .announcer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .answered();
+                match next {
+                    Some(n) => a = n,
+                    None => break,
+                }
+            }
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(task));
+    }
+
     /// Loads the cluster identity, binds the QUIC endpoint, starts serving
     /// `source` to members, and connects to the tracker.
     /// With a DHT configured, it starts too (its peer list kept in
@@ -236,6 +271,7 @@ impl Swarm {
             chunk_size: cfg.chunk_size,
             rack: cfg.rack.clone(),
             denied,
+            announcer: Default::default(),
         });
         if cfg.join.is_some() {
             tokio::spawn(renew_forever(cfg.clone(), renew_endpoint, swarm.clone()));
@@ -438,6 +474,7 @@ mod tests {
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
             rack: None,
             denied: Arc::default(),
+            announcer: Default::default(),
         }
     }
 

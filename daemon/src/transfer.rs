@@ -841,12 +841,10 @@ impl Net {
                 });
             }
             Io::Announce(a) => {
-                spawn_here(async move {
-                    if let Err(e) = sw.tracker.announce(a).await {
-                        tracing::debug!(error = %e, "announce failed");
-                    }
-                    let _ = ev.send(Ev::Sent);
-                });
+                // The node's announcer sends it (merged with the other
+                // transfers' if one is on its way): this transfer goes on.
+                sw.announce_merged(a);
+                let _ = ev.send(Ev::Sent);
             }
             Io::Report(r) => {
                 spawn_here(async move {

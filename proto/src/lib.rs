@@ -4,6 +4,7 @@
 //! tests and (later) the simulator all use the very same code. See
 //! `docs/ARCHITECTURE.md` for how the crates fit together.
 
+pub mod announcer;
 pub mod chunk;
 pub mod digest;
 pub mod error;

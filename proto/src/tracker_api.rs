@@ -723,6 +723,49 @@ impl Announce {
     }
 }
 
+impl Announce {
+    /// Takes a `later` announce from the same node into this one: the
+    /// later one's holdings, addresses, rack and promise win; a blob one
+    /// lists and the other drops is as the later one says. A later full
+    /// announce (the node's whole list) replaces this one. Gives `later`
+    /// back, and leaves this one as it was, when the node differs or the
+    /// merge would list more than [`MAX_ANNOUNCE_BLOBS`] blobs.
+    pub fn merge(&mut self, later: Announce) -> Result<(), Announce> {
+        if self.node != later.node {
+            return Err(later);
+        }
+        if later.full {
+            *self = later;
+            return Ok(());
+        }
+        let listed = |d| later.blobs.iter().any(|b| b.blob == d) || later.dropped.contains(&d);
+        let blobs: Vec<_> = self
+            .blobs
+            .iter()
+            .filter(|b| !listed(b.blob))
+            .chain(&later.blobs)
+            .cloned()
+            .collect();
+        let dropped: Vec<_> = self
+            .dropped
+            .iter()
+            .copied()
+            .filter(|&d| !listed(d))
+            .chain(later.dropped.iter().copied())
+            .collect();
+        if blobs.len() > MAX_ANNOUNCE_BLOBS || dropped.len() > MAX_ANNOUNCE_BLOBS {
+            return Err(later);
+        }
+        *self = Announce {
+            blobs,
+            dropped,
+            full: self.full,
+            ..later
+        };
+        Ok(())
+    }
+}
+
 /// The tracker's answer to an announce.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AnnounceReply {

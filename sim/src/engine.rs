@@ -33,6 +33,7 @@
 
 use std::collections::HashMap;
 
+use shoal_proto::announcer::Announcer;
 use shoal_proto::sched::{Outcome, Source, PROGRESS_MS};
 use shoal_proto::session::{HashBook, Io, Member, Session, SessionConfig, TrackerFailure};
 use shoal_proto::slots::Appointments;
@@ -160,6 +161,8 @@ struct Node {
     peer_bytes: f64,
     origin_bytes: f64,
     rejected: u64,
+    /// Its downloads' announces: one on its way, the rest merged.
+    announcer: Announcer,
 }
 
 enum Call {
@@ -179,6 +182,8 @@ struct Rpc {
     call: Call,
     /// A lookup served under the shared lock (nothing to expire first).
     shared: bool,
+    /// The member's merged announce: its answer goes to its announcer.
+    merged: bool,
 }
 
 enum Answer {
@@ -197,6 +202,8 @@ enum Ev {
     /// The request takes the core's lock; answered (sent) at the time given.
     TrackerServe(Box<Rpc>, u64),
     Reply(u32, u16, Box<Answer>),
+    /// A member's merged announce was answered.
+    Announced(u32),
     Arrive(FlowId, u32),
     Refused {
         /// A `Busy` holder's retry-after time (µs).
@@ -238,7 +245,7 @@ impl Ev {
             Ev::Join(_) | Ev::Heartbeat(_) => 0,
             Ev::Start(_) | Ev::Halt(_) => 1,
             Ev::Wake(..) => 2,
-            Ev::TrackerIn(_) | Ev::TrackerServe(..) | Ev::Reply(..) => 3,
+            Ev::TrackerIn(_) | Ev::TrackerServe(..) | Ev::Reply(..) | Ev::Announced(_) => 3,
             Ev::Arrive(..) => 4,
             Ev::Refused { .. } => 5,
             Ev::Boundary(_) => 6,
@@ -465,6 +472,7 @@ impl Sim {
                 peer_bytes: 0.0,
                 origin_bytes: 0.0,
                 rejected: 0,
+                announcer: Announcer::default(),
             });
         }
         let sc_seed = sc.seed;
@@ -625,6 +633,14 @@ impl Sim {
             Ev::Wake(i, l) => return self.drive(i, l),
             Ev::TrackerIn(rpc) => self.tracker_in(rpc),
             Ev::TrackerServe(rpc, done) => self.tracker_serve(*rpc, done),
+            Ev::Announced(i) => {
+                let node = &mut self.nodes[i as usize];
+                if let Some(a) = node.announcer.answered() {
+                    if !node.halted {
+                        self.send_announce(i, a);
+                    }
+                }
+            }
             Ev::Reply(i, l, answer) => {
                 let now = self.ms();
                 let Some(s) = self.session(i, l) else {
@@ -986,6 +1002,14 @@ impl Sim {
             Io::Lookup { since } => self.rpc(i, Some(l), Call::Lookup(since)),
             Io::Lease(r) => self.rpc(i, Some(l), Call::Lease(r)),
             Io::Publish(p) => self.rpc(i, Some(l), Call::Publish(p)),
+            Io::Announce(a) if self.sc.merge_announces => {
+                // As the daemon does: the member's announcer sends it, or
+                // merges it with what waits; the download goes on at once.
+                if let Some(a) = self.nodes[i as usize].announcer.submit(a) {
+                    self.send_announce(i, a);
+                }
+                self.at(self.now, Ev::Reply(i, l, Box::new(Answer::Sent)));
+            }
             Io::Announce(a) => self.rpc(i, Some(l), Call::Announce(a)),
             Io::Report(r) => self.rpc(i, None, Call::Report(r)),
             Io::FetchPeer { peer, chunks } => {
@@ -1485,6 +1509,15 @@ impl Sim {
     }
 
     fn rpc(&mut self, i: u32, layer: Option<u16>, call: Call) {
+        self.rpc_with(i, layer, call, false);
+    }
+
+    /// Member `i`'s merged announce.
+    fn send_announce(&mut self, i: u32, a: Announce) {
+        self.rpc_with(i, None, Call::Announce(a), true);
+    }
+
+    fn rpc_with(&mut self, i: u32, layer: Option<u16>, call: Call, merged: bool) {
         let at = self.now + self.half_rtt();
         self.at(
             at,
@@ -1494,6 +1527,7 @@ impl Sim {
                 layer,
                 call,
                 shared: false,
+                merged,
             })),
         );
     }
@@ -1627,6 +1661,9 @@ impl Sim {
     }
 
     fn reply(&mut self, rpc: &Rpc, answer: Answer, at: u64) {
+        if rpc.merged {
+            self.at(at, Ev::Announced(rpc.node));
+        }
         if let Some(l) = rpc.layer {
             self.at(at, Ev::Reply(rpc.node, l, Box::new(answer)));
         }

@@ -73,6 +73,10 @@ struct Cli {
     /// read lock does) or alone, like every other request (`false`).
     #[arg(long)]
     shared_lookups: Option<bool>,
+    /// A member's downloads announce through one merging announcer (`true`,
+    /// as the daemon's do) or each on its own (`false`).
+    #[arg(long)]
+    merge_announces: Option<bool>,
     /// Of --tracker-us, microseconds under the core's lock (serial across
     /// cores).
     #[arg(long)]
@@ -225,6 +229,7 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(upload_queue);
     set!(busy_hint);
     set!(shared_lookups);
+    set!(merge_announces);
     set!(tracker_serial_us);
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;

@@ -111,6 +111,11 @@ pub struct Scenario {
     /// server's read lock does (unless something has to expire first);
     /// `false`: every request holds it alone, as before.
     pub shared_lookups: bool,
+    /// A member's downloads announce through one announcer
+    /// (`shoal_proto::announcer`), as the daemon's transfers do: one
+    /// announce on its way, the rest merged. `false`: each download sends
+    /// its own.
+    pub merge_announces: bool,
     /// Upload slots per member (requests served at once; more get `Busy`).
     pub upload_slots: u32,
     /// Requests a member holds while its upload slots are all taken (more
@@ -182,6 +187,7 @@ impl Default for Scenario {
             tracker_cores: 1,
             tracker_serial_us: 5,
             shared_lookups: true,
+            merge_announces: true,
             upload_slots: 16,
             upload_queue: 4,
             busy_hint: true,
