@@ -422,6 +422,15 @@ impl Blob {
     }
 
     /// Distinct publishers of the known hashes.
+    /// Sets in `bits` the chunks whose hash on file `node` published.
+    pub(crate) fn published_by(&self, node: &NodeId, bits: &mut Bitfield) {
+        for (i, p) in self.hashes.iter().enumerate() {
+            if p.as_ref().is_some_and(|p| p.by == *node) {
+                let _ = bits.set(i as u32);
+            }
+        }
+    }
+
     pub(crate) fn publishers(&self) -> BTreeSet<NodeId> {
         self.hashes.iter().flatten().map(|p| p.by.clone()).collect()
     }

@@ -420,6 +420,26 @@ fn a_lookup_under_the_shared_lock_answers_as_the_exclusive_one_until_something_r
 }
 
 #[test]
+fn an_announce_older_than_a_publish_does_not_take_the_published_chunks_back() {
+    let (d, l) = (blob(1), layout(8));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 2, 2).chunks, [2, 3]);
+    h.publish_true(5, 0, d, &[2, 3]);
+    // Made before the publish (chunk 0 only), answered after it.
+    h.announce(6, 0, vec![partial(d, l, [0])]).unwrap();
+    let v = h.t.lookup(7, &id(1), &d).unwrap();
+    let have = &v.holders()[0].have;
+    assert!(have.get(0) && have.get(2) && have.get(3), "{have:?}");
+    assert!(!h.t.is_leasable(&d, 2), "a held chunk leased again");
+    // Dropping the blob still drops it all.
+    h.announce_full(8, 0, vec![], vec![d], false).unwrap();
+    assert!(h.holders(9, 1, d).is_empty());
+    h.check();
+}
+
+#[test]
 fn member_expiry_removes_holdings_and_leases() {
     let (d, l) = (blob(1), layout(8));
     let mut h = Harness::new();
