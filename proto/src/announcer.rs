@@ -2,7 +2,7 @@
 //! blob (at most every 200 ms, at least every second while incomplete), and
 //! a member pulling five layers sent five announces where one would do. At
 //! 10,000 members announces were the tracker's most frequent write (228k
-//! of 610k requests in a simulated cold pull, each holding the core's lock
+//! of 597k requests in a simulated cold pull, each holding the core's lock
 //! alone). An [`Announcer`] keeps at most one of the member's announces on
 //! its way to the tracker; what the downloads announce meanwhile waits,
 //! merged into one ([`Announce::merge`]), and goes when the one on its way
