@@ -231,12 +231,8 @@ impl<T> FlowNet<T> {
             Sharing::FairShare | Sharing::Auto => {
                 let mut touched: Vec<FlowId> = Vec::new();
                 for &l in links {
-                    let link = &mut self.links[l as usize];
-                    let n = link.flows.len();
-                    let drift = (n as f64 - link.rated as f64).abs();
-                    if n <= BIG_LINK || drift > DRIFT * link.rated as f64 {
-                        link.rated = n;
-                        touched.extend(link.flows.iter().copied());
+                    if self.due(l) {
+                        touched.extend(self.links[l as usize].flows.iter().copied());
                     }
                 }
                 // A new flow is rated whatever its links did.
@@ -258,12 +254,8 @@ impl<T> FlowNet<T> {
                 let mut touched: Vec<FlowId> = Vec::new();
                 let mut moved: Vec<LinkId> = Vec::new();
                 for &l in links {
-                    let link = &mut self.links[l as usize];
-                    let n = link.flows.len();
-                    let drift = (n as f64 - link.rated as f64).abs();
-                    if n <= BIG_LINK || drift > DRIFT * link.rated as f64 {
-                        link.rated = n;
-                        let before = link.level;
+                    if self.due(l) {
+                        let before = self.links[l as usize].level;
                         self.fill(l, &mut touched);
                         let after = self.links[l as usize].level;
                         if (after - before).abs() > LEVEL_MOVE * before.max(after) {
@@ -319,6 +311,20 @@ impl<T> FlowNet<T> {
             }
             Sharing::MaxMin => self.max_min(now),
         }
+    }
+
+    /// Whether link `l`'s flows are re-rated now that its flow count
+    /// changed: always on a small link, on a big one only once the count
+    /// drifted ([`BIG_LINK`]); marks it re-rated.
+    fn due(&mut self, l: LinkId) -> bool {
+        let link = &mut self.links[l as usize];
+        let n = link.flows.len();
+        let drift = (n as f64 - link.rated as f64).abs();
+        let due = n <= BIG_LINK || drift > DRIFT * link.rated as f64;
+        if due {
+            link.rated = n;
+        }
+        due
     }
 
     /// Water-fills link `l`: each flow on it can use at most the level of

@@ -259,9 +259,12 @@ fn the_fair_share_and_water_filling_are_bounded_approximations_of_max_min() {
             a >= b * 0.97 && a <= b * 1.35,
             "{nodes} members: fair share {a:.2} s against max-min {b:.2} s (means of 3 seeds)"
         );
+        // Water-filling may give a flow more than max-min would (max-min
+        // raises the least rate, not each one), so a run can be a little
+        // faster too: 4.50 s against 4.65 s at 40 members.
         let w = mean(Sharing::WaterFill);
         assert!(
-            w >= b * 0.97 && w <= b * 1.1,
+            w >= b * 0.9 && w <= b * 1.1,
             "{nodes} members: water-filling {w:.2} s against max-min {b:.2} s and the fair share {a:.2} s"
         );
     }
@@ -372,14 +375,10 @@ fn at_10_gbit_the_origin_leases_a_few_chunks_at_a_time_and_members_start_sooner(
     );
 }
 
-#[test]
-fn lookups_share_a_slow_tracker_core_and_everyone_finishes_sooner() {
-    // The tracker answers lookups under the shared side of its lock, many
-    // on every core at once; writes hold it alone. With most of a
-    // request's 2 ms under the lock (as a lookup's 45 µs of core work at
-    // 10,000 members dwarfs the rest), the shared lock took the pull from
-    // 1.18–1.24 s to 1.05–1.08 s and the longest wait from 0.39–0.41 s to
-    // 0.34–0.35 s (seeds 1–3).
+/// 60 members at 10 gbit and a tracker of 8 cores that takes 2 ms a
+/// request (1.5 ms of it under the core's lock), as it is and as `without`
+/// changes it; both runs sound and at one copy of origin egress.
+fn slow_tracker_with_and_without(without: impl FnOnce(Scenario) -> Scenario) -> (Report, Report) {
     let sc = Scenario {
         nodes: 60,
         layers: 2,
@@ -392,16 +391,27 @@ fn lookups_share_a_slow_tracker_core_and_everyone_finishes_sooner() {
         tracker_serial_us: 1_500,
         ..Scenario::default()
     };
-    let shared = run(sc.clone()).unwrap();
-    let alone = run(Scenario {
-        shared_lookups: false,
-        ..sc
-    })
-    .unwrap();
-    for r in [&shared, &alone] {
+    let with = run(sc.clone()).unwrap();
+    let other = run(without(sc)).unwrap();
+    for r in [&with, &other] {
         sound(r);
         assert!(r.egress_ratio < 1.01, "{}", r.table());
     }
+    (with, other)
+}
+
+#[test]
+fn lookups_share_a_slow_tracker_core_and_everyone_finishes_sooner() {
+    // The tracker answers lookups under the shared side of its lock, many
+    // on every core at once; writes hold it alone. With most of a
+    // request's 2 ms under the lock (as a lookup's 45 µs of core work at
+    // 10,000 members dwarfs the rest), the shared lock took the pull from
+    // 1.18–1.24 s to 1.05–1.08 s and the longest wait from 0.39–0.41 s to
+    // 0.34–0.35 s (seeds 1–3).
+    let (shared, alone) = slow_tracker_with_and_without(|sc| Scenario {
+        shared_lookups: false,
+        ..sc
+    });
     let (a, b) = (shared.t_all_s.unwrap(), alone.t_all_s.unwrap());
     assert!(a < b * 0.97, "{a:.3} s shared against {b:.3} s alone");
     let (wa, wb) = (
@@ -421,28 +431,10 @@ fn a_members_downloads_announce_together_to_a_slow_tracker() {
     // tracker 2 ms a request (8 cores) the announces went from 367 to 256
     // and the pull from 1.23 s to 1.05 s (seed 1). Where the tracker
     // answers at once nothing waits, so nothing merges.
-    let sc = Scenario {
-        nodes: 60,
-        layers: 2,
-        layer_bytes: 50 << 20,
-        chunk_size: 1 << 20,
-        rate: 10_000_000_000 / 8,
-        sharing: Sharing::FairShare,
-        tracker_cores: 8,
-        tracker_us: 2_000,
-        tracker_serial_us: 1_500,
-        ..Scenario::default()
-    };
-    let merged = run(sc.clone()).unwrap();
-    let separate = run(Scenario {
+    let (merged, separate) = slow_tracker_with_and_without(|sc| Scenario {
         merge_announces: false,
         ..sc
-    })
-    .unwrap();
-    for r in [&merged, &separate] {
-        sound(r);
-        assert!(r.egress_ratio < 1.01, "{}", r.table());
-    }
+    });
     let announces = |r: &Report| r.counters.tracker_by_kind[3];
     assert!(
         announces(&merged) * 10 < announces(&separate) * 8,
