@@ -969,7 +969,13 @@ impl Net {
             for io in msgs {
                 let r = match io {
                     Io::Publish(p) => sw.tracker.publish_hashes(p).await.map(|_| ()),
-                    Io::Announce(a) => sw.tracker.announce(a).await.map(|_| ()),
+                    // Through the node's announcer, after the publish: it
+                    // replaces any partial word on this blob still waiting
+                    // there, which would otherwise follow it to the tracker.
+                    Io::Announce(a) => {
+                        sw.announce_merged(a);
+                        Ok(())
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = r {
