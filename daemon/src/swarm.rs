@@ -44,7 +44,7 @@ pub struct Swarm {
     /// peer server refuses whom it names.
     pub denied: Arc<DenyList>,
     /// The transfers' announces: one on its way, the rest merged.
-    pub announcer: std::sync::Mutex<shoal_proto::announcer::Announcer>,
+    announcer: std::sync::Mutex<shoal_proto::announcer::Announcer>,
 }
 
 /// The validity (Unix seconds) of the node certificate in `dir`, if any.

@@ -1544,7 +1544,7 @@ impl Sim {
 
     /// A request reached the tracker: refused during an outage, else queued
     /// behind the ones before it.
-    fn tracker_in(&mut self, rpc: Box<Rpc>) {
+    fn tracker_in(&mut self, mut rpc: Box<Rpc>) {
         if self.tracker_down() {
             let answer = match rpc.call {
                 Call::Lookup(_) => Answer::Lookup(Err(TrackerFailure::Down)),
@@ -1565,7 +1565,6 @@ impl Sim {
         // a writer for them and for the lookups holding it).
         let serial = self.sc.tracker_serial_us.min(self.sc.tracker_us);
         let ready = start + self.sc.tracker_us - serial;
-        let mut rpc = rpc;
         rpc.shared = self.sc.shared_lookups
             && matches!(rpc.call, Call::Lookup(_))
             && !self.tracker.expiry_due(self.ms());

@@ -239,16 +239,7 @@ impl<T> FlowNet<T> {
                 if let Some(&newest) = new_flow.as_ref() {
                     touched.push(newest);
                 }
-                touched.sort_unstable();
-                touched.dedup();
-                // Only flows whose rate changed need a new schedule.
-                touched.retain(|&id| {
-                    let rate = self.fair_share(id);
-                    let before = self.get(id).expect("live flow").rate;
-                    self.set_rate(id, now, rate);
-                    self.get(id).expect("live flow").rate != before
-                });
-                touched
+                self.rate(now, touched, Self::fair_share)
             }
             Sharing::WaterFill => {
                 let mut touched: Vec<FlowId> = Vec::new();
@@ -295,22 +286,35 @@ impl<T> FlowNet<T> {
                     }
                     touched.push(newest);
                 }
-                touched.sort_unstable();
-                touched.dedup();
-                touched.retain(|&id| {
-                    let f = self.get(id).expect("live flow");
-                    let rate = f.alloc[..f.nlinks as usize]
+                self.rate(now, touched, |net, id| {
+                    let f = net.get(id).expect("live flow");
+                    f.alloc[..f.nlinks as usize]
                         .iter()
                         .copied()
-                        .fold(f64::INFINITY, f64::min);
-                    let before = f.rate;
-                    self.set_rate(id, now, rate);
-                    self.get(id).expect("live flow").rate != before
-                });
-                touched
+                        .fold(f64::INFINITY, f64::min)
+                })
             }
             Sharing::MaxMin => self.max_min(now),
         }
+    }
+
+    /// Gives each flow in `touched` (once) the rate `rate_of` says; returns
+    /// those whose rate changed (only they need a new schedule).
+    fn rate(
+        &mut self,
+        now: u64,
+        mut touched: Vec<FlowId>,
+        rate_of: impl Fn(&Self, FlowId) -> f64,
+    ) -> Vec<FlowId> {
+        touched.sort_unstable();
+        touched.dedup();
+        touched.retain(|&id| {
+            let rate = rate_of(self, id);
+            let before = self.get(id).expect("live flow").rate;
+            self.set_rate(id, now, rate);
+            self.get(id).expect("live flow").rate != before
+        });
+        touched
     }
 
     /// Whether link `l`'s flows are re-rated now that its flow count
