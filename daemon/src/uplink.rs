@@ -18,8 +18,10 @@
 //!   lossy;
 //! - when at least [`MIN_ACTIVE`] connections are active and half of them
 //!   are lossy, the uplink is the bottleneck (loss on one path or at one
-//!   receiver shows on one connection, not on most): the cap becomes
-//!   [`BACK_OFF`] of what got through in the tick, and holds for [`HOLD`];
+//!   receiver shows on one connection, not on most) — if it carried near
+//!   the most it carried lately ([`NEAR_PEAK`] of the best tick in
+//!   [`PEAK_WINDOW`]): the cap becomes [`BACK_OFF`] of what got through in
+//!   the tick, and holds for [`HOLD`];
 //! - after that, each clean tick raises it by [`PROBE`], so a link that
 //!   grew is found again; [`FORGET`] without such a tick drops it.
 //!
@@ -51,6 +53,18 @@ pub const PROBE: f64 = 0.02;
 pub const FORGET: Duration = Duration::from_secs(60);
 /// The lowest cap learned (bytes a second).
 pub const FLOOR: u64 = 128 << 10;
+/// A congested tick sets the cap only if this share of the best tick of
+/// the last [`PEAK_WINDOW`] got through: a full uplink carries about the
+/// same every tick. In the shaped lab (32 members at 10 mbit) ticks with
+/// three or four active connections, half of them lossy, came while the
+/// uplink carried 3–4 mbit of the 8–9 it had carried a second before —
+/// losses at the receivers' downlinks, not this uplink — and set caps of
+/// 1.6–3.5 mbit that the probe took 20–30 s to climb back from; two
+/// members' uploads averaged 4 mbit for the whole pull.
+pub const NEAR_PEAK: f64 = 0.75;
+/// How far back the best tick is looked for (so a link that shrank for good
+/// is learned once it has carried less for this long).
+pub const PEAK_WINDOW: Duration = Duration::from_secs(4);
 
 /// What the connections did in one tick.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -115,6 +129,9 @@ pub struct Governor {
     cap: Option<f64>,
     /// Time since the cap was last set by congestion.
     since_congestion: Duration,
+    /// What got through (bytes a second) in the ticks of the last
+    /// [`PEAK_WINDOW`], with their lengths; oldest first.
+    recent: std::collections::VecDeque<(Duration, f64)>,
 }
 
 impl Governor {
@@ -122,9 +139,17 @@ impl Governor {
     /// (bytes a second), or `None` for none.
     pub fn tick(&mut self, s: &Sample, tick: Duration) -> Option<u64> {
         let secs = tick.as_secs_f64().max(1e-3);
-        let congested = s.active >= MIN_ACTIVE && 2 * s.lossy >= s.active;
+        let through = s.bytes.saturating_sub(s.lost_bytes) as f64 / secs;
+        self.recent.push_back((tick, through));
+        let mut span: Duration = self.recent.iter().map(|(d, _)| *d).sum();
+        while span > PEAK_WINDOW && self.recent.len() > 1 {
+            let (d, _) = self.recent.pop_front().expect("more than one");
+            span -= d;
+        }
+        let peak = self.recent.iter().map(|&(_, b)| b).fold(0.0, f64::max);
+        let congested =
+            s.active >= MIN_ACTIVE && 2 * s.lossy >= s.active && through >= NEAR_PEAK * peak;
         if congested {
-            let through = s.bytes.saturating_sub(s.lost_bytes) as f64 / secs;
             let target = (BACK_OFF * through).max(FLOOR as f64);
             self.cap = Some(self.cap.map_or(target, |c| c.min(target)));
             self.since_congestion = Duration::ZERO;
@@ -189,6 +214,14 @@ pub async fn run(conns: Connections, rate: RateLimit) {
                     }
                 );
             }
+            tracing::debug!(
+                cap_bytes_per_sec = ?cap,
+                sent_bytes = sample.bytes,
+                lost_bytes = sample.lost_bytes,
+                active = sample.active,
+                lossy = sample.lossy,
+                "learned upload cap"
+            );
             rate.set_learned(cap);
             crate::metrics::global()
                 .peer_upload_learned_cap
@@ -272,6 +305,29 @@ mod tests {
             last = g.tick(&clean(0), TICK);
         }
         assert_eq!(last, None);
+    }
+
+    #[test]
+    fn losses_while_the_uplink_carries_far_less_than_lately_are_not_the_uplink() {
+        let mut g = Governor::default();
+        assert_eq!(g.tick(&clean(1_000_000), TICK), None);
+        // A second later a few connections lose packets while the uplink
+        // carries a third of what it did: not this uplink's doing.
+        assert_eq!(g.tick(&clean(900_000), TICK), None);
+        assert_eq!(g.tick(&congested(300_000), TICK), None);
+        // Near what it carried lately, the same losses are.
+        let cap = g.tick(&congested(800_000), TICK).unwrap();
+        assert_eq!(cap, (0.9 * 1_520_000.0) as u64);
+        // Paced, a lossy tick at a fraction of the cap does not ratchet it down.
+        assert_eq!(g.tick(&congested(200_000), TICK), Some(cap));
+        // A link that shrank for good: once the window holds only the
+        // smaller ticks, their losses set the cap.
+        let ticks = (PEAK_WINDOW.as_millis() / TICK.as_millis()) as usize;
+        let mut last = None;
+        for _ in 0..=ticks {
+            last = g.tick(&congested(300_000), TICK);
+        }
+        assert_eq!(last, Some((0.9 * 570_000.0) as u64));
     }
 
     #[test]
