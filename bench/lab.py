@@ -27,7 +27,8 @@ max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
 usage: lab.py --nodes N --rate RATE [--origin-rate RATE] [--layers L]
               [--layer-mib S] [--runs R] [--targets shoal,bittorrent,direct]
               [--queue-ms MS]
-              [--chunk-size SIZE] [--shoald-arg ARG]... [--out FILE] [--bin DIR]
+              [--chunk-size SIZE] [--shoald-arg ARG]... [--tracker-arg ARG]...
+              [--out FILE] [--bin DIR]
 Run as root (bench/swarm.sh does the setup and calls this).
 """
 import argparse
@@ -444,7 +445,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         tracker = lab.spawn(lab.tracker, [os.path.join(args.bin, "shoal-tracker"),
                                           "--listen", f"{TRACKER_IP}:{TRACKER_PORT}",
                                           "--cluster-dir", ca, "--name", TRACKER_IP,
-                                          "--ops-listen", f"{TRACKER_IP}:4903"],
+                                          "--ops-listen", f"{TRACKER_IP}:4903",
+                                          *args.tracker_arg],
                             os.path.join(work, f"tracker-{run_no}.log"))
         started.append(tracker)
         wait_http(f"http://{TRACKER_IP}:4903/healthz", "shoal-tracker", ns=lab.tracker)
@@ -604,6 +606,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--targets", default="shoal,bittorrent,direct")
     ap.add_argument("--chunk-size")
+    ap.add_argument("--tracker-arg", action="append", default=[],
+                    help="one more argument for shoal-tracker (repeatable), e.g. --tracker-arg=--origin-lease-bytes=2MiB")
     ap.add_argument("--shoald-arg", action="append", default=[],
                     help="one more argument for every shoald (repeatable), e.g. --shoald-arg=--peer-upload-rate=22mbit")
     ap.add_argument("--timeout", type=int, default=600)
@@ -688,6 +692,7 @@ def main():
                     "layers": args.layers, "layer_mib": args.layer_mib, "image_bytes": F,
                     "chunk_size": args.chunk_size if target == "shoal" else None,
                     "shoald_args": args.shoald_arg if target == "shoal" else None,
+                    "tracker_args": args.tracker_arg if target == "shoal" else None,
                     "t_all_s": t_all, "median_s": median,
                     "node_times_s": [round(t, 3) for t in r["times"]],
                     "bound_s": bound, "ratio_to_bound": (t_all / bound) if t_all else None,

@@ -103,6 +103,10 @@ pub struct RunArgs {
     /// elsewhere. Default 16.
     #[arg(long, env = "SHOAL_PEER_MAX_UPLOADS", value_name = "N")]
     pub peer_max_uploads: Option<usize>,
+    /// Chunk requests to peers in flight at once, all downloads together
+    /// (each of n downloads running at once gets 1/n of them). Default 32.
+    #[arg(long, env = "SHOAL_PEER_MAX_INFLIGHT", value_name = "N")]
+    pub peer_max_inflight: Option<u32>,
     /// The size of the chunks blobs are split into, the same on every
     /// member (a power of two, 64KiB to 4MiB). Default 256KiB.
     #[arg(long, env = "SHOAL_CHUNK_SIZE", value_name = "SIZE")]
@@ -176,6 +180,7 @@ struct FileConfig {
     peer_upload_pacing: Option<String>,
     peer_download_rate: Option<toml::Value>,
     peer_max_uploads: Option<usize>,
+    peer_max_inflight: Option<u32>,
     chunk_size: Option<toml::Value>,
     rack: Option<String>,
     join: Option<String>,
@@ -246,6 +251,8 @@ pub struct SwarmConfig {
     pub rack: Option<shoal_proto::tracker_api::Rack>,
     /// Chunk requests served at once.
     pub max_uploads: usize,
+    /// Chunk requests to peers in flight at once, all downloads together.
+    pub max_inflight: u32,
     /// Chunk size of new blobs.
     pub chunk_size: u32,
     /// Join with a token: the tracker's join URL and the token.
@@ -435,6 +442,13 @@ impl RunArgs {
         if !(1..=4096).contains(&max_uploads) {
             bail!("`peer-max-uploads`: {max_uploads} is not between 1 and 4096");
         }
+        let max_inflight = self
+            .peer_max_inflight
+            .or(file.peer_max_inflight)
+            .unwrap_or(shoal_proto::sched::SchedConfig::default().max_inflight);
+        if !(1..=4096).contains(&max_inflight) {
+            bail!("`peer-max-inflight`: {max_inflight} is not between 1 and 4096");
+        }
         let chunk_size = match (self.chunk_size, file.chunk_size) {
             (Some(s), _) => parse_size(&s).context("`chunk-size`")?,
             (None, Some(toml::Value::Integer(n))) if n > 0 => n as u64,
@@ -524,6 +538,7 @@ impl RunArgs {
                     upload_pacing,
                     download_rate,
                     max_uploads,
+                    max_inflight,
                     chunk_size,
                     rack,
                 })
@@ -627,11 +642,13 @@ mod tests {
             ),
             (None, true, None, 16)
         );
+        assert_eq!(sc.max_inflight, 32);
         let sc = member(|a| {
             a.chunk_size = Some("256KiB".into());
             a.peer_upload_rate = Some("100mbit".into());
             a.peer_upload_pacing = Some("off".into());
             a.peer_max_uploads = Some(4);
+            a.peer_max_inflight = Some(8);
         })
         .unwrap()
         .swarm
@@ -640,6 +657,7 @@ mod tests {
         assert_eq!(sc.upload_rate, Some(12_500_000));
         assert!(!sc.upload_pacing);
         assert_eq!(sc.max_uploads, 4);
+        assert_eq!(sc.max_inflight, 8);
         let err = member(|a| a.peer_upload_pacing = Some("sometimes".into())).unwrap_err();
         assert!(format!("{err:#}").contains("peer-upload-pacing"), "{err:#}");
         for bad in ["1000", "8MiB", "32KiB", "huge"] {
@@ -650,6 +668,8 @@ mod tests {
         }
         let err = member(|a| a.peer_max_uploads = Some(0)).unwrap_err();
         assert!(format!("{err:#}").contains("peer-max-uploads"), "{err:#}");
+        let err = member(|a| a.peer_max_inflight = Some(0)).unwrap_err();
+        assert!(format!("{err:#}").contains("peer-max-inflight"), "{err:#}");
         let err = member(|a| a.peer_download_rate = Some("quick".into())).unwrap_err();
         assert!(format!("{err:#}").contains("peer-download-rate"), "{err:#}");
         // The DHT: off by default; its advertised address is the peer

@@ -280,24 +280,24 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             swarm::ensure_certificate(sc).await?;
             let (swarm, server) = swarm::Swarm::start(sc, source, vouched, &cfg.data_dir)?;
             content.transfers().join(swarm.clone());
-            tokio::spawn(
+            let heartbeat = tokio::spawn(
                 swarm
                     .clone()
                     .heartbeat(store.clone(), Duration::from_secs(5)),
             );
             tracing::info!(node = %sc.node_id, peer_listen = %sc.peer_listen, advertise = %sc.advertise,
                 tracker = ?if sc.trackers.is_empty() { vec!["embedded".to_owned()] } else { sc.trackers.clone() },
-                upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads,
+                upload_rate = ?sc.upload_rate, download_rate = ?sc.download_rate, max_uploads = sc.max_uploads, max_inflight = sc.max_inflight,
                 chunk_size = sc.chunk_size, dht = ?sc.dht.as_ref().map(|d| d.advertise),
                 "joined the swarm");
-            Some((server, swarm))
+            Some((server, swarm, heartbeat))
         }
     };
 
     let registry_listener = bind(cfg.registry_listen, "registry-listen").await?;
     let ops_listener = bind(cfg.ops_listen, "ops-listen").await?;
     let admin_listener = admin::bind(&cfg.admin_socket).await?;
-    let preheater = peer_server.as_ref().map(|(_, swarm)| {
+    let preheater = peer_server.as_ref().map(|(_, swarm, _)| {
         preheat::Preheater::new(
             swarm.clone(),
             content.clone(),
@@ -339,7 +339,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::new(admin::Admin {
             store: store.clone(),
             transfers: content.transfers().clone(),
-            swarm: peer_server.as_ref().map(|(_, s)| s.clone()),
+            swarm: peer_server.as_ref().map(|(_, s, _)| s.clone()),
             trackers: match &cfg.swarm {
                 Some(sc) if sc.trackers.is_empty() => vec!["embedded".into()],
                 Some(sc) => sc.trackers.clone(),
@@ -374,8 +374,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(t) = preheat_task {
         t.abort();
     }
-    if let Some((server, swarm)) = peer_server {
+    if let Some((server, swarm, heartbeat)) = peer_server {
+        heartbeat.abort();
         server.shutdown().await;
+        // Members stop asking this node, and its leases go to others, now
+        // rather than once its announces have stopped for a while.
+        swarm.leave(Duration::from_secs(2)).await;
         swarm.peers.close_all();
     }
     let s = store.clone();

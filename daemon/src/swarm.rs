@@ -43,6 +43,9 @@ pub struct Swarm {
     /// The cluster's deny list, from the tracker's announce replies; the
     /// peer server refuses whom it names.
     pub denied: Arc<DenyList>,
+    /// Chunk requests to peers in flight at once, all downloads together
+    /// (`--peer-max-inflight`).
+    pub max_inflight: u32,
     /// The transfers' announces: one on its way, the rest merged.
     announcer: std::sync::Mutex<shoal_proto::announcer::Announcer>,
 }
@@ -271,6 +274,7 @@ impl Swarm {
             chunk_size: cfg.chunk_size,
             rack: cfg.rack.clone(),
             denied,
+            max_inflight: cfg.max_inflight,
             announcer: Default::default(),
         });
         if cfg.join.is_some() {
@@ -337,6 +341,24 @@ impl Swarm {
                     // What was dropped is covered by the next full announce.
                     full_due = e.is_down();
                 }
+            }
+        }
+    }
+
+    /// Tells the tracker this node is leaving (shutting down): it forgets
+    /// the node with its holdings and leases at once, so members stop
+    /// asking it and its leased chunks go to others. Waits at most
+    /// `within`; without an answer the tracker forgets the node once its
+    /// announces have stopped for a while, as for a node that died.
+    pub async fn leave(&self, within: Duration) {
+        let a = Announce::leave(self.node.clone(), self.addr.clone());
+        match tokio::time::timeout(within, self.tracker.announce(a)).await {
+            Ok(Ok(_)) => tracing::info!("left the swarm: the tracker forgot this node"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "leaving the swarm: the tracker refused; it forgets this node once its announces stop")
+            }
+            Err(_) => {
+                tracing::warn!(within = ?within, "leaving the swarm: no answer from the tracker; it forgets this node once its announces stop")
             }
         }
     }
@@ -474,6 +496,7 @@ mod tests {
             chunk_size: shoal_proto::chunk::DEFAULT_CHUNK_SIZE,
             rack: None,
             denied: Arc::default(),
+            max_inflight: 32,
             announcer: Default::default(),
         }
     }
@@ -507,6 +530,44 @@ mod tests {
         beat.abort();
         assert!(sw.denied.denies(&["mallory".to_owned()]));
         assert!(!sw.denied.denies(&["node-2".to_owned()]));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_leaves_is_no_longer_named_to_other_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
+        let data = vec![9u8; 1 << 20];
+        let d: shoal_proto::Digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+            .parse()
+            .unwrap();
+        store.put_small(&d, Kind::Blob, &data, None).unwrap();
+        let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
+        let sw = swarm(core.clone(), Arc::new(TestClock::default()));
+        let other: NodeId = "node-2".parse().unwrap();
+        let a = Announce::new(
+            other.clone(),
+            "127.0.0.1:4902".parse().unwrap(),
+            vec![],
+            vec![],
+            false,
+        );
+        core.write().unwrap().announce(0, a.unwrap()).unwrap();
+        assert!(sw.announce_all(&store).await);
+        assert_eq!(
+            core.write()
+                .unwrap()
+                .lookup(0, &other, &d)
+                .unwrap()
+                .holders()
+                .len(),
+            1
+        );
+        sw.leave(Duration::from_secs(1)).await;
+        assert_eq!(core.read().unwrap().stats().members, 1);
+        assert!(
+            core.write().unwrap().lookup(0, &other, &d).is_err(),
+            "the blob only the leaver held is gone"
+        );
     }
 
     #[tokio::test]

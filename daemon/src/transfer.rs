@@ -380,8 +380,12 @@ impl Transfers {
             rack: sw.rack.clone(),
         });
         let _fetching = Fetching::enter(&self.fetching);
+        let mut cfg = SessionConfig::default();
+        if let Some(sw) = &swarm {
+            cfg.sched.max_inflight = sw.max_inflight;
+        }
         let mut session: Session<PeerAddr, Hashes> = Session::new(
-            SessionConfig::default(),
+            cfg,
             *digest,
             layout,
             have,

@@ -131,6 +131,19 @@ mod tests {
     }
 
     #[test]
+    fn a_leave_replaces_what_waits_and_what_follows_it_replaces_the_leave() {
+        let mut m = announce("a", vec![have(1, &[0])], &[], false);
+        let leave = Announce::leave(m.node().clone(), m.addr().clone());
+        m.merge(leave).unwrap();
+        assert!(m.is_leaving() && m.blobs().is_empty());
+        // The node came back before the leave went out.
+        m.merge(announce("a", vec![have(2, &[0])], &[], false))
+            .unwrap();
+        assert!(!m.is_leaving());
+        assert_eq!(counts(&m), [(Digest::of(&[2]), 1)]);
+    }
+
+    #[test]
     fn one_announce_on_its_way_and_the_rest_wait_merged() {
         let mut a = Announcer::default();
         assert!(!a.busy());

@@ -583,7 +583,9 @@ impl BlobHave {
 /// node will announce again (a download in progress announces every second
 /// or so; without it, the tracker's announce interval): if peers report the
 /// node unresponsive, the tracker forgets it soon after that announce fails
-/// to come, which frees the chunks only it held or had leased.
+/// to come, which frees the chunks only it held or had leased. A `leaving`
+/// announce (a node shutting down) has the tracker forget the node at once,
+/// with its holdings and its leases, rather than after its announces stop.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "RawAnnounce")]
 pub struct Announce {
@@ -598,6 +600,8 @@ pub struct Announce {
     next_ms: Option<NonZeroU32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dht: Option<PeerAddr>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    leaving: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -616,16 +620,19 @@ struct RawAnnounce {
     next_ms: Option<NonZeroU32>,
     #[serde(default)]
     dht: Option<PeerAddr>,
+    #[serde(default)]
+    leaving: bool,
 }
 
 impl TryFrom<RawAnnounce> for Announce {
     type Error = TrackerError;
 
     fn try_from(r: RawAnnounce) -> Result<Self, TrackerError> {
-        Ok(Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?
+        let a = Announce::new(r.node, r.addr, r.blobs, r.dropped, r.full)?
             .with_rack(r.rack)
             .with_next_ms(r.next_ms)
-            .with_dht(r.dht))
+            .with_dht(r.dht);
+        Ok(if r.leaving { a.leaving() } else { a })
     }
 }
 
@@ -660,7 +667,31 @@ impl Announce {
             rack: None,
             next_ms: None,
             dht: None,
+            leaving: false,
         })
+    }
+
+    /// The node at `addr` leaving the swarm (shutting down): the tracker
+    /// forgets it at once, with everything it held and leased.
+    pub fn leave(node: NodeId, addr: PeerAddr) -> Self {
+        Announce::new(node, addr, Vec::new(), Vec::new(), true)
+            .expect("an empty announce is valid")
+            .leaving()
+    }
+
+    /// The same announce saying the node is leaving: it holds nothing from
+    /// now on (its lists are dropped).
+    pub fn leaving(mut self) -> Self {
+        self.blobs.clear();
+        self.dropped.clear();
+        self.full = true;
+        self.leaving = true;
+        self
+    }
+
+    /// Whether the node is leaving the swarm.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
     }
 
     /// The same announce saying where the node's DHT listens (TCP), so
@@ -727,14 +758,16 @@ impl Announce {
     /// Takes a `later` announce from the same node into this one: the
     /// later one's holdings, addresses, rack and promise win; a blob one
     /// lists and the other drops is as the later one says. A later full
-    /// announce (the node's whole list) replaces this one. Gives `later`
-    /// back, and leaves this one as it was, when the node differs or the
-    /// merge would list more than [`MAX_ANNOUNCE_BLOBS`] blobs.
+    /// announce (the node's whole list) replaces this one, and so does any
+    /// announce after a leaving one (the node is back) or a leaving one.
+    /// Gives `later` back, and leaves this one as it was, when the node
+    /// differs or the merge would list more than [`MAX_ANNOUNCE_BLOBS`]
+    /// blobs.
     pub fn merge(&mut self, later: Announce) -> Result<(), Announce> {
         if self.node != later.node {
             return Err(later);
         }
-        if later.full {
+        if later.full || self.leaving {
             *self = later;
             return Ok(());
         }

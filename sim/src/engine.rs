@@ -27,6 +27,8 @@
 //!   for a chunk whose hash is unknown is counted as a defect.
 //! - **Origin**: one uplink of `origin_rate`; each Range run is a flow after
 //!   a round trip; every byte it sends counts as egress, cut runs included.
+//! - **Headers**: every link carries blob bytes at `1 − header_share` of its
+//!   rate (0 by default; about 0.05 at a 1500-byte MTU).
 //! - **Failures**: a halted member (churned or frozen) stops answering,
 //!   announcing and pulling; requests to it hang until the requester's
 //!   scheduler gives up on them.
@@ -140,6 +142,9 @@ struct Node {
     halted: bool,
     /// Halts at this time (µs), if it churns.
     halts_at: Option<u64>,
+    /// Halting, it shuts down cleanly: tells the tracker it leaves and
+    /// closes its connections (else it just stops answering).
+    leaves: bool,
     frozen: bool,
     malicious: bool,
     start: u64,
@@ -387,8 +392,10 @@ impl Sim {
         sc.validate()?;
         let mut rng = Rng::new(sc.seed);
         let mut net = FlowNet::new(sc.sharing());
-        let origin_up = net.add_link(sc.origin_rate() as f64);
-        let rack_cap = sc.rack_uplink.map_or(f64::INFINITY, |r| r as f64);
+        // Blob bytes a link of `rate` carries a second.
+        let payload = |rate: f64| rate * (1.0 - sc.header_share);
+        let origin_up = net.add_link(payload(sc.origin_rate() as f64));
+        let rack_cap = sc.rack_uplink.map_or(f64::INFINITY, |r| payload(r as f64));
         let rack_links = (0..sc.racks)
             .map(|_| (net.add_link(rack_cap), net.add_link(rack_cap)))
             .collect();
@@ -422,6 +429,8 @@ impl Sim {
             } as f64;
             let role = rng.unit();
             let halts = role < sc.churn;
+            // The first `churn_leaves` of the churned (same draw).
+            let leaves = halts && role < sc.churn * sc.churn_leaves;
             let frozen = !halts && role < sc.churn + sc.frozen;
             let malicious = !halts && !frozen && role < sc.churn + sc.frozen + sc.malicious;
             let start = t0
@@ -444,8 +453,11 @@ impl Sim {
                 id: name.parse().expect("valid node id"),
                 rate,
                 addr: format!("{name}:7000").parse().expect("valid address"),
-                up: net.add_link(sc.upload_cap.map_or(rate, |c| rate.min(c as f64))),
-                down: net.add_link(rate),
+                up: net.add_link(
+                    sc.upload_cap
+                        .map_or(payload(rate), |c| payload(rate).min(c as f64)),
+                ),
+                down: net.add_link(payload(rate)),
                 rack: (sc.racks > 0).then(|| i % sc.racks),
                 rack_label: (sc.racks > 0 && sc.rack_labels).then(|| {
                     format!("rack-{}", i % sc.racks)
@@ -457,6 +469,7 @@ impl Sim {
                 appointments: Appointments::new(),
                 halted: false,
                 halts_at,
+                leaves,
                 frozen,
                 malicious,
                 start,
@@ -886,9 +899,26 @@ impl Sim {
                     .map(move |(w, id)| (l as u16, w, id))
             })
             .collect();
-        let at = self.now + IDLE_TIMEOUT_US;
+        // Its watchers' streams end with the connection: at once when it
+        // closes it, else at the idle timeout.
+        let leaves = node.leaves;
+        let leave = leaves.then(|| Announce::leave(node.id.clone(), node.addr.clone()));
+        let waiting: Vec<FlowId> = if leaves {
+            node.waiting.drain(..).map(|(f, _)| f).collect()
+        } else {
+            Vec::new()
+        };
+        let at = self.now
+            + if leaves {
+                self.half_rtt()
+            } else {
+                IDLE_TIMEOUT_US
+            };
         for (layer, watcher, id) in watchers {
             self.frame(at, watcher, layer, id, None);
+        }
+        if let Some(a) = leave {
+            self.rpc(i, None, Call::Announce(a));
         }
         for f in mine {
             if self.net.get(f).is_some_and(|fl| fl.data.to == i) {
@@ -905,10 +935,38 @@ impl Sim {
             })
             .collect();
         for f in uploads {
+            if leaves {
+                // Closed: its requesters hear at once.
+                self.close_upload(f);
+                continue;
+            }
             self.credit(f);
             let changed = self.net.detach(self.now, f);
             self.boundaries.remove(f);
             self.reschedule(&changed);
+        }
+        for f in waiting {
+            if self.net.get(f).is_some() {
+                self.close_upload(f);
+            }
+        }
+    }
+
+    /// A request to a member that shut down: it ends, and its requester
+    /// hears the connection closed (the chunks still owed fail).
+    fn close_upload(&mut self, f: FlowId) {
+        let d = &self.net.get(f).expect("live").data;
+        let Sender::Peer { id, .. } = d.from else {
+            return;
+        };
+        let (to, layer) = (d.to, d.layer);
+        let owed: Vec<u32> = (d.next..d.chunks.len())
+            .filter(|&k| !d.cancelled[k])
+            .map(|k| d.chunks[k])
+            .collect();
+        self.end_flow(f);
+        if !owed.is_empty() {
+            self.refuse(to, layer, id, owed, Outcome::Failed);
         }
     }
 }
@@ -1157,6 +1215,10 @@ impl Sim {
         }
         if let Sender::Peer { node, id } = from {
             let holder = &self.nodes[node as usize];
+            if holder.halted && holder.leaves {
+                self.close_upload(f);
+                return;
+            }
             if holder.halted {
                 return; // it hangs until the requester gives up
             }

@@ -51,6 +51,10 @@ struct Cli {
     /// --peer-upload-rate does (the bound stays that of --rate).
     #[arg(long, value_parser = rate)]
     upload_cap: Option<u64>,
+    /// The share of every link's bytes spent on headers, not blob bytes
+    /// (about 0.05 at a 1500-byte MTU; default 0).
+    #[arg(long)]
+    header_share: Option<f64>,
     /// Round-trip time between hosts in milliseconds (e.g. 0.2).
     #[arg(long)]
     rtt_ms: Option<f64>,
@@ -87,6 +91,11 @@ struct Cli {
     /// Fraction of members that die mid-pull.
     #[arg(long)]
     churn: Option<f64>,
+    /// Of the members that die, the share that shut down cleanly: they
+    /// tell the tracker they leave and close their connections, as shoald
+    /// does on SIGTERM (default 0: all just stop answering).
+    #[arg(long)]
+    churn_leaves: Option<f64>,
     /// Fraction of members frozen from the start.
     #[arg(long)]
     frozen: Option<f64>,
@@ -219,6 +228,7 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(layer_bytes);
     set!(rate);
     set!(churn);
+    set!(churn_leaves);
     set!(frozen);
     set!(malicious);
     set!(racks);
@@ -231,6 +241,7 @@ fn scenario(cli: &Cli) -> anyhow::Result<Scenario> {
     set!(shared_lookups);
     set!(merge_announces);
     set!(tracker_serial_us);
+    set!(header_share);
     if let Some(c) = cli.chunk_size {
         sc.chunk_size = u32::try_from(c).context("--chunk-size is too large")?;
     }

@@ -91,6 +91,11 @@ pub struct Scenario {
     /// shoald's `--peer-upload-rate` does (default: the link's rate). The
     /// bound is still that of the links.
     pub upload_cap: Option<u64>,
+    /// The share of every link's bytes spent on headers and framing
+    /// (Ethernet, IP, UDP or TCP, QUIC or TLS), not blob bytes: about 0.05
+    /// at a 1500-byte MTU, as in the shaped lab. Default 0: links carry
+    /// blob bytes at their full rate. The bound is still that of the rates.
+    pub header_share: f64,
     /// A fraction of members with a different rate (heterogeneity).
     pub slow_fraction: f64,
     /// Their rate.
@@ -129,6 +134,10 @@ pub struct Scenario {
     pub start: Start,
     /// Fraction of members that die mid-pull (stop answering anyone).
     pub churn: f64,
+    /// Of those, the share that shut down cleanly (as shoald does on
+    /// SIGTERM): they tell the tracker they leave, which forgets them at
+    /// once, and close their connections. The rest just stop answering.
+    pub churn_leaves: f64,
     /// Deaths happen uniformly within this long after the start.
     pub churn_window_ms: u64,
     /// Fraction of members that freeze at the start of the pull: they take
@@ -180,6 +189,7 @@ impl Default for Scenario {
             rate: 100_000_000 / 8,
             origin_rate: None,
             upload_cap: None,
+            header_share: 0.0,
             slow_fraction: 0.0,
             slow_rate: None,
             rtt_us: 200,
@@ -193,6 +203,7 @@ impl Default for Scenario {
             busy_hint: true,
             start: Start::AllAtOnce,
             churn: 0.0,
+            churn_leaves: 0.0,
             churn_window_ms: 5_000,
             frozen: 0.0,
             malicious: 0.0,
@@ -273,8 +284,14 @@ impl Scenario {
         anyhow::ensure!(self.slow_rate != Some(0), "slow_rate must be positive");
         anyhow::ensure!(self.rack_uplink != Some(0), "rack_uplink must be positive");
         anyhow::ensure!(self.upload_slots >= 1, "upload_slots must be at least 1");
+        anyhow::ensure!(
+            (0.0..0.5).contains(&self.header_share),
+            "header_share must be within 0..0.5, not {}",
+            self.header_share
+        );
         fraction("slow_fraction", self.slow_fraction)?;
         fraction("churn", self.churn)?;
+        fraction("churn_leaves", self.churn_leaves)?;
         fraction("frozen", self.frozen)?;
         fraction("malicious", self.malicious)?;
         anyhow::ensure!(
@@ -368,6 +385,10 @@ mod tests {
         assert!(e.to_string().contains("max_inflight"), "{e}");
         let e = Scenario::from_toml("upload_cap = \"0mbit\"").unwrap_err();
         assert!(e.to_string().contains("upload_cap"), "{e}");
+        let e = Scenario::from_toml("header_share = 0.5").unwrap_err();
+        assert!(e.to_string().contains("header_share"), "{e}");
+        let s = Scenario::from_toml("header_share = 0.05").unwrap();
+        assert_eq!(s.header_share, 0.05);
         let s = Scenario::from_toml("upload_cap = \"9mbit\"\npeer_depth = 2").unwrap();
         assert_eq!((s.upload_cap, s.peer_depth), (Some(1_125_000), Some(2)));
     }

@@ -160,6 +160,43 @@ fn members_dying_or_frozen_mid_pull_stall_nobody() {
     }
 }
 
+/// A tenth of 40 members at 1 gbit go within the first 300 ms, holding and
+/// leasing chunks: crashing, or shutting down cleanly (a leaving announce,
+/// connections closed, as shoald does on SIGTERM).
+#[test]
+fn members_that_shut_down_cleanly_hand_their_chunks_on_at_once() {
+    let sc = Scenario {
+        churn: 0.1,
+        churn_window_ms: 300,
+        layer_bytes: 32 << 20,
+        chunk_size: 1 << 20,
+        rate: 1_000_000_000 / 8,
+        seed: 1,
+        ..base(40)
+    };
+    let crashed = run(sc.clone()).unwrap();
+    let left = run(Scenario {
+        churn_leaves: 1.0,
+        ..sc
+    })
+    .unwrap();
+    for r in [&crashed, &left] {
+        sound(r);
+        assert!(r.egress_ratio < 1.05, "{}", r.table());
+    }
+    let (tc, tl) = (crashed.t_all_s.unwrap(), left.t_all_s.unwrap());
+    // Crashed: a dead holder of the only copies is found by stalling on
+    // it (11.8 s here; 31 s when its watchers never asked it for chunks
+    // the tracker had it serving but no frame had shown). Left: its
+    // chunks are leasable at once (1.4 s; the bound is 0.54 s).
+    assert!(tc < 15.0, "crashed: {tc:.1} s: {}", crashed.table());
+    assert!(
+        tl < 2.5 && tl < tc / 3.0,
+        "left {tl:.2} s, crashed {tc:.2} s: {}",
+        left.table()
+    );
+}
+
 #[test]
 fn an_origin_slower_than_the_stall_period_still_sends_one_copy() {
     // The origin needs 67 s to send the image once and every lessee's run
@@ -300,6 +337,33 @@ fn members_pacing_their_uploads_never_send_faster_and_keep_the_links_bound() {
         free.t_all_s.unwrap(),
         paced.table()
     );
+}
+
+#[test]
+fn headers_take_their_share_of_every_link() {
+    let sc = Scenario {
+        layer_bytes: 8 << 20,
+        ..base(1)
+    };
+    let bare = run(sc.clone()).unwrap();
+    let framed = run(Scenario {
+        header_share: 0.2,
+        ..sc.clone()
+    })
+    .unwrap();
+    sound(&bare);
+    sound(&framed);
+    assert_eq!(framed.bound_s, bare.bound_s, "the bound is the links'");
+    // Alone, the member gets the image from the origin at 80 % of the rate.
+    let t = framed.t_all_s.unwrap();
+    let payload = sc.image_bytes() as f64 / (sc.rate as f64 * 0.8);
+    assert!(
+        (payload..payload * 1.05).contains(&t),
+        "{t:.3} s against {payload:.3} s for the blob bytes alone: {}",
+        framed.table()
+    );
+    let slower = t / bare.t_all_s.unwrap();
+    assert!((1.2..1.3).contains(&slower), "{slower:.3}× slower");
 }
 
 /// `sc` with the tracker's lease cap (the default) and with every chunk

@@ -1,5 +1,7 @@
 //! Several members pull through the swarm: the origin serves about one copy.
 
+use std::time::Duration;
+
 use shoal_tests::cluster::Cluster;
 use shoal_tests::fixture::{pull_all_at_once, Origin};
 use shoal_tests::{fresh_seed, http, random_blob, ShoaldOpts, MIB};
@@ -49,6 +51,51 @@ async fn a_second_member_gets_a_blob_from_the_first_not_the_origin() {
         from_peers >= size as f64,
         "B received {from_peers} bytes from peers"
     );
+}
+
+/// The tracker's count of live members.
+async fn tracker_members(cluster: &Cluster) -> f64 {
+    let r = http::get(&format!("{}/metrics", cluster.tracker_ops_url()), &[])
+        .await
+        .unwrap();
+    let samples = shoal_tests::metrics::parse(&String::from_utf8_lossy(&r.body)).unwrap();
+    shoal_tests::metrics::value(&samples, "shoal_tracker_members", &[])
+}
+
+/// A member stopped with SIGTERM tells the tracker it leaves: the tracker
+/// forgets it at once (not after its membership runs out, 30 s), and the
+/// next member pulls the blob it held from the origin without asking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_with_sigterm_leaves_the_swarm_at_once() {
+    let origin = Origin::start().await.unwrap();
+    let cluster = Cluster::start().await.unwrap();
+    let opts = || ShoaldOpts::insecure_default(&origin.addr());
+    let mut a = cluster.member("node-a", opts()).await.unwrap();
+    let size = 4 * MIB as u64;
+    let (blob, digest) = random_blob(size as usize, fresh_seed());
+    origin.registry.push_blob("swarm/app", &blob).await.unwrap();
+    let path = format!("/v2/swarm/app/blobs/{digest}");
+    pull(&a, &path, &digest, size).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(tracker_members(&cluster).await, 1.0);
+
+    let stopped = std::time::Instant::now();
+    let status = a.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "shoald exited with {status}");
+    assert!(
+        a.logs().contains("left the swarm"),
+        "no leave in the log: {}",
+        a.logs()
+    );
+    assert_eq!(
+        tracker_members(&cluster).await,
+        0.0,
+        "still a member {:?} after SIGTERM",
+        stopped.elapsed()
+    );
+    let b = cluster.member("node-b", opts()).await.unwrap();
+    pull(&b, &path, &digest, size).await;
+    assert!(b.origin_blob_bytes().await.unwrap() >= size as f64);
 }
 
 /// Eight members pull every blob of the same cold multi-layer image (pushed

@@ -385,6 +385,17 @@ impl Tracker {
         let node = a.node().clone();
         self.check_excluded(&node)?;
         let known = self.members.contains_key(&node);
+        if a.is_leaving() {
+            // Shutting down: its chunks and leases go to others now, not
+            // once its announces have stopped for a while.
+            self.remove_member(&node);
+            return Ok(AnnounceReply {
+                interval_ms: self.cfg.announce_interval_ms,
+                known,
+                denied: Vec::new(),
+                dht_peers: Vec::new(),
+            });
+        }
         let empty = BTreeSet::new();
         let current = self.members.get(&node).map_or(&empty, |m| &m.blobs);
         if !self.members.contains_key(&node) && self.members.len() >= self.cfg.max_members {

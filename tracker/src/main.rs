@@ -151,6 +151,13 @@ struct Args {
         default_value_t = 0
     )]
     preheat_pulls: u32,
+    /// Bytes of one blob leased at once, per rack, to members fetching it
+    /// from the origin (stretched by how long a lease is out but not at
+    /// the origin); `16MiB` by default. Every leased run shares the
+    /// origin's link, and its chunks are served on only once whole; too few
+    /// runs at once leave the origin's link idle between them.
+    #[arg(long, env = "SHOAL_TRACKER_ORIGIN_LEASE_BYTES", value_name = "SIZE", value_parser = parse_lease_bytes)]
+    origin_lease_bytes: Option<u64>,
     /// The window for --preheat-pulls (`10m`, `60s`).
     #[arg(long, env = "SHOAL_TRACKER_PREHEAT_WINDOW", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     preheat_window: std::time::Duration,
@@ -188,6 +195,15 @@ fn parse_store(s: &str) -> Result<String, String> {
         Ok(s.to_owned())
     } else {
         Err("must be `memory` or a redis:// URL".into())
+    }
+}
+
+/// A size such as `4MiB`, at least one byte.
+fn parse_lease_bytes(s: &str) -> Result<u64, String> {
+    match shoal_proto::units::parse_size(s) {
+        Ok(0) => Err("must be at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -361,8 +377,12 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         webhook,
         ..ServerConfig::default()
     };
+    let mut tracker_cfg = TrackerConfig::default();
+    if let Some(bytes) = args.origin_lease_bytes {
+        tracker_cfg.max_blob_lease_bytes = bytes;
+    }
     let server = if args.store == "memory" {
-        let tracker = Tracker::new(TrackerConfig::default())?
+        let tracker = Tracker::new(tracker_cfg.clone())?
             .starting_epochs_at(shoal_tracker::clock::epoch_base());
         Server::new(
             Arc::new(RwLock::new(tracker)),
@@ -373,7 +393,7 @@ async fn run(args: Args, name: String) -> anyhow::Result<()> {
         let mut cfg = ReplicaConfig::new(args.store.clone());
         cfg.prefix = args.store_prefix.clone();
         cfg.snapshot_interval = args.snapshot_interval;
-        let replica = Replica::open(cfg, TrackerConfig::default()).await?;
+        let replica = Replica::open(cfg, tracker_cfg).await?;
         Server::replicated(replica, server_cfg)
     };
     let listener = bind(args.listen, "listen").await?;

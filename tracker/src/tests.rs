@@ -473,6 +473,39 @@ fn member_expiry_removes_holdings_and_leases() {
 }
 
 #[test]
+fn a_leaving_member_is_forgotten_at_once_with_its_holdings_and_leases() {
+    let (d, l) = (blob(1), layout(8));
+    let mut h = Harness::new();
+    h.announce(0, 0, vec![partial(d, l, [0, 1])]).unwrap();
+    h.announce(0, 1, vec![]).unwrap();
+    assert_eq!(h.lease(0, 0, d, l, 2, 2).chunks, [2, 3]);
+    assert_eq!(h.holders(1, 1, d), [id(0)]);
+    let leave = Announce::leave(id(0), "10.0.0.1:4901".parse().unwrap());
+    let json = serde_json::to_string(&leave).unwrap();
+    assert!(json.contains("\"leaving\":true"), "{json}");
+    let reply =
+        h.t.announce(2, serde_json::from_str(&json).unwrap())
+            .unwrap();
+    assert!(reply.known);
+    // Long before its membership would have run out (30 s).
+    assert_eq!(h.t.stats().members, 1);
+    assert_eq!(h.t.stats().leases, 0);
+    assert_eq!(
+        h.t.lookup(3, &id(1), &d),
+        Err(TrackerError::UnknownBlob(d)),
+        "nothing is left of a blob only the leaver had"
+    );
+    assert_eq!(h.lease(3, 1, d, l, 4, 0).chunks, [0, 1, 2, 3]);
+    // Leaving twice, or without having joined, is harmless; announcing
+    // again makes it a member again.
+    let again = h.t.announce(4, leave.clone()).unwrap();
+    assert!(!again.known);
+    h.announce(5, 0, vec![]).unwrap();
+    assert_eq!(h.t.stats().members, 2);
+    h.check();
+}
+
+#[test]
 fn a_lookup_with_a_cursor_gets_only_the_hashes_published_since() {
     let (d, l) = (blob(7), layout(4));
     let mut h = Harness::new();
