@@ -250,7 +250,7 @@ def wait_http(url, what, timeout=30, ns=None):
 
 
 PULLER = r'''
-import hashlib, json, sys, threading, time, urllib.request
+import hashlib, json, sys, threading, time, urllib.error, urllib.request
 base, start, parallel = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 blobs = json.loads(sys.argv[4])
 todo = list(blobs)
@@ -271,8 +271,12 @@ def work():
                         break
                     h.update(b)
                     n += len(b)
+        except urllib.error.HTTPError as e:
+            body = e.read(400).decode(errors="replace")
+            errors.append(f"{d}: {e} after {time.time() - start:.1f} s: {body}")
+            continue
         except Exception as e:
-            errors.append(f"{d}: {e}")
+            errors.append(f"{d}: {e} after {time.time() - start:.1f} s")
             continue
         if "sha256:" + h.hexdigest() != d or n != size:
             errors.append(f"{d}: got {n} bytes hashing to sha256:{h.hexdigest()}")
@@ -436,6 +440,20 @@ def nodes_up_use(r, nodes, rate_bps):
     return round(sent / (nodes * rate_bps * t_last), 3) if t_last > 0 else None
 
 
+def log_trouble(path, keep=8):
+    """The last `keep` WARN and ERROR lines of a shoald log, colours removed."""
+    lines = []
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+                if " WARN " in line or " ERROR " in line:
+                    lines = (lines + [line[:400]])[-keep:]
+    except OSError as e:
+        lines.append(f"(log unreadable: {e})")
+    return lines
+
+
 def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     """One pull of the whole image by every node at once."""
     started = []
@@ -505,7 +523,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
     up_sampler = subprocess.Popen(
         ns_exec(f"{PREFIX}-sw", "sh", "-c",
                 "while :; do echo $(date +%s.%N) $(cat /sys/class/net/sln*b/statistics/rx_bytes"
-                " | awk '{s+=$1} END {print s}'); sleep 0.25; done"),
+                # %.0f: mawk prints a sum past 2^31 as "3e+09" with print.
+                " | awk '{s+=$1} END {printf \"%.0f\\n\", s}'); sleep 0.25; done"),
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.time() + 2.0
     pullers = []
@@ -577,6 +596,10 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
                                 tally[key] += int(m.group(1)) if m else 0
             except OSError:
                 pass
+    # A failed member's own account: its last warnings and errors.
+    if target == "shoal":
+        for k in sorted({int(m.group(1)) for m in (re.match(r"node (\d+): ", e) for e in errors) if m}):
+            errors += [f"node {k} log: {l}" for l in log_trouble(os.path.join(work, f"shoald-{run_no}-{k}.log"))]
     total, idle = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
         "times": times,

@@ -8,7 +8,7 @@
 # Usage: sudo bench/swarm.sh [--nodes N] [--rate 100mbit] [--origin-rate RATE]
 #                            [--layers L] [--layer-mib S] [--runs R] [--queue-ms MS]
 #                            [--targets shoal,bittorrent,direct] [--chunk-size SIZE]
-#                            [--shoald-arg ARG]...
+#                            [--shoald-arg ARG]... [--tracker-arg ARG]...
 #                            [--out FILE] [--no-build]
 # Installs what it needs (docker-registry, skopeo, iproute2, curl,
 # python3-libtorrent, opentracker) with
@@ -32,6 +32,8 @@ while [ $# -gt 0 ]; do
         # Its value starts with "--": hand it to lab.py glued on.
         --shoald-arg) ARGS+=("--shoald-arg=$2"); shift 2 ;;
         --shoald-arg=*) ARGS+=("$1"); shift ;;
+        --tracker-arg) ARGS+=("--tracker-arg=$2"); shift 2 ;;
+        --tracker-arg=*) ARGS+=("$1"); shift ;;
         --out) OUT="$2"; shift 2 ;;
         --nodes|--rate|--origin-rate|--layers|--layer-mib|--runs|--targets|--chunk-size|--timeout|--queue-ms)
             ARGS+=("$1" "$2"); shift 2 ;;
