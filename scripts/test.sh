@@ -16,6 +16,7 @@ declare -A NEEDED=(
     [skopeo]=skopeo
     [redis-server]=redis-server
     [podman]=podman
+    [runc]=runc
     [chromium]=chromium
 )
 missing=()
@@ -44,8 +45,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
         exit 1
     fi
-    for prog in docker-registry containerd ctr skopeo redis-server podman chromium; do
-        if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ]; then
+    for prog in docker-registry containerd ctr skopeo redis-server podman runc chromium; do
+        if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/bin/$prog" ] && [ ! -x "/usr/sbin/$prog" ]; then
             echo "scripts/test.sh: $prog is still missing after the install" >&2
             exit 1
         fi

@@ -501,6 +501,17 @@ mod tests {
         }
     }
 
+    /// A store in `dir` holding one blob of `len` bytes of `fill`.
+    fn store_holding(dir: &std::path::Path, fill: u8, len: usize) -> (Store, shoal_proto::Digest) {
+        let (store, _) = Store::open(dir, 1 << 30).unwrap();
+        let data = vec![fill; len];
+        let d: shoal_proto::Digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+            .parse()
+            .unwrap();
+        store.put_small(&d, Kind::Blob, &data, None).unwrap();
+        (store, d)
+    }
+
     #[test]
     fn the_heartbeat_follows_the_trackers_interval_within_bounds() {
         assert_eq!(heartbeat_period(5_000), Duration::from_secs(5));
@@ -535,12 +546,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_that_leaves_is_no_longer_named_to_other_members() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
-        let data = vec![9u8; 1 << 20];
-        let d: shoal_proto::Digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
-            .parse()
-            .unwrap();
-        store.put_small(&d, Kind::Blob, &data, None).unwrap();
+        let (store, d) = store_holding(dir.path(), 9u8, 1 << 20);
         let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let sw = swarm(core.clone(), Arc::new(TestClock::default()));
         let other: NodeId = "node-2".parse().unwrap();
@@ -573,12 +579,7 @@ mod tests {
     #[tokio::test]
     async fn held_blobs_are_announced_in_full_and_dropped_ones_queued_for_the_heartbeat() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), 1 << 30).unwrap();
-        let data = vec![7u8; 3 << 20];
-        let d: shoal_proto::Digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
-            .parse()
-            .unwrap();
-        store.put_small(&d, Kind::Blob, &data, None).unwrap();
+        let (store, d) = store_holding(dir.path(), 7u8, 3 << 20);
         let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let clock = Arc::new(TestClock::default());
         let sw = swarm(core.clone(), clock.clone());
@@ -603,7 +604,7 @@ mod tests {
         let holder = &view.holders()[0];
         assert!(holder.complete && holder.node == me, "{view:?}");
         assert!(!holder.near, "no rack said, nobody near");
-        let layout = ChunkLayout::for_blob_with(data.len() as u64, sw.chunk_size).unwrap();
+        let layout = ChunkLayout::for_blob_with(3 << 20, sw.chunk_size).unwrap();
         assert_eq!(view.layout(), layout);
         assert_eq!(holder.have.count(), layout.count());
 

@@ -19,10 +19,15 @@ struct Podman {
 impl Podman {
     fn args(&self) -> Vec<String> {
         let r = self.root.path();
+        // runc (which containerd brings), not podman's default crun: crun
+        // refuses hosts with a hybrid cgroup v1/v2 layout ("cgroups in
+        // hybrid mode not supported"), runc runs on those and the others.
+        let runc = require_program("runc", "runc").unwrap();
         vec![
             format!("--root={}", r.join("root").display()),
             format!("--runroot={}", r.join("run").display()),
             "--storage-driver=vfs".into(),
+            format!("--runtime={}", runc.display()),
         ]
     }
 
