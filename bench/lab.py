@@ -113,6 +113,25 @@ class Lab:
         self.origin = self.add_host("o", ORIGIN_IP, self.origin_rate)
         self.tracker = self.add_host("t", TRACKER_IP, 0)
         self.hosts = [self.add_host(f"n{k}", node_ip(k), self.rate) for k in range(1, self.nodes + 1)]
+        self.pin_neighbours()
+
+    def pin_neighbours(self):
+        """Permanent ARP entries between every pair of hosts, as a running
+        cluster's warm caches are: cold ones resolve at T0 through shaped
+        queues that are full at once, and an origin's ARP reply lost in
+        its full uplink queue left a member with `No route to host` for
+        12 s (its pull failed)."""
+        hosts = [(self.origin, ORIGIN_IP), (self.tracker, TRACKER_IP)]
+        hosts += [(ns, node_ip(k)) for k, ns in enumerate(self.hosts, 1)]
+        macs = {}
+        for ns, ip in hosts:
+            out = subprocess.run(ns_exec(ns, "cat", "/sys/class/net/eth0/address"),
+                                 capture_output=True, text=True, check=True)
+            macs[ip] = out.stdout.strip()
+        for ns, own in hosts:
+            batch = "".join(f"neigh replace {ip} lladdr {mac} dev eth0 nud permanent\n"
+                            for ip, mac in macs.items() if ip != own)
+            subprocess.run(ns_exec(ns, "ip", "-batch", "-"), input=batch, text=True, check=True)
 
     def drops(self):
         """Packets dropped by full queues so far, by where: the origin's
