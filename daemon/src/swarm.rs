@@ -502,6 +502,12 @@ mod tests {
     }
 
     /// A store in `dir` holding one blob of `len` bytes of `fill`.
+    /// Another member's announce of nothing, from a loopback address.
+    fn empty_announce(node: &NodeId) -> Announce {
+        let addr = "127.0.0.1:4902".parse().unwrap();
+        Announce::new(node.clone(), addr, vec![], vec![], false).unwrap()
+    }
+
     fn store_holding(dir: &std::path::Path, fill: u8, len: usize) -> (Store, shoal_proto::Digest) {
         let (store, _) = Store::open(dir, 1 << 30).unwrap();
         let data = vec![fill; len];
@@ -550,14 +556,10 @@ mod tests {
         let core = Arc::new(RwLock::new(Tracker::new(TrackerConfig::default()).unwrap()));
         let sw = swarm(core.clone(), Arc::new(TestClock::default()));
         let other: NodeId = "node-2".parse().unwrap();
-        let a = Announce::new(
-            other.clone(),
-            "127.0.0.1:4902".parse().unwrap(),
-            vec![],
-            vec![],
-            false,
-        );
-        core.write().unwrap().announce(0, a.unwrap()).unwrap();
+        core.write()
+            .unwrap()
+            .announce(0, empty_announce(&other))
+            .unwrap();
         assert!(sw.announce_all(&store).await);
         assert_eq!(
             core.write()
@@ -587,14 +589,7 @@ mod tests {
         // Another member looks the blob up.
         let other: NodeId = "node-2".parse().unwrap();
         let join = |t: &RwLock<Tracker>, rack: Option<Rack>| {
-            let a = Announce::new(
-                other.clone(),
-                "127.0.0.1:4902".parse().unwrap(),
-                vec![],
-                vec![],
-                false,
-            );
-            let a = a.unwrap().with_rack(rack);
+            let a = empty_announce(&other).with_rack(rack);
             t.write().unwrap().announce(0, a).unwrap();
         };
         join(&core, None);
