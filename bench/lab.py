@@ -272,6 +272,7 @@ PULLER = r'''
 import hashlib, json, sys, threading, time, urllib.error, urllib.request
 base, start, parallel = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 blobs = json.loads(sys.argv[4])
+manifest = sys.argv[5] if len(sys.argv) > 5 else ""
 todo = list(blobs)
 lock = threading.Lock()
 errors = []
@@ -301,6 +302,16 @@ def work():
             errors.append(f"{d}: got {n} bytes hashing to sha256:{h.hexdigest()}")
 while time.time() < start:
     time.sleep(min(0.01, max(0, start - time.time())))
+if manifest:
+    # As a runtime does: the manifest by tag first, then what it names.
+    req = urllib.request.Request(manifest, headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json, "
+                  "application/vnd.docker.distribution.manifest.v2+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            r.read()
+    except Exception as e:
+        errors.append(f"manifest: {e} after {time.time() - start:.1f} s")
 threads = [threading.Thread(target=work) for _ in range(parallel)]
 for t in threads: t.start()
 for t in threads: t.join()
@@ -506,6 +517,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
             wait_http("http://127.0.0.1:4903/healthz", "shoald", ns=ns)
         time.sleep(1.0)  # a first heartbeat, so every member is known
         base = f"http://127.0.0.1:4900/v2/bench/app/blobs"
+        manifest_url = "http://127.0.0.1:4900/v2/bench/app/manifests/latest"
         parallel = len(blobs)
     elif target == "bittorrent":
         if not hasattr(lab, "torrent"):
@@ -521,6 +533,7 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
         time.sleep(1.0)
     else:
         base = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/blobs"
+        manifest_url = f"http://{ORIGIN_IP}:{REGISTRY_PORT}/v2/bench/app/manifests/latest"
         parallel = 3
 
     # `ip netns exec` execs the daemon: these are the shoald processes.
@@ -554,7 +567,8 @@ def run_once(lab, target, blobs, image_bytes, work, args, run_no):
             cmd = ["/usr/bin/python3", "-c", BT_WORKER, "leech", lab.torrent, save, node_ip(k),
                    repr(t0), digests]
         else:
-            cmd = [sys.executable, "-c", PULLER, base, repr(t0), str(parallel), json.dumps(blobs)]
+            cmd = [sys.executable, "-c", PULLER, base, repr(t0), str(parallel), json.dumps(blobs),
+                   manifest_url if args.manifest_first else ""]
         pullers.append(subprocess.Popen(ns_exec(ns, *cmd), stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, start_new_session=True))
     times, errors = [], []
@@ -655,6 +669,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--queue-ms", type=int, default=50,
                     help="each shaped link's queue, in milliseconds at its rate")
+    ap.add_argument("--manifest-first", action="store_true",
+                    help="Shoal and direct pullers GET the manifest by tag before the blobs, as runtimes do")
     ap.add_argument("--out")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     args = ap.parse_args()
@@ -734,6 +750,7 @@ def main():
                     "layers": args.layers, "layer_mib": args.layer_mib, "image_bytes": F,
                     "chunk_size": args.chunk_size if target == "shoal" else None,
                     "shoald_args": args.shoald_arg if target == "shoal" else None,
+                    "manifest_first": args.manifest_first and target != "bittorrent",
                     "tracker_args": args.tracker_arg if target == "shoal" else None,
                     "t_all_s": t_all, "median_s": median,
                     "node_times_s": [round(t, 3) for t in r["times"]],

@@ -9,7 +9,7 @@
 #                            [--layers L] [--layer-mib S] [--runs R] [--queue-ms MS]
 #                            [--targets shoal,bittorrent,direct] [--chunk-size SIZE]
 #                            [--shoald-arg ARG]... [--tracker-arg ARG]...
-#                            [--out FILE] [--no-build]
+#                            [--manifest-first] [--out FILE] [--no-build]
 # Installs what it needs (docker-registry, skopeo, iproute2, curl,
 # python3-libtorrent, opentracker) with
 # apt-get, builds the release binaries, and appends one JSON line per run to
@@ -29,6 +29,7 @@ OUT="bench/results/lab-$(date -u +%F).jsonl"
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) BUILD=0; shift ;;
+        --manifest-first) ARGS+=("$1"); shift ;;
         # Its value starts with "--": hand it to lab.py glued on.
         --shoald-arg) ARGS+=("--shoald-arg=$2"); shift 2 ;;
         --shoald-arg=*) ARGS+=("$1"); shift ;;

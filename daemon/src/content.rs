@@ -76,73 +76,28 @@ impl ManifestMemo {
 /// Longest the confirmation map may grow before old entries are pruned.
 const MAX_CONFIRMATIONS: usize = 100_000;
 
-/// When the origin last confirmed that `(upstream, repo)` holds a digest,
-/// and the blob's size when the confirmation said it (a manifest's
-/// descriptor).
+/// When the origin last confirmed that `(upstream, repo)` holds a digest.
 #[derive(Debug, Default)]
-struct Confirmations(HashMap<(String, String, Digest), (Instant, Option<u64>)>);
+struct Confirmations(HashMap<(String, String, Digest), Instant>);
 
 impl Confirmations {
     fn get(&self, key: &(String, String, Digest)) -> Option<Instant> {
-        self.0.get(key).map(|&(t, _)| t)
+        self.0.get(key).copied()
     }
 
-    /// The size a confirmation younger than `ttl` gave for the blob.
-    fn fresh_size(&self, key: &(String, String, Digest), ttl: Duration) -> Option<u64> {
-        self.0
-            .get(key)
-            .and_then(|&(t, size)| (t.elapsed() < ttl).then_some(size)?)
-    }
-
-    fn insert(&mut self, key: (String, String, Digest), size: Option<u64>) {
+    fn insert(&mut self, key: (String, String, Digest)) {
         if self.0.len() >= MAX_CONFIRMATIONS {
-            self.0
-                .retain(|_, (t, _)| t.elapsed() < STALE_CONFIRMATION_MAX);
+            self.0.retain(|_, t| t.elapsed() < STALE_CONFIRMATION_MAX);
             if self.0.len() >= MAX_CONFIRMATIONS {
                 // Still full of fresh entries: keep the newer half.
-                let mut ages: Vec<Instant> = self.0.values().map(|&(t, _)| t).collect();
+                let mut ages: Vec<Instant> = self.0.values().copied().collect();
                 ages.sort_unstable();
                 let cut = ages[ages.len() / 2];
-                self.0.retain(|_, (t, _)| *t >= cut);
+                self.0.retain(|_, t| *t >= cut);
             }
         }
-        // A digest's size never changes: a confirmation without one keeps
-        // the one an earlier confirmation gave.
-        let size = size.or_else(|| self.0.get(&key).and_then(|&(_, s)| s));
-        self.0.insert(key, (Instant::now(), size));
+        self.0.insert(key, Instant::now());
     }
-}
-
-/// Most blobs one manifest may vouch for (an image has tens of layers).
-const MAX_LISTED_BLOBS: usize = 1_000;
-
-/// The blobs an image manifest names, with their sizes: its config and
-/// layers. Foreign layers (with `urls`) live elsewhere, not at the origin,
-/// and are left out; so is anything that is not an image manifest.
-fn listed_blobs(manifest: &[u8]) -> Vec<(Digest, u64)> {
-    #[derive(serde::Deserialize)]
-    struct Descriptor {
-        digest: String,
-        size: u64,
-        #[serde(default)]
-        urls: Option<serde::de::IgnoredAny>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ImageManifest {
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-    }
-    let Ok(m) = serde_json::from_slice::<ImageManifest>(manifest) else {
-        return Vec::new();
-    };
-    m.config
-        .into_iter()
-        .chain(m.layers)
-        .filter(|d| d.urls.is_none())
-        .filter_map(|d| Some((d.digest.parse().ok()?, d.size)))
-        .take(MAX_LISTED_BLOBS)
-        .collect()
 }
 
 fn outcome(r: &Result<impl Sized, OriginError>) -> &'static str {
@@ -195,22 +150,7 @@ impl NodeContent {
         self.confirmed
             .lock()
             .expect("lock")
-            .insert(Self::key(target, d), None);
-    }
-
-    /// The origin just served `manifest` for `target`: the blobs it names
-    /// are the origin's word that the repository holds them (a registry
-    /// accepts a manifest only if its repository holds what it names), with
-    /// their sizes. A cold node's first pull then starts each blob's
-    /// transfer without a `HEAD` of its own at the origin — per member and
-    /// blob, the round trip before any chunk moves, and the origin's load
-    /// when a whole cluster pulls at once.
-    fn note_listed(&self, target: &Target, manifest: &[u8]) {
-        let listed = listed_blobs(manifest);
-        let mut confirmed = self.confirmed.lock().expect("lock");
-        for (d, size) in listed {
-            confirmed.insert(Self::key(target, &d), Some(size));
-        }
+            .insert(Self::key(target, d));
     }
 
     /// Makes sure the origin says `target` holds `d` (cached for the TTL).
@@ -335,7 +275,6 @@ impl NodeContent {
             .expect("lock")
             .insert(*d, m.bytes.clone(), m.media_type.clone());
         self.note_confirmed(target, d);
-        self.note_listed(target, &m.bytes);
         let (store, bytes, mt) = (self.store.clone(), m.bytes.clone(), m.media_type.clone());
         let dd = *d;
         let stored = tokio::task::spawn_blocking(move || {
@@ -443,21 +382,15 @@ impl Content for NodeContent {
                 self.note_confirmed(target, digest);
                 return Ok(Box::new(SizeOnly(size)));
             }
-            // With the origin down, an earlier confirmation still counts;
-            // a fresh one that gave the size (a manifest's) spares the
-            // transfer its `HEAD`.
-            let (vouched, listed) = {
-                let confirmed = self.confirmed.lock().expect("lock");
-                let key = Self::key(target, digest);
-                (
-                    confirmed
-                        .get(&key)
-                        .is_some_and(|t| t.elapsed() < STALE_CONFIRMATION_MAX),
-                    confirmed.fresh_size(&key, self.authority_ttl),
-                )
-            };
+            // With the origin down, an earlier confirmation still counts.
+            let vouched = self
+                .confirmed
+                .lock()
+                .expect("lock")
+                .get(&Self::key(target, digest))
+                .is_some_and(|t| t.elapsed() < STALE_CONFIRMATION_MAX);
             // `None`: it completed since we looked; go round once more.
-            if let Some(t) = self.transfers.get_or_start(target, digest, vouched, listed) {
+            if let Some(t) = self.transfers.get_or_start(target, digest, vouched) {
                 break t;
             }
         };
@@ -765,64 +698,4 @@ async fn hash_file_prefix(
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn d(n: u8) -> String {
-        format!("sha256:{}", format!("{n:02x}").repeat(32))
-    }
-
-    #[test]
-    fn an_image_manifest_lists_its_config_and_layers_with_their_sizes() {
-        let m = format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
-            "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":341}},
-            "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":1048576}},
-                      {{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{}","size":7,"urls":["https://example.invalid/l"]}},
-                      {{"digest":"sha256:not-hex","size":5}},
-                      {{"digest":"{}","size":0}}]}}"#,
-            d(1),
-            d(2),
-            d(3),
-            d(4)
-        );
-        let listed = listed_blobs(m.as_bytes());
-        let want: Vec<(Digest, u64)> = vec![
-            (d(1).parse().unwrap(), 341),
-            (d(2).parse().unwrap(), 1 << 20),
-            (d(4).parse().unwrap(), 0),
-        ];
-        assert_eq!(
-            listed, want,
-            "foreign and malformed descriptors are left out"
-        );
-    }
-
-    #[test]
-    fn indexes_and_other_documents_list_no_blobs() {
-        let index = format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",
-            "manifests":[{{"digest":"{}","size":500}}]}}"#,
-            d(5)
-        );
-        assert!(listed_blobs(index.as_bytes()).is_empty());
-        assert!(listed_blobs(b"not json").is_empty());
-        assert!(listed_blobs(br#"{"layers":"nope"}"#).is_empty());
-        assert!(listed_blobs(br#"{"config":{"digest":"sha256:00","size":-1}}"#).is_empty());
-    }
-
-    #[test]
-    fn a_confirmation_without_a_size_keeps_the_one_a_manifest_gave() {
-        let mut c = Confirmations::default();
-        let key = ("o".to_owned(), "r".to_owned(), d(1).parse().unwrap());
-        assert_eq!(c.fresh_size(&key, Duration::from_secs(60)), None);
-        c.insert(key.clone(), Some(42));
-        c.insert(key.clone(), None);
-        assert_eq!(c.fresh_size(&key, Duration::from_secs(60)), Some(42));
-        assert_eq!(c.fresh_size(&key, Duration::ZERO), None, "too old");
-        assert!(c.get(&key).is_some());
-    }
 }

@@ -94,7 +94,7 @@ pub struct Progress {
     pub have: Option<Bitfield>,
     /// Whether the origin confirmed, for this transfer, that the repository
     /// it was started for holds the blob (`false` when it ran on an earlier
-    /// confirmation: a manifest's, or any with the origin unreachable).
+    /// confirmation with the origin unreachable).
     pub confirmed: bool,
 }
 
@@ -223,14 +223,11 @@ impl Transfers {
     /// `vouched`: this node holds an earlier confirmation from the origin
     /// that `target` holds the blob; with the origin unreachable the blob's
     /// size then comes from the tracker and the chunks from peers.
-    /// `listed`: the blob's size from a manifest of `target` the origin
-    /// served within the authority TTL, which confirms it: no `HEAD` then.
     pub fn get_or_start(
         &self,
         target: &Target,
         digest: &Digest,
         vouched: bool,
-        listed: Option<u64>,
     ) -> Option<Arc<Transfer>> {
         let mut running = self.running.lock().expect("transfers lock");
         if let Some(t) = running.get(digest) {
@@ -263,7 +260,7 @@ impl Transfers {
         let span = tracing::info_span!("transfer", id = %id, digest = %digest);
         let run = async move {
             tracing::info!(upstream = %target.upstream, repo = %target.repo, "transfer started");
-            match this.fetch(&target, &digest, vouched, listed, &tx).await {
+            match this.fetch(&target, &digest, vouched, &tx).await {
                 Ok(()) => {}
                 Err(Fail::Oci(e)) => {
                     tracing::warn!(digest = %digest, upstream = %target.upstream, repo = %target.repo, error = %e, "transfer failed");
@@ -311,7 +308,6 @@ impl Transfers {
         target: &Target,
         digest: &Digest,
         vouched: bool,
-        listed: Option<u64>,
         tx: &watch::Sender<Progress>,
     ) -> Result<(), Fail> {
         // The size, from the origin — whose answer is also its word that
@@ -319,20 +315,16 @@ impl Transfers {
         // earlier attempt is on disk, so no repository reads stored bytes on
         // another repository's confirmation. With the origin unreachable,
         // an earlier confirmation of this node's (`vouched`) lets peers
-        // serve a blob the swarm holds; the tracker knows its size. A
-        // manifest of this repository the origin served lately said both
-        // (`listed`), and that confirmation keeps its own age: only an
-        // answer for the blob itself renews it.
-        let size = match listed {
-            Some(size) => Ok(size),
-            None => self
-                .origin
-                .head_blob(&target.upstream, &target.repo, digest)
-                .await
-                .inspect(|_| tx.send_modify(|p| p.confirmed = true)),
-        };
-        let size = match size {
-            Ok(size) => size,
+        // serve a blob the swarm holds; the tracker knows its size.
+        let size = match self
+            .origin
+            .head_blob(&target.upstream, &target.repo, digest)
+            .await
+        {
+            Ok(size) => {
+                tx.send_modify(|p| p.confirmed = true);
+                size
+            }
             Err(e @ OriginError::Unavailable { .. }) if vouched => {
                 match self.size_from_swarm(digest).await {
                     Some(size) => {
