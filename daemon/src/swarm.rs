@@ -501,13 +501,13 @@ mod tests {
         }
     }
 
-    /// A store in `dir` holding one blob of `len` bytes of `fill`.
     /// Another member's announce of nothing, from a loopback address.
     fn empty_announce(node: &NodeId) -> Announce {
         let addr = "127.0.0.1:4902".parse().unwrap();
         Announce::new(node.clone(), addr, vec![], vec![], false).unwrap()
     }
 
+    /// A store in `dir` holding one blob of `len` bytes of `fill`.
     fn store_holding(dir: &std::path::Path, fill: u8, len: usize) -> (Store, shoal_proto::Digest) {
         let (store, _) = Store::open(dir, 1 << 30).unwrap();
         let data = vec![fill; len];

@@ -71,6 +71,21 @@ impl Cluster {
     /// Like [`start`](Self::start), with more `shoal-tracker` flags and
     /// optionally a given ops port.
     pub async fn start_with_tracker_args(extra: &[String], ops: Option<u16>) -> Result<Cluster> {
+        // A port found free can be taken by another process before the
+        // tracker binds it (tests run in parallel): pick new ones then.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(extra, ops).await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("shoal-tracker could not bind a port found free; again with others");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_start(extra: &[String], ops: Option<u16>) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         cluster_init(&dir.path().join("ca"))?;
         let port = util::free_port()?;

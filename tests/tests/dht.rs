@@ -160,9 +160,8 @@ async fn with_a_dht_the_tracker_dying_mid_pull_still_costs_the_origin_about_one_
 
 /// The same pull without a DHT (the baseline in `docs/BENCHMARKS.md`):
 /// with no tracker each member fetches alone, so the origin sends several
-/// copies. Run with `--ignored`.
+/// copies — what the DHT tests above save.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "baseline for docs/BENCHMARKS.md; run with --ignored"]
 async fn baseline_without_a_dht_the_tracker_down_costs_the_origin_a_copy_per_member() {
     let (egress, _) = cold_pull_with_the_tracker_down(false, Kill::Before).await;
     assert!(egress >= 3.0, "the origin sent only {egress:.3}x the image");
